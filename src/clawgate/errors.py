@@ -1,0 +1,98 @@
+"""The one exception tree of clawgate.
+
+    ClawgateError                  base; `code` is the wire error code
+    ├── InvalidRequest             INVALID_REQUEST: malformed frame, unknown method, bad params
+    │   └── PayloadTooLarge        frame over maxPayload (connection closes with 1009)
+    ├── Unauthorized               UNAUTHORIZED: bad or missing token, bad device signature
+    ├── Forbidden                  FORBIDDEN: a scope or a limit refuses the request
+    ├── NotFound                   NOT_FOUND: unknown or expired run / session
+    ├── Unavailable                UNAVAILABLE: overloaded or shutting down (retryable)
+    ├── AgentTimeout               AGENT_TIMEOUT
+    ├── Internal                   INTERNAL: a bug; logged with a correlation id
+    ├── StoreError                 the store failed (maps to UNAVAILABLE on the wire)
+    └── ProviderError              the LLM provider failed (ends the run as `error`)
+
+Every protocol-facing error knows its wire code and whether it is retryable, so
+one place (`to_error_shape`) maps exceptions to error frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClawgateError(Exception):
+    code: str = "INTERNAL"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.retry_after_ms = retry_after_ms
+
+    def to_error_shape(self) -> dict[str, Any]:
+        shape: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            shape["details"] = self.details
+        if self.retryable:
+            shape["retryable"] = True
+            if self.retry_after_ms is not None:
+                shape["retryAfterMs"] = self.retry_after_ms
+        return shape
+
+
+class InvalidRequest(ClawgateError):
+    code = "INVALID_REQUEST"
+
+
+class PayloadTooLarge(InvalidRequest):
+    pass
+
+
+class Unauthorized(ClawgateError):
+    code = "UNAUTHORIZED"
+
+
+class Forbidden(ClawgateError):
+    code = "FORBIDDEN"
+
+
+class NotFound(ClawgateError):
+    code = "NOT_FOUND"
+
+
+class Unavailable(ClawgateError):
+    code = "UNAVAILABLE"
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int = 1000, details: dict[str, Any] | None = None):
+        super().__init__(message, details=details, retry_after_ms=retry_after_ms)
+
+
+class AgentTimeout(ClawgateError):
+    code = "AGENT_TIMEOUT"
+
+
+class Internal(ClawgateError):
+    code = "INTERNAL"
+
+
+class StoreError(Unavailable):
+    pass
+
+
+class ProviderError(ClawgateError):
+    """The provider failed. `retryable` errors may be retried by the agent loop."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -1,0 +1,148 @@
+"""Parameter schemas of every method (msgspec structs, camelCase on the wire).
+
+Unknown fields are ignored (OpenClaw clients send extras such as `deliver`);
+known fields are validated strictly: no type coercion, bounded lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+SESSION_KEY_PATTERN = r"^agent:[A-Za-z0-9_\-]{1,64}:(?!.*\.\.)[A-Za-z0-9_\-:.]{1,190}$"
+SessionKeyStr = Annotated[str, msgspec.Meta(pattern=SESSION_KEY_PATTERN, max_length=256)]
+AgentIdStr = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+IdemKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Label = Annotated[str, msgspec.Meta(max_length=256)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400 * 7)]
+
+
+class _Params(msgspec.Struct, rename="camel", kw_only=True):
+    pass
+
+
+class ClientInfo(_Params):
+    id: str = "unknown"
+    version: str = "0"
+    platform: str = "unknown"
+    mode: str = "cli"
+    display_name: str | None = None
+    device_family: str | None = None
+    instance_id: str | None = None
+
+
+class AuthInfo(_Params):
+    token: str | None = None
+    password: str | None = None
+
+
+class DeviceInfo(_Params):
+    id: str
+    public_key: str
+    signature: str
+    signed_at: int
+    nonce: str | None = None
+
+
+class ConnectParams(_Params):
+    min_protocol: int
+    max_protocol: int
+    client: ClientInfo = msgspec.field(default_factory=ClientInfo)
+    caps: list[str] = msgspec.field(default_factory=list)
+    role: str = "operator"
+    scopes: list[str] | None = None
+    auth: AuthInfo | None = None
+    device: DeviceInfo | None = None
+    user_agent: str | None = None
+
+
+class EmptyParams(_Params):
+    pass
+
+
+class AgentParams(_Params):
+    message: Annotated[str, msgspec.Meta(max_length=400_000)]
+    idempotency_key: IdemKey
+    session_key: SessionKeyStr | None = None
+    agent_id: AgentIdStr | None = None
+    model: ModelName | None = None
+    timeout: Seconds | None = None
+    extra_system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
+    label: Label | None = None
+
+
+class ChatSendParams(_Params):
+    session_key: SessionKeyStr
+    message: Annotated[str, msgspec.Meta(max_length=400_000)]
+    idempotency_key: IdemKey
+    timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
+
+
+class WaitParams(_Params):
+    run_id: IdemKey
+    timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 30_000
+
+
+class AbortParams(_Params):
+    run_id: IdemKey
+
+
+class ChatAbortParams(_Params):
+    session_key: SessionKeyStr
+    run_id: IdemKey | None = None
+
+
+class HistoryParams(_Params):
+    session_key: SessionKeyStr
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 200
+
+
+class SessionsListParams(_Params):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    active_minutes: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    prefix: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class SessionsPatchParams(_Params):
+    key: SessionKeyStr
+    label: Label | None = None
+    model: ModelName | None = None
+
+
+class SessionKeyParams(_Params):
+    key: SessionKeyStr
+
+
+class Attachment(_Params):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    content: str
+    encoding: Literal["utf8", "base64"] = "utf8"
+
+
+class SpawnParams(_Params):
+    session_key: SessionKeyStr
+    task: Annotated[str, msgspec.Meta(min_length=1, max_length=400_000)]
+    label: Label | None = None
+    agent_id: AgentIdStr | None = None
+    model: ModelName | None = None
+    run_timeout_seconds: Seconds | None = None
+    mode: Literal["run", "session"] = "run"
+    cleanup: Literal["keep", "delete"] = "keep"
+    attachments: list[Attachment] | None = None
+    idempotency_key: IdemKey | None = None
+
+
+class SubagentsListParams(_Params):
+    session_key: SessionKeyStr | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+
+
+class SubscribeParams(_Params):
+    session_keys: Annotated[list[SessionKeyStr], msgspec.Meta(max_length=1000)] | None = None
+    all: bool = False
+
+
+def to_wire(obj: msgspec.Struct) -> Any:
+    return msgspec.to_builtins(obj)

@@ -1,0 +1,1 @@
+"""LLM providers: `scripted` (offline, deterministic default) and `openai` (OpenAI-compatible HTTP)."""

@@ -1,0 +1,81 @@
+"""The one source of time. Every TTL, timeout and timer reads it, so tests fast-forward.
+
+`time()` is wall-clock seconds (records persist timestamps that must survive a
+restart); `monotonic()` is for measuring durations; `sleep()` is the only way
+code waits for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, delay: float) -> None: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))
+
+
+class FakeClock:
+    """A clock that only moves when told to. `sleep()` wakes when `advance()` passes its deadline."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self._now = start
+        self._mono = 1000.0
+        self._counter = itertools.count()
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+
+    def time(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    async def sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._now + delay, next(self._counter), fut))
+        await fut
+
+    @property
+    def pending_sleepers(self) -> int:
+        return sum(1 for _, _, f in self._sleepers if not f.done())
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward and wake every sleeper whose deadline has passed."""
+        self._now += seconds
+        self._mono += seconds
+        while self._sleepers and self._sleepers[0][0] <= self._now:
+            _, _, fut = heapq.heappop(self._sleepers)
+            if not fut.done():
+                fut.set_result(None)
+
+    async def advance_async(self, seconds: float, *, step: float | None = None, settle: int = 5) -> None:
+        """Advance in steps, letting woken tasks run after each one."""
+        remaining = seconds
+        step = step or seconds
+        while remaining > 1e-12:
+            delta = min(step, remaining)
+            self.advance(delta)
+            remaining -= delta
+            for _ in range(settle):
+                await asyncio.sleep(0)

@@ -1,0 +1,117 @@
+"""The store interface shared by the SQLite and Redis backends.
+
+Writes return awaitables that resolve once the write is durable; callers on
+the hot path (transcript appends, event-driven updates) do not await them, and
+the backend groups them into transactions / pipelines. Callers that promise
+durability to a client (accepting a run, recording its end) await them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+
+from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
+
+
+class Store(ABC):
+    kind: str = "abstract"
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and release resources. Idempotent."""
+
+    @abstractmethod
+    async def ping(self) -> bool: ...
+
+    async def flush(self) -> None:
+        """Wait until every write enqueued so far is durable."""
+        await self.barrier()
+
+    @abstractmethod
+    def barrier(self) -> Awaitable[None]: ...
+
+    # -- sessions ---------------------------------------------------------------------
+    @abstractmethod
+    def put_session(self, meta: SessionMeta) -> Awaitable[None]: ...
+
+    @abstractmethod
+    async def get_session(self, key: str) -> SessionMeta | None: ...
+
+    @abstractmethod
+    async def list_sessions(
+        self, *, limit: int, updated_since: float | None = None, prefix: str | None = None
+    ) -> list[SessionMeta]: ...
+
+    @abstractmethod
+    def delete_session(self, key: str) -> Awaitable[None]:
+        """Delete a session with its transcript."""
+
+    @abstractmethod
+    def reset_session(self, key: str, new_session_id: str, now: float) -> Awaitable[None]:
+        """Clear a session's transcript and give it a new session id."""
+
+    # -- transcripts -----------------------------------------------------------------
+    @abstractmethod
+    def append_message(self, msg: TranscriptMessage) -> Awaitable[None]: ...
+
+    @abstractmethod
+    async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
+        """The last `limit` messages, oldest first."""
+
+    # -- runs --------------------------------------------------------------------------
+    @abstractmethod
+    def put_run(self, rec: RunRecord) -> Awaitable[None]: ...
+
+    @abstractmethod
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Runs accepted but without an end (for restore after a crash)."""
+
+    @abstractmethod
+    async def count_runs(self, session_key: str | None = None) -> int: ...
+
+    @abstractmethod
+    async def sweep_runs(self, before: float) -> int:
+        """Delete finished run records that ended before `before`."""
+
+    # -- idempotency -----------------------------------------------------------------------
+    @abstractmethod
+    async def claim_key(self, key: str, run_id: str, ttl_s: float, now: float) -> str | None:
+        """Atomically bind `key` to `run_id` unless bound already; returns the existing run id or None."""
+
+    # -- subagent registry ---------------------------------------------------------------------
+    @abstractmethod
+    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]: ...
+
+    @abstractmethod
+    async def get_subagent(self, run_id: str) -> SubagentRecord | None: ...
+
+    @abstractmethod
+    async def list_subagents(self, requester: str | None, limit: int) -> list[SubagentRecord]: ...
+
+    @abstractmethod
+    async def live_subagents(self) -> list[SubagentRecord]:
+        """Records whose cleanup has not completed or whose ended hook is not delivered."""
+
+    @abstractmethod
+    async def due_subagents(self, now: float, limit: int) -> list[SubagentRecord]:
+        """Records whose `expires_at` has passed (the TTL sweep removes them)."""
+
+    @abstractmethod
+    def delete_subagent(self, run_id: str) -> Awaitable[None]: ...
+
+    @abstractmethod
+    async def count_subagents(self) -> int: ...
+
+
+def done_future() -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut

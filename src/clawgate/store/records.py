@@ -1,0 +1,95 @@
+"""The persisted records. Plain msgspec structs: encoded as JSON for Redis, as rows for SQLite."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+RunStatus = Literal["queued", "running", "ok", "error", "timeout", "aborted"]
+FINAL_STATUSES: frozenset[str] = frozenset({"ok", "error", "timeout", "aborted"})
+EndedReason = Literal["deleted", "completed", "swept", "released"]
+
+
+class SessionMeta(msgspec.Struct, kw_only=True):
+    key: str
+    session_id: str
+    created_at: float
+    updated_at: float
+    kind: str = "main"
+    agent_id: str = "main"
+    label: str | None = None
+    model: str | None = None
+
+
+class TranscriptMessage(msgspec.Struct, kw_only=True):
+    session_key: str
+    role: str
+    content: str
+    ts: float
+    run_id: str | None = None
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    run_id: str
+    session_key: str
+    agent_id: str
+    message: str
+    status: RunStatus = "queued"
+    kind: Literal["main", "subagent"] = "main"
+    model: str | None = None
+    timeout_s: float = 600.0
+    extra_system_prompt: str | None = None
+    accepted_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: str | None = None
+    result_text: str | None = None
+    duration_ms: int | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class SubagentRecord(msgspec.Struct, kw_only=True):
+    run_id: str
+    child_session_key: str
+    requester_session_key: str
+    task: str
+    agent_id: str = "main"
+    label: str = ""
+    mode: Literal["run", "session"] = "run"
+    cleanup: Literal["keep", "delete"] = "keep"
+    model: str | None = None
+    run_timeout_s: float | None = None
+    depth: int = 1
+    status: Literal["pending", "running", "ended"] = "pending"
+    outcome: str | None = None  # ok | error | timeout | aborted
+    error: str | None = None
+    frozen_result: str | None = None
+    created_at: float = 0.0
+    ended_at: float | None = None
+    announced_at: float | None = None
+    cleanup_completed_at: float | None = None
+    ended_reason: EndedReason | None = None
+    ended_notified: bool = False
+    expires_at: float | None = None  # when the sweep removes the record (set at cleanup)
+    attachments_dir: str | None = None
+
+    def to_wire(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "runId": self.run_id,
+            "childSessionKey": self.child_session_key,
+            "requesterSessionKey": self.requester_session_key,
+            "label": self.label,
+            "mode": self.mode,
+            "cleanup": self.cleanup,
+            "status": self.outcome if self.status == "ended" and self.outcome else self.status,
+            "createdAt": int(self.created_at * 1000),
+        }
+        if self.ended_at is not None:
+            out["endedAt"] = int(self.ended_at * 1000)
+        if self.cleanup_completed_at is not None:
+            out["cleanupCompletedAt"] = int(self.cleanup_completed_at * 1000)
+        return out
