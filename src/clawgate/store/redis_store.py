@@ -1,0 +1,769 @@
+"""The shared Redis store: the same records as SQLite, with native expiry for every TTL.
+
+Every key lives under ``f"{prefix}:"`` and every key expires (records with their
+own TTL, index sets/zsets with a long expiry refreshed on each write), so nothing
+lives forever. One writer task drains a queue and sends what it finds as one
+pipeline (``transaction=False``), mirroring the SQLite writer's group commit.
+Reads go through the same queue, after the writes enqueued before them, so a
+process reads what it was told was done.
+
+Key layout (``P`` is the prefix; all names are built by ``Keys`` below):
+
+    P:session:{key}              HASH   session fields; expires session_ttl_s (30 days by default),
+                                        refreshed by put_session / append_message / reset_session
+    P:messages:{key}             LIST   transcript, JSON per message, trimmed to transcript_max; same expiry
+    P:sessions                   ZSET   session key -> updated_at (list_sessions)
+    P:sessions:expiry            ZSET   session key -> expiry deadline (ms); trims P:sessions
+    P:run:{run_id}               STRING RunRecord JSON; open runs 2 days, finished runs run_result_ttl_s
+    P:runs:open                  SET    ids of queued/running runs (unfinished_runs)
+    P:runs:ended                 ZSET   run id -> ended_at (sweep_runs), capped in size
+    P:runs:all                   ZSET   run id -> record expiry deadline (ms) (count_runs)
+    P:runs:session:{key}         ZSET   run id -> record expiry deadline (ms) (count_runs(key))
+    P:idem:{key}                 STRING run id; SET NX PX ttl
+    P:sub:{run_id}               STRING SubagentRecord JSON; safety expiry (see put_subagent)
+    P:subs:all                   ZSET   run id -> insertion order (list_subagents, count_subagents)
+    P:subs:requester:{key}       ZSET   run id -> insertion order (list_subagents(requester))
+    P:subs:expiry                ZSET   run id -> expires_at (due_subagents)
+    P:subs:live                  SET    ids of live records (live_subagents)
+
+Index entries pointing at records that expired natively are dropped lazily by the
+reads that meet them; the deadline-scored zsets are trimmed on write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from clawgate.errors import StoreError
+from clawgate.store.base import Store
+from clawgate.store.records import (
+    FINAL_STATUSES,
+    RunRecord,
+    SessionMeta,
+    SubagentRecord,
+    TranscriptMessage,
+)
+
+log = structlog.get_logger("clawgate.store.redis")
+T = TypeVar("T")
+
+# -- key names ------------------------------------------------------------------------------------
+
+
+class Keys:
+    """Every key name the store uses, in one place."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    def session(self, key: str) -> str:
+        return f"{self.p}:session:{key}"
+
+    def messages(self, key: str) -> str:
+        return f"{self.p}:messages:{key}"
+
+    def sessions_index(self) -> str:
+        return f"{self.p}:sessions"
+
+    def sessions_expiry(self) -> str:
+        return f"{self.p}:sessions:expiry"
+
+    def run(self, run_id: str) -> str:
+        return f"{self.p}:run:{run_id}"
+
+    def runs_open(self) -> str:
+        return f"{self.p}:runs:open"
+
+    def runs_ended(self) -> str:
+        return f"{self.p}:runs:ended"
+
+    def runs_all(self) -> str:
+        return f"{self.p}:runs:all"
+
+    def runs_by_session(self, session_key: str) -> str:
+        return f"{self.p}:runs:session:{session_key}"
+
+    def idem(self, key: str) -> str:
+        return f"{self.p}:idem:{key}"
+
+    def sub(self, run_id: str) -> str:
+        return f"{self.p}:sub:{run_id}"
+
+    def subs_all(self) -> str:
+        return f"{self.p}:subs:all"
+
+    def subs_by_requester(self, requester: str) -> str:
+        return f"{self.p}:subs:requester:{requester}"
+
+    def subs_expiry(self) -> str:
+        return f"{self.p}:subs:expiry"
+
+    def subs_live(self) -> str:
+        return f"{self.p}:subs:live"
+
+
+# -- expiry policy ------------------------------------------------------------------------------------
+
+DAY_S = 86400.0
+INDEX_TTL_S = 7 * DAY_S  # minimum expiry of index sets/zsets, refreshed on each write
+DEFAULT_SESSION_TTL_S = 30 * DAY_S  # sessions and transcripts when session_ttl_s is None
+OPEN_RUN_TTL_S = 2 * DAY_S  # queued/running run records (at least timeout_s + 1 h)
+SUB_SAFETY_MARGIN_S = 3600.0  # subagent records outlive expires_at by this much
+RUNS_ENDED_CAP = 200_000  # P:runs:ended keeps at most this many (oldest dropped first)
+PAGE = 256
+
+# -- Lua (atomic multi-step updates) ----------------------------------------------------------------
+
+# Upserts a session, keeping created_at; drops up to 128 expired index entries.
+# KEYS: session, messages, sessions index, sessions expiry
+# ARGV: key, deadline_ms, index_deadline_ms, now_ms, created_at, updated_at, n_set, (field, value)*n_set,
+#       fields to delete...
+_PUT_SESSION = """
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[5])
+local n = tonumber(ARGV[7])
+local args = {}
+for i = 8, 7 + 2 * n do args[#args + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], unpack(args))
+for i = 8 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('PEXPIREAT', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+local stale = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[4], 'LIMIT', 0, 128)
+if #stale > 0 then
+  redis.call('ZREM', KEYS[3], unpack(stale))
+  redis.call('ZREM', KEYS[4], unpack(stale))
+end
+redis.call('PEXPIREAT', KEYS[3], ARGV[3])
+redis.call('PEXPIREAT', KEYS[4], ARGV[3])
+return 1
+"""
+
+# KEYS: session, messages, sessions index, sessions expiry
+# ARGV: key, new_session_id, updated_at, deadline_ms, index_deadline_ms
+_RESET_SESSION = """
+redis.call('DEL', KEYS[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'session_id', ARGV[2], 'updated_at', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+  redis.call('PEXPIREAT', KEYS[3], ARGV[5])
+  redis.call('PEXPIREAT', KEYS[4], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: idem key; ARGV: run_id, ttl_ms. Returns nil when claimed, else the bound run id.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+
+# Inserts a run unless one with the same id is unfinished or was accepted less than
+# reuse_after_s ago; returns that record (JSON) or nil after running the insert commands.
+# KEYS: run key; ARGV: now, reuse_after_s, JSON list of commands (the put_run commands)
+_CREATE_RUN = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' then
+    local final = %s
+    local accepted = tonumber(rec.accepted_at) or 0
+    if not final or accepted + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return raw end
+  end
+end
+for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
+return false
+""".replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
+
+# -- codecs --------------------------------------------------------------------------------------------
+
+_enc = msgspec.json.Encoder()
+_run_dec = msgspec.json.Decoder(RunRecord)
+_sub_dec = msgspec.json.Decoder(SubagentRecord)
+_msg_dec = msgspec.json.Decoder(TranscriptMessage)
+
+Cmd = tuple[str | bytes | int | float, ...]
+
+
+class _Op:
+    __slots__ = ("cmds", "fut", "parse")
+
+    def __init__(self, cmds: Sequence[Cmd], parse: Callable[[list[Any]], Any], fut: asyncio.Future[Any]):
+        self.cmds = cmds
+        self.parse = parse
+        self.fut = fut
+
+
+class RedisStore(Store):
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "clawgate",
+        run_result_ttl_s: float = 600,
+        session_ttl_s: float | None = None,
+        subagent_max_ttl_s: float = 86400 * 2,
+        transcript_max: int = 10000,
+        batch_max: int = 512,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.run_result_ttl_s = run_result_ttl_s
+        self.session_ttl_s = session_ttl_s
+        self.subagent_max_ttl_s = subagent_max_ttl_s
+        self.transcript_max = transcript_max
+        self.batch_max = batch_max
+        self._client: aioredis.Redis | None = None
+        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._seq = 0.0
+        self.pipelines = 0
+        self.ops = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        client = aioredis.from_url(self.url, socket_connect_timeout=5, socket_timeout=30)
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            await client.aclose()
+            raise StoreError(f"cannot reach redis at {_redact(self.url)}: {exc}") from exc
+        self._client = client
+        self._writer = asyncio.create_task(self._run(client), name="clawgate-redis-writer")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None and not self._writer.done():
+            self._queue.put_nowait(None)
+            await self._writer
+        while not self._queue.empty():  # only if the writer died: fail what it left
+            op = self._queue.get_nowait()
+            if op is not None:
+                _set_exception(op.fut, StoreError("store is closed"))
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def ping(self) -> bool:
+        if self._closed or self._writer is None or self._writer.done():
+            return False
+        try:
+            return bool(await asyncio.wait_for(self._submit([("PING",)], _first), 5))
+        except (TimeoutError, StoreError):
+            return False
+
+    def barrier(self) -> Awaitable[None]:
+        return self._submit([], _none)
+
+    # -- the writer task -------------------------------------------------------------------------
+    async def _run(self, client: aioredis.Redis) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.batch_max:
+                try:
+                    item = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            await self._execute(client, batch)
+
+    async def _execute(self, client: aioredis.Redis, batch: list[_Op]) -> None:
+        try:
+            pipe = client.pipeline(transaction=False)
+            for op in batch:
+                for cmd in op.cmds:
+                    pipe.execute_command(*cmd)
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.error("redis pipeline failed", error=str(exc), ops=len(batch))
+            for op in batch:
+                _set_exception(op.fut, StoreError(f"redis: {exc}"))
+            return
+        except Exception as exc:  # a bug; never let the writer die with futures pending
+            log.exception("redis writer failed")
+            for op in batch:
+                _set_exception(op.fut, StoreError(f"redis writer: {exc!r}"))
+            return
+        self.pipelines += 1
+        self.ops += len(batch)
+        i = 0
+        for op in batch:
+            n = len(op.cmds)
+            res = list(results[i : i + n])
+            i += n
+            failed = next((r for r in res if isinstance(r, Exception)), None)
+            if failed is not None:
+                _set_exception(op.fut, StoreError(f"redis: {failed}"))
+                continue
+            try:
+                value = op.parse(res)
+            except Exception as exc:
+                _set_exception(op.fut, StoreError(f"redis: bad reply: {exc!r}"))
+                continue
+            _set_result(op.fut, value)
+
+    def _submit(self, cmds: Sequence[Cmd], parse: Callable[[list[Any]], T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._closed or self._writer is None:
+            fut.set_exception(StoreError("store is closed" if self._closed else "store is not open"))
+            return fut
+        self._queue.put_nowait(_Op(cmds, parse, fut))
+        return fut
+
+    def _write(self, cmds: Sequence[Cmd]) -> asyncio.Future[None]:
+        fut = self._submit(cmds, _none)
+        # Writes nobody awaits must not log "exception never retrieved".
+        fut.add_done_callback(_consume)
+        return fut
+
+    # -- expiry helpers --------------------------------------------------------------------------
+    @property
+    def _session_ttl(self) -> float:
+        return self.session_ttl_s if self.session_ttl_s is not None else DEFAULT_SESSION_TTL_S
+
+    def _deadlines(self, ttl_s: float) -> tuple[int, int, int]:
+        """(now_ms, record deadline ms, index deadline ms): indexes outlive what they point at."""
+        now = time.time()
+        deadline = _ms(now + max(ttl_s, 0.001))
+        return _ms(now), deadline, max(_ms(now + INDEX_TTL_S), deadline)
+
+    def _next_seq(self) -> float:
+        self._seq = max(time.time(), self._seq + 1e-6)
+        return self._seq
+
+    # -- sessions ----------------------------------------------------------------------------------
+    def put_session(self, meta: SessionMeta) -> Awaitable[None]:
+        k = self.keys
+        now_ms, deadline, idx_deadline = self._deadlines(self._session_ttl)
+        fields: list[str | float] = [
+            "session_id", meta.session_id,
+            "updated_at", repr(meta.updated_at),
+            "kind", meta.kind,
+            "agent_id", meta.agent_id,
+        ]  # fmt: skip
+        drop: list[str] = []
+        for name, value in (("label", meta.label), ("model", meta.model)):
+            if value is None:
+                drop.append(name)
+            else:
+                fields += [name, value]
+        cmd: Cmd = (
+            "EVAL", _PUT_SESSION, 4,
+            k.session(meta.key), k.messages(meta.key), k.sessions_index(), k.sessions_expiry(),
+            meta.key, deadline, idx_deadline, now_ms, repr(meta.created_at), repr(meta.updated_at),
+            len(fields) // 2, *fields, *drop,
+        )  # fmt: skip
+        return self._write([cmd])
+
+    async def get_session(self, key: str) -> SessionMeta | None:
+        h = await self._submit([("HGETALL", self.keys.session(key))], _first)
+        return _session(key, h)
+
+    async def list_sessions(
+        self, *, limit: int, updated_since: float | None = None, prefix: str | None = None
+    ) -> list[SessionMeta]:
+        if limit <= 0:
+            return []
+        k = self.keys
+        lo: str | float = "-inf" if updated_since is None else updated_since
+        out: list[SessionMeta] = []
+        stale: list[str] = []
+        offset = 0
+        while len(out) < limit:
+            page = max(PAGE, limit) if prefix else limit - len(out)
+            ids = await self._submit(
+                [("ZREVRANGEBYSCORE", k.sessions_index(), "+inf", lo, "LIMIT", offset, page)], _first
+            )
+            offset += len(ids)
+            keys = [_s(i) for i in ids]
+            if prefix:
+                keys = [key for key in keys if key.startswith(prefix)]
+            if keys:
+                hashes = await self._submit([("HGETALL", k.session(key)) for key in keys], _all)
+                for key, h in zip(keys, hashes, strict=True):
+                    meta = _session(key, h)
+                    if meta is None:
+                        stale.append(key)
+                    elif len(out) < limit:
+                        out.append(meta)
+            if len(ids) < page:
+                break
+        if stale:
+            self._write([("ZREM", k.sessions_index(), *stale), ("ZREM", k.sessions_expiry(), *stale)])
+        return out
+
+    def delete_session(self, key: str) -> Awaitable[None]:
+        k = self.keys
+        return self._write(
+            [
+                ("DEL", k.session(key), k.messages(key)),
+                ("ZREM", k.sessions_index(), key),
+                ("ZREM", k.sessions_expiry(), key),
+            ]
+        )
+
+    def reset_session(self, key: str, new_session_id: str, now: float) -> Awaitable[None]:
+        k = self.keys
+        _, deadline, idx_deadline = self._deadlines(self._session_ttl)
+        cmd: Cmd = (
+            "EVAL", _RESET_SESSION, 4,
+            k.session(key), k.messages(key), k.sessions_index(), k.sessions_expiry(),
+            key, new_session_id, repr(now), deadline, idx_deadline,
+        )  # fmt: skip
+        return self._write([cmd])
+
+    # -- transcripts -----------------------------------------------------------------------------
+    def append_message(self, msg: TranscriptMessage) -> Awaitable[None]:
+        k = self.keys
+        _, deadline, idx_deadline = self._deadlines(self._session_ttl)
+        mkey = k.messages(msg.session_key)
+        return self._write(
+            [
+                ("RPUSH", mkey, _enc.encode(msg)),
+                ("LTRIM", mkey, -self.transcript_max, -1),
+                ("PEXPIREAT", mkey, deadline),
+                # A conversation keeps its session alive.
+                ("PEXPIREAT", k.session(msg.session_key), deadline),
+                ("ZADD", k.sessions_expiry(), "XX", deadline, msg.session_key),
+                ("PEXPIREAT", k.sessions_expiry(), idx_deadline),
+                ("PEXPIREAT", k.sessions_index(), idx_deadline),
+            ]
+        )
+
+    async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
+        if limit <= 0:
+            return []
+        raw = await self._submit([("LRANGE", self.keys.messages(session_key), -limit, -1)], _first)
+        return [_msg_dec.decode(r) for r in raw]
+
+    # -- runs ----------------------------------------------------------------------------------------
+    def _run_cmds(self, rec: RunRecord) -> list[Cmd]:
+        """The commands that store a run record with its index entries."""
+        k = self.keys
+        final = rec.status in FINAL_STATUSES
+        ttl = self.run_result_ttl_s if final else max(OPEN_RUN_TTL_S, rec.timeout_s + 3600)
+        now_ms, deadline, idx_deadline = self._deadlines(ttl)
+        rid = rec.run_id
+        cmds: list[Cmd] = [("SET", k.run(rid), _enc.encode(rec), "PXAT", deadline)]
+        if final:
+            cmds.append(("SREM", k.runs_open(), rid))
+            if rec.ended_at is not None:
+                cmds += [
+                    ("ZADD", k.runs_ended(), rec.ended_at, rid),
+                    ("ZREMRANGEBYRANK", k.runs_ended(), 0, -(RUNS_ENDED_CAP + 1)),
+                ]
+            else:
+                cmds.append(("ZREM", k.runs_ended(), rid))
+        else:
+            cmds += [("SADD", k.runs_open(), rid), ("ZREM", k.runs_ended(), rid)]
+        for index in (k.runs_all(), k.runs_by_session(rec.session_key)):
+            cmds += [
+                ("ZADD", index, deadline, rid),
+                ("ZREMRANGEBYSCORE", index, "-inf", now_ms),
+                ("PEXPIREAT", index, idx_deadline),
+            ]
+        cmds += [("PEXPIREAT", k.runs_open(), idx_deadline), ("PEXPIREAT", k.runs_ended(), idx_deadline)]
+        return cmds
+
+    def put_run(self, rec: RunRecord) -> Awaitable[None]:
+        return self._write(self._run_cmds(rec))
+
+    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+        # One script: the existence check and the insert (record plus index entries) are atomic.
+        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
+        cmd: Cmd = (
+            "EVAL",
+            _CREATE_RUN,
+            1,
+            self.keys.run(rec.run_id),
+            repr(now),
+            repr(reuse_after_s),
+            script_cmds,
+        )
+        raw = await self._submit([cmd], _first)
+        return _run_dec.decode(raw) if raw is not None else None
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        raw = await self._submit([("GET", self.keys.run(run_id))], _first)
+        return _run_dec.decode(raw) if raw is not None else None
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        k = self.keys
+        ids = sorted(_s(i) for i in await self._submit([("SMEMBERS", k.runs_open())], _first))
+        out: list[RunRecord] = []
+        stale: list[str] = []
+        for chunk in _chunks(ids, PAGE):
+            raws = await self._submit([("MGET", *[k.run(i) for i in chunk])], _first)
+            for rid, raw in zip(chunk, raws, strict=True):
+                rec = _run_dec.decode(raw) if raw is not None else None
+                if rec is None or rec.is_final:
+                    stale.append(rid)
+                else:
+                    out.append(rec)
+        if stale:
+            self._write([("SREM", k.runs_open(), *stale)])
+        out.sort(key=lambda r: r.accepted_at)
+        return out
+
+    async def count_runs(self, session_key: str | None = None) -> int:
+        index = self.keys.runs_all() if session_key is None else self.keys.runs_by_session(session_key)
+        # Counts the run records whose expiry deadline has not passed (the index scores).
+        n = await self._submit([("ZCOUNT", index, f"({_ms(time.time())}", "+inf")], _first)
+        return int(n)
+
+    async def sweep_runs(self, before: float) -> int:
+        """Finished runs expire natively; this deletes those that ended before `before` early
+        and drops index entries of runs that already expired."""
+        k = self.keys
+        deleted = 0
+        while True:
+            ids = [
+                _s(i)
+                for i in await self._submit(
+                    [("ZRANGEBYSCORE", k.runs_ended(), "-inf", before, "LIMIT", 0, PAGE)], _first
+                )
+            ]
+            if not ids:
+                break
+            raws = await self._submit([("MGET", *[k.run(i) for i in ids])], _first)
+            cmds: list[Cmd] = [("ZREM", k.runs_ended(), *ids), ("ZREM", k.runs_all(), *ids)]
+            for rid, raw in zip(ids, raws, strict=True):
+                if raw is not None:
+                    cmds.append(("ZREM", k.runs_by_session(_run_dec.decode(raw).session_key), rid))
+            dels = [("DEL", k.run(rid)) for rid in ids]
+            results = await self._submit([*dels, *cmds], _all)
+            deleted += sum(int(r) for r in results[: len(dels)])
+            if len(ids) < PAGE:
+                break
+        return deleted
+
+    # -- idempotency -------------------------------------------------------------------------------
+    async def claim_key(self, key: str, run_id: str, ttl_s: float, now: float) -> str | None:
+        # `now` is unused: Redis' own clock expires the key (PX).
+        ttl_ms = max(1, round(ttl_s * 1000))
+        got = await self._submit([("EVAL", _CLAIM, 1, self.keys.idem(key), run_id, ttl_ms)], _first)
+        return None if got is None else _s(got)
+
+    # -- subagents -----------------------------------------------------------------------------------
+    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
+        k = self.keys
+        now = time.time()
+        if rec.expires_at is not None:
+            ttl = max(rec.expires_at - now, 0.0) + SUB_SAFETY_MARGIN_S
+        else:
+            ttl = self.subagent_max_ttl_s
+        _, deadline, idx_deadline = self._deadlines(ttl)
+        rid = rec.run_id
+        live = rec.cleanup_completed_at is None or not rec.ended_notified
+        seq = self._next_seq()
+        by_req = k.subs_by_requester(rec.requester_session_key)
+        cmds: list[Cmd] = [
+            ("SET", k.sub(rid), _enc.encode(rec), "PXAT", deadline),
+            ("ZADD", k.subs_all(), "NX", seq, rid),
+            ("ZADD", by_req, "NX", seq, rid),
+            ("ZADD", k.subs_expiry(), rec.expires_at, rid)
+            if rec.expires_at is not None
+            else ("ZREM", k.subs_expiry(), rid),
+            ("SADD", k.subs_live(), rid) if live else ("SREM", k.subs_live(), rid),
+        ]
+        cmds += [
+            ("PEXPIREAT", index, idx_deadline)
+            for index in (k.subs_all(), by_req, k.subs_expiry(), k.subs_live())
+        ]
+        return self._write(cmds)
+
+    async def get_subagent(self, run_id: str) -> SubagentRecord | None:
+        raw = await self._submit([("GET", self.keys.sub(run_id))], _first)
+        return _sub_dec.decode(raw) if raw is not None else None
+
+    async def _load_subs(self, ids: list[str]) -> list[tuple[str, SubagentRecord | None]]:
+        if not ids:
+            return []
+        raws = await self._submit([("MGET", *[self.keys.sub(i) for i in ids])], _first)
+        return [
+            (rid, _sub_dec.decode(raw) if raw is not None else None)
+            for rid, raw in zip(ids, raws, strict=True)
+        ]
+
+    async def list_subagents(self, requester: str | None, limit: int) -> list[SubagentRecord]:
+        if limit <= 0:
+            return []
+        k = self.keys
+        index = k.subs_all() if requester is None else k.subs_by_requester(requester)
+        out: list[SubagentRecord] = []
+        stale: list[str] = []
+        offset = 0
+        while len(out) < limit:
+            page = limit - len(out)
+            ids = [
+                _s(i) for i in await self._submit([("ZREVRANGE", index, offset, offset + page - 1)], _first)
+            ]
+            offset += len(ids)
+            for rid, rec in await self._load_subs(ids):
+                if rec is None:
+                    stale.append(rid)
+                else:
+                    out.append(rec)
+            if len(ids) < page:
+                break
+        if stale:
+            self._write([("ZREM", index, *stale)])
+        return out
+
+    async def live_subagents(self) -> list[SubagentRecord]:
+        k = self.keys
+        ids = sorted(_s(i) for i in await self._submit([("SMEMBERS", k.subs_live())], _first))
+        out: list[SubagentRecord] = []
+        stale: list[str] = []
+        for chunk in _chunks(ids, PAGE):
+            for rid, rec in await self._load_subs(chunk):
+                if rec is None:
+                    stale.append(rid)
+                elif rec.cleanup_completed_at is None or not rec.ended_notified:
+                    out.append(rec)
+        if stale:
+            self._write([("SREM", k.subs_live(), *stale)])
+        out.sort(key=lambda r: r.created_at)
+        return out
+
+    async def due_subagents(self, now: float, limit: int) -> list[SubagentRecord]:
+        if limit <= 0:
+            return []
+        k = self.keys
+        out: list[SubagentRecord] = []
+        stale: list[str] = []
+        offset = 0
+        while len(out) < limit:
+            page = limit - len(out)
+            ids = [
+                _s(i)
+                for i in await self._submit(
+                    [("ZRANGEBYSCORE", k.subs_expiry(), "-inf", now, "LIMIT", offset, page)], _first
+                )
+            ]
+            offset += len(ids)
+            for rid, rec in await self._load_subs(ids):
+                if rec is None:
+                    stale.append(rid)
+                elif rec.expires_at is not None and rec.expires_at <= now:
+                    out.append(rec)
+            if len(ids) < page:
+                break
+        if stale:
+            self._write([("ZREM", k.subs_expiry(), *stale)])
+        return out
+
+    def delete_subagent(self, run_id: str) -> Awaitable[None]:
+        # The per-requester index entry is dropped lazily by list_subagents (the
+        # requester is not known here without a read).
+        k = self.keys
+        return self._write(
+            [
+                ("DEL", k.sub(run_id)),
+                ("ZREM", k.subs_all(), run_id),
+                ("ZREM", k.subs_expiry(), run_id),
+                ("SREM", k.subs_live(), run_id),
+            ]
+        )
+
+    async def count_subagents(self) -> int:
+        # Exact unless a record reached its safety expiry without being deleted (the sweep
+        # deletes records first); such entries are dropped by the next list_subagents(None).
+        return int(await self._submit([("ZCARD", self.keys.subs_all())], _first))
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _ms(t: float) -> int:
+    return int(t * 1000)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _chunks(items: list[str], n: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _session(key: str, h: Any) -> SessionMeta | None:
+    if not h:
+        return None
+    d = {_s(f): _s(v) for f, v in h.items()}
+    if "session_id" not in d or "updated_at" not in d:
+        return None  # a partial hash left by a race with delete
+    updated_at = float(d["updated_at"])
+    return SessionMeta(
+        key=key,
+        session_id=d["session_id"],
+        created_at=float(d.get("created_at", updated_at)),
+        updated_at=updated_at,
+        kind=d.get("kind", "main"),
+        agent_id=d.get("agent_id", "main"),
+        label=d.get("label"),
+        model=d.get("model"),
+    )
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _arg(v: str | bytes | int | float) -> str:
+    if isinstance(v, bytes):
+        return v.decode()
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _none(_: list[Any]) -> None:
+    return None
+
+
+def _first(res: list[Any]) -> Any:
+    return res[0]
+
+
+def _all(res: list[Any]) -> list[Any]:
+    return res
+
+
+def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store write failed", error=str(fut.exception()))
