@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     # --- TTLs (DESIGN.md section 3) ----------------------------------------------
     run_context_idle_ttl_s: float = Field(1800.0, gt=0)
     run_result_ttl_s: float = Field(600.0, gt=0)
+    run_retention_s: float = Field(86400.0, gt=0, description="finished run records kept in the store")
     dedupe_ttl_s: float = Field(300.0, gt=0)
     subagent_session_ttl_s: float = Field(300.0, gt=0)
     subagent_archive_after_s: float = Field(3600.0, gt=0)

@@ -36,14 +36,8 @@ class ClientInfo(_Params):
 class AuthInfo(_Params):
     token: str | None = None
     password: str | None = None
-
-
-class DeviceInfo(_Params):
-    id: str
-    public_key: str
-    signature: str
-    signed_at: int
-    nonce: str | None = None
+    device_token: str | None = None
+    bootstrap_token: str | None = None
 
 
 class ConnectParams(_Params):
@@ -54,7 +48,7 @@ class ConnectParams(_Params):
     role: str = "operator"
     scopes: list[str] | None = None
     auth: AuthInfo | None = None
-    device: DeviceInfo | None = None
+    device: dict[str, Any] | None = None  # checked by clawgate.protocol.device
     user_agent: str | None = None
 
 

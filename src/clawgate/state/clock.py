@@ -11,7 +11,12 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -20,6 +25,10 @@ class Clock(Protocol):
     def monotonic(self) -> float: ...
 
     async def sleep(self, delay: float) -> None: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Run `callback` after `delay` seconds of this clock's time (cheaper than a sleeping task)."""
+        ...
 
 
 class SystemClock:
@@ -32,6 +41,20 @@ class SystemClock:
     async def sleep(self, delay: float) -> None:
         await asyncio.sleep(max(0.0, delay))
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(max(0.0, delay), callback)
+
+
+class _FakeTimer:
+    __slots__ = ("callback", "cancelled")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
 
 class FakeClock:
     """A clock that only moves when told to. `sleep()` wakes when `advance()` passes its deadline."""
@@ -40,7 +63,7 @@ class FakeClock:
         self._now = start
         self._mono = 1000.0
         self._counter = itertools.count()
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
 
     def time(self) -> float:
         return self._now
@@ -56,18 +79,30 @@ class FakeClock:
         heapq.heappush(self._sleepers, (self._now + delay, next(self._counter), fut))
         await fut
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = _FakeTimer(callback)
+        heapq.heappush(self._sleepers, (self._now + max(0.0, delay), next(self._counter), timer))
+        return timer
+
     @property
     def pending_sleepers(self) -> int:
-        return sum(1 for _, _, f in self._sleepers if not f.done())
+        return sum(
+            1
+            for _, _, f in self._sleepers
+            if (isinstance(f, _FakeTimer) and not f.cancelled) or (isinstance(f, asyncio.Future) and not f.done())
+        )
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose deadline has passed."""
         self._now += seconds
         self._mono += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
-            _, _, fut = heapq.heappop(self._sleepers)
-            if not fut.done():
-                fut.set_result(None)
+            _, _, item = heapq.heappop(self._sleepers)
+            if isinstance(item, _FakeTimer):
+                if not item.cancelled:
+                    item.callback()
+            elif not item.done():
+                item.set_result(None)
 
     async def advance_async(self, seconds: float, *, step: float | None = None, settle: int = 5) -> None:
         """Advance in steps, letting woken tasks run after each one."""

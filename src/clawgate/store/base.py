@@ -68,6 +68,16 @@ class Store(ABC):
     def put_run(self, rec: RunRecord) -> Awaitable[None]: ...
 
     @abstractmethod
+    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+        """Durably insert a newly accepted run, atomically with the idempotency check.
+
+        Returns None when `rec` was inserted, or the existing record when a run with
+        the same id exists and is unfinished or was accepted less than
+        `reuse_after_s` ago (then nothing is written). An older finished record is
+        replaced: the idempotency key has expired.
+        """
+
+    @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod

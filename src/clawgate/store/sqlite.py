@@ -243,6 +243,20 @@ class SqliteStore(Store):
             "INSERT INTO runs VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
             "status=excluded.status, ended_at=excluded.ended_at, data=excluded.data", row))
 
+    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+        row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
+
+        def op(c: sqlite3.Connection) -> RunRecord | None:
+            found = c.execute("SELECT data FROM runs WHERE run_id=?", (rec.run_id,)).fetchone()
+            if found is not None:
+                existing = _run_dec.decode(found[0])
+                if not existing.is_final or existing.accepted_at + reuse_after_s > now:
+                    return existing
+            c.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?)", row)
+            return None
+
+        return await self._submit(op)
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._submit(lambda c: c.execute("SELECT data FROM runs WHERE run_id=?", (run_id,)).fetchone())
         return _run_dec.decode(row[0]) if row else None

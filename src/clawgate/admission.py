@@ -1,0 +1,68 @@
+"""Admission control: refuse new runs (UNAVAILABLE, retryable) instead of growing until the OOM killer.
+
+Two signals: entries tracked per run (`max_tracked_runs`) and process RSS
+(`memory_budget_bytes`, 0 disables). RSS is sampled in the background, not per
+request, so the check on the hot path is two comparisons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import psutil
+
+from clawgate.errors import Unavailable
+from clawgate.state.registry import StateRegistry
+
+
+class Admission:
+    def __init__(self, registry: StateRegistry, *, max_tracked_runs: int, memory_budget_bytes: int,
+                 sample_interval_s: float = 0.5) -> None:
+        self.registry = registry
+        self.max_tracked_runs = max_tracked_runs
+        self.memory_budget_bytes = memory_budget_bytes
+        self.sample_interval_s = sample_interval_s
+        self._proc = psutil.Process()
+        self.rss = self._proc.memory_info().rss
+        self.refused = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._sample_loop(), name="clawgate-rss-sampler")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sample_interval_s)
+            self.sample()
+
+    def sample(self) -> int:
+        self.rss = self._proc.memory_info().rss
+        return self.rss
+
+    def reason(self) -> str | None:
+        tracked = self.registry.tracked_entries()
+        if tracked >= self.max_tracked_runs:
+            return f"tracking {tracked} runs (maxTrackedRuns {self.max_tracked_runs})"
+        if self.memory_budget_bytes and self.rss > self.memory_budget_bytes:
+            return f"RSS {self.rss} bytes over memoryBudgetBytes {self.memory_budget_bytes}"
+        return None
+
+    @property
+    def open(self) -> bool:
+        return self.reason() is None
+
+    def check(self) -> None:
+        reason = self.reason()
+        if reason is not None:
+            self.refused += 1
+            raise Unavailable(f"gateway overloaded: {reason}", retry_after_ms=1000,
+                              details={"reason": reason})

@@ -1,0 +1,1 @@
+"""The agent loop: provider call, streaming, tool calls."""

@@ -1,0 +1,128 @@
+"""One agent run: call the provider, stream text, execute tool calls, repeat until a final reply.
+
+Pure orchestration over three injected edges: the provider (LLM), the emitter
+(events), and the tools. No sockets, no store: the run service owns those.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from clawgate.agent.tools import Tool, ToolCallContext
+from clawgate.errors import ClawgateError, ProviderError
+from clawgate.providers.base import (
+    ChatMessage,
+    Finished,
+    Provider,
+    ProviderRequest,
+    TextDelta,
+    ToolCall,
+    ToolCallRequest,
+)
+
+
+class Emitter(Protocol):
+    def assistant(self, delta: str, text: str) -> None: ...
+
+    def tool(self, phase: str, name: str, call_id: str, payload: dict[str, Any]) -> None: ...
+
+    def retrying(self, error: str) -> None: ...
+
+
+@dataclass
+class AgentInput:
+    run_id: str
+    session_key: str
+    agent_id: str
+    message: str
+    history: list[ChatMessage] = field(default_factory=list)
+    model: str | None = None
+    system_prompt: str | None = None
+
+
+async def run_agent(
+    provider: Provider,
+    inp: AgentInput,
+    emit: Emitter,
+    tools: Mapping[str, Tool],
+    *,
+    max_tool_rounds: int,
+    max_retries: int,
+) -> str:
+    """Returns the final assistant text. Raises ProviderError when the provider fails for good."""
+    messages: list[ChatMessage] = []
+    if inp.system_prompt:
+        messages.append(ChatMessage(role="system", content=inp.system_prompt))
+    messages.extend(inp.history)
+    messages.append(ChatMessage(role="user", content=inp.message))
+    specs = [tool.spec for tool in tools.values()]
+    text = ""
+    for _round in range(max_tool_rounds + 1):
+        request = ProviderRequest(
+            messages=messages, model=inp.model, tools=specs, run_id=inp.run_id, session_key=inp.session_key
+        )
+        calls, turn_text = await _turn_with_retries(provider, request, emit, text, max_retries)
+        text += turn_text
+        if not calls:
+            return text
+        messages.append(ChatMessage(role="assistant", content=turn_text, tool_calls=calls))
+        for call in calls:
+            result = await _call_tool(tools, call, inp, emit)
+            messages.append(
+                ChatMessage(role="tool", content=json.dumps(result), tool_call_id=call.id, name=call.name)
+            )
+    raise ProviderError(f"agent exceeded {max_tool_rounds} tool rounds")
+
+
+async def _turn_with_retries(
+    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str, max_retries: int
+) -> tuple[list[ToolCall], str]:
+    attempt = 0
+    while True:
+        try:
+            return await _turn(provider, request, emit, text_so_far)
+        except ProviderError as exc:
+            if not exc.retryable or attempt >= max_retries:
+                raise
+            attempt += 1
+            emit.retrying(exc.message)
+
+
+async def _turn(
+    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str
+) -> tuple[list[ToolCall], str]:
+    calls: list[ToolCall] = []
+    turn_text = ""
+    async for event in provider.stream(request):
+        if isinstance(event, TextDelta):
+            if event.text:
+                turn_text += event.text
+                emit.assistant(event.text, text_so_far + turn_text)
+        elif isinstance(event, ToolCallRequest):
+            calls.append(event.call)
+        elif isinstance(event, Finished):
+            break
+    return calls, turn_text
+
+
+async def _call_tool(
+    tools: Mapping[str, Tool], call: ToolCall, inp: AgentInput, emit: Emitter
+) -> dict[str, Any]:
+    emit.tool("start", call.name, call.id, {"args": call.arguments})
+    tool = tools.get(call.name)
+    if tool is None:
+        result: dict[str, Any] = {"status": "error", "error": f"unknown tool {call.name!r}"}
+    else:
+        try:
+            result = await tool.handler(
+                ToolCallContext(run_id=inp.run_id, session_key=inp.session_key, agent_id=inp.agent_id),
+                call.arguments,
+            )
+        except ClawgateError as exc:
+            # A refused spawn (FORBIDDEN, bad params) is the tool's answer, not a failed run.
+            result = {"status": "error", "code": exc.code, "error": exc.message}
+    emit.tool("result", call.name, call.id, {"result": result})
+    return result

@@ -1,0 +1,1 @@
+"""The event bus: run contexts, per-run sequence numbers, subscribers and fan-out."""

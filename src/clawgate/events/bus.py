@@ -1,0 +1,187 @@
+"""Event bus: run contexts with their sequence counters, and fan-out to connections.
+
+The reference gateway kept `runContextById` and `seqByRun` as two maps and
+removed them only on a clean lifecycle end; a missed end leaked both, and even
+the clean path forgot the counters (DESIGN.md section 1, rules 2 and 3). Here
+the sequence counter is a field of the context, so the two cannot outlive each
+other, and the context map is a TTLMap whose deadline every emitted event
+pushes forward: a context idle for `run_context_idle_ttl_s` is swept, a run
+that keeps emitting never is.
+
+Fan-out never awaits a socket: frames are encoded once and handed to each
+connection's bounded send buffer (`Sink.send_frame`), which disconnects a slow
+consumer instead of growing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from clawgate.ids import ConnId, RunId, SessionKey
+from clawgate.protocol.frames import encode_event
+from clawgate.state.clock import Clock
+from clawgate.state.registry import StateRegistry
+from clawgate.state.ttlmap import TTLMap
+
+
+class Sink(Protocol):
+    """Where frames for one connection go (the connection's bounded send buffer)."""
+
+    def send_frame(self, frame: bytes) -> None: ...
+
+
+class RunContext:
+    __slots__ = ("chat_seq", "chat_text", "last_active_at", "registered_at", "run_id", "seq", "session_key")
+
+    def __init__(self, run_id: RunId, session_key: SessionKey, now: float) -> None:
+        self.run_id = run_id
+        self.session_key = session_key
+        self.seq = 0
+        self.chat_seq = 0
+        self.chat_text = ""
+        self.registered_at: float | None = now  # set once, on first registration
+        self.last_active_at: float | None = now  # refreshed on every emitted event
+
+
+EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
+RemotePublisher = Callable[[SessionKey, RunId, bytes], None]
+
+
+class EventBus:
+    def __init__(self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int,
+                 max_connections: int) -> None:
+        self.clock = clock
+        self.contexts: TTLMap[RunId, RunContext] = TTLMap(
+            "run_contexts", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
+        )
+        # The connections that asked for a run's events (the one that started it, and
+        # `agent` retries with the same key): removed at run end, TTL as a backstop.
+        self.watchers: TTLMap[RunId, set[ConnId]] = TTLMap(
+            "run_watchers", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
+        )
+        self.session_subs: TTLMap[SessionKey, set[ConnId]] = TTLMap(
+            "session_subscriptions", clock, max_size=max_connections * 100
+        )
+        self.all_subs: set[ConnId] = set()
+        self.sinks: dict[ConnId, Sink] = {}
+        registry.register(self.contexts)
+        registry.register(self.watchers)
+        registry.register(self.session_subs)
+        registry.add("event_sinks", self.sinks.__len__, ttl_s=None, max_size=max_connections)
+        registry.add("all_subscribers", self.all_subs.__len__, ttl_s=None, max_size=max_connections)
+        self.listeners: list[EventListener] = []
+        self.remote: RemotePublisher | None = None
+        self.frames_out = 0
+
+    # -- connections --------------------------------------------------------------------
+    def attach(self, conn_id: ConnId, sink: Sink) -> None:
+        self.sinks[conn_id] = sink
+
+    def detach(self, conn_id: ConnId, subscribed: set[SessionKey]) -> None:
+        """Forget a connection everywhere it could be referenced."""
+        self.sinks.pop(conn_id, None)
+        self.all_subs.discard(conn_id)
+        for key in subscribed:
+            subs = self.session_subs.get(key)
+            if subs is not None:
+                subs.discard(conn_id)
+                if not subs:
+                    self.session_subs.pop(key)
+
+    def subscribe(self, conn_id: ConnId, session_keys: list[SessionKey], all_sessions: bool) -> None:
+        if all_sessions:
+            self.all_subs.add(conn_id)
+        for key in session_keys:
+            subs = self.session_subs.get(key)
+            if subs is None:
+                self.session_subs.set(key, {conn_id})
+            else:
+                subs.add(conn_id)
+
+    def watch(self, run_id: RunId, conn_id: ConnId) -> None:
+        conns = self.watchers.get(run_id)
+        if conns is None:
+            self.watchers.set(run_id, {conn_id})
+        else:
+            conns.add(conn_id)
+
+    def unwatch_run(self, run_id: RunId) -> None:
+        self.watchers.pop(run_id)
+
+    # -- run contexts -------------------------------------------------------------------------
+    def register_run(self, run_id: RunId, session_key: SessionKey) -> RunContext:
+        ctx = self.contexts.get(run_id)
+        if ctx is None:
+            ctx = RunContext(run_id, session_key, self.clock.time())
+            self.contexts.set(run_id, ctx)
+        return ctx
+
+    def clear_run(self, run_id: RunId) -> None:
+        """Normal end: the context goes, and its sequence counter with it (rule 3)."""
+        self.contexts.pop(run_id)
+
+    def sweep_contexts(self) -> int:
+        return self.contexts.sweep()
+
+    # -- emitting ------------------------------------------------------------------------------
+    def emit_agent(self, run_id: RunId, session_key: SessionKey, stream: str, data: dict[str, Any]) -> int:
+        """Emit one `agent` event with the run's next seq; returns the seq."""
+        ctx = self.contexts.get(run_id)
+        if ctx is None:
+            ctx = self.register_run(run_id, session_key)
+        now = self.clock.time()
+        ctx.seq += 1
+        ctx.last_active_at = now
+        self.contexts.touch(run_id)
+        payload = {
+            "runId": run_id,
+            "sessionKey": session_key,
+            "seq": ctx.seq,
+            "stream": stream,
+            "ts": int(now * 1000),
+            "data": data,
+        }
+        self.publish(run_id, session_key, encode_event("agent", payload))
+        for listener in self.listeners:
+            listener(run_id, session_key, stream, data)
+        return ctx.seq
+
+    def emit_chat(self, run_id: RunId, session_key: SessionKey, state: str, **fields: Any) -> None:
+        ctx = self.contexts.get(run_id)
+        if ctx is None:
+            ctx = self.register_run(run_id, session_key)
+        ctx.chat_seq += 1
+        payload: dict[str, Any] = {"runId": run_id, "sessionKey": session_key, "seq": ctx.chat_seq, "state": state}
+        payload.update(fields)
+        self.publish(run_id, session_key, encode_event("chat", payload))
+
+    def emit_session_event(self, session_key: SessionKey, event: str, payload: dict[str, Any]) -> None:
+        """An event about a session (e.g. `subagent`), to that session's subscribers."""
+        self.publish(None, session_key, encode_event(event, payload))
+
+    def publish(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
+        self.deliver(run_id, session_key, frame)
+        if self.remote is not None and run_id is not None:
+            self.remote(session_key, run_id, frame)
+
+    def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
+        """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers."""
+        targets: set[ConnId] = set(self.all_subs)
+        if run_id is not None:
+            watchers = self.watchers.get(run_id)
+            if watchers:
+                targets |= watchers
+        subs = self.session_subs.get(session_key)
+        if subs:
+            targets |= subs
+        sinks = self.sinks
+        for conn_id in targets:
+            sink = sinks.get(conn_id)
+            if sink is not None:
+                sink.send_frame(frame)
+                self.frames_out += 1
+
+    def broadcast(self, frame: bytes) -> None:
+        for sink in list(self.sinks.values()):
+            sink.send_frame(frame)

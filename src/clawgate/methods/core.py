@@ -1,0 +1,41 @@
+"""`health`, `status`, `events.subscribe`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from clawgate.ids import SessionKey
+from clawgate.methods.table import MethodSpec
+from clawgate.protocol.schemas import EmptyParams, SubscribeParams
+from clawgate.server.auth import READ
+
+if TYPE_CHECKING:
+    from clawgate.server.connection import Connection
+    from clawgate.server.gateway import Gateway
+
+
+async def health(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+    now = gw.clock.time()
+    return {"ok": True, "ts": int(now * 1000), "uptimeMs": gw.uptime_ms()}
+
+
+async def status(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+    return await gw.status()
+
+
+async def subscribe(gw: Gateway, conn: Connection, req_id: str, params: SubscribeParams) -> dict[str, Any]:
+    keys = [SessionKey(k) for k in params.session_keys or []]
+    if len(conn.subscribed) + len(keys) > 1000:
+        from clawgate.errors import Forbidden
+
+        raise Forbidden("at most 1000 session subscriptions per connection")
+    conn.subscribed.update(keys)
+    gw.bus.subscribe(conn.conn_id, keys, params.all)
+    return {"ok": True}
+
+
+METHODS = [
+    MethodSpec("health", EmptyParams, READ, health),
+    MethodSpec("status", EmptyParams, READ, status),
+    MethodSpec("events.subscribe", SubscribeParams, READ, subscribe),
+]

@@ -1,0 +1,29 @@
+"""`sessions.spawn`, `subagents.list`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from clawgate.methods.table import MethodSpec
+from clawgate.protocol.schemas import SpawnParams, SubagentsListParams
+from clawgate.server.auth import READ, WRITE
+
+if TYPE_CHECKING:
+    from clawgate.server.connection import Connection
+    from clawgate.server.gateway import Gateway
+
+
+async def spawn(gw: Gateway, conn: Connection, req_id: str, params: SpawnParams) -> dict[str, Any]:
+    gw.admission.check()
+    return await gw.subagents.spawn(params)
+
+
+async def list_runs(gw: Gateway, conn: Connection, req_id: str, params: SubagentsListParams) -> dict[str, Any]:
+    records = await gw.subagents.list(params.session_key, params.limit)
+    return {"runs": [r.to_wire() for r in records]}
+
+
+METHODS = [
+    MethodSpec("sessions.spawn", SpawnParams, WRITE, spawn),
+    MethodSpec("subagents.list", SubagentsListParams, READ, list_runs),
+]

@@ -1,0 +1,82 @@
+"""Prometheus metrics, collected on scrape from the gateway's live counters (no per-event cost)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   300.0)
+
+
+class LatencyHistogram:
+    """A fixed-bucket histogram: O(log b) per observation, constant memory."""
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            running += n
+            out.append((repr(bound), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+class GatewayCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        snap = self._snapshot()
+        state = GaugeMetricFamily("clawgate_state_entries", "Entries in a registered in-memory structure",
+                                  labels=["structure"])
+        for name, size in snap["state"].items():
+            state.add_metric([name], size)
+        yield state
+        runs = CounterMetricFamily("clawgate_runs", "Runs ended, by status", labels=["status"])
+        for status, n in snap["runs_total"].items():
+            runs.add_metric([status], n)
+        yield runs
+        sweeps = CounterMetricFamily("clawgate_sweep_errors", "Sweeps that raised, by sweep", labels=["sweep"])
+        for name, n in snap["sweep_errors"].items():
+            sweeps.add_metric([name], n)
+        yield sweeps
+        ticks = CounterMetricFamily("clawgate_maintenance_ticks", "Maintenance ticks run")
+        ticks.add_metric([], snap["ticks"])
+        yield ticks
+        hist: LatencyHistogram = snap["run_latency"]
+        latency = HistogramMetricFamily("clawgate_run_duration_seconds", "Run duration, start to end")
+        latency.add_metric([], hist.cumulative(), sum_value=hist.sum)
+        yield latency
+        yield GaugeMetricFamily("clawgate_connections", "Open WebSocket connections", value=snap["connections"])
+        yield GaugeMetricFamily("clawgate_runs_active", "Runs queued or running", value=snap["runs_active"])
+        yield GaugeMetricFamily("clawgate_runs_queued", "Runs waiting in a lane", value=snap["runs_queued"])
+        yield GaugeMetricFamily("clawgate_process_rss_bytes", "Resident set size", value=snap["rss"])
+        yield GaugeMetricFamily("clawgate_admission_open", "1 when new runs are admitted",
+                                value=1 if snap["admission_open"] else 0)
+
+
+def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(snapshot))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,1 @@
+"""The run scheduler: lanes, run lifecycle, abort, timeouts, idempotency, result cache."""

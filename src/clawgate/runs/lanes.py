@@ -1,0 +1,83 @@
+"""Per-session lanes: runs of one session execute one at a time, in order (FIFO).
+
+A lane exists only while its session has queued or running work; the lane map
+is a registered bounded structure, emptied as lanes drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from clawgate.ids import SessionKey
+from clawgate.state.clock import Clock
+from clawgate.state.registry import StateRegistry
+from clawgate.state.ttlmap import TTLMap
+
+T = TypeVar("T")
+
+
+class Lanes(Generic[T]):
+    def __init__(
+        self,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        max_lanes: int,
+        execute: Callable[[T], Awaitable[None]],
+        on_task_error: Callable[[BaseException], None],
+    ) -> None:
+        self.lanes: TTLMap[SessionKey, deque[T]] = TTLMap("session_lanes", clock, max_size=max_lanes)
+        registry.register(self.lanes)
+        self._execute = execute
+        self._on_task_error = on_task_error
+        self.workers: set[asyncio.Task[None]] = set()
+        registry.add("lane_workers", self.workers.__len__, ttl_s=None, max_size=max_lanes)
+        self.queued = 0
+
+    def push(self, key: SessionKey, item: T) -> None:
+        lane = self.lanes.get(key)
+        self.queued += 1
+        if lane is not None:
+            lane.append(item)
+            return
+        lane = deque([item])
+        self.lanes.set(key, lane)
+        task = asyncio.create_task(self._drain(key, lane), name=f"lane:{key}")
+        self.workers.add(task)
+        task.add_done_callback(self._worker_done)
+
+    def remove(self, key: SessionKey, item: T) -> bool:
+        """Drop a queued (not yet started) item, e.g. when it is aborted while waiting."""
+        lane = self.lanes.get(key)
+        if lane is None:
+            return False
+        try:
+            lane.remove(item)
+        except ValueError:
+            return False
+        self.queued -= 1
+        return True
+
+    async def _drain(self, key: SessionKey, lane: deque[T]) -> None:
+        try:
+            while lane:
+                item = lane.popleft()
+                self.queued -= 1
+                await self._execute(item)
+        finally:
+            if self.lanes.get(key) is lane:
+                self.lanes.pop(key)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        self.workers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._on_task_error(task.exception())  # type: ignore[arg-type]
+
+    async def cancel_all(self) -> None:
+        for task in list(self.workers):
+            task.cancel()
+        if self.workers:
+            await asyncio.gather(*self.workers, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""The I/O edge: WebSocket connections, HTTP endpoints, the uvicorn runner."""

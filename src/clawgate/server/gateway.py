@@ -1,0 +1,311 @@
+"""The gateway: the composition root that owns every component and their lifecycle.
+
+Start order: store -> sessions/bus/runs/subagents -> restore -> maintenance ->
+admission -> ticks. Stop order is the reverse, and every step is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import structlog
+
+from clawgate import __version__
+from clawgate.admission import Admission
+from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
+from clawgate.events.bus import EventBus
+from clawgate.metrics import make_registry, render
+from clawgate.methods.table import Deferred, MethodSpec, build_table
+from clawgate.protocol.device import signature_token, verify_device_signature
+from clawgate.protocol.frames import decode_params, encode_event
+from clawgate.protocol.schemas import ConnectParams
+from clawgate.providers.base import Provider
+from clawgate.providers.factory import make_provider
+from clawgate.runs.service import RunService
+from clawgate.server.auth import authorize, require
+from clawgate.server.connection import Connection
+from clawgate.sessions.service import SessionService
+from clawgate.settings import Settings
+from clawgate.state.clock import Clock, SystemClock
+from clawgate.state.maintenance import Maintenance
+from clawgate.state.registry import StateRegistry
+from clawgate.store.base import Store
+from clawgate.subagents.service import SubagentService
+
+log = structlog.get_logger("clawgate.gateway")
+
+EVENTS = ["connect.challenge", "agent", "chat", "subagent", "tick", "shutdown"]
+
+
+def open_store(settings: Settings) -> Store:
+    if settings.store_kind == "redis":
+        from clawgate.store.redis_store import RedisStore
+
+        return RedisStore(settings.store, prefix=settings.redis_prefix, run_result_ttl_s=settings.run_retention_s)
+    from clawgate.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.state_path / "clawgate.db", batch_max=settings.sqlite_batch_max,
+                       synchronous=settings.sqlite_synchronous)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        provider: Provider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.registry = StateRegistry()
+        prepare_state_dir(settings)
+        self.store = store or open_store(settings)
+        self.provider = provider or make_provider(settings, self.clock)
+        self.bus = EventBus(self.clock, self.registry, idle_ttl_s=settings.run_context_idle_ttl_s,
+                            max_runs=settings.max_tracked_runs, max_connections=settings.max_connections)
+        self.sessions = SessionService(self.store, self.clock, self.registry, cache_max=settings.session_cache_max)
+        self.runs = RunService(settings, self.clock, self.registry, self.store, self.bus, self.sessions,
+                               self.provider)
+        self.subagents = SubagentService(settings, self.clock, self.registry, self.store, self.bus,
+                                         self.sessions, self.runs)
+        self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
+        self.registry.add_sweep("run_contexts_idle", self.bus.sweep_contexts)
+        self.registry.add_sweep("store_runs", self._sweep_store_runs)
+        self.admission = Admission(self.registry, max_tracked_runs=settings.max_tracked_runs,
+                                   memory_budget_bytes=settings.memory_budget_bytes)
+        self.connections: dict[str, Connection] = {}
+        self.registry.add("connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections)
+        self.background: set[asyncio.Task[Any]] = set()
+        self.registry.add("background_tasks", self.background.__len__, ttl_s=None, max_size=100_000)
+        self.methods: dict[str, MethodSpec] = build_table()
+        self.metrics = make_registry(self._metrics_snapshot)
+        self.started_at = time.monotonic()
+        self.server_id = uuid.uuid4().hex[:8]
+        self.pending_handshakes = 0
+        self.slow_consumers = 0
+        self.internal_errors = 0
+        self.started = False
+        self.stopping = False
+        self._tick_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.started:
+            return
+        await self.store.open()
+        restored = await self.subagents.load()
+        requeued, interrupted = await self.runs.restore()
+        await self.subagents.resume()
+        # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
+        self.maintenance.start()
+        self.admission.start()
+        self.subagents.start()
+        self._tick_task = asyncio.create_task(self._ticks(), name="clawgate-ticks")
+        self.started = True
+        log.info("gateway started", store=self.store.kind, requeued=requeued, interrupted=interrupted,
+                 subagents_restored=restored)
+
+    async def stop(self, reason: str = "gateway stopping") -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.bus.broadcast(encode_event("shutdown", {"reason": reason}))
+        await self.runs.drain(self.settings.shutdown_grace_s)
+        await self.subagents.stop()
+        for task in (self._tick_task,):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.maintenance.stop()
+        await self.admission.stop()
+        for conn in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                await conn.close(1012, "gateway stopping")
+        for task in list(self.background):
+            task.cancel()
+        if self.background:
+            await asyncio.gather(*self.background, return_exceptions=True)
+        await self.store.close()
+        with contextlib.suppress(Exception):
+            await self.provider.aclose()
+        log.info("gateway stopped")
+
+    def own(self, task: asyncio.Task[Any]) -> None:
+        """Background tasks never lose their exceptions: they are owned, logged and counted."""
+        self.background.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.internal_errors += 1
+            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def _ticks(self) -> None:
+        while True:
+            await self.clock.sleep(self.settings.tick_interval_s)
+            self.bus.broadcast(encode_event("tick", {"ts": int(self.clock.time() * 1000)}))
+
+    async def _sweep_store_runs(self) -> int:
+        return await self.store.sweep_runs(self.clock.time() - self.settings.run_retention_s)
+
+    # -- connections ----------------------------------------------------------------------------
+    def admit_connection(self) -> str | None:
+        if self.stopping:
+            return "gateway stopping"
+        if len(self.connections) >= self.settings.max_connections:
+            return "too many connections"
+        if self.pending_handshakes >= self.settings.max_pending_handshakes:
+            return "too many pending handshakes"
+        return None
+
+    def adopt(self, conn: Connection) -> None:
+        self.connections[conn.conn_id] = conn
+        self.pending_handshakes += 1
+
+    def forget(self, conn: Connection) -> None:
+        if self.connections.pop(conn.conn_id, None) is not None and conn.grant is None:
+            self.pending_handshakes -= 1
+        self.bus.detach(conn.conn_id, conn.subscribed)
+
+    async def handshake(self, conn: Connection, raw: msgspec.Raw) -> dict[str, Any]:
+        params = decode_params(raw, ConnectParams)
+        grant = authorize(params, self.settings.token)
+        if params.device is not None:
+            verify_device_signature(
+                params.device,
+                client_id=params.client.id,
+                client_mode=params.client.mode,
+                role=params.role,
+                scopes=params.scopes or [],
+                token=signature_token(msgspec.to_builtins(params.auth) if params.auth else None),
+                nonce=conn.nonce,
+                now_ms=int(self.clock.time() * 1000),
+                platform=params.client.platform,
+                device_family=params.client.device_family,
+            )
+        conn.grant = grant
+        conn.client = msgspec.to_builtins(params.client)
+        self.pending_handshakes -= 1
+        self.bus.attach(conn.conn_id, conn)
+        return self.hello(conn)
+
+    def hello(self, conn: Connection) -> dict[str, Any]:
+        assert conn.grant is not None
+        s = self.settings
+        return {
+            "type": "hello-ok",
+            "protocol": conn.grant.protocol,
+            "server": {"version": __version__, "connId": conn.conn_id, "host": "clawgate"},
+            "features": {"methods": sorted(self.methods), "events": EVENTS},
+            "snapshot": {
+                "presence": [],
+                "health": {"ok": True},
+                "stateVersion": {"presence": 0, "health": 0},
+                "uptimeMs": self.uptime_ms(),
+                "sessionDefaults": {"defaultAgentId": "main", "mainKey": "main", "mainSessionKey": "agent:main:main"},
+            },
+            "policy": {
+                "maxPayload": s.max_payload_bytes,
+                "maxBufferedBytes": s.max_buffered_bytes,
+                "tickIntervalMs": int(s.tick_interval_s * 1000),
+            },
+            "auth": {"method": conn.grant.method, "role": conn.grant.role, "scopes": sorted(conn.grant.scopes)},
+        }
+
+    # -- dispatch -----------------------------------------------------------------------------------
+    async def dispatch(self, conn: Connection, req_id: str, method: str, raw: msgspec.Raw) -> None:
+        try:
+            spec = self.methods.get(method)
+            if spec is None:
+                raise InvalidRequest(f"unknown method: {method}", details={"method": method})
+            assert conn.grant is not None
+            require(conn.grant, spec.scope, method)
+            params = decode_params(raw, spec.params)
+            result = await spec.handler(self, conn, req_id, params)
+            if not isinstance(result, Deferred):
+                conn.respond(req_id, result)
+        except ClawgateError as exc:
+            conn.respond_error(req_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.internal_errors += 1
+            correlation = uuid.uuid4().hex[:12]
+            log.exception("internal error", method=method, correlation_id=correlation)
+            conn.respond_error(req_id, Internal(f"internal error ({type(exc).__name__})",
+                                                details={"correlationId": correlation}))
+
+    # -- introspection ----------------------------------------------------------------------------
+    def uptime_ms(self) -> int:
+        return int((time.monotonic() - self.started_at) * 1000)
+
+    async def status(self) -> dict[str, Any]:
+        stored: dict[str, int] = {}
+        with contextlib.suppress(ClawgateError, OSError):
+            stored["subagent_records"] = await self.store.count_subagents()
+        return {
+            "version": __version__,
+            "serverId": self.server_id,
+            "uptimeMs": self.uptime_ms(),
+            "connections": len(self.connections),
+            "runs": {
+                "active": self.runs.running,
+                "queued": self.runs.queued,
+                "completed": sum(self.runs.totals.values()),
+                "byStatus": dict(self.runs.totals),
+            },
+            "state": self.registry.sizes(),
+            "stored": stored,
+            "memory": {"rssBytes": self.admission.sample()},
+            "store": {"kind": self.store.kind},
+            "admission": {"open": self.admission.open, "reason": self.admission.reason(),
+                          "refused": self.admission.refused},
+            "maintenance": {"ticks": self.maintenance.ticks, "sweepErrors": dict(self.maintenance.errors),
+                            "running": self.maintenance.running},
+        }
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        return {
+            "state": self.registry.sizes(),
+            "runs_total": dict(self.runs.totals),
+            "sweep_errors": dict(self.maintenance.errors),
+            "ticks": self.maintenance.ticks,
+            "run_latency": self.runs.latency,
+            "connections": len(self.connections),
+            "runs_active": self.runs.running,
+            "runs_queued": self.runs.queued,
+            "rss": self.admission.sample(),
+            "admission_open": self.admission.open,
+        }
+
+    def render_metrics(self) -> bytes:
+        return render(self.metrics)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self.stopping:
+            return False, "stopping"
+        if not await self.store.ping():
+            return False, "store unreachable"
+        reason = self.admission.reason()
+        if reason is not None:
+            return False, reason
+        return True, "ok"
+
+
+def prepare_state_dir(settings: Settings) -> None:
+    path = settings.state_path
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        path.chmod(0o700)
+
+
+__all__ = ["Forbidden", "Gateway", "Unavailable"]

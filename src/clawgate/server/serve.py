@@ -1,0 +1,106 @@
+"""Run a gateway under uvicorn (uvloop, websockets-sansio), in-process or as the CLI's foreground server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from typing import Any
+
+import uvicorn
+
+from clawgate.server.app import create_app
+from clawgate.server.gateway import Gateway
+
+
+def uvicorn_config(gateway: Gateway, app: Any, sock: socket.socket | None = None) -> uvicorn.Config:
+    s = gateway.settings
+    return uvicorn.Config(
+        app,
+        host=s.bind,
+        port=s.port,
+        ws="websockets-sansio",
+        loop="none",
+        http="h11",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        # The protocol answers frames over maxPayload with INVALID_REQUEST + close 1009; uvicorn's own
+        # ceiling (4x) only catches frames so large that reading them whole would be the attack.
+        ws_max_size=max(4 * s.max_payload_bytes, 1 << 20),
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=max(1, int(s.shutdown_grace_s)),
+    )
+
+
+class RunningGateway:
+    """A gateway served on a real socket inside the current event loop (tests, `clawgate batch`)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> RunningGateway:
+        await self.gateway.start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.gateway.settings.bind, self.gateway.settings.port))
+        self.port = sock.getsockname()[1]
+        app = create_app(self.gateway, manage_lifecycle=False)
+        config = uvicorn_config(self.gateway, app)
+        server = _QuietServer(config)
+        self.server = server
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="clawgate-uvicorn")
+        while not server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.005)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        await self.gateway.stop("server shutdown")
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers (the owner of the loop handles signals)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+async def serve_forever(gateway: Gateway) -> int:
+    """Serve until SIGINT/SIGTERM; then send `shutdown`, drain, flush the store, return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with RunningGateway(gateway) as running:
+        gateway_url = running.url
+        from structlog import get_logger
+
+        get_logger("clawgate").info("listening", url=gateway_url, http=running.http_url)
+        print(f"clawgate listening on {gateway_url} (store: {gateway.store.kind})", flush=True)
+        await stop.wait()
+    return 0

@@ -1,0 +1,1 @@
+"""Sessions: keys, metadata (LRU-cached), transcripts (in the store)."""

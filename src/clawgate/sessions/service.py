@@ -1,0 +1,74 @@
+"""Session metadata and transcripts. Metadata is cached in a bounded LRU; the store is the truth."""
+
+from __future__ import annotations
+
+import uuid
+
+from clawgate.ids import SessionKey
+from clawgate.sessions.keys import agent_id_of, kind_of
+from clawgate.state.clock import Clock
+from clawgate.state.registry import StateRegistry
+from clawgate.state.ttlmap import TTLMap
+from clawgate.store.base import Store
+from clawgate.store.records import SessionMeta, TranscriptMessage
+
+
+class SessionService:
+    def __init__(self, store: Store, clock: Clock, registry: StateRegistry, *, cache_max: int) -> None:
+        self.store = store
+        self.clock = clock
+        self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
+        registry.register(self.cache)
+
+    async def touch(self, key: SessionKey, *, known_new: bool = False, label: str | None = None) -> SessionMeta:
+        """Make sure a session exists and mark it updated now. `known_new` skips the store lookup."""
+        now = self.clock.time()
+        meta = self.cache.get(key)
+        if meta is None and not known_new:
+            meta = await self.store.get_session(key)
+        if meta is None:
+            meta = SessionMeta(key=key, session_id=str(uuid.uuid4()), created_at=now, updated_at=now,
+                               kind=kind_of(key), agent_id=agent_id_of(key), label=label)
+        else:
+            meta.updated_at = now
+        self.cache.set(key, meta)
+        self.store.put_session(meta)
+        return meta
+
+    async def get(self, key: SessionKey) -> SessionMeta | None:
+        meta = self.cache.get(key)
+        if meta is None:
+            meta = await self.store.get_session(key)
+            if meta is not None:
+                self.cache.set(key, meta)
+        return meta
+
+    async def patch(self, key: SessionKey, *, label: str | None, model: str | None) -> SessionMeta:
+        meta = await self.touch(key)
+        if label is not None:
+            meta.label = label
+        if model is not None:
+            meta.model = model
+        await self.store.put_session(meta)
+        return meta
+
+    async def reset(self, key: SessionKey) -> None:
+        meta = await self.get(key)
+        new_id = str(uuid.uuid4())
+        if meta is not None:
+            meta.session_id = new_id
+            meta.updated_at = self.clock.time()
+        await self.store.reset_session(key, new_id, self.clock.time())
+
+    async def delete(self, key: SessionKey) -> None:
+        self.cache.pop(key)
+        await self.store.delete_session(key)
+
+    def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
+        """Append to the transcript; not awaited (the store groups it into a transaction)."""
+        self.store.append_message(
+            TranscriptMessage(session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id)
+        )
+
+    async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
+        return await self.store.history(key, limit)

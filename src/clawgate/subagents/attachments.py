@@ -1,0 +1,75 @@
+"""Spawn attachments: written under the state dir (dir 0700, files 0600), 5 MiB per spawn by default.
+
+Names are plain file names: anything that could leave the directory (separators,
+`..`, NUL, leading dots) is refused before a byte is written.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import shutil
+from pathlib import Path
+
+from clawgate.errors import InvalidRequest
+from clawgate.protocol.schemas import Attachment
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-. ]{0,254}$")
+
+
+def check_name(name: str) -> None:
+    if not _NAME_RE.match(name) or ".." in name or name.strip() != name:
+        raise InvalidRequest(f"attachment name {name!r} is not a plain file name",
+                             details={"field": "params.attachments.name"})
+
+
+def decode(att: Attachment) -> bytes:
+    if att.encoding == "base64":
+        try:
+            return base64.b64decode(att.content, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"attachment {att.name!r} is not valid base64",
+                                 details={"field": "params.attachments.content"}) from None
+    return att.content.encode("utf-8")
+
+
+def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Validate names and sizes (pure); returns what to write."""
+    files: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+    total = 0
+    for att in attachments:
+        check_name(att.name)
+        if att.name in seen:
+            raise InvalidRequest(f"duplicate attachment name {att.name!r}",
+                                 details={"field": "params.attachments.name"})
+        seen.add(att.name)
+        data = decode(att)
+        total += len(data)
+        if total > max_bytes:
+            raise InvalidRequest(f"attachments exceed {max_bytes} bytes per spawn",
+                                 details={"field": "params.attachments", "maxBytes": max_bytes})
+        files.append((att.name, data))
+    return files
+
+
+def write(root: Path, run_id: str, files: list[tuple[str, bytes]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = root / run_id
+    target.mkdir(mode=0o700, exist_ok=True)
+    target.chmod(0o700)
+    for name, data in files:
+        path = target / name
+        if path.resolve().parent != target.resolve():
+            raise InvalidRequest(f"attachment name {name!r} escapes its directory")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    return target
+
+
+def remove(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

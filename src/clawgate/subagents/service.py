@@ -1,0 +1,490 @@
+"""The subagent registry service: the life of a spawned run, from spawn to sweep.
+
+In memory, only records in flight (spawned -> cleanup completed and ended
+reported) are held, in bounded registered structures; a finished record lives
+in the store until its `expires_at`, where an indexed sweep removes it. So a
+batch of 100,000 session-mode spawns holds nothing in memory once cleaned up,
+and the store holds each record for exactly one TTL (DESIGN.md sections 1, 3).
+
+Pipeline after a child run ends (each step idempotent, persisted, resumable
+after a restart): [pending error grace] -> ended (outcome, frozen result) ->
+announce (with retries) -> cleanup (keep/delete) -> ended hook (once) -> done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import msgspec
+import structlog
+
+from clawgate.agent.tools import SESSIONS_SPAWN_SPEC, Tool, ToolCallContext
+from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError
+from clawgate.events.bus import EventBus
+from clawgate.ids import RunId, SessionKey
+from clawgate.protocol.schemas import SpawnParams
+from clawgate.runs.service import INTERRUPTED, RunService, SubmitRequest
+from clawgate.sessions.keys import agent_id_of, is_subagent, subagent_key
+from clawgate.sessions.service import SessionService
+from clawgate.settings import Settings
+from clawgate.state.clock import Clock, Timer
+from clawgate.state.registry import StateRegistry
+from clawgate.state.ttlmap import TTLMap
+from clawgate.store.base import Store
+from clawgate.store.records import RunRecord, SubagentRecord
+from clawgate.subagents import attachments, rules
+from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, SubagentEndedHook
+
+log = structlog.get_logger("clawgate.subagents")
+
+SWEEP_BATCH = 1000
+
+
+class PendingError:
+    __slots__ = ("error", "recorded_at", "timer")
+
+    def __init__(self, error: str, recorded_at: float) -> None:
+        self.error = error
+        self.recorded_at = recorded_at
+        self.timer: Timer | None = None
+
+
+class SubagentService:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        registry: StateRegistry,
+        store: Store,
+        bus: EventBus,
+        sessions: SessionService,
+        runs: RunService,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        self.bus = bus
+        self.sessions = sessions
+        self.runs = runs
+        cap = settings.max_tracked_runs
+        # Backstop TTL only: records leave this map when their pipeline completes.
+        self.active: TTLMap[RunId, SubagentRecord] = TTLMap(
+            "subagent_runs", clock, ttl_s=settings.abort_ttl_max_s + settings.announce_hard_expiry_s,
+            max_size=cap, lru=False, on_expire=self._on_record_expired,
+        )
+        self.by_child: TTLMap[SessionKey, RunId] = TTLMap("subagent_children", clock, max_size=cap, lru=False)
+        self.by_requester: TTLMap[SessionKey, set[RunId]] = TTLMap(
+            "subagent_requesters", clock, max_size=cap, lru=False
+        )
+        self.pending_errors: TTLMap[RunId, PendingError] = TTLMap(
+            "subagent_pending_errors", clock, ttl_s=settings.pending_error_ttl_s, max_size=cap, lru=False,
+            on_expire=self._on_pending_expired,
+        )
+        self.announces: TTLMap[RunId, float] = TTLMap(
+            "subagent_announces", clock, ttl_s=settings.announce_hard_expiry_s, max_size=cap, lru=False
+        )
+        self.spawn_keys: TTLMap[str, RunId] = TTLMap(
+            "spawn_idempotency", clock, ttl_s=settings.dedupe_ttl_s, max_size=settings.dedupe_max
+        )
+        for structure in (self.active, self.by_child, self.by_requester, self.pending_errors, self.announces,
+                          self.spawn_keys):
+            registry.register(structure)
+        registry.add_sweep("subagent_archive", self.sweep_store)
+        self.tasks: set[asyncio.Task[None]] = set()
+        registry.add("subagent_tasks", self.tasks.__len__, ttl_s=None, max_size=cap)
+        self.hooks: list[SubagentEndedHook] = []
+        if settings.ended_hook_log is not None:
+            self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
+        self.hook_errors = 0
+        self.ended_reports = 0
+        self.attachments_root = settings.state_path / "attachments"
+        runs.tools[SESSIONS_SPAWN_SPEC.name] = Tool(SESSIONS_SPAWN_SPEC, self._tool_spawn)
+        runs.start_hooks.append(self._on_run_start)
+        runs.end_hooks.append(self._on_run_end)
+        bus.listeners.append(self._on_event)
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._stopping = False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _spawn_task(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("subagent task failed", task=task.get_name(), error=repr(task.exception()))
+
+    # -- spawn ------------------------------------------------------------------------------------------
+    def depth_of(self, session_key: str) -> int:
+        if not is_subagent(session_key):
+            return 0
+        run_id = self.by_child.get(SessionKey(session_key))
+        rec = self.active.get(run_id) if run_id is not None else None
+        return rec.depth if rec is not None else 1
+
+    def active_children(self, requester: SessionKey) -> int:
+        ids = self.by_requester.get(requester)
+        if not ids:
+            return 0
+        n = 0
+        for rid in ids:
+            rec = self.active.get(rid)
+            if rec is not None and rec.status != "ended":
+                n += 1
+        return n
+
+    async def spawn(self, params: SpawnParams) -> dict[str, Any]:
+        requester = SessionKey(params.session_key)
+        if params.idempotency_key:
+            known = self.spawn_keys.get(params.idempotency_key)
+            if known is None:
+                known_str = await self.store.claim_key(
+                    f"spawn:{params.idempotency_key}", "", self.settings.dedupe_ttl_s, self.clock.time()
+                )
+                known = RunId(known_str) if known_str else None
+            if known:
+                rec = self.active.get(known) or await self.store.get_subagent(known)
+                if rec is not None:
+                    return {"status": "accepted", "runId": rec.run_id, "childSessionKey": rec.child_session_key}
+        depth = self.depth_of(requester) + 1
+        if depth > self.settings.max_spawn_depth:
+            raise Forbidden(
+                f"spawn depth {depth} exceeds maxSpawnDepth {self.settings.max_spawn_depth}",
+                details={"depth": depth, "maxSpawnDepth": self.settings.max_spawn_depth},
+            )
+        children = self.active_children(requester)
+        if children >= self.settings.max_children_per_agent:
+            raise Forbidden(
+                f"{requester} already has {children} active children (maxChildrenPerAgent "
+                f"{self.settings.max_children_per_agent})",
+                details={"activeChildren": children, "maxChildrenPerAgent": self.settings.max_children_per_agent},
+            )
+        files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
+        run_id = RunId(str(uuid.uuid4()))
+        agent_id = params.agent_id or agent_id_of(requester)
+        child = subagent_key(agent_id)
+        now = self.clock.time()
+        rec = SubagentRecord(
+            run_id=run_id, child_session_key=child, requester_session_key=requester, task=params.task,
+            agent_id=agent_id, label=params.label or "", mode=params.mode, cleanup=params.cleanup,
+            model=params.model, run_timeout_s=params.run_timeout_seconds, depth=depth, created_at=now,
+        )
+        message = params.task
+        if files:
+            rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+            message += "\n\nAttachments: " + ", ".join(name for name, _ in files)
+        self._track(rec)
+        try:
+            await self.store.put_subagent(rec)
+            await self.runs.submit(SubmitRequest(
+                run_id=run_id, session_key=child, agent_id=agent_id, message=message, kind="subagent",
+                model=params.model, timeout_s=params.run_timeout_seconds, known_new_session=True,
+            ))
+        except BaseException:
+            self._untrack(rec)
+            attachments.remove(rec.attachments_dir)
+            with contextlib.suppress(ClawgateError):
+                await self.store.delete_subagent(run_id)
+            raise
+        if params.idempotency_key:
+            self.spawn_keys.set(params.idempotency_key, run_id)
+            with contextlib.suppress(ClawgateError):
+                await self.store.claim_key(f"spawn:{params.idempotency_key}:bound", run_id,
+                                           self.settings.dedupe_ttl_s, now)
+        self._event(rec, "spawned")
+        return {"status": "accepted", "runId": run_id, "childSessionKey": child}
+
+    async def _tool_spawn(self, ctx: ToolCallContext, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            params = msgspec.convert({**args, "sessionKey": ctx.session_key}, SpawnParams)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"invalid sessions_spawn arguments: {exc}") from None
+        return await self.spawn(params)
+
+    def _track(self, rec: SubagentRecord) -> None:
+        run_id = RunId(rec.run_id)
+        self.active.set(run_id, rec)
+        self.by_child.set(SessionKey(rec.child_session_key), run_id)
+        requester = SessionKey(rec.requester_session_key)
+        ids = self.by_requester.get(requester)
+        if ids is None:
+            self.by_requester.set(requester, {run_id})
+        else:
+            ids.add(run_id)
+
+    def _untrack(self, rec: SubagentRecord) -> None:
+        run_id = RunId(rec.run_id)
+        self.active.pop(run_id)
+        self.by_child.pop(SessionKey(rec.child_session_key))
+        requester = SessionKey(rec.requester_session_key)
+        ids = self.by_requester.get(requester)
+        if ids is not None:
+            ids.discard(run_id)
+            if not ids:
+                self.by_requester.pop(requester)
+        self.announces.pop(run_id)
+        pending = self.pending_errors.pop(run_id)
+        if pending is not None and pending.timer is not None:
+            pending.timer.cancel()
+
+    # -- run lifecycle -----------------------------------------------------------------------------
+    def _on_run_start(self, run: RunRecord) -> None:
+        rec = self.active.get(RunId(run.run_id)) if run.kind == "subagent" else None
+        if rec is None:
+            return
+        rec.status = "running"
+        self.store.put_subagent(rec)
+
+    def _on_event(self, run_id: RunId, key: SessionKey, stream: str, data: dict[str, Any]) -> None:
+        if stream != "lifecycle" or not is_subagent(key):
+            return
+        phase = data.get("phase")
+        if phase == "error" and data.get("willRetry"):
+            # Held as pending: the run may recover (a later start clears it).
+            self.pending_errors.set(run_id, PendingError(str(data.get("error")), self.clock.time()))
+        elif phase == "start":
+            pending = self.pending_errors.pop(run_id)
+            if pending is not None and pending.timer is not None:
+                pending.timer.cancel()
+
+    def _on_run_end(self, run: RunRecord) -> None:
+        if run.kind != "subagent":
+            return
+        run_id = RunId(run.run_id)
+        rec = self.active.get(run_id)
+        if rec is None or rec.status == "ended":
+            return
+        if run.status == "error" and run.error != INTERRUPTED and self.settings.lifecycle_error_grace_s > 0:
+            # A lifecycle error is held for the grace period before the run is finalized as error.
+            pending = PendingError(run.error or "error", self.clock.time())
+            self.pending_errors.set(run_id, pending)
+            pending.timer = self.clock.call_later(
+                self.settings.lifecycle_error_grace_s, lambda: self._grace_over(run_id, run)
+            )
+            return
+        self._spawn_task(self._finalize(rec, run.status, run.error, run.result_text), f"finalize:{run_id}")
+
+    def _grace_over(self, run_id: RunId, run: RunRecord) -> None:
+        pending = self.pending_errors.pop(run_id)
+        rec = self.active.get(run_id)
+        if rec is None or rec.status == "ended":
+            return
+        error = pending.error if pending is not None else run.error
+        self._spawn_task(self._finalize(rec, "error", error, run.result_text), f"finalize:{run_id}")
+
+    def _on_pending_expired(self, run_id: RunId, pending: PendingError, why: str) -> None:
+        # Rule 4: swept 5 min after it was recorded, whatever happened to its grace timer.
+        if pending.timer is not None:
+            pending.timer.cancel()
+        rec = self.active.get(run_id)
+        if rec is not None and rec.status != "ended" and run_id not in self.runs.active:
+            self._spawn_task(self._finalize(rec, "error", pending.error, None), f"finalize:{run_id}")
+
+    def _on_record_expired(self, run_id: RunId, rec: SubagentRecord, why: str) -> None:
+        log.warning("subagent record hit its in-memory backstop", run_id=run_id, why=why)
+        self.by_child.pop(SessionKey(rec.child_session_key))
+        ids = self.by_requester.get(SessionKey(rec.requester_session_key))
+        if ids is not None:
+            ids.discard(run_id)
+            if not ids:
+                self.by_requester.pop(SessionKey(rec.requester_session_key))
+
+    # -- the pipeline ----------------------------------------------------------------------------------
+    async def _finalize(self, rec: SubagentRecord, outcome: str, error: str | None, text: str | None) -> None:
+        if rec.status != "ended":
+            rec.status = "ended"
+            rec.outcome = outcome
+            rec.error = error
+            rec.ended_at = self.clock.time()
+            rec.frozen_result = rules.freeze(text, self.settings.frozen_result_max_bytes)
+            await self.store.put_subagent(rec)
+            self._event(rec, "ended", outcome=outcome)
+        await self._continue(rec)
+
+    async def _continue(self, rec: SubagentRecord) -> None:
+        """Run the remaining pipeline steps for an ended record (also used after a restart)."""
+        if rec.announced_at is None and rec.ended_reason != "released":
+            await self._announce(rec)
+        if rec.cleanup_completed_at is None:
+            await self._cleanup(rec)
+        if rec.ended_reason is None:
+            await self._report(rec, rules.cleanup_reason(rec))
+        elif not rec.ended_notified:
+            await self._deliver(rec, redelivery=True)
+        self._untrack(rec)
+
+    async def _announce(self, rec: SubagentRecord) -> None:
+        run_id = RunId(rec.run_id)
+        started = self.clock.time()
+        self.announces.set(run_id, started)
+        requester = SessionKey(rec.requester_session_key)
+        text = rules.announce_text(rec)
+        attempt = 0
+        while True:
+            try:
+                await self.sessions.touch(requester)
+                await self.store.append_message(
+                    _announce_message(requester, text, rec.run_id, self.clock.time())
+                )
+                break
+            except (StoreError, OSError) as exc:
+                attempt += 1
+                if self.clock.time() - started >= self.settings.announce_expiry_s:
+                    log.warning("announce expired", run_id=rec.run_id, error=str(exc))
+                    break
+                await self.clock.sleep(rules.announce_delay(attempt, self.settings.announce_retry_delays_s))
+        self.announces.pop(run_id)
+        rec.announced_at = self.clock.time()
+        self.store.put_subagent(rec)
+        self._event(rec, "announced", outcome=rec.outcome)
+
+    async def _cleanup(self, rec: SubagentRecord) -> None:
+        if rec.cleanup == "delete":
+            await self.sessions.delete(SessionKey(rec.child_session_key))
+            attachments.remove(rec.attachments_dir)
+            rec.attachments_dir = None
+        now = self.clock.time()
+        rec.cleanup_completed_at = now
+        rec.expires_at = rules.expiry_after_cleanup(rec, self._ttls())
+        await self.store.put_subagent(rec)
+        self._event(rec, "cleaned", outcome=rec.outcome)
+
+    async def _report(self, rec: SubagentRecord, reason: str) -> None:
+        """Record the ended reason durably, then notify the hooks: once per run (rule 7)."""
+        if rec.ended_reason is not None:
+            return
+        rec.ended_reason = reason  # type: ignore[assignment]
+        rec.ended_notified = False
+        await self.store.put_subagent(rec)
+        await self._deliver(rec, redelivery=False)
+
+    async def _deliver(self, rec: SubagentRecord, *, redelivery: bool) -> None:
+        assert rec.ended_reason is not None
+        event = SubagentEnded(
+            run_id=rec.run_id, child_session_key=rec.child_session_key,
+            requester_session_key=rec.requester_session_key, reason=rec.ended_reason, outcome=rec.outcome,
+            label=rec.label, mode=rec.mode, ended_at=rec.ended_at, redelivery=redelivery,
+        )
+        for hook in self.hooks:
+            try:
+                result = hook.on_subagent_ended(event)
+                if result is not None:
+                    await result
+            except Exception:
+                # A hook that raises is logged; the registry goes on (and does not re-deliver).
+                self.hook_errors += 1
+                log.exception("subagent ended hook failed", run_id=rec.run_id)
+        self.ended_reports += 1
+        rec.ended_notified = True
+        await self.store.put_subagent(rec)
+
+    def _ttls(self) -> rules.Ttls:
+        return rules.Ttls(self.settings.subagent_session_ttl_s, self.settings.subagent_archive_after_s)
+
+    def _event(self, rec: SubagentRecord, phase: str, outcome: str | None = None) -> None:
+        payload: dict[str, Any] = {
+            "runId": rec.run_id, "childSessionKey": rec.child_session_key,
+            "requesterSessionKey": rec.requester_session_key, "phase": phase,
+        }
+        if outcome is not None:
+            payload["outcome"] = outcome
+        self.bus.emit_session_event(SessionKey(rec.requester_session_key), "subagent", payload)
+
+    # -- release ---------------------------------------------------------------------------------------
+    async def release_requester(self, requester: SessionKey) -> int:
+        """The requester session is gone: its unfinished children are reported `released`."""
+        released = 0
+        for run_id in list(self.by_requester.get(requester) or ()):
+            rec = self.active.get(run_id)
+            if rec is None or rec.ended_reason is not None:
+                continue
+            if run_id in self.runs.active:
+                self.runs.abort(run_id)
+            await self._report(rec, "released")
+            released += 1
+        return released
+
+    # -- the TTL sweep (store-backed) ---------------------------------------------------------------------
+    async def sweep_store(self) -> int:
+        """Remove records whose expiry has passed; report `swept` only for records that reported nothing."""
+        removed = 0
+        now = self.clock.time()
+        while True:
+            due = await self.store.due_subagents(now, SWEEP_BATCH)
+            for rec in due:
+                if RunId(rec.run_id) in self.active:
+                    continue  # still in its pipeline (should not happen: expiry is set at cleanup)
+                await self._sweep_one(rec)
+                removed += 1
+            if len(due) < SWEEP_BATCH:
+                return removed
+
+    async def _sweep_one(self, rec: SubagentRecord) -> None:
+        if rules.sweep_deletes_child_session(rec):
+            await self.sessions.delete(SessionKey(rec.child_session_key))
+        if rules.sweep_removes_attachments(rec, self.settings.retain_attachments_on_keep):
+            attachments.remove(rec.attachments_dir)
+        reason = rules.sweep_reason(rec)
+        if reason is not None:
+            await self._report(rec, reason)
+        elif not rec.ended_notified:
+            await self._deliver(rec, redelivery=True)
+        await self.store.delete_subagent(rec.run_id)
+
+    # -- restore --------------------------------------------------------------------------------------------
+    async def load(self) -> int:
+        """Before runs are restored: bring live records back into memory."""
+        live = await self.store.live_subagents()
+        for rec in live:
+            self._track(rec)
+        return len(live)
+
+    async def resume(self) -> int:
+        """After runs are restored: end what has no live run, continue every unfinished pipeline."""
+        resumed = 0
+        for rec in list(self.active.values()):
+            run_id = RunId(rec.run_id)
+            if rec.status != "ended":
+                if run_id in self.runs.active:
+                    continue  # re-queued: it will run and end normally
+                run, run_rec = await self.runs.lookup(run_id)
+                if run_rec is not None and run_rec.is_final and run_rec.error != INTERRUPTED:
+                    outcome, error, text = run_rec.status, run_rec.error, run_rec.result_text
+                else:
+                    outcome, error, text = "error", INTERRUPTED, None
+                self._spawn_task(self._finalize(rec, outcome, error, text), f"finalize:{run_id}")
+            else:
+                self._spawn_task(self._continue(rec), f"resume:{run_id}")
+            resumed += 1
+        return resumed
+
+    async def restore(self) -> int:
+        return len(self.active)
+
+    async def list(self, requester: str | None, limit: int) -> list[SubagentRecord]:
+        stored = await self.store.list_subagents(requester, limit)
+        live = {r.run_id: r for r in self.active.values()
+                if requester is None or r.requester_session_key == requester}
+        out = [live.pop(r.run_id, r) for r in stored]
+        out.extend(live.values())
+        return out[:limit]
+
+
+def _announce_message(requester: SessionKey, text: str, run_id: str, now: float) -> Any:
+    from clawgate.store.records import TranscriptMessage
+
+    return TranscriptMessage(session_key=requester, role="system", content=text, ts=now, run_id=run_id)
