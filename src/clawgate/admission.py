@@ -17,14 +17,20 @@ from clawgate.state.registry import StateRegistry
 
 
 class Admission:
-    def __init__(self, registry: StateRegistry, *, max_tracked_runs: int, memory_budget_bytes: int,
-                 sample_interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        registry: StateRegistry,
+        *,
+        max_tracked_runs: int,
+        memory_budget_bytes: int,
+        sample_interval_s: float = 0.5,
+    ) -> None:
         self.registry = registry
         self.max_tracked_runs = max_tracked_runs
         self.memory_budget_bytes = memory_budget_bytes
         self.sample_interval_s = sample_interval_s
         self._proc = psutil.Process()
-        self.rss = self._proc.memory_info().rss
+        self.rss: int = int(self._proc.memory_info().rss)
         self.refused = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -45,7 +51,7 @@ class Admission:
             self.sample()
 
     def sample(self) -> int:
-        self.rss = self._proc.memory_info().rss
+        self.rss = int(self._proc.memory_info().rss)
         return self.rss
 
     def reason(self) -> str | None:
@@ -64,5 +70,6 @@ class Admission:
         reason = self.reason()
         if reason is not None:
             self.refused += 1
-            raise Unavailable(f"gateway overloaded: {reason}", retry_after_ms=1000,
-                              details={"reason": reason})
+            raise Unavailable(
+                f"gateway overloaded: {reason}", retry_after_ms=1000, details={"reason": reason}
+            )

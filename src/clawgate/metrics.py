@@ -10,8 +10,24 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                   300.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
 
 
 class LatencyHistogram:
@@ -44,8 +60,9 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         snap = self._snapshot()
-        state = GaugeMetricFamily("clawgate_state_entries", "Entries in a registered in-memory structure",
-                                  labels=["structure"])
+        state = GaugeMetricFamily(
+            "clawgate_state_entries", "Entries in a registered in-memory structure", labels=["structure"]
+        )
         for name, size in snap["state"].items():
             state.add_metric([name], size)
         yield state
@@ -53,7 +70,9 @@ class GatewayCollector(Collector):
         for status, n in snap["runs_total"].items():
             runs.add_metric([status], n)
         yield runs
-        sweeps = CounterMetricFamily("clawgate_sweep_errors", "Sweeps that raised, by sweep", labels=["sweep"])
+        sweeps = CounterMetricFamily(
+            "clawgate_sweep_errors", "Sweeps that raised, by sweep", labels=["sweep"]
+        )
         for name, n in snap["sweep_errors"].items():
             sweeps.add_metric([name], n)
         yield sweeps
@@ -64,12 +83,17 @@ class GatewayCollector(Collector):
         latency = HistogramMetricFamily("clawgate_run_duration_seconds", "Run duration, start to end")
         latency.add_metric([], hist.cumulative(), sum_value=hist.sum)
         yield latency
-        yield GaugeMetricFamily("clawgate_connections", "Open WebSocket connections", value=snap["connections"])
+        yield GaugeMetricFamily(
+            "clawgate_connections", "Open WebSocket connections", value=snap["connections"]
+        )
         yield GaugeMetricFamily("clawgate_runs_active", "Runs queued or running", value=snap["runs_active"])
         yield GaugeMetricFamily("clawgate_runs_queued", "Runs waiting in a lane", value=snap["runs_queued"])
         yield GaugeMetricFamily("clawgate_process_rss_bytes", "Resident set size", value=snap["rss"])
-        yield GaugeMetricFamily("clawgate_admission_open", "1 when new runs are admitted",
-                                value=1 if snap["admission_open"] else 0)
+        yield GaugeMetricFamily(
+            "clawgate_admission_open",
+            "1 when new runs are admitted",
+            value=1 if snap["admission_open"] else 0,
+        )
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

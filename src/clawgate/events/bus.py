@@ -49,8 +49,9 @@ RemotePublisher = Callable[[SessionKey, RunId, bytes], None]
 
 
 class EventBus:
-    def __init__(self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int,
-                 max_connections: int) -> None:
+    def __init__(
+        self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int, max_connections: int
+    ) -> None:
         self.clock = clock
         self.contexts: TTLMap[RunId, RunContext] = TTLMap(
             "run_contexts", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
@@ -152,7 +153,12 @@ class EventBus:
         if ctx is None:
             ctx = self.register_run(run_id, session_key)
         ctx.chat_seq += 1
-        payload: dict[str, Any] = {"runId": run_id, "sessionKey": session_key, "seq": ctx.chat_seq, "state": state}
+        payload: dict[str, Any] = {
+            "runId": run_id,
+            "sessionKey": session_key,
+            "seq": ctx.chat_seq,
+            "state": state,
+        }
         payload.update(fields)
         self.publish(run_id, session_key, encode_event("chat", payload))
 

@@ -45,7 +45,9 @@ def accepted_payload(rec: RunRecord) -> dict[str, Any]:
 
 async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams) -> Deferred:
     gw.admission.check()
-    key = SessionKey(params.session_key or (f"agent:{params.agent_id}:main" if params.agent_id else MAIN_SESSION))
+    key = SessionKey(
+        params.session_key or (f"agent:{params.agent_id}:main" if params.agent_id else MAIN_SESSION)
+    )
     run, rec, _created = await gw.runs.submit(
         SubmitRequest(
             run_id=RunId(params.idempotency_key),

@@ -26,7 +26,9 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
     return {"sessionKey": params.session_key, "messages": out}
 
 
-async def list_sessions(gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams) -> dict[str, Any]:
+async def list_sessions(
+    gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
+) -> dict[str, Any]:
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
     metas = await gw.store.list_sessions(limit=params.limit, updated_since=since, prefix=params.prefix)
     sessions = []
@@ -54,8 +56,10 @@ async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatc
 def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:
     for run in gw.runs.active.values():
         if run.record.session_key == key:
-            raise Forbidden(f"cannot {what} session {key} while a run is active in it",
-                            details={"runId": run.record.run_id})
+            raise Forbidden(
+                f"cannot {what} session {key} while a run is active in it",
+                details={"runId": run.record.run_id},
+            )
 
 
 async def reset(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyParams) -> dict[str, Any]:

@@ -18,7 +18,9 @@ async def spawn(gw: Gateway, conn: Connection, req_id: str, params: SpawnParams)
     return await gw.subagents.spawn(params)
 
 
-async def list_runs(gw: Gateway, conn: Connection, req_id: str, params: SubagentsListParams) -> dict[str, Any]:
+async def list_runs(
+    gw: Gateway, conn: Connection, req_id: str, params: SubagentsListParams
+) -> dict[str, Any]:
     records = await gw.subagents.list(params.session_key, params.limit)
     return {"runs": [r.to_wire() for r in records]}
 

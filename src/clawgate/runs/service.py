@@ -92,7 +92,11 @@ class RunService:
         self.provider = provider
         cap = settings.max_tracked_runs
         self.active: TTLMap[RunId, Run] = TTLMap(
-            "runs_active", clock, ttl_s=settings.abort_ttl_max_s, max_size=cap, lru=False,
+            "runs_active",
+            clock,
+            ttl_s=settings.abort_ttl_max_s,
+            max_size=cap,
+            lru=False,
             on_expire=self._on_active_expired,
         )
         self.results: TTLMap[RunId, RunRecord] = TTLMap(
@@ -177,7 +181,9 @@ class RunService:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
-                await self._finish(run, _cancel_status(run.cancel_reason), _cancel_message(run.cancel_reason), None)
+                await self._finish(
+                    run, _cancel_status(run.cancel_reason), _cancel_message(run.cancel_reason), None
+                )
             finally:
                 run.task = None
                 if run.timer is not None:
@@ -192,7 +198,7 @@ class RunService:
         self.running += 1
         try:
             self.active.touch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
-            run.timer = self.clock.call_later(rec.timeout_s, lambda: self._cancel(run, "timeout"))
+            run.timer = self.clock.call_later(rec.timeout_s, lambda: self._timeout(run))
             self.store.put_run(rec)
             self.bus.register_run(run_id, key)
             for hook in self.start_hooks:
@@ -237,8 +243,10 @@ class RunService:
 
     async def _history(self, key: SessionKey) -> list[ChatMessage]:
         messages = await self.sessions.history(key, self.settings.transcript_history_max)
-        return [ChatMessage(role=m.role if m.role in ("user", "assistant") else "user", content=m.content)
-                for m in messages]
+        return [
+            ChatMessage(role=m.role if m.role in ("user", "assistant") else "user", content=m.content)
+            for m in messages
+        ]
 
     # -- end ------------------------------------------------------------------------------------
     async def _finish(self, run: Run, status: str, error: str | None, text: str | None) -> None:
@@ -292,8 +300,12 @@ class RunService:
                 data["aborted"] = True
             self.bus.emit_agent(run_id, key, "lifecycle", data)
         else:
-            self.bus.emit_agent(run_id, key, "lifecycle",
-                                {"phase": "error", "endedAt": ended_ms, "error": rec.error or rec.status})
+            self.bus.emit_agent(
+                run_id,
+                key,
+                "lifecycle",
+                {"phase": "error", "endedAt": ended_ms, "error": rec.error or rec.status},
+            )
         if rec.status == "ok":
             self.bus.emit_chat(run_id, key, "final", message=_chat_message(rec.result_text or "", now))
         elif rec.status == "aborted":
@@ -317,6 +329,9 @@ class RunService:
         )
         task.add_done_callback(_log_task_error)
         return True
+
+    def _timeout(self, run: Run) -> None:
+        self._cancel(run, "timeout")
 
     def abort(self, run_id: RunId) -> bool:
         run = self.active.get(run_id)
@@ -440,8 +455,9 @@ class _Emitter:
     def assistant(self, delta: str, text: str) -> None:
         self.text = text
         self.bus.emit_agent(self.run_id, self.key, "assistant", {"delta": delta, "text": text})
-        self.bus.emit_chat(self.run_id, self.key, "delta", deltaText=delta,
-                           message=_chat_message(text, self.clock.time()))
+        self.bus.emit_chat(
+            self.run_id, self.key, "delta", deltaText=delta, message=_chat_message(text, self.clock.time())
+        )
 
     def tool(self, phase: str, name: str, call_id: str, payload: dict[str, Any]) -> None:
         data = {"phase": phase, "name": name, "toolCallId": call_id, **payload}
@@ -449,8 +465,12 @@ class _Emitter:
 
     def retrying(self, error: str) -> None:
         now_ms = int(self.clock.time() * 1000)
-        self.bus.emit_agent(self.run_id, self.key, "lifecycle",
-                            {"phase": "error", "error": error, "willRetry": True, "endedAt": now_ms})
+        self.bus.emit_agent(
+            self.run_id,
+            self.key,
+            "lifecycle",
+            {"phase": "error", "error": error, "willRetry": True, "endedAt": now_ms},
+        )
         self.bus.emit_agent(self.run_id, self.key, "lifecycle", {"phase": "start", "startedAt": now_ms})
 
 

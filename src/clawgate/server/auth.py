@@ -28,7 +28,9 @@ class Grant:
 
 def negotiate(min_protocol: int, max_protocol: int) -> int:
     if min_protocol > max_protocol:
-        raise InvalidRequest("minProtocol is greater than maxProtocol", details={"field": "params.minProtocol"})
+        raise InvalidRequest(
+            "minProtocol is greater than maxProtocol", details={"field": "params.minProtocol"}
+        )
     for version in sorted(SUPPORTED_PROTOCOLS, reverse=True):
         if min_protocol <= version <= max_protocol:
             return version

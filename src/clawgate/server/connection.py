@@ -46,8 +46,9 @@ class Connection:
         self.client: dict[str, Any] = {}
         self.subscribed: set[SessionKey] = set()
         self.buffer = SendBuffer(gateway.settings.max_buffered_bytes)
-        self.bucket = TokenBucket(gateway.settings.rate_limit_per_s, gateway.settings.rate_limit_burst,
-                                  gateway.clock.monotonic())
+        self.bucket = TokenBucket(
+            gateway.settings.rate_limit_per_s, gateway.settings.rate_limit_burst, gateway.clock.monotonic()
+        )
         self.inflight: set[asyncio.Task[None]] = set()
         self.nonce = str(uuid.uuid4())
         self.closed = False
@@ -123,8 +124,9 @@ class Connection:
         gw = self.gw
         await self.ws.accept()
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer:{self.conn_id}")
-        self.send_frame(encode_event("connect.challenge",
-                                     {"nonce": self.nonce, "ts": int(gw.clock.time() * 1000)}))
+        self.send_frame(
+            encode_event("connect.challenge", {"nonce": self.nonce, "ts": int(gw.clock.time() * 1000)})
+        )
         self._handshake_timer = gw.clock.call_later(gw.settings.handshake_timeout_s, self._handshake_expired)
         try:
             await self._receive_loop()
@@ -154,7 +156,9 @@ class Connection:
                     self.respond_error(None, InvalidRequest("binary frames are not supported"))
                     await self.close(CLOSE_POLICY, "handshake failed")
                     return
-                self.respond_error(probe_id(data), InvalidRequest("binary frames are not supported; send text"))
+                self.respond_error(
+                    probe_id(data), InvalidRequest("binary frames are not supported; send text")
+                )
                 continue
             try:
                 frame = decode_request(data, max_payload)
@@ -174,11 +178,15 @@ class Connection:
                 continue
             wait = self.bucket.take(self.gw.clock.monotonic())
             if wait > 0:
-                self.respond_error(frame.id, Unavailable("rate limit exceeded", retry_after_ms=int(wait * 1000) + 1))
+                self.respond_error(
+                    frame.id, Unavailable("rate limit exceeded", retry_after_ms=int(wait * 1000) + 1)
+                )
                 continue
             if len(self.inflight) >= MAX_INFLIGHT:
-                self.respond_error(frame.id, Unavailable("too many requests in flight on this connection",
-                                                         retry_after_ms=100))
+                self.respond_error(
+                    frame.id,
+                    Unavailable("too many requests in flight on this connection", retry_after_ms=100),
+                )
                 continue
             task = asyncio.create_task(self.gw.dispatch(self, frame.id, frame.method, frame.params))
             self.inflight.add(task)
@@ -187,8 +195,9 @@ class Connection:
     async def _handshake(self, req_id: str, method: str, params: Any) -> bool:
         try:
             if method != "connect":
-                raise InvalidRequest(f"first request must be connect, got {method!r}",
-                                     details={"field": "method"})
+                raise InvalidRequest(
+                    f"first request must be connect, got {method!r}", details={"field": "method"}
+                )
             hello = await self.gw.handshake(self, params)
         except ClawgateError as exc:
             self.respond_error(req_id, exc)

@@ -19,8 +19,8 @@ from clawgate import __version__
 from clawgate.admission import Admission
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
 from clawgate.events.bus import EventBus
-from clawgate.metrics import make_registry, render
 from clawgate.methods.table import Deferred, MethodSpec, build_table
+from clawgate.metrics import make_registry, render
 from clawgate.protocol.device import signature_token, verify_device_signature
 from clawgate.protocol.frames import decode_params, encode_event
 from clawgate.protocol.schemas import ConnectParams
@@ -46,11 +46,16 @@ def open_store(settings: Settings) -> Store:
     if settings.store_kind == "redis":
         from clawgate.store.redis_store import RedisStore
 
-        return RedisStore(settings.store, prefix=settings.redis_prefix, run_result_ttl_s=settings.run_retention_s)
+        return RedisStore(
+            settings.store, prefix=settings.redis_prefix, run_result_ttl_s=settings.run_retention_s
+        )
     from clawgate.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.state_path / "clawgate.db", batch_max=settings.sqlite_batch_max,
-                       synchronous=settings.sqlite_synchronous)
+    return SqliteStore(
+        settings.state_path / "clawgate.db",
+        batch_max=settings.sqlite_batch_max,
+        synchronous=settings.sqlite_synchronous,
+    )
 
 
 class Gateway:
@@ -68,20 +73,34 @@ class Gateway:
         prepare_state_dir(settings)
         self.store = store or open_store(settings)
         self.provider = provider or make_provider(settings, self.clock)
-        self.bus = EventBus(self.clock, self.registry, idle_ttl_s=settings.run_context_idle_ttl_s,
-                            max_runs=settings.max_tracked_runs, max_connections=settings.max_connections)
-        self.sessions = SessionService(self.store, self.clock, self.registry, cache_max=settings.session_cache_max)
-        self.runs = RunService(settings, self.clock, self.registry, self.store, self.bus, self.sessions,
-                               self.provider)
-        self.subagents = SubagentService(settings, self.clock, self.registry, self.store, self.bus,
-                                         self.sessions, self.runs)
+        self.bus = EventBus(
+            self.clock,
+            self.registry,
+            idle_ttl_s=settings.run_context_idle_ttl_s,
+            max_runs=settings.max_tracked_runs,
+            max_connections=settings.max_connections,
+        )
+        self.sessions = SessionService(
+            self.store, self.clock, self.registry, cache_max=settings.session_cache_max
+        )
+        self.runs = RunService(
+            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider
+        )
+        self.subagents = SubagentService(
+            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
+        )
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
         self.registry.add_sweep("run_contexts_idle", self.bus.sweep_contexts)
         self.registry.add_sweep("store_runs", self._sweep_store_runs)
-        self.admission = Admission(self.registry, max_tracked_runs=settings.max_tracked_runs,
-                                   memory_budget_bytes=settings.memory_budget_bytes)
+        self.admission = Admission(
+            self.registry,
+            max_tracked_runs=settings.max_tracked_runs,
+            memory_budget_bytes=settings.memory_budget_bytes,
+        )
         self.connections: dict[str, Connection] = {}
-        self.registry.add("connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections)
+        self.registry.add(
+            "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections
+        )
         self.background: set[asyncio.Task[Any]] = set()
         self.registry.add("background_tasks", self.background.__len__, ttl_s=None, max_size=100_000)
         self.methods: dict[str, MethodSpec] = build_table()
@@ -109,8 +128,13 @@ class Gateway:
         self.subagents.start()
         self._tick_task = asyncio.create_task(self._ticks(), name="clawgate-ticks")
         self.started = True
-        log.info("gateway started", store=self.store.kind, requeued=requeued, interrupted=interrupted,
-                 subagents_restored=restored)
+        log.info(
+            "gateway started",
+            store=self.store.kind,
+            requeued=requeued,
+            interrupted=interrupted,
+            subagents_restored=restored,
+        )
 
     async def stop(self, reason: str = "gateway stopping") -> None:
         if self.stopping:
@@ -211,14 +235,22 @@ class Gateway:
                 "health": {"ok": True},
                 "stateVersion": {"presence": 0, "health": 0},
                 "uptimeMs": self.uptime_ms(),
-                "sessionDefaults": {"defaultAgentId": "main", "mainKey": "main", "mainSessionKey": "agent:main:main"},
+                "sessionDefaults": {
+                    "defaultAgentId": "main",
+                    "mainKey": "main",
+                    "mainSessionKey": "agent:main:main",
+                },
             },
             "policy": {
                 "maxPayload": s.max_payload_bytes,
                 "maxBufferedBytes": s.max_buffered_bytes,
                 "tickIntervalMs": int(s.tick_interval_s * 1000),
             },
-            "auth": {"method": conn.grant.method, "role": conn.grant.role, "scopes": sorted(conn.grant.scopes)},
+            "auth": {
+                "method": conn.grant.method,
+                "role": conn.grant.role,
+                "scopes": sorted(conn.grant.scopes),
+            },
         }
 
     # -- dispatch -----------------------------------------------------------------------------------
@@ -241,8 +273,10 @@ class Gateway:
             self.internal_errors += 1
             correlation = uuid.uuid4().hex[:12]
             log.exception("internal error", method=method, correlation_id=correlation)
-            conn.respond_error(req_id, Internal(f"internal error ({type(exc).__name__})",
-                                                details={"correlationId": correlation}))
+            conn.respond_error(
+                req_id,
+                Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),
+            )
 
     # -- introspection ----------------------------------------------------------------------------
     def uptime_ms(self) -> int:
@@ -267,10 +301,16 @@ class Gateway:
             "stored": stored,
             "memory": {"rssBytes": self.admission.sample()},
             "store": {"kind": self.store.kind},
-            "admission": {"open": self.admission.open, "reason": self.admission.reason(),
-                          "refused": self.admission.refused},
-            "maintenance": {"ticks": self.maintenance.ticks, "sweepErrors": dict(self.maintenance.errors),
-                            "running": self.maintenance.running},
+            "admission": {
+                "open": self.admission.open,
+                "reason": self.admission.reason(),
+                "refused": self.admission.refused,
+            },
+            "maintenance": {
+                "ticks": self.maintenance.ticks,
+                "sweepErrors": dict(self.maintenance.errors),
+                "running": self.maintenance.running,
+            },
         }
 
     def _metrics_snapshot(self) -> dict[str, Any]:

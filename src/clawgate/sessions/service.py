@@ -20,15 +20,24 @@ class SessionService:
         self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
         registry.register(self.cache)
 
-    async def touch(self, key: SessionKey, *, known_new: bool = False, label: str | None = None) -> SessionMeta:
+    async def touch(
+        self, key: SessionKey, *, known_new: bool = False, label: str | None = None
+    ) -> SessionMeta:
         """Make sure a session exists and mark it updated now. `known_new` skips the store lookup."""
         now = self.clock.time()
         meta = self.cache.get(key)
         if meta is None and not known_new:
             meta = await self.store.get_session(key)
         if meta is None:
-            meta = SessionMeta(key=key, session_id=str(uuid.uuid4()), created_at=now, updated_at=now,
-                               kind=kind_of(key), agent_id=agent_id_of(key), label=label)
+            meta = SessionMeta(
+                key=key,
+                session_id=str(uuid.uuid4()),
+                created_at=now,
+                updated_at=now,
+                kind=kind_of(key),
+                agent_id=agent_id_of(key),
+                label=label,
+            )
         else:
             meta.updated_at = now
         self.cache.set(key, meta)
@@ -67,7 +76,9 @@ class SessionService:
     def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
         """Append to the transcript; not awaited (the store groups it into a transaction)."""
         self.store.append_message(
-            TranscriptMessage(session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id)
+            TranscriptMessage(
+                session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
+            )
         )
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:

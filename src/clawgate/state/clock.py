@@ -89,7 +89,8 @@ class FakeClock:
         return sum(
             1
             for _, _, f in self._sleepers
-            if (isinstance(f, _FakeTimer) and not f.cancelled) or (isinstance(f, asyncio.Future) and not f.done())
+            if (isinstance(f, _FakeTimer) and not f.cancelled)
+            or (isinstance(f, asyncio.Future) and not f.done())
         )
 
     def advance(self, seconds: float) -> None:

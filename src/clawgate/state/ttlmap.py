@@ -68,7 +68,7 @@ class TTLMap(Generic[K, V]):
         return len(self._data)
 
     def __contains__(self, key: object) -> bool:
-        entry = self._data.get(key)  # type: ignore[call-overload]
+        entry = self._data.get(key)  # type: ignore[call-overload,arg-type]
         if entry is None:
             return False
         if entry.expires_at <= self._clock.time():

@@ -184,12 +184,24 @@ class SqliteStore(Store):
 
     # -- sessions ----------------------------------------------------------------------------
     def put_session(self, meta: SessionMeta) -> Awaitable[None]:
-        row = (meta.key, meta.session_id, meta.created_at, meta.updated_at, meta.kind, meta.agent_id,
-               meta.label, meta.model)
-        return self._write(lambda c: c.execute(
-            "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
-            "session_id=excluded.session_id, updated_at=excluded.updated_at, kind=excluded.kind, "
-            "agent_id=excluded.agent_id, label=excluded.label, model=excluded.model", row))
+        row = (
+            meta.key,
+            meta.session_id,
+            meta.created_at,
+            meta.updated_at,
+            meta.kind,
+            meta.agent_id,
+            meta.label,
+            meta.model,
+        )
+        return self._write(
+            lambda c: c.execute(
+                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+                "session_id=excluded.session_id, updated_at=excluded.updated_at, kind=excluded.kind, "
+                "agent_id=excluded.agent_id, label=excluded.label, model=excluded.model",
+                row,
+            )
+        )
 
     async def get_session(self, key: str) -> SessionMeta | None:
         row = await self._submit(lambda c: c.execute("SELECT * FROM sessions WHERE key=?", (key,)).fetchone())
@@ -215,33 +227,50 @@ class SqliteStore(Store):
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM sessions WHERE key=?", (key,))
             c.execute("DELETE FROM messages WHERE session_key=?", (key,))
+
         return self._write(op)
 
     def reset_session(self, key: str, new_session_id: str, now: float) -> Awaitable[None]:
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM messages WHERE session_key=?", (key,))
-            c.execute("UPDATE sessions SET session_id=?, updated_at=? WHERE key=?", (new_session_id, now, key))
+            c.execute(
+                "UPDATE sessions SET session_id=?, updated_at=? WHERE key=?", (new_session_id, now, key)
+            )
+
         return self._write(op)
 
     # -- transcripts ---------------------------------------------------------------------------
     def append_message(self, msg: TranscriptMessage) -> Awaitable[None]:
         row = (msg.session_key, msg.role, msg.content, msg.ts, msg.run_id)
-        return self._write(lambda c: c.execute(
-            "INSERT INTO messages(session_key, role, content, ts, run_id) VALUES (?,?,?,?,?)", row))
+        return self._write(
+            lambda c: c.execute(
+                "INSERT INTO messages(session_key, role, content, ts, run_id) VALUES (?,?,?,?,?)", row
+            )
+        )
 
     async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
-        rows = await self._submit(lambda c: c.execute(
-            "SELECT session_key, role, content, ts, run_id FROM messages WHERE session_key=? "
-            "ORDER BY id DESC LIMIT ?", (session_key, limit)).fetchall())
-        return [TranscriptMessage(session_key=r[0], role=r[1], content=r[2], ts=r[3], run_id=r[4])
-                for r in reversed(rows)]
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT session_key, role, content, ts, run_id FROM messages WHERE session_key=? "
+                "ORDER BY id DESC LIMIT ?",
+                (session_key, limit),
+            ).fetchall()
+        )
+        return [
+            TranscriptMessage(session_key=r[0], role=r[1], content=r[2], ts=r[3], run_id=r[4])
+            for r in reversed(rows)
+        ]
 
     # -- runs ---------------------------------------------------------------------------------------
     def put_run(self, rec: RunRecord) -> Awaitable[None]:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
-        return self._write(lambda c: c.execute(
-            "INSERT INTO runs VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-            "status=excluded.status, ended_at=excluded.ended_at, data=excluded.data", row))
+        return self._write(
+            lambda c: c.execute(
+                "INSERT INTO runs VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+                "status=excluded.status, ended_at=excluded.ended_at, data=excluded.data",
+                row,
+            )
+        )
 
     async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
@@ -258,26 +287,35 @@ class SqliteStore(Store):
         return await self._submit(op)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        row = await self._submit(lambda c: c.execute("SELECT data FROM runs WHERE run_id=?", (run_id,)).fetchone())
+        row = await self._submit(
+            lambda c: c.execute("SELECT data FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        )
         return _run_dec.decode(row[0]) if row else None
 
     async def unfinished_runs(self) -> list[RunRecord]:
-        rows = await self._submit(lambda c: c.execute(
-            "SELECT data FROM runs WHERE status IN ('queued', 'running')").fetchall())
+        rows = await self._submit(
+            lambda c: c.execute("SELECT data FROM runs WHERE status IN ('queued', 'running')").fetchall()
+        )
         return [_run_dec.decode(r[0]) for r in rows]
 
     async def count_runs(self, session_key: str | None = None) -> int:
         if session_key is None:
             row = await self._submit(lambda c: c.execute("SELECT count(*) FROM runs").fetchone())
         else:
-            row = await self._submit(lambda c: c.execute(
-                "SELECT count(*) FROM runs WHERE session_key=?", (session_key,)).fetchone())
+            row = await self._submit(
+                lambda c: c.execute(
+                    "SELECT count(*) FROM runs WHERE session_key=?", (session_key,)
+                ).fetchone()
+            )
         return int(row[0])
 
     async def sweep_runs(self, before: float) -> int:
         def op(c: sqlite3.Connection) -> int:
             c.execute("DELETE FROM idem WHERE expires_at <= ?", (before,))
-            return c.execute("DELETE FROM runs WHERE ended_at IS NOT NULL AND ended_at <= ?", (before,)).rowcount
+            return c.execute(
+                "DELETE FROM runs WHERE ended_at IS NOT NULL AND ended_at <= ?", (before,)
+            ).rowcount
+
         return int(await self._submit(op))
 
     # -- idempotency --------------------------------------------------------------------------------
@@ -288,29 +326,41 @@ class SqliteStore(Store):
                 return str(row[0])
             c.execute("INSERT OR REPLACE INTO idem VALUES (?,?,?)", (key, run_id, now + ttl_s))
             return None
+
         return await self._submit(op)
 
     # -- subagents ----------------------------------------------------------------------------------
     def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
         live = int(rec.cleanup_completed_at is None or not rec.ended_notified)
         row = (rec.run_id, rec.requester_session_key, live, rec.expires_at, _run_enc.encode(rec))
-        return self._write(lambda c: c.execute(
-            "INSERT INTO subagents VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-            "live=excluded.live, expires_at=excluded.expires_at, data=excluded.data", row))
+        return self._write(
+            lambda c: c.execute(
+                "INSERT INTO subagents VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+                "live=excluded.live, expires_at=excluded.expires_at, data=excluded.data",
+                row,
+            )
+        )
 
     async def get_subagent(self, run_id: str) -> SubagentRecord | None:
-        row = await self._submit(lambda c: c.execute(
-            "SELECT data FROM subagents WHERE run_id=?", (run_id,)).fetchone())
+        row = await self._submit(
+            lambda c: c.execute("SELECT data FROM subagents WHERE run_id=?", (run_id,)).fetchone()
+        )
         return _sub_dec.decode(row[0]) if row else None
 
     async def list_subagents(self, requester: str | None, limit: int) -> list[SubagentRecord]:
         if requester is None:
-            rows = await self._submit(lambda c: c.execute(
-                "SELECT data FROM subagents ORDER BY rowid DESC LIMIT ?", (limit,)).fetchall())
+            rows = await self._submit(
+                lambda c: c.execute(
+                    "SELECT data FROM subagents ORDER BY rowid DESC LIMIT ?", (limit,)
+                ).fetchall()
+            )
         else:
-            rows = await self._submit(lambda c: c.execute(
-                "SELECT data FROM subagents WHERE requester=? ORDER BY rowid DESC LIMIT ?",
-                (requester, limit)).fetchall())
+            rows = await self._submit(
+                lambda c: c.execute(
+                    "SELECT data FROM subagents WHERE requester=? ORDER BY rowid DESC LIMIT ?",
+                    (requester, limit),
+                ).fetchall()
+            )
         return [_sub_dec.decode(r[0]) for r in rows]
 
     async def live_subagents(self) -> list[SubagentRecord]:
@@ -318,9 +368,13 @@ class SqliteStore(Store):
         return [_sub_dec.decode(r[0]) for r in rows]
 
     async def due_subagents(self, now: float, limit: int) -> list[SubagentRecord]:
-        rows = await self._submit(lambda c: c.execute(
-            "SELECT data FROM subagents WHERE expires_at IS NOT NULL AND expires_at <= ? "
-            "ORDER BY expires_at LIMIT ?", (now, limit)).fetchall())
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT data FROM subagents WHERE expires_at IS NOT NULL AND expires_at <= ? "
+                "ORDER BY expires_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
         return [_sub_dec.decode(r[0]) for r in rows]
 
     def delete_subagent(self, run_id: str) -> Awaitable[None]:
@@ -332,8 +386,16 @@ class SqliteStore(Store):
 
 
 def _session(row: Any) -> SessionMeta:
-    return SessionMeta(key=row[0], session_id=row[1], created_at=row[2], updated_at=row[3], kind=row[4],
-                       agent_id=row[5], label=row[6], model=row[7])
+    return SessionMeta(
+        key=row[0],
+        session_id=row[1],
+        created_at=row[2],
+        updated_at=row[3],
+        kind=row[4],
+        agent_id=row[5],
+        label=row[6],
+        model=row[7],
+    )
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

@@ -21,8 +21,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-. ]{0,254}$")
 
 def check_name(name: str) -> None:
     if not _NAME_RE.match(name) or ".." in name or name.strip() != name:
-        raise InvalidRequest(f"attachment name {name!r} is not a plain file name",
-                             details={"field": "params.attachments.name"})
+        raise InvalidRequest(
+            f"attachment name {name!r} is not a plain file name", details={"field": "params.attachments.name"}
+        )
 
 
 def decode(att: Attachment) -> bytes:
@@ -30,8 +31,10 @@ def decode(att: Attachment) -> bytes:
         try:
             return base64.b64decode(att.content, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidRequest(f"attachment {att.name!r} is not valid base64",
-                                 details={"field": "params.attachments.content"}) from None
+            raise InvalidRequest(
+                f"attachment {att.name!r} is not valid base64",
+                details={"field": "params.attachments.content"},
+            ) from None
     return att.content.encode("utf-8")
 
 
@@ -43,14 +46,17 @@ def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, by
     for att in attachments:
         check_name(att.name)
         if att.name in seen:
-            raise InvalidRequest(f"duplicate attachment name {att.name!r}",
-                                 details={"field": "params.attachments.name"})
+            raise InvalidRequest(
+                f"duplicate attachment name {att.name!r}", details={"field": "params.attachments.name"}
+            )
         seen.add(att.name)
         data = decode(att)
         total += len(data)
         if total > max_bytes:
-            raise InvalidRequest(f"attachments exceed {max_bytes} bytes per spawn",
-                                 details={"field": "params.attachments", "maxBytes": max_bytes})
+            raise InvalidRequest(
+                f"attachments exceed {max_bytes} bytes per spawn",
+                details={"field": "params.attachments", "maxBytes": max_bytes},
+            )
         files.append((att.name, data))
     return files
 

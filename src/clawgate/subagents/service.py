@@ -72,15 +72,23 @@ class SubagentService:
         cap = settings.max_tracked_runs
         # Backstop TTL only: records leave this map when their pipeline completes.
         self.active: TTLMap[RunId, SubagentRecord] = TTLMap(
-            "subagent_runs", clock, ttl_s=settings.abort_ttl_max_s + settings.announce_hard_expiry_s,
-            max_size=cap, lru=False, on_expire=self._on_record_expired,
+            "subagent_runs",
+            clock,
+            ttl_s=settings.abort_ttl_max_s + settings.announce_hard_expiry_s,
+            max_size=cap,
+            lru=False,
+            on_expire=self._on_record_expired,
         )
         self.by_child: TTLMap[SessionKey, RunId] = TTLMap("subagent_children", clock, max_size=cap, lru=False)
         self.by_requester: TTLMap[SessionKey, set[RunId]] = TTLMap(
             "subagent_requesters", clock, max_size=cap, lru=False
         )
         self.pending_errors: TTLMap[RunId, PendingError] = TTLMap(
-            "subagent_pending_errors", clock, ttl_s=settings.pending_error_ttl_s, max_size=cap, lru=False,
+            "subagent_pending_errors",
+            clock,
+            ttl_s=settings.pending_error_ttl_s,
+            max_size=cap,
+            lru=False,
             on_expire=self._on_pending_expired,
         )
         self.announces: TTLMap[RunId, float] = TTLMap(
@@ -89,8 +97,14 @@ class SubagentService:
         self.spawn_keys: TTLMap[str, RunId] = TTLMap(
             "spawn_idempotency", clock, ttl_s=settings.dedupe_ttl_s, max_size=settings.dedupe_max
         )
-        for structure in (self.active, self.by_child, self.by_requester, self.pending_errors, self.announces,
-                          self.spawn_keys):
+        for structure in (
+            self.active,
+            self.by_child,
+            self.by_requester,
+            self.pending_errors,
+            self.announces,
+            self.spawn_keys,
+        ):
             registry.register(structure)
         registry.add_sweep("subagent_archive", self.sweep_store)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -159,7 +173,11 @@ class SubagentService:
             if known:
                 rec = self.active.get(known) or await self.store.get_subagent(known)
                 if rec is not None:
-                    return {"status": "accepted", "runId": rec.run_id, "childSessionKey": rec.child_session_key}
+                    return {
+                        "status": "accepted",
+                        "runId": rec.run_id,
+                        "childSessionKey": rec.child_session_key,
+                    }
         depth = self.depth_of(requester) + 1
         if depth > self.settings.max_spawn_depth:
             raise Forbidden(
@@ -171,7 +189,10 @@ class SubagentService:
             raise Forbidden(
                 f"{requester} already has {children} active children (maxChildrenPerAgent "
                 f"{self.settings.max_children_per_agent})",
-                details={"activeChildren": children, "maxChildrenPerAgent": self.settings.max_children_per_agent},
+                details={
+                    "activeChildren": children,
+                    "maxChildrenPerAgent": self.settings.max_children_per_agent,
+                },
             )
         files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
         run_id = RunId(str(uuid.uuid4()))
@@ -179,9 +200,18 @@ class SubagentService:
         child = subagent_key(agent_id)
         now = self.clock.time()
         rec = SubagentRecord(
-            run_id=run_id, child_session_key=child, requester_session_key=requester, task=params.task,
-            agent_id=agent_id, label=params.label or "", mode=params.mode, cleanup=params.cleanup,
-            model=params.model, run_timeout_s=params.run_timeout_seconds, depth=depth, created_at=now,
+            run_id=run_id,
+            child_session_key=child,
+            requester_session_key=requester,
+            task=params.task,
+            agent_id=agent_id,
+            label=params.label or "",
+            mode=params.mode,
+            cleanup=params.cleanup,
+            model=params.model,
+            run_timeout_s=params.run_timeout_seconds,
+            depth=depth,
+            created_at=now,
         )
         message = params.task
         if files:
@@ -190,10 +220,18 @@ class SubagentService:
         self._track(rec)
         try:
             await self.store.put_subagent(rec)
-            await self.runs.submit(SubmitRequest(
-                run_id=run_id, session_key=child, agent_id=agent_id, message=message, kind="subagent",
-                model=params.model, timeout_s=params.run_timeout_seconds, known_new_session=True,
-            ))
+            await self.runs.submit(
+                SubmitRequest(
+                    run_id=run_id,
+                    session_key=child,
+                    agent_id=agent_id,
+                    message=message,
+                    kind="subagent",
+                    model=params.model,
+                    timeout_s=params.run_timeout_seconds,
+                    known_new_session=True,
+                )
+            )
         except BaseException:
             self._untrack(rec)
             attachments.remove(rec.attachments_dir)
@@ -203,8 +241,9 @@ class SubagentService:
         if params.idempotency_key:
             self.spawn_keys.set(params.idempotency_key, run_id)
             with contextlib.suppress(ClawgateError):
-                await self.store.claim_key(f"spawn:{params.idempotency_key}:bound", run_id,
-                                           self.settings.dedupe_ttl_s, now)
+                await self.store.claim_key(
+                    f"spawn:{params.idempotency_key}:bound", run_id, self.settings.dedupe_ttl_s, now
+                )
         self._event(rec, "spawned")
         return {"status": "accepted", "runId": run_id, "childSessionKey": child}
 
@@ -375,9 +414,15 @@ class SubagentService:
     async def _deliver(self, rec: SubagentRecord, *, redelivery: bool) -> None:
         assert rec.ended_reason is not None
         event = SubagentEnded(
-            run_id=rec.run_id, child_session_key=rec.child_session_key,
-            requester_session_key=rec.requester_session_key, reason=rec.ended_reason, outcome=rec.outcome,
-            label=rec.label, mode=rec.mode, ended_at=rec.ended_at, redelivery=redelivery,
+            run_id=rec.run_id,
+            child_session_key=rec.child_session_key,
+            requester_session_key=rec.requester_session_key,
+            reason=rec.ended_reason,
+            outcome=rec.outcome,
+            label=rec.label,
+            mode=rec.mode,
+            ended_at=rec.ended_at,
+            redelivery=redelivery,
         )
         for hook in self.hooks:
             try:
@@ -397,8 +442,10 @@ class SubagentService:
 
     def _event(self, rec: SubagentRecord, phase: str, outcome: str | None = None) -> None:
         payload: dict[str, Any] = {
-            "runId": rec.run_id, "childSessionKey": rec.child_session_key,
-            "requesterSessionKey": rec.requester_session_key, "phase": phase,
+            "runId": rec.run_id,
+            "childSessionKey": rec.child_session_key,
+            "requesterSessionKey": rec.requester_session_key,
+            "phase": phase,
         }
         if outcome is not None:
             payload["outcome"] = outcome
@@ -461,7 +508,7 @@ class SubagentService:
             if rec.status != "ended":
                 if run_id in self.runs.active:
                     continue  # re-queued: it will run and end normally
-                run, run_rec = await self.runs.lookup(run_id)
+                _run, run_rec = await self.runs.lookup(run_id)
                 if run_rec is not None and run_rec.is_final and run_rec.error != INTERRUPTED:
                     outcome, error, text = run_rec.status, run_rec.error, run_rec.result_text
                 else:
@@ -477,8 +524,11 @@ class SubagentService:
 
     async def list(self, requester: str | None, limit: int) -> list[SubagentRecord]:
         stored = await self.store.list_subagents(requester, limit)
-        live = {r.run_id: r for r in self.active.values()
-                if requester is None or r.requester_session_key == requester}
+        live = {
+            r.run_id: r
+            for r in self.active.values()
+            if requester is None or r.requester_session_key == requester
+        }
         out = [live.pop(r.run_id, r) for r in stored]
         out.extend(live.values())
         return out[:limit]

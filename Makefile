@@ -1,0 +1,56 @@
+# One entry point per job. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+REDIS_PORT ?= 6379
+export CLAWGATE_TEST_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
+
+.PHONY: demo test lint fmt bench soak compat redis clean venv
+
+$(BIN)/activate: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/activate
+
+venv: $(BIN)/activate
+
+demo: venv
+	$(BIN)/python -m clawgate.demo
+
+## Start redis-server on REDIS_PORT when nothing answers there and the binary exists.
+redis:
+	@if $(BIN)/python scripts/redis_ping.py $(REDIS_PORT); then \
+	  echo "redis answers on 127.0.0.1:$(REDIS_PORT)"; \
+	elif command -v redis-server >/dev/null 2>&1; then \
+	  redis-server --daemonize yes --bind 127.0.0.1 --port $(REDIS_PORT) --save "" --appendonly no \
+	    --logfile /tmp/clawgate-test-redis-$(REDIS_PORT).log && sleep 0.5 && \
+	  $(BIN)/python scripts/redis_ping.py $(REDIS_PORT) && echo "started redis-server on $(REDIS_PORT)"; \
+	else \
+	  echo "no redis-server binary: Redis tests will be skipped"; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+test: venv redis lint
+	PYTHONASYNCIODEBUG=$${PYTHONASYNCIODEBUG:-0} $(BIN)/pytest -q -p no:cacheprovider
+
+bench: venv
+	$(BIN)/python benchmarks/runs_throughput.py
+
+soak: venv
+	$(BIN)/clawgate bench soak
+
+compat: venv
+	bash scripts/compat-setup.sh
+	CLAWGATE_COMPAT=1 $(BIN)/pytest -q -m compat tests/test_compat_openclaw.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `clawgate` command line."""

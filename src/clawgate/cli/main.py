@@ -1,0 +1,229 @@
+"""`clawgate`: run a gateway, query it, call methods, run batches and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clawgate import __version__
+from clawgate.settings import DEFAULT_PORT, load_settings
+
+app = typer.Typer(
+    name="clawgate",
+    help="clawgate: an asyncio agent gateway with memory bounded by construction.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
+UrlOpt = Annotated[str, typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway WebSocket URL.")]
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CLAWGATE_TOKEN", help="Gateway token.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"clawgate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """clawgate command line."""
+
+
+@app.command()
+def gateway(
+    port: Annotated[
+        int | None, typer.Option("--port", help=f"Port to listen on (default {DEFAULT_PORT}).")
+    ] = None,
+    bind: Annotated[str | None, typer.Option("--bind", help="Address to bind (default 127.0.0.1).")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Token clients must present (or CLAWGATE_TOKEN).")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="State directory (default ~/.clawgate).")
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="'sqlite' (default) or a redis:// URL.")
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="'scripted' (default) or 'openai'.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override any setting: NAME=VALUE (repeatable).")
+    ] = None,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Log JSON lines instead of readable text.")
+    ] = False,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the effective settings and exit.")
+    ] = False,
+) -> None:
+    """Serve the gateway (WebSocket RPC and HTTP /healthz /readyz /metrics) until SIGINT/SIGTERM."""
+    from clawgate import logs
+
+    overrides: dict[str, Any] = dict(
+        port=port,
+        bind=bind,
+        token=token,
+        state_dir=state_dir,
+        store=store,
+        provider=provider,
+        log_level=log_level,
+    )
+    if log_json:
+        overrides["log_json"] = True
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name.strip().replace("-", "_")] = value
+    try:
+        settings = load_settings(config, **overrides)
+    except Exception as exc:
+        err.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if print_config:
+        console.print_json(data=settings.redacted())
+        raise typer.Exit()
+    if not settings.is_loopback_bind() and not settings.token:
+        err.print(
+            f"[red]refusing to bind {settings.bind} without a token[/red]: set --token or CLAWGATE_TOKEN "
+            "(without a token the gateway only binds loopback)"
+        )
+        raise typer.Exit(2)
+    logs.configure(settings.log_level, json=settings.log_json)
+    from clawgate.server.gateway import Gateway
+    from clawgate.server.serve import serve_forever
+
+    _install_uvloop()
+    code = asyncio.run(serve_forever(Gateway(settings)))
+    raise typer.Exit(code)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install() if sys.version_info < (3, 12) else None
+    except ImportError:
+        pass
+
+
+def run_async(coro: Any) -> Any:
+    _install_uvloop()
+    return asyncio.run(coro)
+
+
+async def _one_call(url: str, token: str | None, method: str, params: dict[str, Any], final: bool) -> Any:
+    from clawgate.client import Client
+
+    async with Client(
+        url,
+        token=token,
+        max_reconnect_attempts=0,
+        scopes=["operator.read", "operator.write", "operator.admin"],
+    ) as client:
+        if final:
+            return await client.call_final(method, params)
+        return await client.call(method, params)
+
+
+def _call_or_exit(
+    url: str, token: str | None, method: str, params: dict[str, Any], final: bool = False
+) -> Any:
+    from clawgate.client import ClientError
+
+    try:
+        return run_async(_one_call(url, token, method, params, final))
+    except ClientError as exc:
+        err.print_json(
+            data={"ok": False, "error": {"code": exc.code, "message": exc.message, "details": exc.details}}
+        )
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]cannot reach {url}:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
+) -> None:
+    """Show the gateway's status: runs, connections, memory and every bounded structure's size."""
+    data = _call_or_exit(url, token, "status", {})
+    if as_json:
+        console.print_json(data=data)
+        return
+    summary = Table(title=f"clawgate {data.get('version')} at {url}", show_header=False)
+    summary.add_row("uptime", f"{data['uptimeMs'] / 1000:.1f} s")
+    summary.add_row("connections", str(data["connections"]))
+    runs = data["runs"]
+    summary.add_row(
+        "runs", f"active {runs['active']}, queued {runs['queued']}, completed {runs['completed']}"
+    )
+    summary.add_row("rss", f"{data['memory']['rssBytes'] / 1e6:.1f} MB")
+    summary.add_row("store", data["store"]["kind"])
+    summary.add_row(
+        "admission", "open" if data["admission"]["open"] else f"closed: {data['admission']['reason']}"
+    )
+    console.print(summary)
+    state = Table(title="bounded state")
+    state.add_column("structure")
+    state.add_column("entries", justify="right")
+    for name, size in sorted(data["state"].items()):
+        state.add_row(name, str(size))
+    for name, size in sorted(data.get("stored", {}).items()):
+        state.add_row(f"{name} (store)", str(size))
+    console.print(state)
+
+
+@app.command()
+def call(
+    method: Annotated[str, typer.Argument(help="Method name, e.g. health, status, agent, sessions.list.")],
+    params: Annotated[str, typer.Option("--params", help="Params as a JSON object.")] = "{}",
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    expect_final: Annotated[
+        bool, typer.Option("--expect-final", help="Wait for the final answer (agent).")
+    ] = False,
+) -> None:
+    """Send one RPC and print its answer as JSON."""
+    try:
+        parsed = json.loads(params)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--params is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter("--params must be a JSON object")
+    if method == "agent" and "idempotencyKey" not in parsed:
+        parsed["idempotencyKey"] = os.urandom(8).hex()
+    console.print_json(data=_call_or_exit(url, token, method, parsed, final=expect_final))
+
+
+def main() -> None:
+    from clawgate.cli import commands_extra  # noqa: F401  (registers batch / bench commands)
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

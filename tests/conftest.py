@@ -1,0 +1,102 @@
+"""Shared fixtures: a real gateway on an ephemeral 127.0.0.1 port, a fake clock, real clients.
+
+The gateway runs in the test's event loop (uvicorn on a real socket) so tests can
+drive its clock (`FakeClock.advance`) and inspect its registry, while every
+request still crosses a real WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from clawgate.client import Client
+from clawgate.server.gateway import Gateway
+from clawgate.server.serve import RunningGateway
+from clawgate.settings import Settings
+from clawgate.state.clock import FakeClock
+
+REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "port": 0, "log_level": "warning"}
+    base.update(overrides)
+    return Settings.model_validate(base)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway(tmp_path: Path, clock: FakeClock) -> AsyncIterator[GatewayFactory]:
+    """Start gateways (stopped at teardown). Keyword args override settings."""
+    running: list[RunningGateway] = []
+
+    async def factory(*, use_clock: FakeClock | None = None, **overrides: Any) -> RunningGateway:
+        settings = make_settings(tmp_path, **overrides)
+        rg = RunningGateway(Gateway(settings, clock=use_clock or clock))
+        await rg.__aenter__()
+        running.append(rg)
+        return rg
+
+    yield factory
+    for rg in reversed(running):
+        await rg.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory) -> RunningGateway:
+    return await start_gateway()
+
+
+@pytest.fixture
+async def client(gateway: RunningGateway) -> AsyncIterator[Client]:
+    async with Client(gateway.url, max_reconnect_attempts=0) as c:
+        yield c
+
+
+async def settle(gw: Gateway, *, timeout: float = 20.0) -> None:
+    """Wait (bounded) until no run is queued or running and no subagent pipeline is in flight."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if (
+            gw.runs.running == 0
+            and gw.runs.queued == 0
+            and len(gw.runs.active) == 0
+            and not gw.subagents.tasks
+        ):
+            await gw.store.flush()
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"gateway did not settle: {gw.registry.sizes()}")
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """A Redis URL with a private key prefix; skips when no server answers."""
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        await client.aclose()
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    await client.aclose()
+    yield REDIS_URL
+
+
+def unique_prefix() -> str:
+    return f"cgtest:{uuid.uuid4().hex[:10]}"
