@@ -6,13 +6,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from clawgate.server.connection import CLOSE_TRY_LATER, Connection
+from clawgate.server.connection import CLOSE_TRY_LATER, RAW_SEND_SCOPE_KEY, Connection
 from clawgate.server.gateway import Gateway
+
+
+class RawSendMiddleware:
+    """Keep the server's own `send` in the WebSocket scope.
+
+    Starlette wraps `send` in closures on the way to the endpoint, hiding the
+    server protocol object; a connection whose peer stopped reading needs it to
+    drop the transport, since not even a close frame can go out then.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND_SCOPE_KEY] = send
+        await self.app(scope, receive, send)
 
 
 def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
@@ -55,5 +74,6 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
         ],
+        middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,
     )

@@ -35,6 +35,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TRY_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 1024
+RAW_SEND_SCOPE_KEY = "clawgate.raw_send"
 
 
 class Connection:
@@ -53,6 +54,8 @@ class Connection:
         self.nonce = str(uuid.uuid4())
         self.closed = False
         self._wake = asyncio.Event()
+        # True while the writer waits on the socket: the peer has stopped taking data for now.
+        self._sending = False
         self._writer: asyncio.Task[None] | None = None
         self._handshake_timer: Timer | None = None
         self.connected_at = gateway.clock.time()
@@ -62,7 +65,7 @@ class Connection:
         """Queue a frame without awaiting the socket (the event bus calls this)."""
         if self.closed:
             return
-        if not self.buffer.push(frame.decode()):
+        if not self.buffer.push(frame.decode(), len(frame), writer_blocked=self._sending):
             self.gw.slow_consumers += 1
             log.warning("slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes)
             self._abort(CLOSE_POLICY, "slow consumer: send buffer over maxBufferedBytes")
@@ -83,7 +86,9 @@ class Connection:
                 await self._wake.wait()
                 self._wake.clear()
                 while (frame := buffer.pop()) is not None:
+                    self._sending = True
                     await send({"type": "websocket.send", "text": frame})
+                    self._sending = False
         except (WebSocketDisconnect, OSError, RuntimeError):
             self.closed = True
         except Exception:  # uvicorn's ClientDisconnected and friends
@@ -105,6 +110,11 @@ class Connection:
         self.gw.own(task)
 
     async def _close(self, code: int, reason: str) -> None:
+        if self._sending:
+            # The writer is stuck on a socket the peer does not read: a close frame would queue
+            # behind it forever, so drop the transport now.
+            _abort_transport(self.ws)
+            return
         try:
             await asyncio.wait_for(self.ws.close(code, reason), timeout=1.0)
         except Exception:
@@ -223,8 +233,13 @@ class Connection:
 
 
 def _abort_transport(ws: WebSocket) -> None:
-    """uvicorn does not expose the transport through ASGI; reach it through the bound `send`."""
-    protocol = getattr(getattr(ws, "_send", None), "__self__", None)
+    """uvicorn does not expose the transport through ASGI; reach it through its bound `send`.
+
+    Starlette wraps `send` before the endpoint sees it, so `app.RawSendMiddleware`
+    keeps the server's own one in the scope.
+    """
+    raw_send = ws.scope.get(RAW_SEND_SCOPE_KEY, getattr(ws, "_send", None))
+    protocol = getattr(raw_send, "__self__", None)
     transport = getattr(protocol, "transport", None)
     if transport is not None:
         with contextlib.suppress(Exception):
