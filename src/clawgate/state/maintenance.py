@@ -63,7 +63,14 @@ class Maintenance:
     async def _loop(self) -> None:
         while True:
             await self.clock.sleep(self.interval_s)
-            await self.run_once()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Sweeps are isolated inside run_once; this guards the loop itself (rule 5: the
+                # scheduler never stops while the gateway runs).
+                log.exception("maintenance tick failed")
 
     async def run_once(self) -> dict[str, int]:
         """One tick: every sweep, each isolated. Returns removed counts by sweep name."""
@@ -82,6 +89,9 @@ class Maintenance:
                     self.errors[name] = self.errors.get(name, 0) + 1
                     log.exception("sweep failed", sweep=name)
                     if self._on_sweep_error is not None:
-                        self._on_sweep_error(name)
+                        try:
+                            self._on_sweep_error(name)
+                        except Exception:
+                            log.exception("sweep error callback failed", sweep=name)
             self.last_removed = removed
             return removed

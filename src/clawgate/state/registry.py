@@ -40,6 +40,9 @@ class StateRegistry:
 
     def register(self, structure: Sweepable, *, per_run: bool = False, sweep: bool = True) -> None:
         """Register a TTLMap-like structure; its `sweep` joins the maintenance tick."""
+        will_sweep = sweep and structure.ttl_s is not None
+        if will_sweep and structure.name in self._sweeps:
+            raise ValueError(f"sweep {structure.name!r} registered twice")
         self.add(
             structure.name,
             structure.__len__,
@@ -47,7 +50,7 @@ class StateRegistry:
             max_size=structure.max_size,
             per_run=per_run,
         )
-        if sweep and structure.ttl_s is not None:
+        if will_sweep:
             self._sweeps[structure.name] = structure.sweep
 
     def add(

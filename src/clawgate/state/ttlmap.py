@@ -188,6 +188,10 @@ class TTLMap(Generic[K, V]):
         entry.token = next(self._tokens)
         entry.heap_at = entry.expires_at
         heapq.heappush(self._heap, (entry.expires_at, entry.token, key))
+        # Entries expired lazily on read, or re-set after expiring, leave stale items behind
+        # that only a sweep would pop: rebuild here too, so the bound holds between sweeps.
+        if len(self._heap) > 2 * len(self._data) + 1024:
+            self._compact_heap()
 
     def _compact_heap(self) -> None:
         # Stale items (popped or replaced entries) are dropped lazily; rebuild when they dominate.
