@@ -1,12 +1,371 @@
-"""`clawgate bench ...`: the soak benchmark (memory under a long batch)."""
+"""`clawgate bench soak`: drive a long batch of subagent spawns and watch memory stay flat.
+
+It starts a gateway as a separate process (or targets `--url`) with compressed
+TTLs, drives N spawns at a fixed concurrency, samples the gateway's RSS and
+`status.state` every second, and writes `soak.json` and `soak.png`: RSS and
+tracked entries against runs completed, with the TTL sweeps visible.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 bench_app = typer.Typer(help="Benchmarks: soak (bounded memory under a long batch).", no_args_is_help=True)
+console = Console()
+
+# Compressed TTLs for the soak: every per-run structure must empty within one of these.
+SOAK_SETTINGS = {
+    "subagent_session_ttl_s": 3.0,
+    "subagent_archive_after_s": 3.0,
+    "run_result_ttl_s": 3.0,
+    "dedupe_ttl_s": 3.0,
+    "run_context_idle_ttl_s": 6.0,
+    "pending_error_ttl_s": 6.0,
+    "maintenance_interval_s": 1.0,
+    "max_children_per_agent": 1000,
+    "subagent_concurrency": 64,
+    "lifecycle_error_grace_s": 0.5,
+}
 
 
 @bench_app.callback()
 def bench_callback() -> None:
     """Benchmarks that print figures and write JSON."""
+
+
+@dataclass
+class Sample:
+    t: float
+    completed: int
+    rss: int
+    entries: int
+    state: dict[str, int]
+    stored: int
+
+
+@dataclass
+class SoakResult:
+    n: int
+    mode: str
+    cleanup: str
+    concurrency: int
+    wall_s: float = 0.0
+    completed: int = 0
+    errors: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    rss_at_10pct: int = 0
+    rss_end: int = 0
+    rss_after_ttl: int = 0
+    entries_after_ttl: dict[str, int] = field(default_factory=dict)
+    stored_after_ttl: int = 0
+    baseline: dict[str, int] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_gateway_process(state_dir: Path, port: int, overrides: dict[str, Any]) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "clawgate.cli.main",
+        "gateway",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--log-level",
+        "warning",
+    ]
+    for name, value in overrides.items():
+        cmd += ["--set", f"{name}={value}"]
+    # The log goes to a file: a pipe nobody drains would block the gateway once it fills.
+    log = open(state_dir / "gateway.log", "ab")  # noqa: SIM115 - owned by the child process
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+
+
+async def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
+    from clawgate.client import Client, ClientError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"gateway exited early with code {proc.returncode}")
+        try:
+            async with Client(url, max_reconnect_attempts=0) as c:
+                await c.call("health")
+                return
+        except (ClientError, OSError):
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"gateway at {url} did not become healthy")
+
+
+def _entries(state: dict[str, int]) -> int:
+    # Connection-keyed structures are not per-run; everything else counts.
+    skip = {"connections", "event_sinks", "all_subscribers", "session_cache"}
+    return sum(v for k, v in state.items() if k not in skip)
+
+
+async def run_soak(
+    url: str,
+    n: int,
+    mode: str,
+    cleanup: str,
+    concurrency: int,
+    ttl_wait_s: float,
+    connections: int = 8,
+    show_progress: bool = True,
+) -> SoakResult:
+    from clawgate.client import Client, ClientError
+
+    result = SoakResult(n=n, mode=mode, cleanup=cleanup, concurrency=concurrency)
+    clients = [Client(url, max_reconnect_attempts=3) for _ in range(connections)]
+    monitor = Client(url, max_reconnect_attempts=3)
+    for c in [*clients, monitor]:
+        await c.connect()
+    base = await monitor.status()
+    result.baseline = base["state"]
+    counter = iter(range(n))
+    completed = 0
+    errors = 0
+    start = time.monotonic()
+    stop_sampling = asyncio.Event()
+
+    async def sample_loop() -> None:
+        while not stop_sampling.is_set():
+            st = await monitor.status()
+            result.samples.append(
+                Sample(
+                    time.monotonic() - start,
+                    completed,
+                    st["memory"]["rssBytes"],
+                    _entries(st["state"]),
+                    st["state"],
+                    st.get("stored", {}).get("subagent_records", 0),
+                )
+            )
+            if completed >= n // 10 and not result.rss_at_10pct:
+                result.rss_at_10pct = st["memory"]["rssBytes"]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_sampling.wait(), 1.0)
+
+    progress = Progress(
+        TextColumn("soak"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    task_id = progress.add_task("spawns", total=n, rate="")
+
+    async def worker(wid: int) -> None:
+        nonlocal completed, errors
+        client = clients[wid % len(clients)]
+        for i in counter:
+            requester = f"agent:main:soak{i % 500}"
+            while True:
+                try:
+                    res = await client.spawn(
+                        requester, f"soak task {i} [[reply:done {i}]]", mode=mode, cleanup=cleanup
+                    )
+                    final = await client.wait(res["runId"], 60_000)
+                    if final.get("status") != "ok":
+                        errors += 1
+                    break
+                except ClientError as exc:
+                    if not exc.retryable:
+                        errors += 1
+                        break
+                    await asyncio.sleep((exc.retry_after_ms or 200) / 1000)
+            completed += 1
+            if completed % 200 == 0:
+                elapsed = time.monotonic() - start
+                progress.update(task_id, completed=completed, rate=f"{completed / elapsed:,.0f}/s")
+
+    sampler = asyncio.create_task(sample_loop())
+    with progress:
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        progress.update(task_id, completed=completed)
+    result.wall_s = time.monotonic() - start
+    result.completed = completed
+    result.errors = errors
+    end = await monitor.status()
+    result.rss_end = end["memory"]["rssBytes"]
+    # Let one TTL (plus sweep intervals) pass, sampling all the while, so the sweeps show on the plot.
+    await asyncio.sleep(ttl_wait_s)
+    stop_sampling.set()
+    await sampler
+    after = await monitor.status()
+    result.rss_after_ttl = after["memory"]["rssBytes"]
+    result.entries_after_ttl = after["state"]
+    result.stored_after_ttl = after.get("stored", {}).get("subagent_records", 0)
+    for c in [*clients, monitor]:
+        await c.close()
+    if not result.rss_at_10pct:
+        result.rss_at_10pct = result.samples[0].rss if result.samples else result.rss_end
+    return result
+
+
+def leftover(result: SoakResult) -> dict[str, int]:
+    """Per-run structures above their baseline after one TTL (connections excluded)."""
+    skip = {"connections", "event_sinks", "all_subscribers", "session_cache"}
+    return {
+        k: v - result.baseline.get(k, 0)
+        for k, v in result.entries_after_ttl.items()
+        if k not in skip and v > result.baseline.get(k, 0)
+    }
+
+
+def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "soak.json"
+    data = {
+        "n": result.n,
+        "mode": result.mode,
+        "cleanup": result.cleanup,
+        "concurrency": result.concurrency,
+        "wall_s": result.wall_s,
+        "completed": result.completed,
+        "errors": result.errors,
+        "runs_per_s": result.completed / result.wall_s if result.wall_s else 0,
+        "rss_at_10pct": result.rss_at_10pct,
+        "rss_end": result.rss_end,
+        "rss_after_ttl": result.rss_after_ttl,
+        "rss_growth_bytes": result.rss_end - result.rss_at_10pct,
+        "entries_after_ttl": result.entries_after_ttl,
+        "leftover_after_ttl": leftover(result),
+        "stored_subagent_records_after_ttl": result.stored_after_ttl,
+        "samples": [s.__dict__ for s in result.samples],
+    }
+    json_path.write_text(json.dumps(data, indent=1))
+    png_path: Path | None = out_dir / "soak.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax1 = plt.subplots(figsize=(9, 4.8))
+        xs = [s.t for s in result.samples]
+        ax1.plot(xs, [s.rss / 1e6 for s in result.samples], color="tab:red", label="gateway RSS (MB)")
+        ax1.set_xlabel("seconds")
+        ax1.set_ylabel("RSS (MB)", color="tab:red")
+        ax1.set_ylim(bottom=0)
+        ax2 = ax1.twinx()
+        ax2.plot(xs, [s.entries for s in result.samples], color="tab:blue", label="tracked entries")
+        ax2.plot(
+            xs,
+            [s.stored for s in result.samples],
+            color="tab:green",
+            linestyle="--",
+            label="stored subagent records",
+        )
+        ax2.set_ylabel("entries", color="tab:blue")
+        ax3 = ax1.twiny()
+        ax3.set_xlim(ax1.get_xlim())
+        ticks = xs[:: max(1, len(xs) // 6)]
+        ax3.set_xticks(ticks)
+        ax3.set_xticklabels([f"{s.completed:,}" for s in result.samples[:: max(1, len(xs) // 6)]], fontsize=7)
+        ax3.set_xlabel("runs completed")
+        fig.legend(loc="upper left", bbox_to_anchor=(0.08, 0.85), fontsize=8)
+        fig.suptitle(
+            f"clawgate soak: {result.completed:,} {result.mode}-mode spawns, cleanup {result.cleanup}",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=110)
+        plt.close(fig)
+    except ImportError:
+        png_path = None
+    return json_path, png_path
+
+
+def verdict(result: SoakResult) -> tuple[bool, str]:
+    growth = (result.rss_end - result.rss_at_10pct) / 1e6
+    left = leftover(result)
+    ok = growth <= 20 and not left and result.stored_after_ttl == 0 and result.errors == 0
+    return ok, (
+        f"{'PASS' if ok else 'FAIL'}: {result.completed:,} spawns in {result.wall_s:.1f} s "
+        f"({result.completed / max(result.wall_s, 1e-9):,.0f}/s), errors {result.errors}; RSS growth "
+        f"first 10% -> end {growth:+.1f} MB (target <= 20 MB); entries left after one TTL: "
+        f"{sum(left.values())} {left or ''}; stored records left: {result.stored_after_ttl}"
+    )
+
+
+@bench_app.command()
+def soak(
+    n: Annotated[int, typer.Option("-n", "--runs", help="Number of spawns.")] = 100_000,
+    mode: Annotated[str, typer.Option("--mode", help="Subagent mode: run or session.")] = "session",
+    cleanup: Annotated[str, typer.Option("--cleanup", help="keep or delete.")] = "keep",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Spawns in flight.")] = 128,
+    url: Annotated[
+        str | None, typer.Option("--url", help="Target a running gateway instead of starting one.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for soak.json and soak.png.")] = Path(
+        "benchmarks/out"
+    ),
+    ttl_wait: Annotated[float, typer.Option("--ttl-wait", help="Seconds to wait after the batch.")] = 10.0,
+) -> None:
+    """Drive N subagent spawns with compressed TTLs; sample RSS and state; write soak.json and soak.png."""
+    if mode not in ("run", "session") or cleanup not in ("keep", "delete"):
+        raise typer.BadParameter("--mode must be run|session and --cleanup keep|delete")
+    proc = None
+    tmp = None
+    if url is None:
+        tmp = tempfile.TemporaryDirectory(prefix="clawgate-soak-")
+        port = free_port()
+        proc = start_gateway_process(Path(tmp.name), port, SOAK_SETTINGS)
+        url = f"ws://127.0.0.1:{port}/"
+    try:
+        _run_uvloop(wait_healthy(url, proc))
+        console.print(
+            f"soak: {n:,} {mode}-mode spawns (cleanup {cleanup}) at concurrency {concurrency} "
+            f"against {url} (pid {proc.pid if proc else 'external'})"
+        )
+        result = _run_uvloop(run_soak(url, n, mode, cleanup, concurrency, ttl_wait))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+        if tmp is not None:
+            tmp.cleanup()
+    json_path, png_path = write_outputs(result, out)
+    ok, line = verdict(result)
+    console.print(line)
+    console.print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
+    raise typer.Exit(0 if ok else 1)
+
+
+def _run_uvloop(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    bench_app()

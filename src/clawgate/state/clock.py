@@ -46,14 +46,17 @@ class SystemClock:
 
 
 class _FakeTimer:
-    __slots__ = ("callback", "cancelled")
+    __slots__ = ("callback", "cancelled", "clock")
 
-    def __init__(self, callback: Callable[[], None]) -> None:
+    def __init__(self, callback: Callable[[], None], clock: FakeClock) -> None:
         self.callback = callback
         self.cancelled = False
+        self.clock = clock
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.clock._timer_cancelled()
 
 
 class FakeClock:
@@ -64,6 +67,18 @@ class FakeClock:
         self._mono = 1000.0
         self._counter = itertools.count()
         self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
+        self._cancelled = 0
+
+    def _timer_cancelled(self) -> None:
+        # Like asyncio's own timer heap: drop cancelled timers once they are half the heap,
+        # so a long test with many cancelled timeouts does not grow without bound.
+        self._cancelled += 1
+        if self._cancelled > 64 and self._cancelled * 2 > len(self._sleepers):
+            self._sleepers = [
+                item for item in self._sleepers if not (isinstance(item[2], _FakeTimer) and item[2].cancelled)
+            ]
+            heapq.heapify(self._sleepers)
+            self._cancelled = 0
 
     def time(self) -> float:
         return self._now
@@ -80,7 +95,7 @@ class FakeClock:
         await fut
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = _FakeTimer(callback)
+        timer = _FakeTimer(callback, self)
         heapq.heappush(self._sleepers, (self._now + max(0.0, delay), next(self._counter), timer))
         return timer
 
@@ -100,7 +115,9 @@ class FakeClock:
         while self._sleepers and self._sleepers[0][0] <= self._now:
             _, _, item = heapq.heappop(self._sleepers)
             if isinstance(item, _FakeTimer):
-                if not item.cancelled:
+                if item.cancelled:
+                    self._cancelled = max(0, self._cancelled - 1)
+                else:
                     item.callback()
             elif not item.done():
                 item.set_result(None)
