@@ -46,13 +46,16 @@ def decode_request(data: str | bytes, max_bytes: int) -> RequestFrame:
         raise InvalidRequest(f"invalid frame: {exc}", details=_details(exc)) from None
     except (msgspec.DecodeError, UnicodeError) as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        # msgspec gives up on nesting deeper than ~1000 levels, which fits well inside maxPayload.
+        raise InvalidRequest("malformed JSON: nested too deeply") from None
 
 
 def probe_id(data: str | bytes) -> str | None:
     """Best effort: the `id` of a frame that failed validation, to echo it in the error."""
     try:
         value = _probe_decoder.decode(data).id
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError):
         return None
     return value if isinstance(value, str) and len(value) <= 256 else None
 
@@ -64,6 +67,8 @@ def decode_params(raw: msgspec.Raw, schema: type[P]) -> P:
         raise InvalidRequest(f"invalid params: {exc}", details=_details(exc, prefix="params")) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"invalid params: {exc}", details={"field": "params"}) from None
+    except RecursionError:
+        raise InvalidRequest("invalid params: nested too deeply", details={"field": "params"}) from None
 
 
 def _details(exc: msgspec.ValidationError, prefix: str = "") -> dict[str, Any]:

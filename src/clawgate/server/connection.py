@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unavailable
+from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooLarge, Unavailable
 from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
@@ -211,6 +211,17 @@ class Connection:
             hello = await self.gw.handshake(self, params)
         except ClawgateError as exc:
             self.respond_error(req_id, exc)
+            await self.close(CLOSE_POLICY, "handshake failed")
+            return False
+        except Exception as exc:
+            # A bug (e.g. in device verification) must not end the socket without an answer.
+            self.gw.internal_errors += 1
+            correlation = uuid.uuid4().hex[:12]
+            log.exception("internal error in handshake", conn=self.conn_id, correlation_id=correlation)
+            self.respond_error(
+                req_id,
+                Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),
+            )
             await self.close(CLOSE_POLICY, "handshake failed")
             return False
         if self._handshake_timer is not None:
