@@ -1,3 +1,135 @@
 """Registers the `batch` and `bench` commands (kept out of main.py so each stays small)."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from clawgate.cli.main import app, run_async
+from clawgate.cli.soak import bench_app
+
+app.add_typer(bench_app, name="bench")
+
+BATCH_HELP = """Run every task of TASKS (JSONL) through a gateway, with a progress bar, retries and resume.
+
+Each line: {"id": ..., "message": ..., "sessionKey"?: ..., "spawn"?: {"mode": "run"|"session",
+"cleanup": "keep"|"delete"}, "timeout"?: seconds}. A task without sessionKey runs in its own
+session (agent:main:batch:<id>); a spawn task is spawned by sessionKey (default agent:main:batch).
+
+Without --url an embedded gateway is started in this process (SQLite store under --state-dir,
+default ~/.clawgate, on a free port). Each task is done exactly once: its idempotency key is
+batch:<id>, tasks with a final line in the results file are skipped, and a rerun after a crash
+picks up runs already accepted instead of submitting them again.
+
+Exit code: 0 when every task in the file ended ok (in this run or an earlier one); 1 when any
+task ended error/timeout/aborted, was left unfinished after its retries, or a line was malformed
+(malformed lines are reported with their line number and skipped); 2 on bad arguments.
+"""
+
+
+@contextlib.asynccontextmanager
+async def embedded_gateway(
+    state_dir: Path | None = None, sets: dict[str, Any] | None = None
+) -> AsyncIterator[Any]:
+    """A gateway served in this process on a free 127.0.0.1 port (yields its RunningGateway)."""
+    from clawgate import logs
+    from clawgate.server.gateway import Gateway
+    from clawgate.server.serve import RunningGateway
+    from clawgate.settings import load_settings
+
+    overrides: dict[str, Any] = {"port": 0, "bind": "127.0.0.1", "state_dir": state_dir}
+    overrides.update(sets or {})
+    settings = load_settings(None, **overrides)
+    # The progress bar owns the terminal; only problems are worth a log line.
+    logs.configure("warning")
+    running = RunningGateway(Gateway(settings))
+    await running.__aenter__()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set expects NAME=VALUE, got {item!r}")
+        out[name.strip().replace("-", "_")] = value
+    return out
+
+
+@app.command(help=BATCH_HELP)
+def batch(
+    tasks: Annotated[Path, typer.Argument(help="Tasks file (JSONL).", exists=True, dir_okay=False)],
+    url: Annotated[
+        str | None,
+        typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway URL (default: an embedded gateway)."),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="CLAWGATE_TOKEN", help="Gateway token.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Tasks in flight.")] = 16,
+    connections: Annotated[int, typer.Option("--connections", min=1, help="WebSocket connections.")] = 4,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Results JSONL (default TASKS.results.jsonl).")
+    ] = None,
+    max_attempts: Annotated[
+        int, typer.Option("--max-attempts", min=1, help="Attempts per task before it is left unfinished.")
+    ] = 20,
+    requester: Annotated[
+        str, typer.Option("--requester", help="Requester session of spawn tasks without sessionKey.")
+    ] = "agent:main:batch",
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="Embedded gateway state dir (default ~/.clawgate).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Embedded gateway setting NAME=VALUE (repeatable).")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+) -> None:
+    from clawgate.cli.batch import BatchOptions, run_batch, summary_table
+    from clawgate.client import ClientError
+
+    console = Console()
+    err = Console(stderr=True)
+    sets = parse_sets(set_)
+    options = BatchOptions(
+        concurrency=concurrency,
+        connections=connections,
+        max_attempts=max_attempts,
+        requester=requester,
+        progress=progress,
+    )
+
+    async def main() -> Any:
+        if url is not None:
+            return await run_batch(tasks, url=url, token=token, out_path=out, options=options, console=err)
+        async with embedded_gateway(state_dir, sets) as running:
+            return await run_batch(
+                tasks,
+                url=running.url,
+                token=running.gateway.settings.token,
+                out_path=out,
+                options=options,
+                console=err,
+            )
+
+    try:
+        summary = run_async(main())
+    except ClientError as exc:
+        err.print(f"[red]batch failed:[/red] {exc.code}: {exc.message}")
+        raise typer.Exit(1) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.print("[yellow]interrupted: finished tasks are in the results file; rerun to resume[/yellow]")
+        raise typer.Exit(130) from None
+    console.print(summary_table(summary))
+    console.print(f"results: {summary.out_path}")
+    raise typer.Exit(0 if summary.all_ok else 1)

@@ -4,9 +4,14 @@
         final = await c.run_agent("summarise ticket 42", idempotency_key="ticket-42")
         print(final["result"]["payloads"][0]["text"])
 
+        async for event in c.stream_agent("tell me more", idempotency_key="ticket-42b"):
+            print(event["payload"]["stream"], event["payload"]["data"])
+
 `call` sends one request and returns its (first) response payload or raises
-`ClientError` carrying the wire error (`code`, `retryable`, `retry_after_ms`).
-After a lost connection the next call reconnects, with exponential backoff.
+`ClientError` carrying the wire error (`code`, `message`, `details`,
+`retryable`, `retry_after_ms`). A dropped connection fails every request in
+flight with `ConnectionLost` (a retryable `ClientError`); the next call
+reconnects, with exponential backoff, so a client outlives a gateway restart.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,9 +34,20 @@ _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 EVENT_QUEUE_MAX = 10_000
+# Recent runs whose events are kept so `stream(run_id)` can replay what arrived before it was called.
+RECENT_RUNS_MAX = 256
+RECENT_EVENTS_PER_RUN_MAX = 1024
 
 
 class ClientError(Exception):
+    """An error answer from the gateway (or a client-side transport failure).
+
+    `code` is the wire code (`INVALID_REQUEST`, `UNAUTHORIZED`, `FORBIDDEN`,
+    `NOT_FOUND`, `UNAVAILABLE`, `AGENT_TIMEOUT`, `INTERNAL`, or the client-side
+    `CONNECTION_LOST`); `retryable` and `retry_after_ms` say whether and when to
+    try again.
+    """
+
     def __init__(
         self,
         code: str,
@@ -49,9 +66,14 @@ class ClientError(Exception):
 
     @classmethod
     def from_wire(cls, error: dict[str, Any]) -> ClientError:
+        """Build from a response's `error` object; a lost connection keeps its own type."""
+        code = str(error.get("code", "INTERNAL"))
+        message = str(error.get("message", ""))
+        if code == ConnectionLost.CODE:
+            return ConnectionLost(message)
         return cls(
-            str(error.get("code", "INTERNAL")),
-            str(error.get("message", "")),
+            code,
+            message,
             details=error.get("details"),
             retryable=bool(error.get("retryable", False)),
             retry_after_ms=error.get("retryAfterMs"),
@@ -59,8 +81,16 @@ class ClientError(Exception):
 
 
 class ConnectionLost(ClientError):
+    """The connection dropped (or could not be opened) before the answer arrived.
+
+    Whether the request reached the gateway is unknown: retry only what is
+    idempotent (`agent` with the same `idempotencyKey` joins the same run).
+    """
+
+    CODE = "CONNECTION_LOST"
+
     def __init__(self, message: str = "connection lost") -> None:
-        super().__init__("CONNECTION_LOST", message, retryable=True, retry_after_ms=200)
+        super().__init__(self.CODE, message, retryable=True, retry_after_ms=200)
 
 
 class _Pending:
@@ -71,7 +101,31 @@ class _Pending:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
 
+def _is_run_end(frame: dict[str, Any]) -> bool:
+    payload = frame.get("payload") or {}
+    data = payload.get("data") or {}
+    return (
+        frame.get("event") == "agent"
+        and payload.get("stream") == "lifecycle"
+        and data.get("phase") in ("end", "error")
+        and not data.get("willRetry")
+    )
+
+
 class Client:
+    """One WebSocket connection to a gateway, multiplexing any number of concurrent requests.
+
+    Args:
+        url: the gateway's WebSocket URL.
+        token: the gateway token, when it has one.
+        scopes: scopes to ask for (default read + write).
+        max_reconnect_attempts: how many times `connect()` retries (with exponential
+            backoff from 0.1 s up to 5 s) before raising `ConnectionLost`; 0 fails fast.
+        keep_events: queue every event on `events` and keep recent runs' events for
+            `stream()` replay. High-volume callers that only want final answers
+            (batch, benchmarks) turn it off to save work.
+    """
+
     def __init__(
         self,
         url: str = "ws://127.0.0.1:18789/",
@@ -82,6 +136,7 @@ class Client:
         open_timeout: float = 10.0,
         max_reconnect_attempts: int = 6,
         max_size: int = 8 * 1024 * 1024,
+        keep_events: bool = True,
     ) -> None:
         self.url = url
         self.token = token
@@ -90,17 +145,20 @@ class Client:
         self.open_timeout = open_timeout
         self.max_reconnect_attempts = max_reconnect_attempts
         self.max_size = max_size
+        self.keep_events = keep_events
         self.hello: dict[str, Any] = {}
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count(1)
-        self._run_queues: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._run_queues: dict[str, list[asyncio.Queue[dict[str, Any]]]] = {}
+        self._recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE_MAX)
         self.events_dropped = 0
         self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._connect_lock = asyncio.Lock()
         self._closed = False
+        self.connects = 0
         self.reconnects = 0
 
     async def __aenter__(self) -> Client:
@@ -116,22 +174,34 @@ class Client:
         return self._ws is not None and self._reader is not None and not self._reader.done()
 
     async def connect(self) -> dict[str, Any]:
+        """Open the connection and handshake (no-op when connected); returns `hello-ok`.
+
+        Retries refused connections and retryable handshake errors with
+        exponential backoff; raises `ConnectionLost` when the gateway stays
+        unreachable, or the handshake's `ClientError` (e.g. `UNAUTHORIZED`).
+        """
+        if self._closed:
+            raise ConnectionLost("client closed")
         async with self._connect_lock:
             if self.connected:
                 return self.hello
             delay = 0.1
             for attempt in range(self.max_reconnect_attempts + 1):
                 try:
-                    return await self._open()
+                    hello = await self._open()
                 except ClientError as exc:
                     if not exc.retryable or attempt >= self.max_reconnect_attempts:
                         raise
                 except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
                     if attempt >= self.max_reconnect_attempts:
                         raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
+                else:
+                    if self.connects:
+                        self.reconnects += 1
+                    self.connects += 1
+                    return hello
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                self.reconnects += 1
             raise ConnectionLost(f"cannot connect to {self.url}")
 
     async def _open(self) -> dict[str, Any]:
@@ -179,6 +249,7 @@ class Client:
         return self.hello
 
     async def close(self) -> None:
+        """Close for good: requests in flight fail with `ConnectionLost`, later calls too."""
         self._closed = True
         ws, self._ws = self._ws, None
         if ws is not None:
@@ -193,28 +264,40 @@ class Client:
     async def _read_loop(self, ws: ClientConnection) -> None:
         try:
             async for raw in ws:
-                frame = _decoder.decode(raw)
+                try:
+                    frame = _decoder.decode(raw)
+                except msgspec.DecodeError:
+                    continue  # a gateway never sends this; dropping it beats killing the connection
+                if not isinstance(frame, dict):
+                    continue
                 kind = frame.get("type")
                 if kind == "res":
-                    pending = self._pending.get(frame.get("id"))
+                    pending = self._pending.get(frame.get("id"))  # type: ignore[arg-type]
                     if pending is not None:
                         pending.queue.put_nowait(frame)
                 elif kind == "event":
                     self._on_event(frame)
-        except websockets.exceptions.ConnectionClosed:
+        except (websockets.exceptions.ConnectionClosed, OSError):
             pass
         finally:
+            # No await between these two lines and the task ending, so a reconnect (which
+            # waits for this task to be done) never sees its new requests failed here.
             if self._ws is ws:
                 self._ws = None
             self._fail_pending(ConnectionLost())
 
     def _on_event(self, frame: dict[str, Any]) -> None:
-        payload = frame.get("payload") or {}
         if self.on_event is not None:
             self.on_event(frame)
+        payload = frame.get("payload")
         run_id = payload.get("runId") if isinstance(payload, dict) else None
-        if run_id is not None and run_id in self._run_queues:
-            self._run_queues[run_id].put_nowait(frame)
+        if run_id is not None:
+            for queue in self._run_queues.get(run_id, ()):
+                queue.put_nowait(frame)
+            if self.keep_events and frame.get("event") == "agent":
+                self._remember(run_id, frame)
+        if not self.keep_events:
+            return
         try:
             self.events.put_nowait(frame)
         except asyncio.QueueFull:
@@ -222,6 +305,15 @@ class Client:
             with contextlib.suppress(asyncio.QueueEmpty):
                 self.events.get_nowait()
             self.events.put_nowait(frame)
+
+    def _remember(self, run_id: str, frame: dict[str, Any]) -> None:
+        frames = self._recent.get(run_id)
+        if frames is None:
+            frames = self._recent[run_id] = []
+            while len(self._recent) > RECENT_RUNS_MAX:
+                self._recent.popitem(last=False)
+        if len(frames) < RECENT_EVENTS_PER_RUN_MAX:
+            frames.append(frame)
 
     def _fail_pending(self, exc: ClientError) -> None:
         for pending in self._pending.values():
@@ -240,22 +332,33 @@ class Client:
 
     # -- requests -------------------------------------------------------------------------------
     async def _send(self, method: str, params: dict[str, Any], expect: int) -> tuple[str, _Pending]:
-        if self._closed:
-            raise ConnectionLost("client closed")
-        if not self.connected:
-            await self.connect()
-        assert self._ws is not None
-        req_id = f"r{next(self._ids)}"
-        pending = _Pending(expect)
-        self._pending[req_id] = pending
-        try:
-            await self._ws.send(
-                _encoder.encode({"type": "req", "id": req_id, "method": method, "params": params}).decode()
-            )
-        except websockets.exceptions.ConnectionClosed as exc:
-            self._pending.pop(req_id, None)
-            raise ConnectionLost(str(exc)) from exc
-        return req_id, pending
+        # Two tries: a send that fails because the socket was already closed never reached the
+        # gateway, so reconnecting and sending again is safe for any method.
+        for attempt in (1, 2):
+            if self._closed:
+                raise ConnectionLost("client closed")
+            if not self.connected:
+                await self.connect()
+            ws = self._ws
+            assert ws is not None
+            req_id = f"r{next(self._ids)}"
+            pending = _Pending(expect)
+            self._pending[req_id] = pending
+            try:
+                await ws.send(
+                    _encoder.encode(
+                        {"type": "req", "id": req_id, "method": method, "params": params}
+                    ).decode()
+                )
+            except websockets.exceptions.ConnectionClosed as exc:
+                self._pending.pop(req_id, None)
+                if self._ws is ws:
+                    self._ws = None
+                if attempt == 2:
+                    raise ConnectionLost(str(exc)) from exc
+                continue
+            return req_id, pending
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _unwrap(frame: dict[str, Any]) -> dict[str, Any]:
@@ -267,6 +370,7 @@ class Client:
     async def call(
         self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
+        """Send one request; return its response payload or raise `ClientError`."""
         req_id, pending = await self._send(method, params or {}, 1)
         try:
             frame = await asyncio.wait_for(pending.queue.get(), timeout)
@@ -282,7 +386,11 @@ class Client:
         timeout: float | None = None,
         on_accepted: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """A request answered twice (accepted, then final): returns the final payload."""
+        """A request answered twice (accepted, then final): returns the final payload.
+
+        `on_accepted` is called with the first (`status: "accepted"`) payload.
+        `timeout` bounds each of the two waits.
+        """
         req_id, pending = await self._send(method, params, 2)
         try:
             first = self._unwrap(await asyncio.wait_for(pending.queue.get(), timeout))
@@ -295,6 +403,22 @@ class Client:
             self._pending.pop(req_id, None)
 
     # -- conveniences ------------------------------------------------------------------------------
+    @staticmethod
+    def _agent_params(
+        message: str,
+        session_key: str | None,
+        idempotency_key: str | None,
+        timeout: float | None,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"message": message, "idempotencyKey": idempotency_key or str(uuid.uuid4())}
+        if session_key:
+            params["sessionKey"] = session_key
+        if timeout is not None:
+            params["timeout"] = timeout
+        params.update(extra)
+        return params
+
     async def run_agent(
         self,
         message: str,
@@ -305,50 +429,134 @@ class Client:
         on_accepted: Callable[[dict[str, Any]], None] | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        params: dict[str, Any] = {"message": message, "idempotencyKey": idempotency_key or str(uuid.uuid4())}
-        if session_key:
-            params["sessionKey"] = session_key
-        if timeout is not None:
-            params["timeout"] = timeout
-        params.update(extra)
+        """Run `agent` and return its final payload (`{runId, status, summary, result, error?}`).
+
+        The run id is the idempotency key (a random one when not given); sending
+        the same key again joins the same run instead of starting another.
+        `timeout` is the run's timeout in seconds (enforced by the gateway).
+        """
+        params = self._agent_params(message, session_key, idempotency_key, timeout, extra)
         return await self.call_final("agent", params, on_accepted=on_accepted)
 
+    async def stream_agent(
+        self,
+        message: str,
+        *,
+        session_key: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        **extra: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Start an `agent` run and yield its `agent` event frames until its lifecycle ends.
+
+        The watch is registered before the request goes out, so no event is missed.
+        A request error (e.g. `UNAVAILABLE`) is raised from the iteration.
+        """
+        params = self._agent_params(message, session_key, idempotency_key, timeout, extra)
+        run_id = params["idempotencyKey"]
+        async with self.watch_run(run_id) as queue:
+            task = asyncio.create_task(self.call_final("agent", params))
+            try:
+                while True:
+                    if task.done():
+                        # The gateway sends a run's events before its final answer, so once the
+                        # answer is in, every event is already queued (none for a deduplicated run).
+                        while not queue.empty():
+                            frame = queue.get_nowait()
+                            if frame.get("event") == "agent":
+                                yield frame
+                                if _is_run_end(frame):
+                                    return
+                        task.result()  # raises the request's error
+                        return
+                    get = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if get not in done:
+                        get.cancel()
+                        continue
+                    frame = get.result()
+                    if frame.get("event") != "agent":
+                        continue
+                    yield frame
+                    if _is_run_end(frame):
+                        return
+            finally:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ClientError):
+                    await task
+
     async def wait(self, run_id: str, timeout_ms: int = 30_000) -> dict[str, Any]:
+        """`agent.wait`: `{runId, status, startedAt?, endedAt?, error?}`.
+
+        `status: "timeout"` without `endedAt` means the wait ended while the run goes on.
+        Raises `ClientError` with code `NOT_FOUND` for an unknown or expired run.
+        """
         return await self.call("agent.wait", {"runId": run_id, "timeoutMs": timeout_ms})
 
     async def abort(self, run_id: str) -> dict[str, Any]:
+        """`agent.abort`: `{runId, aborted}`."""
         return await self.call("agent.abort", {"runId": run_id})
 
     async def spawn(self, session_key: str, task: str, **kw: Any) -> dict[str, Any]:
+        """`sessions.spawn` on behalf of requester `session_key`: `{status, runId, childSessionKey}`.
+
+        Keyword arguments are wire params (`mode`, `cleanup`, `label`, `idempotencyKey`, ...).
+        """
         return await self.call("sessions.spawn", {"sessionKey": session_key, "task": task, **kw})
 
     async def status(self) -> dict[str, Any]:
+        """The gateway's `status` (runs, connections, memory, every bounded structure's size)."""
         return await self.call("status")
 
     async def subscribe(self, session_keys: list[str] | None = None, *, all_sessions: bool = False) -> None:
+        """`events.subscribe`: receive events of runs in these sessions (or of all sessions)."""
         await self.call("events.subscribe", {"sessionKeys": session_keys or [], "all": all_sessions})
 
     @contextlib.asynccontextmanager
     async def watch_run(self, run_id: str) -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
-        """Collect this run's events (of runs this connection started or subscribed to)."""
+        """Collect this run's event frames (`agent` and `chat`) while the context is open.
+
+        Only events this connection receives: runs it started, and sessions it subscribed to.
+        """
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(EVENT_QUEUE_MAX)
-        self._run_queues[run_id] = queue
+        queues = self._run_queues.setdefault(run_id, [])
+        queues.append(queue)
         try:
             yield queue
         finally:
-            self._run_queues.pop(run_id, None)
+            queues.remove(queue)
+            if not queues:
+                self._run_queues.pop(run_id, None)
 
-    async def stream(self, run_id: str, *, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield the `agent` events of a run until its lifecycle ends."""
+    async def stream(
+        self, run_id: str, *, session_key: str | None = None, timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield the `agent` event frames of a run until its lifecycle ends.
+
+        Events of a recent run this connection already received are replayed
+        first, so `stream(run_id)` after `agent` was accepted misses nothing.
+        For a run started elsewhere, pass its `session_key`: the connection
+        subscribes to that session first. `timeout` bounds the wait for each
+        event (`TimeoutError`).
+        """
+        if session_key is not None:
+            await self.subscribe([session_key])
         async with self.watch_run(run_id) as queue:
+            # The snapshot is taken right after registering, with no await in between: a frame is
+            # either in the snapshot or arrives on the queue (where its seq identifies a repeat).
+            snapshot = list(self._recent.get(run_id, ()))
+            replayed = {f["payload"].get("seq") for f in snapshot}
+            for frame in snapshot:
+                yield frame
+                if _is_run_end(frame):
+                    return
             while True:
                 frame = await asyncio.wait_for(queue.get(), timeout)
+                if frame.get("event") != "agent":
+                    continue
+                if frame["payload"].get("seq") in replayed:
+                    continue
                 yield frame
-                payload = frame.get("payload", {})
-                if (
-                    frame.get("event") == "agent"
-                    and payload.get("stream") == "lifecycle"
-                    and payload.get("data", {}).get("phase") in ("end", "error")
-                    and not payload.get("data", {}).get("willRetry")
-                ):
+                if _is_run_end(frame):
                     return
