@@ -130,7 +130,8 @@ class Settings(BaseSettings):
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
+    # "" is not loopback: bound as a host it means every interface (INADDR_ANY).
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -139,17 +140,26 @@ def is_loopback(host: str) -> bool:
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Defaults < TOML file < environment < explicit overrides (CLI flags)."""
+    """Defaults < TOML file < environment < explicit overrides (CLI flags).
+
+    Unknown names in the file or the overrides are refused: a misspelt TTL would
+    otherwise be ignored silently. (The environment may hold other `CLAWGATE_*`
+    variables, e.g. the CLI's `CLAWGATE_URL`, so it is not checked.)
+    """
     file_values: dict[str, Any] = {}
     if config is not None:
         with open(config, "rb") as fh:
             raw = tomllib.load(fh)
         # Accept both a flat file and one with a [clawgate] table.
         file_values = dict(raw.get("clawgate", raw))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted({*file_values, *given} - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
     env_values = {
         name: value
         for name, value in Settings().model_dump().items()
         if f"CLAWGATE_{name.upper()}" in os.environ
     }
-    merged = {**file_values, **env_values, **{k: v for k, v in overrides.items() if v is not None}}
+    merged = {**file_values, **env_values, **given}
     return Settings.model_validate(merged)

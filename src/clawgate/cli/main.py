@@ -105,8 +105,8 @@ def gateway(
         raise typer.Exit()
     if not settings.is_loopback_bind() and not settings.token:
         err.print(
-            f"[red]refusing to bind {settings.bind} without a token[/red]: set --token or CLAWGATE_TOKEN "
-            "(without a token the gateway only binds loopback)"
+            f"[red]refusing to bind {settings.bind or '(all interfaces)'} without a token[/red]: "
+            "set --token or CLAWGATE_TOKEN (without a token the gateway only binds loopback)"
         )
         raise typer.Exit(2)
     logs.configure(settings.log_level, json=settings.log_json)
@@ -114,7 +114,11 @@ def gateway(
     from clawgate.server.serve import serve_forever
 
     _install_uvloop()
-    code = asyncio.run(serve_forever(Gateway(settings)))
+    try:
+        code = asyncio.run(serve_forever(Gateway(settings)))
+    except OSError as exc:
+        err.print(f"[red]cannot listen on {settings.bind}:{settings.port}:[/red] {exc}")
+        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 

@@ -45,28 +45,47 @@ class RunningGateway:
         self.port = 0
 
     @property
+    def host(self) -> str:
+        """Where a local client reaches the socket (a wildcard bind is reached on loopback)."""
+        bind = self.gateway.settings.bind
+        if bind in ("", "0.0.0.0", "localhost"):
+            return "127.0.0.1"
+        if ":" in bind:
+            return "[::1]" if bind == "::" else f"[{bind}]"
+        return bind
+
+    @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
+        return f"ws://{self.host}:{self.port}/"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def __aenter__(self) -> RunningGateway:
-        await self.gateway.start()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.gateway.settings.bind, self.gateway.settings.port))
+        settings = self.gateway.settings
+        if not settings.is_loopback_bind() and not settings.token:
+            # PROTOCOL.md: without a token the gateway only binds loopback, however it is started.
+            raise RuntimeError(f"refusing to bind {settings.bind!r} without a token")
+        # Bind before starting anything: a busy port must not leave a started gateway behind.
+        sock = _listen_socket(settings.bind, settings.port)
         self.port = sock.getsockname()[1]
-        app = create_app(self.gateway, manage_lifecycle=False)
-        config = uvicorn_config(self.gateway, app)
-        server = _QuietServer(config)
-        self.server = server
-        self._task = asyncio.create_task(server.serve(sockets=[sock]), name="clawgate-uvicorn")
-        while not server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.005)
+        try:
+            await self.gateway.start()
+            app = create_app(self.gateway, manage_lifecycle=False)
+            config = uvicorn_config(self.gateway, app)
+            server = _QuietServer(config)
+            self.server = server
+            self._task = asyncio.create_task(server.serve(sockets=[sock]), name="clawgate-uvicorn")
+            while not server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise RuntimeError("uvicorn stopped before serving")
+                await asyncio.sleep(0.005)
+        except BaseException:
+            await self.stop()
+            sock.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -80,6 +99,18 @@ class RunningGateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class _QuietServer(uvicorn.Server):
