@@ -1,0 +1,329 @@
+"""Throughput of completed agent runs through one gateway process (DESIGN.md section 8).
+
+Starts ONE gateway as a separate process (scripted provider, SQLite store in a
+temporary state dir, a free port), waits for /healthz, then drives N `agent`
+runs at concurrency C from this process over several WebSocket connections
+(uvloop). Per run it measures the time to the `accepted` answer and to the
+final answer. Prints runs/s, p50/p99 of both, the gateway's RSS (psutil on the
+child pid) before and after, and the CPU both processes used; writes JSON.
+
+    .venv/bin/python benchmarks/runs_throughput.py                 # 20,000 runs at 256
+    .venv/bin/python benchmarks/runs_throughput.py --runs 5000 --set main_concurrency=64
+
+Target on the 2-core machine: >= 1,000 runs/s, p99 accepted < 20 ms at 256 concurrent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from clawgate.client import Client, ClientError
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Samples:
+    accepted_ms: list[float] = field(default_factory=list)
+    final_ms: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    unavailable: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_gateway(port: int, state_dir: Path, sets: list[str], log: Path) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "clawgate.cli.main",
+        "gateway",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--log-level",
+        "warning",
+    ]
+    for item in sets:
+        cmd += ["--set", item]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"gateway exited early (rc {proc.returncode}); see {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("gateway did not answer /healthz within 30 s")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+async def drive(
+    url: str,
+    *,
+    runs: int,
+    concurrency: int,
+    connections: int,
+    sessions: int,
+    message: str,
+    tag: str,
+) -> tuple[Samples, float]:
+    clients = [
+        Client(url, keep_events=False, max_reconnect_attempts=3, client_id=f"bench-{i}")
+        for i in range(connections)
+    ]
+    for client in clients:
+        await client.connect()
+    samples = Samples()
+    counter = iter(range(runs))
+    perf = time.perf_counter
+
+    async def one(client: Client, i: int) -> None:
+        key = f"agent:main:bench-{i % sessions}" if sessions else f"agent:main:bench-{tag}-{i}"
+        params = {"message": message, "idempotencyKey": f"bench-{tag}-{i}", "sessionKey": key}
+        accepted_at: list[float] = []
+
+        def on_accepted(_payload: dict[str, Any]) -> None:
+            accepted_at.append(perf())
+
+        while True:
+            accepted_at.clear()
+            t0 = perf()
+            try:
+                final = await client.call_final("agent", params, on_accepted=on_accepted)
+            except ClientError as exc:
+                if exc.code == "UNAVAILABLE":
+                    samples.unavailable += 1
+                    await asyncio.sleep((exc.retry_after_ms or 100) / 1000)
+                    continue
+                samples.errors.append(f"{exc.code}: {exc.message}")
+                return
+            t1 = perf()
+            if accepted_at:
+                samples.accepted_ms.append((accepted_at[0] - t0) * 1000)
+            samples.final_ms.append((t1 - t0) * 1000)
+            status = str(final.get("status"))
+            samples.statuses[status] = samples.statuses.get(status, 0) + 1
+            return
+
+    async def worker(client: Client) -> None:
+        for i in counter:
+            await one(client, i)
+
+    started = perf()
+    await asyncio.gather(*(worker(clients[w % connections]) for w in range(concurrency)))
+    wall = perf() - started
+    for client in clients:
+        await client.close()
+    return samples, wall
+
+
+def summarize(samples: Samples, wall: float, runs: int) -> dict[str, Any]:
+    done = len(samples.final_ms)
+    return {
+        "runs": runs,
+        "completed": done,
+        "statuses": samples.statuses,
+        "unavailable_retries": samples.unavailable,
+        "errors": len(samples.errors),
+        "error_examples": samples.errors[:5],
+        "wall_s": round(wall, 3),
+        "runs_per_s": round(done / wall, 1) if wall else 0.0,
+        "accepted_ms": {
+            "p50": round(pct(samples.accepted_ms, 50), 3),
+            "p90": round(pct(samples.accepted_ms, 90), 3),
+            "p99": round(pct(samples.accepted_ms, 99), 3),
+            "max": round(max(samples.accepted_ms, default=float("nan")), 3),
+            "mean": round(statistics.fmean(samples.accepted_ms), 3) if samples.accepted_ms else None,
+        },
+        "final_ms": {
+            "p50": round(pct(samples.final_ms, 50), 3),
+            "p90": round(pct(samples.final_ms, 90), 3),
+            "p99": round(pct(samples.final_ms, 99), 3),
+            "max": round(max(samples.final_ms, default=float("nan")), 3),
+        },
+    }
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1_000, help="runs before measuring (not counted)")
+    parser.add_argument(
+        "--sessions", type=int, default=0, help="session pool size (0: every run in its own session)"
+    )
+    parser.add_argument("--message", default="benchmark run")
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], help="gateway setting NAME=VALUE (repeatable)"
+    )
+    parser.add_argument("--url", default=None, help="use this running gateway instead of starting one")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "runs_throughput.json")
+    parser.add_argument("--keep-state", action="store_true", help="keep the temporary state dir")
+    args = parser.parse_args()
+
+    try:
+        import uvloop
+
+        uvloop.install()
+        loop_name = "uvloop"
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        loop_name = "asyncio"
+
+    tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
+    proc: subprocess.Popen[bytes] | None = None
+    gw: psutil.Process | None = None
+    port = free_port()
+    url = args.url or f"ws://127.0.0.1:{port}/"
+    if args.url is None:
+        proc = start_gateway(port, tmp / "state", args.sets, tmp / "gateway.log")
+        gw = psutil.Process(proc.pid)
+    me = psutil.Process()
+    tag = uuid.uuid4().hex[:8]
+    try:
+        rss_before = gw.memory_info().rss if gw else None
+        if args.warmup:
+            asyncio.run(
+                drive(
+                    url,
+                    runs=args.warmup,
+                    concurrency=args.concurrency,
+                    connections=args.connections,
+                    sessions=args.sessions,
+                    message=args.message,
+                    tag=f"{tag}w",
+                )
+            )
+        rss_after_warmup = gw.memory_info().rss if gw else None
+        gw_cpu0 = cpu_s(gw) if gw else 0.0
+        me_cpu0 = cpu_s(me)
+        samples, wall = asyncio.run(
+            drive(
+                url,
+                runs=args.runs,
+                concurrency=args.concurrency,
+                connections=args.connections,
+                sessions=args.sessions,
+                message=args.message,
+                tag=tag,
+            )
+        )
+        gw_cpu = (cpu_s(gw) - gw_cpu0) if gw else None
+        me_cpu = cpu_s(me) - me_cpu0
+        rss_after = gw.memory_info().rss if gw else None
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if not args.keep_state:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    result = summarize(samples, wall, args.runs)
+    result.update(
+        {
+            "concurrency": args.concurrency,
+            "connections": args.connections,
+            "warmup": args.warmup,
+            "sessions": args.sessions or "one per run",
+            "gateway_settings": args.sets,
+            "loop": loop_name,
+            "gateway_rss_bytes": {
+                "before": rss_before,
+                "after_warmup": rss_after_warmup,
+                "after": rss_after,
+            },
+            "cpu_s": {
+                "gateway": round(gw_cpu, 2) if gw_cpu is not None else None,
+                "client": round(me_cpu, 2),
+                "gateway_util": round(gw_cpu / wall, 2) if gw_cpu is not None and wall else None,
+                "client_util": round(me_cpu / wall, 2) if wall else None,
+            },
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "targets": {"runs_per_s": 1000, "p99_accepted_ms": 20},
+        }
+    )
+    result["meets_targets"] = bool(
+        result["runs_per_s"] >= 1000 and result["accepted_ms"]["p99"] < 20 and result["errors"] == 0
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    mb = 1024 * 1024
+    rss = result["gateway_rss_bytes"]
+    print(f"runs        {result['completed']:,} / {args.runs:,} ok={samples.statuses.get('ok', 0):,}", end="")
+    print(f" errors={result['errors']} unavailable-retries={samples.unavailable}")
+    print(f"concurrency {args.concurrency} over {args.connections} connections ({loop_name})")
+    print(f"throughput  {result['runs_per_s']:,.1f} runs/s  (wall {wall:.2f} s)")
+    a, f = result["accepted_ms"], result["final_ms"]
+    print(f"accepted    p50 {a['p50']:.2f} ms   p99 {a['p99']:.2f} ms   max {a['max']:.2f} ms")
+    print(f"final       p50 {f['p50']:.2f} ms   p99 {f['p99']:.2f} ms   max {f['max']:.2f} ms")
+    if rss["before"] is not None:
+        print(
+            f"gateway RSS before {rss['before'] / mb:.1f} MB, after warmup {rss['after_warmup'] / mb:.1f} MB, "
+            f"after {rss['after'] / mb:.1f} MB"
+        )
+    cpu = result["cpu_s"]
+    print(
+        f"cpu         gateway {cpu['gateway']} s ({cpu['gateway_util']}), client {cpu['client']} s ({cpu['client_util']})"
+    )
+    print(
+        f"targets     >= 1000 runs/s and p99 accepted < 20 ms: {'MET' if result['meets_targets'] else 'NOT MET'}"
+    )
+    print(f"json        {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
