@@ -656,3 +656,34 @@ def test_token_bucket() -> None:
     assert bucket.take(0.1) == 0.0
     assert bucket.take(100.0) == 0.0
     assert bucket.tokens == pytest.approx(2.0)  # refill is capped at the burst
+
+
+async def test_connections_over_the_limit_get_close_1013(start_gateway: GatewayFactory) -> None:
+    rg = await start_gateway(max_connections=1)
+    async with await connected(rg.url) as first:
+        async with await open_ws(rg.url) as second:
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                await asyncio.wait_for(second.recv(), 5)
+            assert second.close_code == 1013
+            assert second.close_reason == "too many connections"
+        await assert_healthy(first)
+    await wait_until(lambda: not rg.gateway.connections)
+    async with await connected(rg.url) as again:
+        await assert_healthy(again)
+
+
+async def test_pending_handshakes_over_the_limit_get_close_1013(start_gateway: GatewayFactory) -> None:
+    rg = await start_gateway(max_pending_handshakes=2)
+    idle = [await open_ws(rg.url) for _ in range(2)]
+    for ws in idle:
+        await recv(ws)
+    async with await open_ws(rg.url) as third:
+        assert await wait_closed(third) == 1013
+        assert third.close_reason == "too many pending handshakes"
+    # Finishing a handshake frees a slot.
+    await send(idle[0], {"type": "req", "id": "c1", "method": "connect", "params": connect_params()})
+    assert (await recv(idle[0]))["ok"] is True
+    async with await connected(rg.url) as fourth:
+        await assert_healthy(fourth)
+    for ws in idle:
+        await ws.close()

@@ -372,3 +372,12 @@ def test_status_and_call_against_a_subprocess_gateway(gateway_process: Any) -> N
     code, out, _errs = gp.stop()
     assert code == 0
     assert f"clawgate listening on {gp.url}" in out
+
+
+def test_empty_token_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAWGATE_TOKEN", "")
+    assert Settings().token is None
+    assert load_settings(None).token is None
+    assert Settings(token="").token is None
+    res = run_cli("gateway", "--bind", "0.0.0.0", "--print-config", env=clean_env(CLAWGATE_TOKEN=""))
+    assert json.loads(res.stdout)["token"] is None

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     log_json: bool = False
     ended_hook_log: Path | None = None
 
+    @field_validator("token")
+    @classmethod
+    def _empty_token_is_none(cls, value: str | None) -> str | None:
+        # `CLAWGATE_TOKEN=` (empty) means "no token", not "the token is the empty string", which
+        # would make every client without auth fail while the bind check thought there was none.
+        return value or None
+
     @field_validator("store")
     @classmethod
     def _check_store(cls, value: str) -> str:

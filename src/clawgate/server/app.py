@@ -38,6 +38,9 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
     async def ws_endpoint(ws: WebSocket) -> None:
         refusal = gateway.admit_connection()
         if refusal is not None:
+            # Accept first so the client gets a WebSocket close (1013, retryable, with the reason)
+            # instead of a bare HTTP 403 on the upgrade.
+            await ws.accept()
             await ws.close(CLOSE_TRY_LATER, refusal)
             return
         conn = Connection(gateway, ws)
