@@ -381,3 +381,23 @@ def test_empty_token_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(token="").token is None
     res = run_cli("gateway", "--bind", "0.0.0.0", "--print-config", env=clean_env(CLAWGATE_TOKEN=""))
     assert json.loads(res.stdout)["token"] is None
+
+
+def test_log_json_and_log_level(gateway_process: Any, tmp_path: Path) -> None:
+    gp: GatewayProcess = gateway_process("--log-json")
+    code, _out, errs = gp.stop()
+    assert code == 0
+    lines = [json.loads(line) for line in errs.splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert events[0] == "gateway started"
+    assert "gateway stopped" in events
+    assert all(line["level"] in ("info", "warning", "error") and "timestamp" in line for line in lines)
+
+    quiet = GatewayProcess(tmp_path / "quiet", "--log-level", "warning").start()
+    try:
+        code, _out, errs = quiet.stop()
+    finally:
+        quiet.kill()
+    assert code == 0
+    assert "gateway started" not in errs
+    assert "gateway stopped" not in errs
