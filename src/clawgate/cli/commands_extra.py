@@ -16,21 +16,20 @@ from clawgate.cli.soak import bench_app
 
 app.add_typer(bench_app, name="bench")
 
-BATCH_HELP = """Run every task of TASKS (JSONL) through a gateway, with a progress bar, retries and resume.
-
-Each line: {"id": ..., "message": ..., "sessionKey"?: ..., "spawn"?: {"mode": "run"|"session",
-"cleanup": "keep"|"delete"}, "timeout"?: seconds}. A task without sessionKey runs in its own
-session (agent:main:batch:<id>); a spawn task is spawned by sessionKey (default agent:main:batch).
-
-Without --url an embedded gateway is started in this process (SQLite store under --state-dir,
-default ~/.clawgate, on a free port). Each task is done exactly once: its idempotency key is
-batch:<id>, tasks with a final line in the results file are skipped, and a rerun after a crash
-picks up runs already accepted instead of submitting them again.
-
-Exit code: 0 when every task in the file ended ok (in this run or an earlier one); 1 when any
-task ended error/timeout/aborted, was left unfinished after its retries, or a line was malformed
-(malformed lines are reported with their line number and skipped); 2 on bad arguments.
-"""
+BATCH_HELP = (
+    "Run every task of TASKS (JSONL) through a gateway, with a progress bar, retries and resume.\n\n"
+    'Each line: {"id": ..., "message": ..., "sessionKey"?: ..., "spawn"?: {"mode": "run"|"session", '
+    '"cleanup": "keep"|"delete"}, "timeout"?: seconds}. A task without sessionKey runs in its own session '
+    "(agent:main:batch:ID); a spawn task is spawned on behalf of sessionKey (default --requester).\n\n"
+    "Without --url an embedded gateway is started in this process (SQLite store under --state-dir, "
+    "default ~/.clawgate, on a free 127.0.0.1 port).\n\n"
+    "Each task is done exactly once: its idempotency key is batch:ID, tasks with a final line in the "
+    "results file are skipped, and a rerun after a crash picks up runs the gateway already accepted "
+    "instead of submitting them again. UNAVAILABLE answers and lost connections are retried with backoff.\n\n"
+    "Exit code: 0 when every task in the file ended ok (in this run or an earlier one); 1 when any task "
+    "ended error, timeout or aborted, was left unfinished after --max-attempts, or a line was malformed "
+    "(malformed lines are reported with their line number and skipped); 2 on bad arguments."
+)
 
 
 @contextlib.asynccontextmanager
