@@ -452,3 +452,16 @@ def test_gateway_killed_and_restarted_under_a_running_batch(tmp_path: Path) -> N
     interrupted = _check_exactly_once(state / "clawgate.db", tasks, lines)
     assert interrupted > 0
     assert sum(1 for line in lines if ":retry1" in str(line["runId"])) >= 1
+
+
+def test_demo_runs_the_bundled_tasks_and_exits_zero() -> None:
+    env = {**os.environ, "COLUMNS": "120"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "clawgate.demo"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "200 runs completed" in proc.stdout
+    assert _summary_value(proc.stdout, "ok") == 199
+    assert _summary_value(proc.stdout, "error") == 1
+    assert re.search(r"│ runs_active\s+│\s+0 │", proc.stdout)
+    assert re.search(r"│ run_contexts\s+│\s+0 │", proc.stdout)
