@@ -20,6 +20,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from clawgate.errors import InvalidRequest, PayloadTooLarge
@@ -358,3 +359,61 @@ def test_one_connection_survives_random_frames(live: LiveGateway, conn: ClientCo
     assert gw.internal_errors == 0
     assert Stats.errors.get("INVALID_REQUEST", 0) >= Stats.frames // 2
     assert live.thread.is_alive()
+
+
+connect_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "minProtocol": st.integers(-2, 8) | json_values,
+        "maxProtocol": st.integers(-2, 8) | json_values,
+        "client": st.dictionaries(
+            st.sampled_from(["id", "version", "platform", "mode", "deviceFamily", "instanceId"]), json_values
+        )
+        | json_values,
+        "role": st.sampled_from(["operator", "node", "admin"]) | json_values,
+        "scopes": st.lists(st.sampled_from(["operator.read", "operator.write", "operator.admin", "x"]))
+        | json_values,
+        "auth": st.dictionaries(st.sampled_from(["token", "deviceToken", "password"]), json_values)
+        | json_values,
+        "caps": json_values,
+        "device": st.dictionaries(
+            st.sampled_from(["id", "publicKey", "signature", "signedAt", "nonce"]),
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789-_", min_size=0, max_size=90)
+            | st.integers(0, 2**53)
+            | json_values,
+        )
+        | json_values,
+    },
+)
+
+
+def test_random_connect_params_get_an_answer_never_internal(live: LiveGateway) -> None:
+    assert live.running is not None
+    url = live.running.url
+    outcomes: dict[str, int] = {}
+
+    # Each refused example costs a closing handshake (~50 ms with delayed ACKs): keep it to 100.
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(connect_fields)
+    def attempt(params: dict[str, Any]) -> None:
+        with connect(url, open_timeout=5, close_timeout=2) as ws:
+            assert json.loads(ws.recv(timeout=5))["event"] == "connect.challenge"
+            ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": params}))
+            res = json.loads(ws.recv(timeout=5))
+            assert res["type"] == "res"
+            assert res["id"] == "c"
+            if res["ok"]:
+                assert res["payload"]["type"] == "hello-ok"
+                assert res["payload"]["protocol"] in (3, 4)
+                outcomes["ok"] = outcomes.get("ok", 0) + 1
+                return
+            code = res["error"]["code"]
+            assert code in ("INVALID_REQUEST", "UNAUTHORIZED"), res
+            outcomes[code] = outcomes.get(code, 0) + 1
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1008
+
+    attempt()
+    assert live.gateway.internal_errors == 0
+    assert outcomes.get("INVALID_REQUEST", 0) > 0
