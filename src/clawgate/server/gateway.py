@@ -225,10 +225,12 @@ class Gateway:
     def hello(self, conn: Connection) -> dict[str, Any]:
         assert conn.grant is not None
         s = self.settings
+        # Every object of OpenClaw's HelloOkSchema is closed (additionalProperties: false), so
+        # only fields that schema names go here: stricter OpenClaw clients reject anything else.
         return {
             "type": "hello-ok",
             "protocol": conn.grant.protocol,
-            "server": {"version": __version__, "connId": conn.conn_id, "host": "clawgate"},
+            "server": {"version": __version__, "connId": conn.conn_id},
             "features": {"methods": sorted(self.methods), "events": EVENTS},
             "snapshot": {
                 "presence": [],
@@ -240,6 +242,7 @@ class Gateway:
                     "mainKey": "main",
                     "mainSessionKey": "agent:main:main",
                 },
+                "authMode": "token" if s.token else "none",
             },
             "policy": {
                 "maxPayload": s.max_payload_bytes,
