@@ -38,6 +38,12 @@ def decode(att: Attachment) -> bytes:
     return att.content.encode("utf-8")
 
 
+def _decoded_size_at_least(att: Attachment) -> int:
+    if att.encoding == "base64":
+        return max(0, len(att.content) * 3 // 4 - 2)
+    return len(att.content)  # UTF-8 has at least one byte per character
+
+
 def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, bytes]]:
     """Validate names and sizes (pure); returns what to write."""
     files: list[tuple[str, bytes]] = []
@@ -50,6 +56,12 @@ def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, by
                 f"duplicate attachment name {att.name!r}", details={"field": "params.attachments.name"}
             )
         seen.add(att.name)
+        # Refuse from the encoded size before decoding, so an oversized spawn costs no copy.
+        if total + _decoded_size_at_least(att) > max_bytes:
+            raise InvalidRequest(
+                f"attachments exceed {max_bytes} bytes per spawn",
+                details={"field": "params.attachments", "maxBytes": max_bytes},
+            )
         data = decode(att)
         total += len(data)
         if total > max_bytes:

@@ -63,7 +63,8 @@ def announce_delay(attempt: int, delays: list[float]) -> float:
     """Delay before retry number `attempt` (1-based): 1, 2, 4, 8 s, then the last one again."""
     if not delays:
         return 1.0
-    return delays[min(attempt, len(delays)) - 1]
+    # Clamped at both ends: attempt 0 (or less) must not wrap around to the last delay.
+    return delays[min(max(attempt, 1), len(delays)) - 1]
 
 
 def announce_text(rec: SubagentRecord) -> str:

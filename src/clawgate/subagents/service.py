@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -34,7 +36,7 @@ from clawgate.state.clock import Clock, Timer
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
-from clawgate.store.records import RunRecord, SubagentRecord
+from clawgate.store.records import RunRecord, SubagentRecord, TranscriptMessage
 from clawgate.subagents import attachments, rules
 from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, SubagentEndedHook
 
@@ -107,6 +109,13 @@ class SubagentService:
         ):
             registry.register(structure)
         registry.add_sweep("subagent_archive", self.sweep_store)
+        # One pipeline task per run at most: a run can be finalized from several places
+        # (its end hook, the grace timer, the pending-error sweep, restore), and a second
+        # concurrent pipeline would announce and report twice (rule 7).
+        self.pipelines: TTLMap[RunId, asyncio.Task[None]] = TTLMap(
+            "subagent_pipelines", clock, max_size=cap, lru=False
+        )
+        registry.register(self.pipelines)
         self.tasks: set[asyncio.Task[None]] = set()
         registry.add("subagent_tasks", self.tasks.__len__, ttl_s=None, max_size=cap)
         self.hooks: list[SubagentEndedHook] = []
@@ -114,12 +123,16 @@ class SubagentService:
             self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
         self.hook_errors = 0
         self.ended_reports = 0
+        self.announce_failures = 0
+        self.announces_expired = 0
+        self.sweep_errors = 0
         self.attachments_root = settings.state_path / "attachments"
         runs.tools[SESSIONS_SPAWN_SPEC.name] = Tool(SESSIONS_SPAWN_SPEC, self._tool_spawn)
         runs.start_hooks.append(self._on_run_start)
         runs.end_hooks.append(self._on_run_end)
         bus.listeners.append(self._on_event)
         self._stopping = False
+        self._restoring = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -127,20 +140,35 @@ class SubagentService:
 
     async def stop(self) -> None:
         self._stopping = True
+        # Grace timers live on the clock, which may outlive this gateway (a restart in the
+        # same process): a stopped service must not finalize anything. The store keeps the
+        # record live, so the next start resumes it.
+        for pending in self.pending_errors.values():
+            if pending.timer is not None:
+                pending.timer.cancel()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
-    def _spawn_task(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
+    def _start_pipeline(
+        self, run_id: RunId, make: Callable[[], Coroutine[Any, Any, None]], name: str
+    ) -> bool:
+        """Start the pipeline of `run_id` unless one is already in flight (or we are stopping)."""
+        if self._stopping or run_id in self.pipelines:
+            return False
+        task = asyncio.create_task(make(), name=name)
+        self.pipelines.set(run_id, task)
         self.tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(run_id, t))
+        return True
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, run_id: RunId, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        if self.pipelines.get(run_id) is task:
+            self.pipelines.pop(run_id)
         if not task.cancelled() and task.exception() is not None:
-            log.error("subagent task failed", task=task.get_name(), error=repr(task.exception()))
+            log.error("subagent pipeline failed", task=task.get_name(), error=repr(task.exception()))
 
     # -- spawn ------------------------------------------------------------------------------------------
     def depth_of(self, session_key: str) -> int:
@@ -148,6 +176,7 @@ class SubagentService:
             return 0
         run_id = self.by_child.get(SessionKey(session_key))
         rec = self.active.get(run_id) if run_id is not None else None
+        # An untracked child session (its pipeline is done) is at least depth 1.
         return rec.depth if rec is not None else 1
 
     def active_children(self, requester: SessionKey) -> int:
@@ -163,21 +192,27 @@ class SubagentService:
 
     async def spawn(self, params: SpawnParams) -> dict[str, Any]:
         requester = SessionKey(params.session_key)
-        if params.idempotency_key:
-            known = self.spawn_keys.get(params.idempotency_key)
+        run_id = RunId(str(uuid.uuid4()))
+        key = params.idempotency_key
+        if key:
+            # Deduplication comes before the limits: a retry of an accepted spawn gets its
+            # runId back even when the requester is now at maxChildrenPerAgent.
+            known = self.spawn_keys.get(key)
             if known is None:
-                known_str = await self.store.claim_key(
-                    f"spawn:{params.idempotency_key}", "", self.settings.dedupe_ttl_s, self.clock.time()
+                # Bind the key to this attempt's run id atomically, so of two concurrent
+                # spawns with one key (or a retry after a restart) exactly one goes ahead.
+                claimed = await self.store.claim_key(
+                    f"spawn:{key}", run_id, self.settings.dedupe_ttl_s, self.clock.time()
                 )
-                known = RunId(known_str) if known_str else None
-            if known:
-                rec = self.active.get(known) or await self.store.get_subagent(known)
-                if rec is not None:
-                    return {
-                        "status": "accepted",
-                        "runId": rec.run_id,
-                        "childSessionKey": rec.child_session_key,
-                    }
+                known = RunId(claimed) if claimed else None
+                if known is None:
+                    self.spawn_keys.set(key, run_id)
+            if known is not None:
+                existing = self.active.get(known) or await self.store.get_subagent(known)
+                if existing is not None:
+                    return _accepted(existing)
+                # The key names a spawn that was refused or is already swept: this one goes ahead.
+                self.spawn_keys.set(key, run_id)
         depth = self.depth_of(requester) + 1
         if depth > self.settings.max_spawn_depth:
             raise Forbidden(
@@ -195,7 +230,6 @@ class SubagentService:
                 },
             )
         files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
-        run_id = RunId(str(uuid.uuid4()))
         agent_id = params.agent_id or agent_id_of(requester)
         child = subagent_key(agent_id)
         now = self.clock.time()
@@ -215,7 +249,11 @@ class SubagentService:
         )
         message = params.task
         if files:
-            rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+            try:
+                rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+            except BaseException:
+                attachments.remove(str(self.attachments_root / run_id))
+                raise
             message += "\n\nAttachments: " + ", ".join(name for name, _ in files)
         self._track(rec)
         try:
@@ -238,14 +276,9 @@ class SubagentService:
             with contextlib.suppress(ClawgateError):
                 await self.store.delete_subagent(run_id)
             raise
-        if params.idempotency_key:
-            self.spawn_keys.set(params.idempotency_key, run_id)
-            with contextlib.suppress(ClawgateError):
-                await self.store.claim_key(
-                    f"spawn:{params.idempotency_key}:bound", run_id, self.settings.dedupe_ttl_s, now
-                )
+        # Before any await: the child cannot have started yet, so `spawned` precedes `ended`.
         self._event(rec, "spawned")
-        return {"status": "accepted", "runId": run_id, "childSessionKey": child}
+        return _accepted(rec)
 
     async def _tool_spawn(self, ctx: ToolCallContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -294,28 +327,38 @@ class SubagentService:
         phase = data.get("phase")
         if phase == "error" and data.get("willRetry"):
             # Held as pending: the run may recover (a later start clears it).
-            self.pending_errors.set(run_id, PendingError(str(data.get("error")), self.clock.time()))
+            self._set_pending(run_id, PendingError(str(data.get("error")), self.clock.time()))
         elif phase == "start":
             pending = self.pending_errors.pop(run_id)
             if pending is not None and pending.timer is not None:
                 pending.timer.cancel()
+
+    def _set_pending(self, run_id: RunId, pending: PendingError) -> None:
+        old = self.pending_errors.pop(run_id)
+        if old is not None and old.timer is not None:
+            old.timer.cancel()
+        self.pending_errors.set(run_id, pending)
 
     def _on_run_end(self, run: RunRecord) -> None:
         if run.kind != "subagent":
             return
         run_id = RunId(run.run_id)
         rec = self.active.get(run_id)
-        if rec is None or rec.status == "ended":
+        if rec is None or rec.status == "ended" or self._stopping:
             return
         if run.status == "error" and run.error != INTERRUPTED and self.settings.lifecycle_error_grace_s > 0:
             # A lifecycle error is held for the grace period before the run is finalized as error.
             pending = PendingError(run.error or "error", self.clock.time())
-            self.pending_errors.set(run_id, pending)
+            self._set_pending(run_id, pending)
             pending.timer = self.clock.call_later(
                 self.settings.lifecycle_error_grace_s, lambda: self._grace_over(run_id, run)
             )
             return
-        self._spawn_task(self._finalize(rec, run.status, run.error, run.result_text), f"finalize:{run_id}")
+        self._start_pipeline(
+            run_id,
+            partial(self._finalize, rec, run.status, run.error, run.result_text, resumed=self._restoring),
+            f"finalize:{run_id}",
+        )
 
     def _grace_over(self, run_id: RunId, run: RunRecord) -> None:
         pending = self.pending_errors.pop(run_id)
@@ -323,7 +366,9 @@ class SubagentService:
         if rec is None or rec.status == "ended":
             return
         error = pending.error if pending is not None else run.error
-        self._spawn_task(self._finalize(rec, "error", error, run.result_text), f"finalize:{run_id}")
+        self._start_pipeline(
+            run_id, partial(self._finalize, rec, "error", error, run.result_text), f"finalize:{run_id}"
+        )
 
     def _on_pending_expired(self, run_id: RunId, pending: PendingError, why: str) -> None:
         # Rule 4: swept 5 min after it was recorded, whatever happened to its grace timer.
@@ -331,7 +376,9 @@ class SubagentService:
             pending.timer.cancel()
         rec = self.active.get(run_id)
         if rec is not None and rec.status != "ended" and run_id not in self.runs.active:
-            self._spawn_task(self._finalize(rec, "error", pending.error, None), f"finalize:{run_id}")
+            self._start_pipeline(
+                run_id, partial(self._finalize, rec, "error", pending.error, None), f"finalize:{run_id}"
+            )
 
     def _on_record_expired(self, run_id: RunId, rec: SubagentRecord, why: str) -> None:
         log.warning("subagent record hit its in-memory backstop", run_id=run_id, why=why)
@@ -343,7 +390,9 @@ class SubagentService:
                 self.by_requester.pop(SessionKey(rec.requester_session_key))
 
     # -- the pipeline ----------------------------------------------------------------------------------
-    async def _finalize(self, rec: SubagentRecord, outcome: str, error: str | None, text: str | None) -> None:
+    async def _finalize(
+        self, rec: SubagentRecord, outcome: str, error: str | None, text: str | None, *, resumed: bool = False
+    ) -> None:
         if rec.status != "ended":
             rec.status = "ended"
             rec.outcome = outcome
@@ -352,9 +401,9 @@ class SubagentService:
             rec.frozen_result = rules.freeze(text, self.settings.frozen_result_max_bytes)
             await self.store.put_subagent(rec)
             self._event(rec, "ended", outcome=outcome)
-        await self._continue(rec)
+        await self._continue(rec, resumed=resumed)
 
-    async def _continue(self, rec: SubagentRecord) -> None:
+    async def _continue(self, rec: SubagentRecord, *, resumed: bool) -> None:
         """Run the remaining pipeline steps for an ended record (also used after a restart)."""
         if rec.announced_at is None and rec.ended_reason != "released":
             await self._announce(rec)
@@ -362,7 +411,9 @@ class SubagentService:
             await self._cleanup(rec)
         if rec.ended_reason is None:
             await self._report(rec, rules.cleanup_reason(rec))
-        elif not rec.ended_notified:
+        elif resumed and not rec.ended_notified:
+            # Recorded before a crash, delivery not confirmed: deliver once more, flagged. In a
+            # live pipeline a set reason means whoever set it (release) is delivering it.
             await self._deliver(rec, redelivery=True)
         self._untrack(rec)
 
@@ -373,23 +424,29 @@ class SubagentService:
         requester = SessionKey(rec.requester_session_key)
         text = rules.announce_text(rec)
         attempt = 0
+        delivered = False
         while True:
             try:
                 await self.sessions.touch(requester)
                 await self.store.append_message(
                     _announce_message(requester, text, rec.run_id, self.clock.time())
                 )
+                delivered = True
                 break
             except (StoreError, OSError) as exc:
                 attempt += 1
+                self.announce_failures += 1
                 if self.clock.time() - started >= self.settings.announce_expiry_s:
-                    log.warning("announce expired", run_id=rec.run_id, error=str(exc))
+                    self.announces_expired += 1
+                    log.warning("announce expired", run_id=rec.run_id, error=str(exc), attempts=attempt)
                     break
                 await self.clock.sleep(rules.announce_delay(attempt, self.settings.announce_retry_delays_s))
         self.announces.pop(run_id)
+        # Set even when the announce expired: the step is over either way, cleanup goes on.
         rec.announced_at = self.clock.time()
         self.store.put_subagent(rec)
-        self._event(rec, "announced", outcome=rec.outcome)
+        if delivered:
+            self._event(rec, "announced", outcome=rec.outcome)
 
     async def _cleanup(self, rec: SubagentRecord) -> None:
         if rec.cleanup == "delete":
@@ -467,18 +524,39 @@ class SubagentService:
 
     # -- the TTL sweep (store-backed) ---------------------------------------------------------------------
     async def sweep_store(self) -> int:
-        """Remove records whose expiry has passed; report `swept` only for records that reported nothing."""
+        """Remove records whose expiry has passed; report `swept` only for records that reported nothing.
+
+        One record that fails is logged and skipped (the others are still swept); the
+        sweep then raises so the maintenance tick counts the error (rule 6).
+        """
         removed = 0
+        failed: set[str] = set()
         now = self.clock.time()
         while True:
             due = await self.store.due_subagents(now, SWEEP_BATCH)
+            deletes: list[Awaitable[None]] = []
             for rec in due:
-                if RunId(rec.run_id) in self.active:
-                    continue  # still in its pipeline (should not happen: expiry is set at cleanup)
-                await self._sweep_one(rec)
-                removed += 1
-            if len(due) < SWEEP_BATCH:
-                return removed
+                # Rule 1: a record still in its pipeline is never removed (expiry is set at
+                # cleanup, so this only happens when its last steps are still in flight).
+                if rec.run_id in failed or RunId(rec.run_id) in self.active:
+                    continue
+                try:
+                    await self._sweep_one(rec)
+                except Exception:
+                    failed.add(rec.run_id)
+                    self.sweep_errors += 1
+                    log.exception("subagent sweep failed for a record", run_id=rec.run_id)
+                    continue
+                deletes.append(self.store.delete_subagent(rec.run_id))
+            # Deletes are grouped by the store; awaited before the next query so it sees them.
+            if deletes:
+                await asyncio.gather(*deletes)
+            removed += len(deletes)
+            if len(due) < SWEEP_BATCH or not deletes:
+                break
+        if failed:
+            raise StoreError(f"subagent sweep: {len(failed)} record(s) failed and were kept")
+        return removed
 
     async def _sweep_one(self, rec: SubagentRecord) -> None:
         if rules.sweep_deletes_child_session(rec):
@@ -490,11 +568,11 @@ class SubagentService:
             await self._report(rec, reason)
         elif not rec.ended_notified:
             await self._deliver(rec, redelivery=True)
-        await self.store.delete_subagent(rec.run_id)
 
     # -- restore --------------------------------------------------------------------------------------------
     async def load(self) -> int:
         """Before runs are restored: bring live records back into memory."""
+        self._restoring = True
         live = await self.store.live_subagents()
         for rec in live:
             self._track(rec)
@@ -503,20 +581,31 @@ class SubagentService:
     async def resume(self) -> int:
         """After runs are restored: end what has no live run, continue every unfinished pipeline."""
         resumed = 0
-        for rec in list(self.active.values()):
-            run_id = RunId(rec.run_id)
-            if rec.status != "ended":
-                if run_id in self.runs.active:
-                    continue  # re-queued: it will run and end normally
-                _run, run_rec = await self.runs.lookup(run_id)
-                if run_rec is not None and run_rec.is_final and run_rec.error != INTERRUPTED:
-                    outcome, error, text = run_rec.status, run_rec.error, run_rec.result_text
+        try:
+            for rec in list(self.active.values()):
+                run_id = RunId(rec.run_id)
+                if run_id in self.pipelines or run_id in self.pending_errors:
+                    continue  # already being finalized (e.g. its run was ended by the run restore)
+                if rec.status != "ended":
+                    if run_id in self.runs.active:
+                        continue  # re-queued: it will run and end normally
+                    _run, run_rec = await self.runs.lookup(run_id)
+                    if run_rec is not None and run_rec.is_final and run_rec.error != INTERRUPTED:
+                        outcome, error, text = run_rec.status, run_rec.error, run_rec.result_text
+                    else:
+                        outcome, error, text = "error", INTERRUPTED, None
+                    self._start_pipeline(
+                        run_id,
+                        partial(self._finalize, rec, outcome, error, text, resumed=True),
+                        f"finalize:{run_id}",
+                    )
                 else:
-                    outcome, error, text = "error", INTERRUPTED, None
-                self._spawn_task(self._finalize(rec, outcome, error, text), f"finalize:{run_id}")
-            else:
-                self._spawn_task(self._continue(rec), f"resume:{run_id}")
-            resumed += 1
+                    self._start_pipeline(
+                        run_id, partial(self._continue, rec, resumed=True), f"resume:{run_id}"
+                    )
+                resumed += 1
+        finally:
+            self._restoring = False
         return resumed
 
     async def restore(self) -> int:
@@ -534,7 +623,9 @@ class SubagentService:
         return out[:limit]
 
 
-def _announce_message(requester: SessionKey, text: str, run_id: str, now: float) -> Any:
-    from clawgate.store.records import TranscriptMessage
+def _accepted(rec: SubagentRecord) -> dict[str, Any]:
+    return {"status": "accepted", "runId": rec.run_id, "childSessionKey": rec.child_session_key}
 
+
+def _announce_message(requester: SessionKey, text: str, run_id: str, now: float) -> TranscriptMessage:
     return TranscriptMessage(session_key=requester, role="system", content=text, ts=now, run_id=run_id)
