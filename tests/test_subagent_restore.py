@@ -7,11 +7,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from clawgate.runs.service import INTERRUPTED
 from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord, SubagentRecord
 from clawgate.store.sqlite import SqliteStore
-from conftest import GatewayFactory, settle
+from conftest import GatewayFactory, settle, unique_prefix
 from test_subagents import (
     MANUAL_TICKS,
     assert_partial,
@@ -267,3 +269,36 @@ async def test_spawn_idempotency_key_survives_a_restart(
         await settle(second.gateway)
     assert again == original
     assert await second.gateway.store.count_subagents() == 1
+
+
+# -- the same registry on the shared Redis store ---------------------------------------------------------------
+@pytest.mark.redis
+async def test_registry_lifecycle_and_restart_on_redis(
+    start_gateway: GatewayFactory, clock: FakeClock, redis_url: str
+) -> None:
+    """Spawn, cleanup, exactly once across a restart and the TTL sweep, with records in Redis."""
+    redis = {"store": redis_url, "redis_prefix": unique_prefix(), **MANUAL_TICKS}
+    first = await start_gateway(**redis)
+    hook = hooked(first.gateway)
+    async with connect(first) as c:
+        ids = [
+            (await spawn(c, f"agent:main:redis-{i % 2}", f"[[reply:{i}]]", mode="session"))["runId"]
+            for i in range(6)
+        ]
+        await settle(first.gateway)
+        runs = (await c.call("subagents.list", {"sessionKey": "agent:main:redis-0"}))["runs"]
+    assert sorted(r["runId"] for r in runs) == sorted(ids[0::2])
+    assert Counter(e.run_id for e in hook.events) == dict.fromkeys(ids, 1)
+    await first.stop()
+
+    second = await start_gateway(**redis)
+    gw = second.gateway
+    late = hooked(gw)
+    assert await gw.store.count_subagents() == 6
+    assert_registry_empty(gw)
+    await clock.advance_async(gw.settings.subagent_session_ttl_s - 1)
+    assert (await tick(gw))["subagent_archive"] == 0
+    await clock.advance_async(2)
+    assert (await tick(gw))["subagent_archive"] == 6
+    assert await gw.store.count_subagents() == 0
+    assert late.events == []

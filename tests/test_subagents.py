@@ -442,6 +442,116 @@ async def test_rule1_session_record_lives_exactly_its_ttl_after_cleanup(
         assert [m["content"] for m in await history(c, res["childSessionKey"])][-1] == "sess"
 
 
+async def test_announce_gives_up_after_its_expiry_and_cleanup_goes_on(
+    start_gateway: GatewayFactory, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A requester that cannot be written to for 5 minutes: the announce expires, cleanup completes
+    (from then on the record's TTL counts, rule 1), no `announced` event is claimed."""
+    rg = await start_gateway(**MANUAL_TICKS)
+    gw = rg.gateway
+    svc = gw.subagents
+    hook = hooked(gw)
+    async with connect(rg) as c:
+        await c.subscribe(["agent:main:unreachable"])
+        async with blocked_writes(tmp_path / "state", "messages", "{row}.role = 'system'"):
+            res = await spawn(c, "agent:main:unreachable", "[[reply:lost]]", mode="session")
+            await wait_for(lambda: svc.announce_failures == 1, "the first failure")
+            ended_at = clock.time()
+            while svc.announces_expired == 0:
+                assert clock.time() - ended_at <= gw.settings.announce_expiry_s + 8
+                failures = svc.announce_failures
+                await clock.advance_async(8)
+                await wait_for(lambda n=failures: svc.announce_failures > n, "a retry")
+            await settle(gw)
+        assert svc.announces_expired == 1
+        cleaned_at = clock.time()
+        assert cleaned_at - ended_at >= gw.settings.announce_expiry_s
+        assert_partial(
+            await stored(gw, res["runId"]),
+            {"cleanup_completed_at": cleaned_at, "expires_at": cleaned_at + 300, "ended_reason": "completed"},
+        )
+        assert await history(c, "agent:main:unreachable") == []
+        await c.status()  # a round trip: every event emitted before it has arrived
+        phases = [f["payload"]["phase"] for f in drain_events(c) if f.get("event") == "subagent"]
+        assert phases == ["spawned", "ended", "cleaned"]
+    assert reasons(hook) == {res["runId"]: ["completed"]}
+    assert_registry_empty(gw)
+
+
+def drain_events(c: Client) -> list[dict[str, Any]]:
+    out = []
+    while not c.events.empty():
+        out.append(c.events.get_nowait())
+    return out
+
+
+async def test_timeout_and_abort_are_final_at_once_with_their_outcome(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    """Only lifecycle errors are held for the grace; a timeout or an abort is final at its end."""
+    rg = await start_gateway(**MANUAL_TICKS)
+    gw = rg.gateway
+    hook = hooked(gw)
+    async with connect(rg) as c:
+        slow = await spawn(c, "agent:main:ends", "[[stall]]", runTimeoutSeconds=5)
+        stopped = await spawn(c, "agent:main:ends", "[[stall]]", runTimeoutSeconds=3600)
+        await wait_for(lambda: gw.runs.running == 2, "both children to run")
+        await c.abort(stopped["runId"])
+        await advance(clock, gw, 5)
+        assert_partial(await stored(gw, slow["runId"]), {"outcome": "timeout", "error": "run timed out"})
+        assert_partial(await stored(gw, stopped["runId"]), {"outcome": "aborted", "error": "aborted"})
+        contents = sorted(m["content"] for m in await history(c, "agent:main:ends"))
+    assert contents == sorted(
+        [
+            f"[subagent {slow['runId']} finished: timeout] run timed out",
+            f"[subagent {stopped['runId']} finished: aborted] aborted",
+        ]
+    )
+    assert sorted((e.outcome, e.reason) for e in hook.events) == [
+        ("aborted", "completed"),
+        ("timeout", "completed"),
+    ]
+    assert_registry_empty(gw)
+
+
+async def test_frozen_result_is_capped(start_gateway: GatewayFactory) -> None:
+    rg = await start_gateway(frozen_result_max_bytes=1000, **MANUAL_TICKS)
+    gw = rg.gateway
+    async with connect(rg) as c:
+        res = await spawn(c, "agent:main:big", "[[size:5000]]")
+        await settle(gw)
+        rec = await stored(gw, res["runId"])
+        assert rec is not None
+        assert rec["frozen_result"] == ("abcdefghijklmnopqrstuvwxyz0123456789 " * 30)[:1000]
+        # The child's own transcript keeps the whole reply.
+        assert len((await history(c, res["childSessionKey"]))[-1]["content"]) == 5000
+
+
+async def test_deleting_the_requester_releases_its_children(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    """Rule 7, reason `released`: reported once, nothing is announced into the deleted session."""
+    rg = await start_gateway(**MANUAL_TICKS)
+    gw = rg.gateway
+    hook = hooked(gw)
+    async with connect(rg) as c:
+        res = await spawn(c, "agent:main:gone", "[[stall]]", runTimeoutSeconds=3600)
+        await wait_for(lambda: gw.runs.running == 1, "the child to run")
+        await c.call("sessions.delete", {"key": "agent:main:gone"})
+        await settle(gw)
+        assert_partial(
+            await stored(gw, res["runId"]),
+            {"outcome": "aborted", "ended_reason": "released", "announced_at": None, "ended_notified": True},
+        )
+        assert await history(c, "agent:main:gone") == []
+        listed = (await c.call("sessions.list", {"limit": 1000}))["sessions"]
+        assert "agent:main:gone" not in {s["key"] for s in listed}
+    await clock.advance_async(gw.settings.subagent_archive_after_s + 1)
+    assert (await tick(gw))["subagent_archive"] == 1
+    assert reasons(hook) == {res["runId"]: ["released"]}
+    assert_registry_empty(gw)
+
+
 # -- run mode: archive -------------------------------------------------------------------------------------
 async def test_run_mode_is_archived_after_archive_time_and_deletes_the_child(
     start_gateway: GatewayFactory, clock: FakeClock

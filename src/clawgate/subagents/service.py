@@ -436,7 +436,14 @@ class SubagentService:
             except (StoreError, OSError) as exc:
                 attempt += 1
                 self.announce_failures += 1
-                if self.clock.time() - started >= self.settings.announce_expiry_s:
+                now = self.clock.time()
+                # The soft expiry counts from this attempt series; the hard one from the end,
+                # so a pipeline resumed after a long downtime does not retry for another 5 min.
+                ended = rec.ended_at if rec.ended_at is not None else started
+                if (
+                    now - started >= self.settings.announce_expiry_s
+                    or now - ended >= self.settings.announce_hard_expiry_s
+                ):
                     self.announces_expired += 1
                     log.warning("announce expired", run_id=rec.run_id, error=str(exc), attempts=attempt)
                     break
