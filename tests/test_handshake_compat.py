@@ -380,7 +380,13 @@ async def test_scopes_admin_implies_write_implies_read(
         else:
             assert agent["ok"] is False
             assert agent["error"]["code"] == "FORBIDDEN"
-            assert agent["error"]["details"] == {"scope": WRITE, "method": "agent"}
+            assert agent["error"]["details"] == {
+                "code": "MISSING_SCOPE",
+                "missingScope": WRITE,
+                "requiredScopes": [WRITE],
+                "scope": WRITE,
+                "method": "agent",
+            }
     finally:
         await raw.close()
     await settle(gw.gateway)

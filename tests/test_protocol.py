@@ -492,7 +492,13 @@ async def test_read_scope_cannot_start_runs(gateway: RunningGateway) -> None:
         assert res["id"] == "f1"
         assert res["ok"] is False
         assert res["error"]["code"] == "FORBIDDEN"
-        assert res["error"]["details"] == {"scope": WRITE, "method": "agent"}
+        assert res["error"]["details"] == {
+            "code": "MISSING_SCOPE",
+            "missingScope": WRITE,
+            "requiredScopes": [WRITE],
+            "scope": WRITE,
+            "method": "agent",
+        }
         res = await call(ws, "sessions.spawn", {"sessionKey": "agent:main:main", "task": "t"}, "f2")
         assert res["error"]["code"] == "FORBIDDEN"
         await assert_healthy(ws)

@@ -230,4 +230,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the imported module so `commands_extra` registers on the same `app`
+    # (as __main__, this file would be a second copy of the module).
+    from clawgate.cli import main as _module
+
+    _module.main()

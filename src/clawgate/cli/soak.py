@@ -258,7 +258,7 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
         "samples": [s.__dict__ for s in result.samples],
     }
     json_path.write_text(json.dumps(data, indent=1))
-    png_path: Path | None = out_dir / "soak.png"
+    png_path: Path | None = None
     try:
         import matplotlib
 
@@ -293,6 +293,7 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
             fontsize=10,
         )
         fig.tight_layout()
+        png_path = out_dir / "soak.png"
         fig.savefig(png_path, dpi=110)
         plt.close(fig)
     except ImportError:

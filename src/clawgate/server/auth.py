@@ -73,4 +73,14 @@ def authorize(params: ConnectParams, configured_token: str | None) -> Grant:
 
 def require(grant: Grant, scope: str, method: str) -> None:
     if not grant.allows(scope):
-        raise Forbidden(f"{method} needs scope {scope}", details={"scope": scope, "method": method})
+        # OpenClaw's detail fields (code, missingScope, requiredScopes) plus ours (scope, method).
+        raise Forbidden(
+            f"missing scope: {scope} ({method})",
+            details={
+                "code": "MISSING_SCOPE",
+                "missingScope": scope,
+                "requiredScopes": [scope],
+                "scope": scope,
+                "method": method,
+            },
+        )

@@ -90,13 +90,13 @@ class Gateway:
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
         )
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
-        self.registry.add_sweep("run_contexts_idle", self.bus.sweep_contexts)
         self.registry.add_sweep("store_runs", self._sweep_store_runs)
         self.admission = Admission(
             self.registry,
             max_tracked_runs=settings.max_tracked_runs,
             memory_budget_bytes=settings.memory_budget_bytes,
         )
+        self.subagents.admission_check = self.admission.check
         self.connections: dict[str, Connection] = {}
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections

@@ -122,6 +122,9 @@ class SubagentService:
         if settings.ended_hook_log is not None:
             self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
         self.hook_errors = 0
+        # Set by the gateway: the same admission check the `sessions.spawn` RPC passes,
+        # so an agent calling the tool cannot grow tracked runs past the limit either.
+        self.admission_check: Callable[[], None] | None = None
         self.ended_reports = 0
         self.announce_failures = 0
         self.announces_expired = 0
@@ -285,6 +288,8 @@ class SubagentService:
             params = msgspec.convert({**args, "sessionKey": ctx.session_key}, SpawnParams)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"invalid sessions_spawn arguments: {exc}") from None
+        if self.admission_check is not None:
+            self.admission_check()
         return await self.spawn(params)
 
     def _track(self, rec: SubagentRecord) -> None:
