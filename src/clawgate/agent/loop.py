@@ -96,15 +96,23 @@ async def _turn(
 ) -> tuple[list[ToolCall], str]:
     calls: list[ToolCall] = []
     turn_text = ""
-    async for event in provider.stream(request):
-        if isinstance(event, TextDelta):
-            if event.text:
-                turn_text += event.text
-                emit.assistant(event.text, text_so_far + turn_text)
-        elif isinstance(event, ToolCallRequest):
-            calls.append(event.call)
-        elif isinstance(event, Finished):
-            break
+    # Closed explicitly: leaving on `Finished` (or on an abort) must release the provider's
+    # HTTP stream now, not whenever the generator is garbage collected.
+    stream = provider.stream(request)
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                if event.text:
+                    turn_text += event.text
+                    emit.assistant(event.text, text_so_far + turn_text)
+            elif isinstance(event, ToolCallRequest):
+                calls.append(event.call)
+            elif isinstance(event, Finished):
+                break
+    finally:
+        aclose = getattr(stream, "aclose", None)  # async generators have it; the protocol does not
+        if aclose is not None:
+            await aclose()
     return calls, turn_text
 
 

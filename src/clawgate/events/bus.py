@@ -100,12 +100,17 @@ class EventBus:
             else:
                 subs.add(conn_id)
 
-    def watch(self, run_id: RunId, conn_id: ConnId) -> None:
+    def watch(self, run_id: RunId, conn_id: ConnId, *, ttl_s: float | None = None) -> None:
+        """Send the run's events to `conn_id` until the run ends (`ttl_s`: backstop, default idle TTL)."""
         conns = self.watchers.get(run_id)
         if conns is None:
-            self.watchers.set(run_id, {conn_id})
+            self.watchers.set(run_id, {conn_id}, ttl_s)
         else:
             conns.add(conn_id)
+
+    def extend_watch(self, run_id: RunId, ttl_s: float) -> None:
+        """Move the watchers' backstop to now + `ttl_s` (a run that starts gets its own deadline)."""
+        self.watchers.touch(run_id, ttl_s)
 
     def unwatch_run(self, run_id: RunId) -> None:
         self.watchers.pop(run_id)

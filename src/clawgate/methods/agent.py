@@ -65,7 +65,6 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
         if rec.is_final:
             conn.respond(req_id, final_payload(rec))
         return DEFERRED
-    gw.bus.watch(RunId(rec.run_id), conn.conn_id)
     run.listeners.append(lambda final: conn.respond(req_id, final_payload(final)))
     return DEFERRED
 

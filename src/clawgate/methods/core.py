@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from clawgate.errors import Forbidden
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
 from clawgate.protocol.schemas import EmptyParams, SubscribeParams
@@ -12,6 +13,8 @@ from clawgate.server.auth import READ
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection
     from clawgate.server.gateway import Gateway
+
+MAX_SUBSCRIPTIONS = 1000
 
 
 async def health(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
@@ -25,10 +28,12 @@ async def status(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams
 
 async def subscribe(gw: Gateway, conn: Connection, req_id: str, params: SubscribeParams) -> dict[str, Any]:
     keys = [SessionKey(k) for k in params.session_keys or []]
-    if len(conn.subscribed) + len(keys) > 1000:
-        from clawgate.errors import Forbidden
-
-        raise Forbidden("at most 1000 session subscriptions per connection")
+    # Count distinct keys: subscribing again to a key already held is not a new subscription.
+    if len(conn.subscribed.union(keys)) > MAX_SUBSCRIPTIONS:
+        raise Forbidden(
+            f"at most {MAX_SUBSCRIPTIONS} session subscriptions per connection",
+            details={"maxSubscriptions": MAX_SUBSCRIPTIONS},
+        )
     conn.subscribed.update(keys)
     gw.bus.subscribe(conn.conn_id, keys, params.all)
     return {"ok": True}

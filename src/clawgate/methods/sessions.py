@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from clawgate.errors import Forbidden
+from clawgate.errors import Forbidden, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
 from clawgate.protocol.schemas import HistoryParams, SessionKeyParams, SessionsListParams, SessionsPatchParams
@@ -64,15 +64,21 @@ def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:
 
 async def reset(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
     _refuse_if_busy(gw, params.key, "reset")
+    # Resetting nothing would answer with a session id that exists nowhere.
+    if await gw.sessions.get(SessionKey(params.key)) is None:
+        raise NotFound(f"unknown session {params.key}", details={"key": params.key})
     await gw.sessions.reset(SessionKey(params.key))
     return {"ok": True, "key": params.key}
 
 
 async def delete(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
     _refuse_if_busy(gw, params.key, "delete")
-    await gw.subagents.release_requester(SessionKey(params.key))
-    await gw.sessions.delete(SessionKey(params.key))
-    return {"ok": True, "key": params.key}
+    key = SessionKey(params.key)
+    # Idempotent: a requester with no session row yet may still have children to release.
+    existed = await gw.sessions.get(key) is not None
+    await gw.subagents.release_requester(key)
+    await gw.sessions.delete(key)
+    return {"ok": True, "key": params.key, "deleted": existed}
 
 
 METHODS = [

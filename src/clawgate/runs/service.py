@@ -49,7 +49,7 @@ StartHook = Callable[[RunRecord], None]
 class Run:
     """A run while it is tracked in memory (queued or running)."""
 
-    __slots__ = ("cancel_reason", "listeners", "record", "task", "timer")
+    __slots__ = ("cancel_reason", "listeners", "record", "task", "timer", "waiting")
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
@@ -57,6 +57,9 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         self.timer: Timer | None = None
         self.cancel_reason: str | None = None  # "aborted" | "timeout" | "shutdown"
+        # Out of its session lane but waiting for a slot of the global (or subagent) lane:
+        # still queued as far as status and admission are concerned.
+        self.waiting = False
 
 
 @dataclass
@@ -113,7 +116,9 @@ class RunService:
         self.start_hooks: list[StartHook] = []
         self.end_hooks: list[EndHook] = []
         self.accepting = True
+        self.draining = False
         self.running = 0
+        self.waiting = 0  # runs out of their session lane, waiting for a global lane slot
         self.totals: dict[str, int] = {"ok": 0, "error": 0, "timeout": 0, "aborted": 0}
         self.latency = LatencyHistogram()
         self.task_errors = 0
@@ -125,6 +130,8 @@ class RunService:
             raise Unavailable("gateway is shutting down", retry_after_ms=2000)
         existing = self.active.get(req.run_id)
         if existing is not None:
+            if req.owner is not None:
+                self.bus.watch(req.run_id, req.owner, ttl_s=self.settings.abort_ttl_max_s)
             return existing, existing.record, False
         cached = self.results.get(req.run_id)
         now = self.clock.time()
@@ -151,9 +158,16 @@ class RunService:
             raise
         if prior is not None:
             self.active.pop(req.run_id)
+            # A concurrent retry may have joined `run` while the insert was in flight: it
+            # follows the prior run instead, and must not wait forever for a run never queued.
+            run.record = prior
+            if prior.is_final:
+                self._settle(run)
             return None, prior, False
         if req.owner is not None:
-            self.bus.watch(req.run_id, req.owner)
+            # Watchers live as long as the run may (the same backstop as `runs_active`), not
+            # the idle TTL of a context: a run may wait in its lane longer than that.
+            self.bus.watch(req.run_id, req.owner, ttl_s=self.settings.abort_ttl_max_s)
         self.lanes.push(req.session_key, run)
         return run, record, True
 
@@ -164,12 +178,28 @@ class RunService:
         self.lanes.push(SessionKey(record.session_key), run)
 
     # -- execute -------------------------------------------------------------------------------
+    def _startable(self, run: Run) -> bool:
+        # An abort or timeout of a queued run finishes it in another task; `cancel_reason` is
+        # set at once, so a run is never started between that request and its end.
+        return not (run.record.is_final or run.cancel_reason is not None or self.draining)
+
+    def _stop_waiting(self, run: Run) -> None:
+        if run.waiting:
+            run.waiting = False
+            self.waiting -= 1
+
     async def _execute(self, run: Run) -> None:
-        if run.record.is_final:  # aborted while queued
+        if not self._startable(run):  # aborted while queued, or shutting down
             return
         lane = self.subagent_lane if run.record.kind == "subagent" else self.main_lane
-        async with lane:
-            if run.record.is_final:
+        run.waiting = True
+        self.waiting += 1
+        try:
+            await lane.acquire()
+        finally:
+            self._stop_waiting(run)
+        try:
+            if not self._startable(run):
                 return
             run.task = asyncio.current_task()
             try:
@@ -188,6 +218,8 @@ class RunService:
                 run.task = None
                 if run.timer is not None:
                     run.timer.cancel()
+        finally:
+            lane.release()
 
     async def _run(self, run: Run) -> None:
         rec = run.record
@@ -198,6 +230,7 @@ class RunService:
         self.running += 1
         try:
             self.active.touch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
+            self.bus.extend_watch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
             run.timer = self.clock.call_later(rec.timeout_s, lambda: self._timeout(run))
             self.store.put_run(rec)
             self.bus.register_run(run_id, key)
@@ -228,7 +261,10 @@ class RunService:
             except ProviderError as exc:
                 await self._finish(run, "error", exc.message, emitter.text or None)
                 return
-            except (TimeoutError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            except Exception as exc:
+                # Anything else (a store error reading history, a tool that crashed) ends this
+                # run as error; letting it escape would kill the lane worker and strand every
+                # run queued behind it in the session.
                 log.exception("run failed", run_id=rec.run_id)
                 await self._finish(run, "error", f"{type(exc).__name__}: {exc}", emitter.text or None)
                 return
@@ -270,18 +306,33 @@ class RunService:
             self.latency.observe(rec.duration_ms / 1000)
         self.active.pop(run_id)
         self.results.set(run_id, rec)
+        # End hooks are called before the first await: what they start (the subagent
+        # pipeline) must exist the moment the run leaves `runs_active`, or an observer could
+        # see no run and no pipeline while the end is still being processed. Their writes
+        # queue behind the run's own end record, so durable order is unchanged.
+        pending = self._call_end_hooks(rec)
         try:
             await self.store.put_run(rec)
         except Exception:
             log.exception("could not persist run end", run_id=rec.run_id)
         self._settle(run)
+        for result in pending:
+            try:
+                await result
+            except Exception:
+                log.exception("run end hook failed", run_id=rec.run_id)
+
+    def _call_end_hooks(self, rec: RunRecord) -> list[Awaitable[None]]:
+        pending: list[Awaitable[None]] = []
         for hook in self.end_hooks:
             try:
                 result = hook(rec)
-                if result is not None:
-                    await result
             except Exception:
                 log.exception("run end hook failed", run_id=rec.run_id)
+                continue
+            if result is not None:
+                pending.append(result)
+        return pending
 
     def _settle(self, run: Run) -> None:
         listeners, run.listeners = run.listeners, []
@@ -321,8 +372,10 @@ class RunService:
         if run.task is not None:
             run.task.cancel()
             return True
-        # Still queued: drop it from its lane and finish it right away.
+        # Still queued: drop it from its lane (or stop counting it as waiting for a global
+        # slot; its worker returns when it gets one) and finish it right away.
         self.lanes.remove(SessionKey(run.record.session_key), run)
+        self._stop_waiting(run)
         task = asyncio.create_task(
             self._finish(run, _cancel_status(reason), _cancel_message(reason), None),
             name=f"finish:{run.record.run_id}",
@@ -342,19 +395,13 @@ class RunService:
         return self._cancel(run, "aborted")
 
     def _on_active_expired(self, run_id: RunId, run: Run, why: str) -> None:
-        # Backstop: a run past timeout + grace that somehow never ended is aborted, not leaked.
-        if why == "expired" and not run.record.is_final:
-            log.warning("run exceeded its abort deadline", run_id=run_id)
-            run.cancel_reason = run.cancel_reason or "timeout"
-            if run.task is not None:
-                run.task.cancel()
-            else:
-                self.lanes.remove(SessionKey(run.record.session_key), run)
-                run.record.status = "timeout"
-                run.record.ended_at = self.clock.time()
-                self.results.set(run_id, run.record)
-                self.store.put_run(run.record)
-                self._settle(run)
+        # Backstop: a run past timeout + grace that somehow never ended is ended, not leaked;
+        # through the normal end path, so its events, waiters and record all see the end.
+        if why != "expired" or run.record.is_final:
+            return
+        log.warning("run exceeded its abort deadline", run_id=run_id)
+        if not self._cancel(run, "timeout") and run.task is not None:
+            run.task.cancel()
 
     # -- waiting ----------------------------------------------------------------------------------
     async def lookup(self, run_id: RunId) -> tuple[Run | None, RunRecord | None]:
@@ -419,16 +466,26 @@ class RunService:
                     log.exception("run end hook failed on restore", run_id=rec.run_id)
         return requeued, interrupted
 
-    async def drain(self, grace_s: float) -> None:
-        """Stop admitting; let running work finish within `grace_s`; leave queued runs queued."""
+    async def drain(self, grace_s: float, *, end_timeout_s: float = 5.0) -> None:
+        """Stop admitting; let running work finish within `grace_s`; leave queued runs queued.
+
+        Runs still going after the grace end as error ("gateway shutting down") through the
+        normal end path (durable, final answer, end hooks); the lane workers are given
+        `end_timeout_s` for that before they are cancelled, so an end is not cut in half.
+        Queued runs are not started (`draining`) and stay `queued` in the store, to be
+        re-queued by `restore()` on the next start.
+        """
         self.accepting = False
+        self.draining = True
         deadline = time.monotonic() + grace_s
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for run in list(self.active.values()):
-            if run.task is not None:
+            if run.task is not None and not run.record.is_final and run.cancel_reason is None:
                 run.cancel_reason = "shutdown"
                 run.task.cancel()
+        if self.lanes.workers:
+            await asyncio.wait(list(self.lanes.workers), timeout=end_timeout_s)
         await self.lanes.cancel_all()
 
     def _task_error(self, exc: BaseException) -> None:
@@ -437,7 +494,7 @@ class RunService:
 
     @property
     def queued(self) -> int:
-        return self.lanes.queued
+        return self.lanes.queued + self.waiting
 
 
 class _Emitter:

@@ -133,10 +133,15 @@ class SqliteStore(Store):
                     stop = True
                     break
                 batch.append(item)
-            self._execute(conn, batch)
+            try:
+                results = self._execute(conn, batch)
+            except Exception as exc:  # a bug here must not kill the only writer: fail the batch
+                log.exception("sqlite writer failed a batch")
+                results = [(False, StoreError(f"sqlite writer: {type(exc).__name__}: {exc}"))] * len(batch)
+            self._deliver(batch, results)
         conn.close()
 
-    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -145,10 +150,13 @@ class SqliteStore(Store):
                 try:
                     results.append((True, fn(conn)))
                     conn.execute("RELEASE op")
-                except sqlite3.Error as exc:
+                except Exception as exc:
+                    # Any failure of one op (SQL error, undecodable row, a bug in the op) fails
+                    # that op alone; raising here would end the writer thread and every later
+                    # store call would wait forever.
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((False, StoreError(f"sqlite: {exc}")))
+                    results.append((False, StoreError(f"sqlite: {type(exc).__name__}: {exc}")))
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
@@ -159,13 +167,21 @@ class SqliteStore(Store):
             except sqlite3.Error:
                 pass
             results = [(False, StoreError(f"sqlite: {exc}")) for _ in batch]
+        return results
+
+    @staticmethod
+    def _deliver(batch: list[_Op], results: list[tuple[bool, Any]]) -> None:
+        # One wake-up of each waiting loop per transaction, not one per op: waking the loop
+        # costs a syscall, and a full batch is hundreds of ops.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, fut, loop), (ok, value) in zip(batch, results, strict=True):
-            if fut is None or loop is None:
-                continue
-            if ok:
-                loop.call_soon_threadsafe(_set_result, fut, value)
-            else:
-                loop.call_soon_threadsafe(_set_exception, fut, value)
+            if fut is not None and loop is not None:
+                by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -277,10 +293,10 @@ class SqliteStore(Store):
 
         def op(c: sqlite3.Connection) -> RunRecord | None:
             found = c.execute("SELECT data FROM runs WHERE run_id=?", (rec.run_id,)).fetchone()
-            if found is not None:
-                existing = _run_dec.decode(found[0])
-                if not existing.is_final or existing.accepted_at + reuse_after_s > now:
-                    return existing
+            existing = _decode_run(found[0]) if found is not None else None
+            # An undecodable row is no run to join: it is replaced.
+            if existing is not None and (not existing.is_final or existing.accepted_at + reuse_after_s > now):
+                return existing
             c.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?)", row)
             return None
 
@@ -290,13 +306,15 @@ class SqliteStore(Store):
         row = await self._submit(
             lambda c: c.execute("SELECT data FROM runs WHERE run_id=?", (run_id,)).fetchone()
         )
-        return _run_dec.decode(row[0]) if row else None
+        return _decode_run(row[0]) if row else None
 
     async def unfinished_runs(self) -> list[RunRecord]:
         rows = await self._submit(
             lambda c: c.execute("SELECT data FROM runs WHERE status IN ('queued', 'running')").fetchall()
         )
-        return [_run_dec.decode(r[0]) for r in rows]
+        # One corrupt row must not keep the gateway from starting: it is logged and skipped.
+        decoded = (_decode_run(r[0]) for r in rows)
+        return [rec for rec in decoded if rec is not None]
 
     async def count_runs(self, session_key: str | None = None) -> int:
         if session_key is None:
@@ -396,6 +414,24 @@ def _session(row: Any) -> SessionMeta:
         label=row[6],
         model=row[7],
     )
+
+
+def _decode_run(data: bytes) -> RunRecord | None:
+    try:
+        return _run_dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("undecodable run record", error=str(exc))
+        return None
+
+
+def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in items:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
