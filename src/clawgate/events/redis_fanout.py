@@ -1,0 +1,320 @@
+"""Cross-process delivery of event frames, run-finished notifications and abort
+requests through Redis pub/sub (DESIGN.md section 5: a client on process A follows and
+`agent.wait`s a run executed by process B).
+
+Interface (wired into the gateway by the event bus and the run service)::
+
+    f = RedisFanout(redis, prefix="clawgate", origin=process_id,
+                    on_event=deliver_frame, on_done=record_finished, on_abort=abort_run)
+    f.start(); await f.wait_subscribed()
+    f.publish_event(run_id, session_key, frame)   # sync, never blocks, may drop (counted)
+    f.publish_done(record_json)                   # sync, queued behind the events before it
+    f.publish_abort(run_id)                       # sync
+    await f.flush()                               # optional: wait until the queue is sent
+    await f.stop()
+
+Channels (``P`` is the prefix; names built by ``FanoutKeys``)::
+
+    P:ev     event frames        msgpack [origin, runId|nil, sessionKey, frame bytes]
+    P:done   run finished        msgpack [origin, record JSON bytes]
+    P:abort  abort request       msgpack [origin, runId]
+
+Pub/sub keeps nothing in Redis (no keys, nothing to expire) and delivers only to
+processes subscribed at that moment: durable state (run records, results) lives in the
+store; this only carries the live stream.
+
+Who gets what: a process ignores its **own events** (``on_event`` is only called for
+frames published by another origin: the local bus has already delivered them), but
+receives its **own done and abort** messages like every other process, so "a run
+finished" and "abort this run" take one code path whatever process sent them.
+Callbacks run on the event loop and must not block; one that raises is logged and
+counted, and delivery goes on.
+
+Sending never blocks the caller: messages go into one bounded buffer (``buffer_max``
+events) that one task drains, sending up to ``batch_max`` PUBLISHes per pipeline. Order
+is kept: one sender, one connection, and Redis delivers a channel's messages in order.
+When the buffer is full a new event is dropped and counted (``dropped``), like a slow
+consumer's frames; done and abort messages keep a reserve of ``CONTROL_RESERVE`` more
+slots so a flood of events does not drop a run's end. If Redis fails, the batch in
+flight is lost and counted (``failed``); the subscriber reconnects and resubscribes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+log = structlog.get_logger("clawgate.events.redis_fanout")
+T = TypeVar("T")
+
+BUFFER_MAX = 100_000  # queued events per process (each frame is at most max_payload_bytes)
+CONTROL_RESERVE = 1024  # extra slots for done/abort above a full event buffer
+BATCH_MAX = 256  # PUBLISHes per pipeline
+RETRY_S = 0.5  # back-off after a Redis error
+
+
+class FanoutKeys:
+    """Every channel name the fan-out uses, in one place."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    def events(self) -> str:
+        return f"{self.p}:ev"
+
+    def done(self) -> str:
+        return f"{self.p}:done"
+
+    def abort(self) -> str:
+        return f"{self.p}:abort"
+
+
+class EventEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    origin: str
+    run_id: str | None
+    session_key: str
+    frame: bytes
+
+
+class DoneEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    origin: str
+    record: bytes
+
+
+class AbortEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    origin: str
+    run_id: str
+
+
+_enc = msgspec.msgpack.Encoder()
+_ev_dec = msgspec.msgpack.Decoder(EventEnvelope)
+_done_dec = msgspec.msgpack.Decoder(DoneEnvelope)
+_abort_dec = msgspec.msgpack.Decoder(AbortEnvelope)
+
+OnEvent = Callable[[str | None, str, bytes], None]
+
+
+class RedisFanout:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str,
+        origin: str,
+        on_event: OnEvent,
+        on_done: Callable[[bytes], None],
+        on_abort: Callable[[str], None],
+        buffer_max: int = BUFFER_MAX,
+        batch_max: int = BATCH_MAX,
+    ) -> None:
+        if buffer_max < 1 or batch_max < 1:
+            raise ValueError("buffer_max and batch_max must be >= 1")
+        self.redis = redis
+        self.keys = FanoutKeys(prefix)
+        self.origin = origin
+        self.on_event = on_event
+        self.on_done = on_done
+        self.on_abort = on_abort
+        self.buffer_max = buffer_max
+        self.batch_max = batch_max
+        self._buf: collections.deque[tuple[str, EventEnvelope | DoneEnvelope | AbortEnvelope]] = (
+            collections.deque()
+        )
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._enqueued = 0  # messages ever queued
+        self._handled = 0  # of those, sent or failed
+        # counters
+        self.published = 0
+        self.dropped = 0
+        self.failed = 0
+        self.received = 0
+        self.bad_messages = 0
+        self.callback_errors = 0
+
+    # -- sending (never blocks) -------------------------------------------------------------------
+    def publish_event(self, run_id: str | None, session_key: str, frame: bytes) -> None:
+        if self._closed or len(self._buf) >= self.buffer_max:
+            self.dropped += 1
+            return
+        self._put(self.keys.events(), EventEnvelope(self.origin, run_id, session_key, frame))
+
+    def publish_done(self, record_json: bytes) -> None:
+        self._put_control(self.keys.done(), DoneEnvelope(self.origin, record_json))
+
+    def publish_abort(self, run_id: str) -> None:
+        self._put_control(self.keys.abort(), AbortEnvelope(self.origin, run_id))
+
+    @property
+    def pending(self) -> int:
+        """Messages queued and not yet sent."""
+        return len(self._buf)
+
+    def _put_control(self, channel: str, msg: DoneEnvelope | AbortEnvelope) -> None:
+        if self._closed or len(self._buf) >= self.buffer_max + CONTROL_RESERVE:
+            self.dropped += 1
+            log.warning("fanout: control message dropped", channel=channel)
+            return
+        self._put(channel, msg)
+
+    def _put(self, channel: str, msg: EventEnvelope | DoneEnvelope | AbortEnvelope) -> None:
+        self._buf.append((channel, msg))
+        self._enqueued += 1
+        self._wake.set()
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued before this call is sent (or failed); False on timeout."""
+        target = self._enqueued
+
+        async def wait() -> None:
+            while self._handled < target:
+                self._progress.clear()
+                await self._progress.wait()
+
+        try:
+            await asyncio.wait_for(wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _send_loop(self) -> None:
+        while True:
+            while not self._buf:
+                self._wake.clear()
+                await self._wake.wait()
+            n = min(len(self._buf), self.batch_max)
+            batch = [self._buf.popleft() for _ in range(n)]
+            pipe = self.redis.pipeline(transaction=False)
+            for channel, msg in batch:
+                pipe.publish(channel, _enc.encode(msg))
+            try:
+                await _c(pipe.execute())
+                self.published += n
+            except (RedisError, OSError) as exc:
+                self.failed += n
+                log.warning("fanout: publish failed", error=str(exc), lost=n)
+                await asyncio.sleep(RETRY_S)
+            finally:
+                self._handled += n
+                self._progress.set()
+
+    # -- receiving --------------------------------------------------------------------------------
+    async def wait_subscribed(self, timeout_s: float = 5.0) -> None:
+        """Wait until the subscriber is listening on all channels (messages published
+        by other processes before that are not seen)."""
+        await asyncio.wait_for(self._subscribed.wait(), timeout_s)
+
+    async def _listen_loop(self) -> None:
+        channels = {self.keys.events(), self.keys.done(), self.keys.abort()}
+        pubsub = self.redis.pubsub()
+        try:
+            await _c(pubsub.subscribe(*channels))
+            confirmed: set[str] = set()
+            while True:
+                msg = await _c(pubsub.get_message(timeout=1.0))
+                if msg is None:
+                    continue
+                kind = _s(msg["type"])
+                if kind == "message":
+                    self._deliver(_s(msg["channel"]), msg["data"])
+                elif kind == "subscribe":
+                    # Also after a reconnect, when redis-py resubscribes on its own.
+                    confirmed.add(_s(msg["channel"]))
+                    if confirmed >= channels:
+                        self._subscribed.set()
+        finally:
+            self._subscribed.clear()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _deliver(self, channel: str, data: bytes) -> None:
+        k = self.keys
+        try:
+            if channel == k.events():
+                ev = _ev_dec.decode(data)
+                if ev.origin == self.origin:
+                    return  # the local bus delivered it already
+                self.received += 1
+                self.on_event(ev.run_id, ev.session_key, ev.frame)
+            elif channel == k.done():
+                done = _done_dec.decode(data)
+                self.received += 1
+                self.on_done(done.record)
+            elif channel == k.abort():
+                abort = _abort_dec.decode(data)
+                self.received += 1
+                self.on_abort(abort.run_id)
+        except msgspec.DecodeError as exc:
+            self.bad_messages += 1
+            log.warning("fanout: undecodable message", channel=channel, error=str(exc))
+        except Exception:
+            self.callback_errors += 1
+            log.exception("fanout: callback raised", channel=channel)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._tasks or self._closed:
+            raise RuntimeError("fanout already started")
+        self._tasks = [
+            asyncio.create_task(self._guard("send", self._send_loop), name="clawgate-fanout-send"),
+            asyncio.create_task(self._guard("listen", self._listen_loop), name="clawgate-fanout-listen"),
+        ]
+
+    async def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Send what is queued (bounded wait), then unsubscribe and end both tasks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._tasks and self._buf:
+            await self.flush(flush_timeout_s)
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=10.0)
+            if still:
+                log.error("fanout: tasks ignored cancellation", tasks=[t.get_name() for t in still])
+        self.dropped += len(self._buf)
+        self._buf.clear()
+
+    async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Background loops never die silently: log and restart after a pause."""
+        while True:
+            _checkpoint()
+            try:
+                await loop()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("fanout loop: redis error", loop=name, error=str(exc))
+            except Exception:
+                log.exception("fanout loop failed", loop=name)
+            await asyncio.sleep(RETRY_S)
+
+
+def _checkpoint() -> None:
+    """Raise if this task was asked to cancel. redis-py can swallow a task's cancellation
+    while it (re)connects (redis/redis-py#2551; seen with redis-py 8.1 on Python 3.11): the
+    call then returns normally and a cancelled loop would run on forever. Every Redis
+    call of this module goes through `_c`, which re-checks."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _c(aw: Awaitable[T]) -> T:
+    res = await aw
+    _checkpoint()
+    return res
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

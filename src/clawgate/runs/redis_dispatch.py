@@ -1,0 +1,731 @@
+"""Per-session FIFO run queues shared by several gateway processes, on Redis.
+
+Any process may execute any run, one run at a time per session across all processes,
+in push order, and nothing is lost when a process dies (DESIGN.md section 5).
+
+Interface (wired into the gateway by the run service)::
+
+    d = RedisDispatcher(redis, prefix="clawgate:dispatch", consumer=process_id,
+                        execute=run_to_end, on_orphan=finalize_interrupted)
+    d.start()
+    await d.push(run_id, session_key)     # from any process
+    await d.stop()                        # graceful; d.kill() simulates a crash (tests)
+
+``consumer`` names this process in the consumer group; it must be unique among live
+processes (e.g. host, pid and a random suffix). The client's ``socket_timeout`` (if
+any) must exceed READ_BLOCK_MS.
+
+``execute(run_id, session_key)`` runs one run to its end and should not raise (a raise
+is logged and counted, the run counts as done). ``on_orphan(run_id, session_key)`` is
+called for a run whose executing process died (or lost its lease, or was stopped after
+its grace period): the gateway finalizes it as error "interrupted by gateway restart".
+It may be called more than once for one run, and for a run whose execution did end if
+the executing process lost Redis right after, so it must be idempotent ("finalize
+unless already final"). If it raises, the run stays in the processing list and the
+next holder of the session reports it again.
+
+Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``)::
+
+    P:q:{session}     LIST    pending run ids, FIFO; expires queue_ttl_s (1 day), refreshed on
+                              push and, while a holder drains it, on every step and renewal
+    P:qp:{session}    LIST    the run being executed (at most one, plus orphans whose
+                              report failed); same expiry, refreshed on every step and renewal
+    P:lock:{session}  STRING  lease: a random token, PX lease_s, renewed every lease_s/3
+    P:active          ZSET    session -> lease deadline (ms, Redis clock) of every held lock;
+                              expires INDEX_TTL_S (7 days), refreshed on every write
+    P:ready           STREAM  "session S may have work" (field ``session``), consumer group
+                              ``workers``; MAXLEN ~ ready_maxlen, expires INDEX_TTL_S, refreshed on push
+
+How it works:
+
+- ``push``: RPUSH q, XADD ready (one MULTI). Every process reads ``ready`` through the
+  consumer group, so each message goes to one process.
+- A message for S is turned into one attempt to take S's lock. The attempt (a Lua
+  script, atomic) tries SET NX PX on the lock, records the lease in ``active``, and
+  XACKs the messages that led to it, whatever the outcome: once a lock exists,
+  ``active`` is what guarantees S is served again, not the stream (see below). If the
+  attempt fails, the holder drains S: its "take the next run" step is atomic with its
+  release (below), so a push that raced with a failed attempt is always seen by the
+  holder or finds the lock free for the next message.
+- The new holder first reports whatever ``qp`` holds (the run a dead holder was
+  executing) to ``on_orphan``, then loops: one script LREMs the finished run from
+  ``qp``, checks the token, and LMOVEs the head of ``q`` to ``qp``, or, when ``q`` is
+  empty, deletes the lock and the ``active`` entry in the same step. A push either
+  happened before that step (the run is moved) or after it (the lock is free when its
+  ready message is handled): no lost wake-up, no release/re-check dance.
+- Leases: one task renews every held lock each lease_s/3 (compare token, PEXPIRE,
+  ZADD active). A holder whose lease is gone (token mismatch, or no successful renewal
+  for lease_s) cancels the execution it is running and leaves the run in ``qp``: the
+  new holder has reported it (or will) as an orphan. This is what keeps "one run at a
+  time per session" when a process stalls instead of dying.
+- Recovery, by a second loop every claim_idle_s/2 in every process:
+  * a session in ``active`` whose deadline passed belongs to a dead holder: the loop
+    tries its lock (counted in ``recovered``), reports the orphan and drains the queue;
+  * XAUTOCLAIM (min idle claim_idle_s) takes over ready messages that a dead consumer
+    read but never turned into a lock attempt (counted in ``claimed``);
+  * consumers idle for a long time with no pending message are deleted from the group,
+    so restarts (new consumer names) do not grow the group forever.
+  Tracking held locks in ``active`` rather than keeping the stream message pending for
+  the whole drain means recovery does not depend on stream entries that MAXLEN may trim
+  or that another process may claim while a live holder works through a long queue.
+- Within one process, the messages for a session that is already being served are
+  coalesced: the running handler makes one more lock attempt for them when it is done.
+- Bounds: at most ``max_sessions`` sessions are served at once by a process; the
+  reader asks Redis for no more messages than it has free slots.
+- ``stop()`` stops reading, lets running executions finish for ``grace_s``, then
+  cancels them (their runs stay in ``qp`` as orphans for the next holder), releases
+  every lock and, when a released session still has work, XADDs a fresh ready message
+  so another process takes it over at once. ``kill()`` cancels everything without a
+  single Redis command, as a crash would.
+
+Limits: the stream keeps about ``ready_maxlen`` entries; if more ready messages than
+that are waiting unread, the oldest are trimmed and their sessions are served again at
+their next push. A queue untouched for ``queue_ttl_s`` expires with its runs. The Lua
+scripts touch several keys of one session, so this needs a single Redis (not Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+log = structlog.get_logger("clawgate.runs.redis_dispatch")
+T = TypeVar("T")
+
+GROUP = "workers"
+INDEX_TTL_S = 7 * 86400  # the ready stream and the active zset, refreshed on each write
+QUEUE_TTL_S = 86400.0  # pending queues, refreshed on each push
+READY_MAXLEN = 100_000
+READ_COUNT = 64  # messages per XREADGROUP / XAUTOCLAIM
+READ_BLOCK_MS = 1000  # the redis client's socket_timeout must be longer than this
+RETRY_S = 0.5  # back-off after a Redis error in a background loop
+CONSUMER_REAP_MIN_IDLE_S = 300.0  # group members idle this long with nothing pending are deleted
+REAP_EVERY_TICKS = 20
+
+Execute = Callable[[str, str], Awaitable[None]]
+
+
+class DispatchKeys:
+    """Every key name the dispatcher uses, in one place."""
+
+    def __init__(self, prefix: str) -> None:
+        self.p = prefix
+
+    def queue(self, session: str) -> str:
+        return f"{self.p}:q:{session}"
+
+    def processing(self, session: str) -> str:
+        return f"{self.p}:qp:{session}"
+
+    def lock(self, session: str) -> str:
+        return f"{self.p}:lock:{session}"
+
+    def active(self) -> str:
+        return f"{self.p}:active"
+
+    def ready(self) -> str:
+        return f"{self.p}:ready"
+
+
+# -- Lua --------------------------------------------------------------------------------------------
+
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# Try the lock and ack the ready messages that led here (either way: see the module doc).
+# KEYS: lock, qp, active, ready; ARGV: token, lease_ms, session, index_ttl_s, group, msg ids...
+# Returns nil when the lock is held by someone else, else the orphans left in qp.
+_ACQUIRE = (
+    _NOW_MS
+    + """
+if #ARGV > 5 then redis.call('XACK', KEYS[4], ARGV[5], unpack(ARGV, 6)) end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+)
+
+# Finish a run and take the next one, or release the lock when the queue is empty.
+# KEYS: lock, q, qp, active; ARGV: token, finished run id or '', lease_ms, session, list_ttl_s, index_ttl_s
+# Returns {0} lock lost, {1} released (queue empty), {2, run_id} run moved to qp.
+_NEXT = (
+    _NOW_MS
+    + """
+if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+local r = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
+if not r then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[4], ARGV[4])
+  return {1}
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('ZADD', KEYS[4], now_ms() + tonumber(ARGV[3]), ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[6])
+return {2, r}
+"""
+)
+
+# Release early (stop, interrupted execution); hand the session off if work remains.
+# KEYS: lock, q, qp, active, ready; ARGV: token, finished run id or '', session, maxlen, index_ttl_s
+# Returns 0 when the lock was not ours, 1 released, 2 released and handed off.
+_RELEASE = """
+if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[3])
+if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then return 1 end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', 'session', ARGV[3])
+redis.call('EXPIRE', KEYS[5], ARGV[5])
+return 2
+"""
+
+# Also refreshes qp and q, so a run executing (or a backlog draining) longer than
+# queue_ttl_s is not lost to expiry.
+# KEYS: lock, active, qp, q; ARGV: token, lease_ms, session, list_ttl_s, index_ttl_s.
+# Returns 1 renewed, 0 lost.
+_RENEW = (
+    _NOW_MS
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[2]), ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+return 1
+"""
+)
+
+# Sessions whose lease deadline passed (by Redis' clock, so hosts' clocks do not matter).
+# KEYS: active; ARGV: limit
+_STALE = (
+    _NOW_MS
+    + """
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - 1, 'LIMIT', 0, tonumber(ARGV[1]))
+"""
+)
+
+# Delete group members with nothing pending, idle at least min_idle_ms (only the named
+# one when ARGV[3] is not ''). Atomic, so a member never loses a message it just read.
+# KEYS: ready; ARGV: group, min_idle_ms, name or ''
+_REAP = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ok, cs = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local n = 0
+for _, c in ipairs(cs) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if (ARGV[3] == '' or f['name'] == ARGV[3]) and f['pending'] == 0 and f['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+class _Session:
+    """What this process knows about one session it is serving."""
+
+    __slots__ = ("exec_task", "key", "last_renewed", "lost", "more", "msg_ids", "task", "token")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.msg_ids: dict[str, None] = {}  # ready messages not yet acked (ordered set)
+        self.more = False  # messages arrived while the handler was busy: one more attempt
+        self.token: str | None = None  # set while this process holds the lock
+        self.lost = False
+        self.last_renewed = 0.0  # time.monotonic() of the last successful renewal
+        self.exec_task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class RedisDispatcher:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str,
+        consumer: str,
+        execute: Execute,
+        on_orphan: Execute,
+        lease_s: float = 10.0,
+        claim_idle_s: float = 15.0,
+        max_sessions: int = 256,
+        queue_ttl_s: float = QUEUE_TTL_S,
+        ready_maxlen: int = READY_MAXLEN,
+    ) -> None:
+        if lease_s <= 0 or claim_idle_s <= 0 or max_sessions < 1:
+            raise ValueError("lease_s and claim_idle_s must be > 0, max_sessions >= 1")
+        self.redis = redis
+        self.keys = DispatchKeys(prefix)
+        self.consumer = consumer
+        self.execute = execute
+        self.on_orphan = on_orphan
+        self.lease_s = lease_s
+        self.claim_idle_s = claim_idle_s
+        self.max_sessions = max_sessions
+        self.queue_ttl_s = max(1, math.ceil(queue_ttl_s))
+        self.ready_maxlen = ready_maxlen
+        self._lease_ms = max(1, round(lease_s * 1000))
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._next = redis.register_script(_NEXT)
+        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
+        self._stale = redis.register_script(_STALE)
+        self._reap = redis.register_script(_REAP)
+        self._sessions: dict[str, _Session] = {}
+        self._free = max_sessions
+        self._slot_freed = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._renewer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._claim_cursor = "0-0"
+        # counters
+        self.pushed = 0
+        self.executed = 0
+        self.execute_errors = 0
+        self.orphans = 0
+        self.claimed = 0  # ready messages taken over from other consumers (XAUTOCLAIM)
+        self.recovered = 0  # sessions taken over from a holder whose lease expired
+        self.leases_lost = 0
+        self.interrupted = 0  # executions cancelled (lease lost, or stop's grace ran out)
+
+    # -- producer -------------------------------------------------------------------------------
+    async def push(self, run_id: str, session_key: str) -> None:
+        """Append a run to its session's queue; some process will execute it."""
+        if not run_id or not session_key:
+            raise ValueError("run_id and session_key must be non-empty")
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(k.queue(session_key), run_id)
+        pipe.expire(k.queue(session_key), self.queue_ttl_s)
+        pipe.xadd(k.ready(), {"session": session_key}, maxlen=self.ready_maxlen, approximate=True)
+        pipe.expire(k.ready(), INDEX_TTL_S)
+        await _c(pipe.execute())
+        self.pushed += 1
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._loops:
+            raise RuntimeError("dispatcher already started")
+        self._loops = [
+            asyncio.create_task(self._guard("read", self._read_loop), name="clawgate-dispatch-read"),
+            asyncio.create_task(self._guard("claim", self._claim_loop), name="clawgate-dispatch-claim"),
+        ]
+        self._renewer = asyncio.create_task(
+            self._guard("renew", self._renew_loop), name="clawgate-dispatch-renew"
+        )
+
+    @property
+    def serving(self) -> int:
+        """Sessions this process is serving now (at most max_sessions)."""
+        return len(self._sessions)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop consuming; let executions finish for `grace_s`, then cancel them (their
+        runs become orphans for the next holder); release every lock. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await _cancel_all(self._loops)
+        handlers = [st.task for st in self._sessions.values() if st.task is not None]
+        if handlers:
+            _, pending = await asyncio.wait(handlers, timeout=grace_s)
+            if pending:
+                for st in list(self._sessions.values()):
+                    if st.exec_task is not None:
+                        st.exec_task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=grace_s)
+                await _cancel_all(pending)  # stuck on Redis: their leases expire on their own
+        if self._renewer is not None:
+            await _cancel_all([self._renewer])
+        try:
+            await _c(self._reap(keys=[self.keys.ready()], args=[GROUP, 0, self.consumer]))
+        except (RedisError, OSError) as exc:
+            log.warning("dispatch: could not leave the consumer group", error=str(exc))
+
+    async def kill(self) -> None:
+        """Crash simulation for tests: cancel every task, send nothing to Redis (no
+        release, no ack). Locks expire by their lease; other processes recover."""
+        self._stopping = True
+        tasks = [*self._loops, *([self._renewer] if self._renewer else [])]
+        for st in self._sessions.values():
+            tasks += [t for t in (st.task, st.exec_task) if t is not None]
+        await _cancel_all(tasks)
+
+    # -- consuming --------------------------------------------------------------------------------
+    async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Background loops never die silently: log and restart after a pause."""
+        while True:
+            _checkpoint()
+            try:
+                await loop()
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("dispatch loop: redis error", loop=name, error=str(exc))
+            except Exception:
+                log.exception("dispatch loop failed", loop=name)
+            await asyncio.sleep(RETRY_S)
+
+    async def _ensure_group(self) -> None:
+        try:
+            await _c(self.redis.xgroup_create(self.keys.ready(), GROUP, id="0", mkstream=True))
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        await _c(self.redis.expire(self.keys.ready(), INDEX_TTL_S))
+
+    async def _read_loop(self) -> None:
+        await self._ensure_group()
+        while True:
+            n = await self._reserve(READ_COUNT)
+            try:
+                resp = await _c(
+                    self.redis.xreadgroup(
+                        GROUP, self.consumer, {self.keys.ready(): ">"}, count=n, block=READ_BLOCK_MS
+                    )
+                )
+            except ResponseError as exc:
+                self._unreserve(n)
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()  # the stream expired, and its group with it
+                continue
+            except BaseException:
+                self._unreserve(n)
+                raise
+            entries = [e for _, msgs in _streams(resp) for e in msgs]
+            self._dispatch(entries, n)
+
+    async def _claim_loop(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(self.claim_idle_s / 2)
+            tick += 1
+            try:
+                await self.claim_once(reap=tick % REAP_EVERY_TICKS == 0)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_group()
+
+    async def claim_once(self, *, reap: bool = False) -> None:
+        """One recovery pass: sessions of expired leases, then ready messages of dead consumers."""
+        k = self.keys
+        n = self._reserve_nowait(READ_COUNT)
+        if n:
+            try:
+                stale = [_s(s) for s in await _c(self._stale(keys=[k.active()], args=[n]))]
+            except BaseException:
+                self._unreserve(n)
+                raise
+            fresh = [s for s in stale if s not in self._sessions]
+            self.recovered += len(fresh)
+            self._dispatch([(None, s) for s in fresh], n)
+        n = self._reserve_nowait(READ_COUNT)
+        if n:
+            try:
+                resp = await _c(
+                    self.redis.xautoclaim(
+                        k.ready(),
+                        GROUP,
+                        self.consumer,
+                        min_idle_time=max(1, round(self.claim_idle_s * 1000)),
+                        start_id=self._claim_cursor,
+                        count=n,
+                    )
+                )
+            except BaseException:
+                self._unreserve(n)
+                raise
+            self._claim_cursor = _s(resp[0])
+            entries = [(_s(mid), _session_of(fields)) for mid, fields in resp[1]]
+            self.claimed += len(entries)
+            self._dispatch(entries, n)
+        if reap:
+            idle_ms = round(max(CONSUMER_REAP_MIN_IDLE_S, 20 * self.claim_idle_s) * 1000)
+            await _c(self._reap(keys=[k.ready()], args=[GROUP, idle_ms, ""]))
+
+    # -- slots (max_sessions) ------------------------------------------------------------------------
+    async def _reserve(self, want: int) -> int:
+        while self._free == 0:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        return self._reserve_nowait(want)
+
+    def _reserve_nowait(self, want: int) -> int:
+        n = min(want, self._free)
+        self._free -= n
+        return n
+
+    def _unreserve(self, n: int) -> None:
+        if n:
+            self._free += n
+            self._slot_freed.set()
+
+    def _dispatch(self, entries: Iterable[tuple[str | None, str | None]], reserved: int) -> None:
+        """Hand (msg_id, session) pairs to per-session handlers; each new handler takes
+        one reserved slot (there are never more entries than slots reserved)."""
+        malformed: list[str] = []
+        for msg_id, session in entries:
+            if session is None:
+                if msg_id is not None:
+                    malformed.append(msg_id)
+                continue
+            st = self._sessions.get(session)
+            if st is not None:
+                st.more = True
+            else:
+                st = _Session(session)
+                self._sessions[session] = st
+                reserved -= 1
+                st.task = asyncio.create_task(self._serve_session(st), name=f"clawgate-dispatch:{session}")
+            if msg_id is not None:
+                st.msg_ids[msg_id] = None
+        self._unreserve(reserved)
+        if malformed:
+            task = asyncio.create_task(self._ack(malformed))
+            task.add_done_callback(_log_failure)
+
+    async def _ack(self, ids: list[str]) -> None:
+        await _c(self.redis.xack(self.keys.ready(), GROUP, *ids))
+
+    # -- serving one session ------------------------------------------------------------------------
+    async def _serve_session(self, st: _Session) -> None:
+        try:
+            while True:
+                ids = list(st.msg_ids)
+                st.msg_ids.clear()
+                st.more = False
+                await self._hold_and_drain(st, ids)
+                if not st.more:
+                    break
+                if self._stopping:
+                    await self._hand_off(st)
+                    break
+        except (RedisError, OSError) as exc:
+            # Unacked messages stay pending (XAUTOCLAIM); a held lock lapses (recovery).
+            log.warning("dispatch: redis error while serving a session", session=st.key, error=str(exc))
+        except Exception:
+            log.exception("dispatch: session handler failed", session=st.key)
+        finally:
+            # No await between the `more` check above and this removal: a message
+            # dispatched after it starts a new handler.
+            self._sessions.pop(st.key, None)
+            self._unreserve(1)
+
+    async def _hold_and_drain(self, st: _Session, ids: list[str]) -> None:
+        k, s = self.keys, st.key
+        token = secrets.token_hex(16)
+        orphans = await _c(
+            self._acquire(
+                keys=[k.lock(s), k.processing(s), k.active(), k.ready()],
+                args=[token, self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
+            )
+        )
+        if orphans is None:
+            return  # held elsewhere: that holder drains the queue
+        st.token, st.lost, st.last_renewed = token, False, time.monotonic()
+        try:
+            await self._report_orphans(st, [_s(r) for r in orphans])
+            done = ""
+            while True:
+                if self._stopping:
+                    await self._release_lock(st, done)
+                    return
+                step = await _c(
+                    self._next(
+                        keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
+                        args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
+                    )
+                )
+                if int(step[0]) != 2:
+                    return  # 1: queue empty, lock released; 0: lease lost
+                st.last_renewed = time.monotonic()
+                run_id = _s(step[1])
+                if not await self._run_one(st, run_id):
+                    # Interrupted: the run stays in qp, reported by the next holder.
+                    await self._release_lock(st, "")
+                    return
+                done = run_id
+        finally:
+            st.token = None
+
+    async def _run_one(self, st: _Session, run_id: str) -> bool:
+        """Execute one run; False when the execution was cancelled (lease lost, stop)."""
+        st.exec_task = asyncio.create_task(self._execute_logged(run_id, st.key))
+        try:
+            await st.exec_task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # this handler itself is cancelled (kill, or stop's last resort)
+            self.interrupted += 1
+            return False
+        finally:
+            st.exec_task = None
+        self.executed += 1
+        return True
+
+    async def _execute_logged(self, run_id: str, session: str) -> None:
+        try:
+            await self.execute(run_id, session)
+        except Exception:
+            self.execute_errors += 1
+            log.exception("dispatch: execute raised", run_id=run_id, session=session)
+
+    async def _report_orphans(self, st: _Session, orphans: list[str]) -> None:
+        for run_id in orphans:
+            try:
+                await self.on_orphan(run_id, st.key)
+            except Exception:
+                log.exception("dispatch: on_orphan raised; the next holder retries", run_id=run_id)
+                continue
+            self.orphans += 1
+            await _c(self.redis.lrem(self.keys.processing(st.key), 1, run_id))
+
+    async def _release_lock(self, st: _Session, done: str) -> None:
+        k, s = self.keys, st.key
+        assert st.token is not None
+        await _c(
+            self._release(
+                keys=[k.lock(s), k.queue(s), k.processing(s), k.active(), k.ready()],
+                args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S],
+            )
+        )
+
+    async def _hand_off(self, st: _Session) -> None:
+        """Stopping with messages not yet turned into a lock attempt: republish, then ack."""
+        ids = list(st.msg_ids)
+        st.msg_ids.clear()
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(k.ready(), {"session": st.key}, maxlen=self.ready_maxlen, approximate=True)
+        pipe.expire(k.ready(), INDEX_TTL_S)
+        if ids:
+            pipe.xack(k.ready(), GROUP, *ids)
+        await _c(pipe.execute())
+
+    # -- leases --------------------------------------------------------------------------------
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await self.renew_once()
+
+    async def renew_once(self) -> None:
+        held = [(st, st.token) for st in self._sessions.values() if st.token is not None and not st.lost]
+        if not held:
+            return
+        k = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        for st, token in held:
+            await self._renew(
+                keys=[k.lock(st.key), k.active(), k.processing(st.key), k.queue(st.key)],
+                args=[token, self._lease_ms, st.key, self.queue_ttl_s, INDEX_TTL_S],
+                client=pipe,
+            )
+        results: list[Any]
+        try:
+            results = await _c(pipe.execute(raise_on_error=False))
+        except (RedisError, OSError) as exc:
+            results = [exc] * len(held)
+        now = time.monotonic()
+        for (st, token), res in zip(held, results, strict=True):
+            if st.token != token:
+                continue  # released (or re-acquired) meanwhile
+            if isinstance(res, BaseException):
+                if now - st.last_renewed < self.lease_s:
+                    continue  # transient: the lease may still be ours
+            elif int(res) == 1:
+                st.last_renewed = now
+                continue
+            self._lose(st)
+
+    def _lose(self, st: _Session) -> None:
+        """The lease is gone: someone else may hold the session; stop executing in it."""
+        st.lost = True
+        self.leases_lost += 1
+        log.warning("dispatch: lease lost", session=st.key)
+        if st.exec_task is not None:
+            st.exec_task.cancel()
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _checkpoint() -> None:
+    """Raise if this task was asked to cancel. redis-py can swallow a task's cancellation
+    while it (re)connects (redis/redis-py#2551; seen with redis-py 8.1 on Python 3.11): the
+    call then returns normally and a cancelled loop would run on forever. Every Redis
+    call of this module goes through `_c`, which re-checks."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _c(aw: Awaitable[T]) -> T:
+    res = await aw
+    _checkpoint()
+    return res
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _session_of(fields: Any) -> str | None:
+    if not isinstance(fields, dict):
+        return None
+    v = fields.get(b"session", fields.get("session"))
+    return _s(v) if isinstance(v, bytes | str) and v else None
+
+
+def _streams(resp: Any) -> list[tuple[Any, list[tuple[str, str | None]]]]:
+    """XREADGROUP reply -> [(stream, [(msg_id, session)])]. RESP2 gives
+    [[stream, entries]], RESP3 {stream: [entries]} (one more level)."""
+    if not resp:
+        return []
+    if isinstance(resp, dict):
+        items = [(stream, nested[0] if nested else []) for stream, nested in resp.items()]
+    else:
+        items = [(stream, entries) for stream, entries in resp]
+    return [
+        (stream, [(_s(mid), _session_of(fields)) for mid, fields in entries]) for stream, entries in items
+    ]
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 10.0) -> None:
+    pending = [t for t in tasks if not t.done()]
+    for t in pending:
+        t.cancel()
+    if not pending:
+        return
+    done, still = await asyncio.wait(pending, timeout=timeout_s)
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            log.warning("dispatch: task ended with an error", task=t.get_name(), error=repr(t.exception()))
+    if still:
+        log.error("dispatch: tasks ignored cancellation", tasks=[t.get_name() for t in still])
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("dispatch: background ack failed", error=str(task.exception()))
