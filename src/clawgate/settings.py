@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # --- store -------------------------------------------------------------------------
     store: str = "sqlite"
     redis_prefix: str = "clawgate"
+    cluster_lease_s: float = Field(10.0, gt=0, description="per-session run lock lease on Redis")
+    cluster_claim_idle_s: float = Field(
+        15.0, gt=0, description="idle time before a dead process' work is claimed"
+    )
     sqlite_batch_max: int = Field(512, ge=1)
     sqlite_synchronous: Literal["OFF", "NORMAL", "FULL"] = "NORMAL"
 

@@ -45,7 +45,7 @@ class RunContext:
 
 
 EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
-RemotePublisher = Callable[[SessionKey, RunId, bytes], None]
+RemotePublisher = Callable[[SessionKey, RunId | None, bytes], None]
 
 
 class EventBus:
@@ -173,7 +173,7 @@ class EventBus:
 
     def publish(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
         self.deliver(run_id, session_key, frame)
-        if self.remote is not None and run_id is not None:
+        if self.remote is not None:
             self.remote(session_key, run_id, frame)
 
     def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:

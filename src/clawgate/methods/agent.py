@@ -62,8 +62,8 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
     )
     conn.respond(req_id, accepted_payload(rec))
     if run is None:
-        if rec.is_final:
-            conn.respond(req_id, final_payload(rec))
+        # A retry of a run that ended, or that another process executes.
+        gw.runs.listen_final(RunId(rec.run_id), rec, lambda final: conn.respond(req_id, final_payload(final)))
         return DEFERRED
     run.listeners.append(lambda final: conn.respond(req_id, final_payload(final)))
     return DEFERRED

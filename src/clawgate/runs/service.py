@@ -122,6 +122,11 @@ class RunService:
         self.totals: dict[str, int] = {"ok": 0, "error": 0, "timeout": 0, "aborted": 0}
         self.latency = LatencyHistogram()
         self.task_errors = 0
+        # Scale-out hooks, set by runs/cluster.py when the store is Redis: accepted runs go to
+        # the shared queue instead of the local lanes; aborts and final answers cross processes.
+        self.dispatch: Callable[[Run], Awaitable[None]] | None = None
+        self.remote_abort: Callable[[str], None] | None = None
+        self.remote_listen: Callable[[RunId, FinalListener], Callable[[], None]] | None = None
 
     # -- accept ---------------------------------------------------------------------------
     async def submit(self, req: SubmitRequest) -> tuple[Run | None, RunRecord, bool]:
@@ -168,8 +173,50 @@ class RunService:
             # Watchers live as long as the run may (the same backstop as `runs_active`), not
             # the idle TTL of a context: a run may wait in its lane longer than that.
             self.bus.watch(req.run_id, req.owner, ttl_s=self.settings.abort_ttl_max_s)
-        self.lanes.push(req.session_key, run)
+        if self.dispatch is not None:
+            try:
+                await self.dispatch(run)
+            except BaseException:
+                # Not queued anywhere: end it now rather than leave an accepted run without an end.
+                await self._finish(run, "error", "could not queue the run", None)
+                raise
+        else:
+            self.lanes.push(req.session_key, run)
         return run, record, True
+
+    def adopt(self, record: RunRecord) -> Run:
+        """Track a run accepted by another process, which this process is about to execute."""
+        run = Run(record)
+        self.active.set(RunId(record.run_id), run)
+        return run
+
+    async def execute(self, run: Run) -> None:
+        """Execute one run now (the shared queue already serialized its session)."""
+        await self._execute(run)
+
+    def settle_remote(self, rec: RunRecord) -> None:
+        """Another process ended a run this one accepted: answer the local waiters."""
+        run = self.active.get(RunId(rec.run_id))
+        if run is None or run.task is not None or run.record.is_final:
+            return
+        run.record = rec
+        self.active.pop(RunId(rec.run_id))
+        self.results.set(RunId(rec.run_id), rec)
+        self._settle(run)
+
+    def listen_final(self, run_id: RunId, rec: RunRecord, listener: FinalListener) -> bool:
+        """Call `listener` once the run ends, wherever it runs. False if it cannot be followed."""
+        run = self.active.get(run_id)
+        if run is not None:
+            run.listeners.append(listener)
+            return True
+        if rec.is_final:
+            listener(rec)
+            return True
+        if self.remote_listen is not None:
+            self.remote_listen(run_id, listener)
+            return True
+        return False
 
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
@@ -392,6 +439,10 @@ class RunService:
             if self.results.get(run_id) is None:
                 raise NotFound(f"unknown run {run_id}", details={"runId": run_id})
             return False
+        if run.task is None and self.remote_abort is not None:
+            # It may be executing in another process: ask every process; the executor cancels it.
+            # Ending it here too means a run still waiting in the shared queue is skipped.
+            self.remote_abort(run_id)
         return self._cancel(run, "aborted")
 
     def _on_active_expired(self, run_id: RunId, run: Run, why: str) -> None:
@@ -419,7 +470,9 @@ class RunService:
         if run is None:
             if rec is None:
                 raise NotFound(f"unknown or expired run {run_id}", details={"runId": run_id})
-            return rec if rec.is_final else None
+            if rec.is_final or timeout_s <= 0 or self.remote_listen is None:
+                return rec if rec.is_final else None
+            return await self._wait_remote(run_id, timeout_s)
         if timeout_s <= 0:
             return None
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -440,6 +493,40 @@ class RunService:
             if listener in run.listeners:
                 run.listeners.remove(listener)
         return run.record if finished else None
+
+    async def _wait_remote(self, run_id: RunId, timeout_s: float) -> RunRecord | None:
+        assert self.remote_listen is not None
+        fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+
+        def resolve(value: RunRecord | None) -> None:
+            if not fut.done():
+                fut.set_result(value)
+
+        cancel = self.remote_listen(run_id, resolve)
+        timer = self.clock.call_later(timeout_s, lambda: resolve(None))
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            cancel()
+
+    async def finalize_interrupted(self, rec: RunRecord) -> None:
+        """End a run whose executing process died: error "interrupted by gateway restart"."""
+        if rec.is_final:
+            return
+        rec.status = "error"
+        rec.error = INTERRUPTED
+        rec.ended_at = self.clock.time()
+        self.results.set(RunId(rec.run_id), rec)
+        self.active.pop(RunId(rec.run_id))
+        await self.store.put_run(rec)
+        for hook in self.end_hooks:
+            try:
+                result = hook(rec)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("run end hook failed", run_id=rec.run_id)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def restore(self) -> tuple[int, int]:

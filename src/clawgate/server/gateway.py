@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -36,6 +36,9 @@ from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Store
 from clawgate.subagents.service import SubagentService
+
+if TYPE_CHECKING:
+    from clawgate.runs.cluster import Cluster
 
 log = structlog.get_logger("clawgate.gateway")
 
@@ -97,6 +100,13 @@ class Gateway:
             memory_budget_bytes=settings.memory_budget_bytes,
         )
         self.subagents.admission_check = self.admission.check
+        self.cluster: Cluster | None = None
+        if settings.store_kind == "redis" and store is None:
+            from clawgate.runs.cluster import Cluster
+
+            self.cluster = Cluster(
+                settings, self.clock, self.registry, self.store, self.runs, self.bus, self.subagents
+            )
         self.connections: dict[str, Connection] = {}
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections
@@ -119,9 +129,15 @@ class Gateway:
         if self.started:
             return
         await self.store.open()
-        restored = await self.subagents.load()
-        requeued, interrupted = await self.runs.restore()
-        await self.subagents.resume()
+        if self.cluster is not None:
+            # Shared store: other processes own the runs in flight; recovery of a dead
+            # process' work goes through the dispatcher's leases (runs/cluster.py).
+            restored = requeued = interrupted = 0
+            await self.cluster.start()
+        else:
+            restored = await self.subagents.load()
+            requeued, interrupted = await self.runs.restore()
+            await self.subagents.resume()
         # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
         self.maintenance.start()
         self.admission.start()
@@ -141,7 +157,13 @@ class Gateway:
             return
         self.stopping = True
         self.bus.broadcast(encode_event("shutdown", {"reason": reason}))
+        if self.cluster is not None:
+            # First hand the shared queues back (running runs get the grace period, then
+            # become orphans another process reports), then stop like a single process.
+            await self.cluster.stop_dispatch()
         await self.runs.drain(self.settings.shutdown_grace_s)
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.subagents.stop()
         for task in (self._tick_task,):
             if task is not None:

@@ -520,6 +520,25 @@ class SubagentService:
             payload["outcome"] = outcome
         self.bus.emit_session_event(SessionKey(rec.requester_session_key), "subagent", payload)
 
+    # -- scale-out (Redis) ------------------------------------------------------------------------
+    async def adopt(self, run_id: str) -> None:
+        """This process is about to execute (or orphan) a child run spawned by another process:
+        track its record here so the end hook runs its pipeline."""
+        if RunId(run_id) in self.active:
+            return
+        rec = await self.store.get_subagent(run_id)
+        if rec is not None and rec.cleanup_completed_at is None:
+            self._track(rec)
+
+    def forget_remote(self, run_id: RunId) -> None:
+        """Another process ended this child run and runs its pipeline: stop tracking it here."""
+        rec = self.active.get(run_id)
+        if rec is None or run_id in self.pipelines or run_id in self.pending_errors:
+            return
+        if run_id in self.runs.active:
+            return  # still executing here
+        self._untrack(rec)
+
     # -- release ---------------------------------------------------------------------------------------
     async def release_requester(self, requester: SessionKey) -> int:
         """The requester session is gone: its unfinished children are reported `released`."""
