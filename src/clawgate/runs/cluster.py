@@ -19,6 +19,7 @@ registered TTL map.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -96,6 +97,7 @@ class Cluster:
             "remote_run_waiters", clock, ttl_s=settings.abort_ttl_max_s, max_size=settings.max_tracked_runs
         )
         registry.register(self.remote_waiters)
+        self._reconcile_task: asyncio.Task[None] | None = None
         runs.dispatch = self._push
         runs.remote_abort = self.fanout.publish_abort
         runs.remote_listen = self.listen
@@ -107,14 +109,57 @@ class Cluster:
         self.fanout.start()
         await self.fanout.wait_subscribed()
         self.dispatcher.start()
+        self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="clawgate-cluster-reconcile")
         log.info("cluster member started", origin=self.origin)
 
     async def stop_dispatch(self) -> None:
+        if self._reconcile_task is not None:
+            self._reconcile_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconcile_task
+            self._reconcile_task = None
         await self.dispatcher.stop(self.settings.shutdown_grace_s)
+
+    async def _reconcile_loop(self) -> None:
+        """Pub/sub is at-most-once: a process that dies right after finishing a run may never
+        publish its "done". Proxies (runs accepted here, executed elsewhere) are therefore
+        checked against the store now and then, so their waiters always get the end."""
+        while True:
+            await asyncio.sleep(self.settings.cluster_claim_idle_s)
+            try:
+                await self.reconcile_once()
+            except Exception:
+                log.exception("cluster reconcile failed")
+
+    async def reconcile_once(self) -> int:
+        settled = 0
+        horizon = self.clock.time() - self.settings.cluster_claim_idle_s
+        for run in list(self.runs.active.values()):
+            if run.task is not None or run.record.is_final or run.record.accepted_at > horizon:
+                continue
+            rec = await self.store.get_run(run.record.run_id)
+            if rec is not None and rec.is_final:
+                self._on_done(_enc.encode(rec))
+                settled += 1
+        return settled
 
     async def close(self) -> None:
         await self.fanout.stop()
         await self.redis.aclose()
+
+    def describe(self) -> dict[str, object]:
+        d = self.dispatcher
+        return {
+            "origin": self.origin,
+            "servingSessions": d.serving,
+            "freeSlots": d._free,
+            "executed": d.executed,
+            "orphans": d.orphans,
+            "claimed": d.claimed,
+            "recovered": d.recovered,
+            "eventsPublished": self.fanout.published,
+            "eventsDropped": self.fanout.dropped,
+        }
 
     # -- outbound ------------------------------------------------------------------------------
     async def _push(self, run: Run) -> None:

@@ -396,7 +396,11 @@ class RedisDispatcher:
     async def _read_loop(self) -> None:
         await self._ensure_group()
         while True:
-            n = await self._reserve(READ_COUNT)
+            await self._reserve(0)  # wait for a free slot
+            # Reserve at most half of the free slots for the blocking read: the other half stays
+            # available to the recovery pass, which would otherwise never find a free slot while
+            # the reader sits in XREADGROUP BLOCK holding them all (dead holders never recovered).
+            n = self._reserve_nowait(max(1, min(READ_COUNT, self._free // 2)))
             try:
                 resp = await _c(
                     self.redis.xreadgroup(

@@ -475,6 +475,8 @@ class RunService:
             return await self._wait_remote(run_id, timeout_s)
         if timeout_s <= 0:
             return None
+        if run.task is None and self.remote_listen is not None:
+            return await self._wait_remote(run_id, timeout_s)  # executed by another process
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def resolve(value: bool) -> None:

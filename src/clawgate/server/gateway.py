@@ -326,6 +326,7 @@ class Gateway:
             "stored": stored,
             "memory": {"rssBytes": self.admission.sample()},
             "store": {"kind": self.store.kind},
+            "cluster": self.cluster.describe() if self.cluster is not None else None,
             "admission": {
                 "open": self.admission.open,
                 "reason": self.admission.reason(),

@@ -1,0 +1,244 @@
+"""Scale-out on Redis: several real gateway processes sharing one real Redis.
+
+Each test starts gateway subprocesses (`clawgate gateway --store redis://...`) with a
+private key prefix and real time (the processes are separate, so no fake clock can
+reach them); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from clawgate.client import Client, ClientError
+
+pytestmark = pytest.mark.redis
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, tmp: Path, redis_url: str) -> None:
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.prefix = f"cgtest:{uuid.uuid4().hex[:10]}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.urls: list[str] = []
+
+    def spawn(self, **settings: object) -> int:
+        port = _free_port()
+        state = self.tmp / f"gw{len(self.procs)}"
+        state.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "clawgate.cli.main",
+            "gateway",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+            "--store",
+            self.redis_url,
+            "--log-level",
+            "warning",
+            "--set",
+            f"redis_prefix={self.prefix}",
+            "--set",
+            "cluster_lease_s=1",
+            "--set",
+            "cluster_claim_idle_s=2",
+            "--set",
+            "shutdown_grace_s=2",
+        ]
+        for name, value in settings.items():
+            cmd += ["--set", f"{name}={value}"]
+        log = open(state / "gateway.log", "wb")  # noqa: SIM115 - owned by the child
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
+        self.urls.append(f"ws://127.0.0.1:{port}/")
+        return len(self.procs) - 1
+
+    async def ready(self) -> None:
+        for url, proc in zip(self.urls, self.procs, strict=True):
+            for _ in range(200):
+                assert proc.poll() is None, f"gateway exited: {proc.returncode}"
+                try:
+                    async with Client(url, max_reconnect_attempts=0) as c:
+                        await c.call("health")
+                    break
+                except (ClientError, OSError):
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"{url} never became healthy")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def cleanup(self) -> None:
+        r = aioredis.from_url(self.redis_url)
+        keys = [k async for k in r.scan_iter(match=f"{self.prefix}:*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Callable[[int], asyncio.Future[Cluster]]]:
+    made: list[Cluster] = []
+
+    async def start(n: int, **settings: object) -> Cluster:
+        c = Cluster(tmp_path, redis_url)
+        made.append(c)
+        for _ in range(n):
+            c.spawn(**settings)
+        await c.ready()
+        return c
+
+    yield start  # type: ignore[misc]
+    for c in made:
+        c.stop()
+        await c.cleanup()
+
+
+async def _history_len(client: Client, key: str) -> int:
+    return len((await client.call("chat.history", {"sessionKey": key}))["messages"])
+
+
+async def test_1000_runs_over_three_processes_complete_exactly_once(cluster: Callable[..., object]) -> None:
+    c: Cluster = await cluster(3)  # type: ignore[misc]
+    clients = [Client(u, max_reconnect_attempts=0) for u in c.urls]
+    for cl in clients:
+        await cl.connect()
+    finals = await asyncio.gather(
+        *[
+            clients[i % 3].run_agent(
+                f"task {i}", session_key=f"agent:main:t{i % 50}", idempotency_key=f"{c.prefix}-{i}"
+            )
+            for i in range(1000)
+        ]
+    )
+    assert [f["status"] for f in finals] == ["ok"] * 1000
+    assert {f["runId"] for f in finals} == {f"{c.prefix}-{i}" for i in range(1000)}
+    # exactly once: each session holds one user and one assistant message per run
+    for s in range(50):
+        assert await _history_len(clients[s % 3], f"agent:main:t{s}") == 2 * 20
+    # and the work was really spread: every process executed some of it
+    completed = [(await cl.status())["runs"]["completed"] for cl in clients]
+    assert sum(completed) == 1000 and all(n > 0 for n in completed), completed
+    for cl in clients:
+        await cl.close()
+
+
+async def test_events_and_wait_cross_processes(cluster: Callable[..., object]) -> None:
+    c: Cluster = await cluster(2)  # type: ignore[misc]
+    async with (
+        Client(c.urls[0], max_reconnect_attempts=0) as a,
+        Client(c.urls[1], max_reconnect_attempts=0) as b,
+    ):
+        await a.subscribe(["agent:main:cross"])
+        frames: list[dict[str, object]] = []
+        a.on_event = lambda f: frames.append(f) if f.get("event") == "agent" else None
+        started = await b.call(
+            "chat.send",
+            {
+                "sessionKey": "agent:main:cross",
+                "idempotencyKey": f"{c.prefix}-x",
+                "message": "[[chunks:4]] [[delay:0.05]] cross",
+            },
+        )
+        waited = await a.wait(started["runId"], 10_000)
+        assert waited["status"] == "ok" and "endedAt" in waited
+        for _ in range(100):
+            if frames and frames[-1]["payload"]["data"].get("phase") == "end":  # type: ignore[index]
+                break
+            await asyncio.sleep(0.02)
+        seqs = [f["payload"]["seq"] for f in frames]  # type: ignore[index]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) == 6  # start, 4 deltas, end
+
+
+async def test_same_key_on_two_processes_starts_one_run(cluster: Callable[..., object]) -> None:
+    c: Cluster = await cluster(2)  # type: ignore[misc]
+    async with (
+        Client(c.urls[0], max_reconnect_attempts=0) as a,
+        Client(c.urls[1], max_reconnect_attempts=0) as b,
+    ):
+        key = f"{c.prefix}-same"
+        r1, r2 = await asyncio.gather(
+            a.run_agent("[[delay:0.2]] once", session_key="agent:main:idem", idempotency_key=key),
+            b.run_agent("[[delay:0.2]] once", session_key="agent:main:idem", idempotency_key=key),
+        )
+        assert r1["runId"] == r2["runId"] == key
+        assert r1["status"] == r2["status"] == "ok"
+        assert await _history_len(a, "agent:main:idem") == 2
+
+
+async def test_sigkilled_process_runs_are_finished_by_the_others(cluster: Callable[..., object]) -> None:
+    c: Cluster = await cluster(3)  # type: ignore[misc]
+    async with Client(c.urls[0], max_reconnect_attempts=0) as a:
+        accepted = []
+        for i in range(60):
+            res = await a.call(
+                "chat.send",
+                {
+                    "sessionKey": f"agent:main:k{i % 12}",
+                    "message": "[[delay:0.2]] w",
+                    "idempotencyKey": f"{c.prefix}-k{i}",
+                },
+            )
+            accepted.append(res["runId"])
+        await asyncio.sleep(0.3)
+        os.kill(c.procs[2].pid, signal.SIGKILL)  # mid-batch, no goodbye
+        statuses = []
+        for run_id in accepted:
+            res = await a.wait(run_id, 30_000)
+            statuses.append((res["status"], res.get("error")))
+    # every accepted run has an end: done by a survivor, or interrupted by the dead one
+    bad = [
+        (s, e)
+        for s, e in statuses
+        if not (s == "ok" or (s == "error" and e == "interrupted by gateway restart"))
+    ]
+    assert bad == [], bad
+    assert sum(s == "ok" for s, _ in statuses) >= 60 - 12  # at most one in-flight run per session was lost
+
+
+async def test_redis_ttls_are_native_expiries(cluster: Callable[..., object], redis_url: str) -> None:
+    c: Cluster = await cluster(1, run_retention_s=2)  # type: ignore[misc]
+    async with Client(c.urls[0], max_reconnect_attempts=0) as a:
+        final = await a.run_agent("short lived", idempotency_key=f"{c.prefix}-ttl")
+        assert final["status"] == "ok"
+    r = aioredis.from_url(redis_url)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{c.prefix}:*", count=1000)]
+        assert keys
+        ttls = {k: await r.ttl(k) for k in keys}
+        assert all(t != -1 for t in ttls.values()), [k for k, t in ttls.items() if t == -1]
+        run_keys = [k for k in keys if b":run:" in k]
+        assert run_keys and all(0 < ttls[k] <= 2 for k in run_keys)
+        # Observe Redis' own expiry (the one real wait here: it is Redis' clock, not ours).
+        await asyncio.sleep(2.5)
+        assert not await r.exists(*run_keys)
+    finally:
+        await r.aclose()
