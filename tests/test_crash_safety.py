@@ -1,0 +1,288 @@
+"""SIGKILL a gateway subprocess at seed-dependent points, restart it on the same state dir, check.
+
+Each seed drives a mix of `agent` runs and `sessions.spawn` (mode run/session, cleanup
+keep/delete) against a real `clawgate gateway` process, kills it with SIGKILL after a
+seed-dependent delay, restarts it on the same port and state dir, and checks what a
+crash must not break:
+- the SQLite file passes `PRAGMA integrity_check` (on a copy taken right after the kill,
+  so the WAL recovery is exercised as the restart would, and again after a clean stop);
+- every run whose `accepted` answer reached the client has an end (`agent.wait`: final
+  status, never NOT_FOUND, never still running);
+- every accepted spawn's "ended" hook line is in ended.jsonl, once, or more often only
+  with `redelivery: true` (subagents/hooks.py);
+- transcripts are well-formed rows (known role, text content, timestamp);
+- the maintenance sweeper runs after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clawgate.client import Client, ClientError
+
+KILL_DELAYS = [0.1, 0.4, 0.7, 1.0]
+FINAL = {"ok", "error", "timeout", "aborted"}
+INTERRUPTED = "interrupted by gateway restart"
+ROLES = {"user", "assistant", "system"}
+SESSIONS = ["agent:main:main", "agent:main:crash-a", "agent:main:crash-b", "agent:ops:main"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProc:
+    def __init__(self, state: Path, port: int) -> None:
+        self.state = state
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "clawgate.cli.main",
+            "gateway",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state),
+            "--log-level",
+            "warning",
+            "--set",
+            "lifecycle_error_grace_s=0.2",
+            "--set",
+            f"ended_hook_log={self.state / 'ended.jsonl'}",
+            "--set",
+            "max_children_per_agent=50",
+            "--set",
+            "shutdown_grace_s=2",
+        ]
+        self.starts += 1
+        log = (self.state.parent / f"gateway-{self.state.name}-{self.starts}.log").open("wb")
+        with log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+
+    async def ready(self) -> None:
+        assert self.proc is not None
+        for _ in range(300):
+            assert self.proc.poll() is None, f"gateway exited: {self.proc.returncode}"
+            try:
+                async with Client(self.url, max_reconnect_attempts=0, open_timeout=2) as c:
+                    await c.call("health", timeout=2)
+                return
+            except (ClientError, OSError, TimeoutError):
+                await asyncio.sleep(0.05)
+        raise AssertionError("gateway never became healthy")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _integrity(db: Path) -> str:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _integrity_of_copy(state: Path, scratch: Path) -> str:
+    """Check a copy of the killed gateway's files: recovery runs on the copy, not the original."""
+    scratch.mkdir()
+    for name in ("clawgate.db", "clawgate.db-wal"):
+        if (state / name).exists():
+            shutil.copy2(state / name, scratch / name)
+    conn = sqlite3.connect(scratch / "clawgate.db")
+    try:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _messages(db: Path) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT id, session_key, role, content, ts, run_id FROM messages").fetchall()
+    finally:
+        conn.close()
+
+
+def _ended_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    # Each line is one os.write of a whole line, so no half line can appear.
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def _drive(url: str, rng: random.Random, accepted_runs: set[str], accepted_spawns: set[str]) -> None:
+    """Issue a paced mix of requests until cancelled (by the kill) or the budget is spent."""
+    tasks: list[asyncio.Task[Any]] = []
+
+    def on_accepted(payload: dict[str, Any]) -> None:
+        accepted_runs.add(payload["runId"])
+
+    async def one_agent(i: int, c: Client) -> None:
+        delay = rng.choice(["0.02", "0.05", "0.1"])
+        chunks = rng.randint(1, 4)
+        msg = f"[[delay:{delay}]] [[chunks:{chunks}]] crash text {i}"
+        if rng.random() < 0.1:
+            msg = f"[[error:boom {i}]]"
+        with contextlib.suppress(ClientError):
+            await c.call_final(
+                "agent",
+                {
+                    "message": msg,
+                    "idempotencyKey": f"crash-{i}-{rng.random()}",
+                    "sessionKey": rng.choice(SESSIONS),
+                },
+                on_accepted=on_accepted,
+            )
+
+    async def one_spawn(i: int, c: Client) -> None:
+        params = {
+            "sessionKey": rng.choice(SESSIONS),
+            "task": f"[[delay:{rng.choice(['0.02', '0.05'])}]] sub task {i}",
+            "mode": rng.choice(["run", "session"]),
+            "cleanup": rng.choice(["keep", "delete"]),
+            "label": f"l{i}",
+        }
+        with contextlib.suppress(ClientError):
+            res = await c.call("sessions.spawn", params)
+            assert res["status"] == "accepted"
+            accepted_spawns.add(res["runId"])
+
+    async with Client(url, max_reconnect_attempts=0) as c:
+        try:
+            for i in range(120):
+                make = one_spawn if rng.random() < 0.35 else one_agent
+                tasks.append(asyncio.create_task(make(i, c)))
+                await asyncio.sleep(rng.uniform(0.003, 0.015))
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_all_ended(c: Client, run_ids: set[str]) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for run_id in sorted(run_ids):
+        res = await c.call("agent.wait", {"runId": run_id, "timeoutMs": 10000}, timeout=20)
+        results[run_id] = res
+    return results
+
+
+async def _wait_for_ended_lines(path: Path, spawn_ids: set[str]) -> list[dict[str, Any]]:
+    for _ in range(300):
+        lines = _ended_lines(path)
+        if spawn_ids <= {line["run_id"] for line in lines}:
+            return lines
+        await asyncio.sleep(0.05)
+    seen = {line["run_id"] for line in _ended_lines(path)}
+    raise AssertionError(f"spawns without an ended line: {sorted(spawn_ids - seen)}")
+
+
+@pytest.mark.parametrize("seed", range(len(KILL_DELAYS)))
+async def test_sigkill_and_restart_keeps_every_promise(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    state = tmp_path / "state"
+    gw = GatewayProc(state, _free_port())
+    accepted_runs: set[str] = set()
+    accepted_spawns: set[str] = set()
+    try:
+        gw.start()
+        await gw.ready()
+        driver = asyncio.create_task(_drive(gw.url, rng, accepted_runs, accepted_spawns))
+        await asyncio.sleep(KILL_DELAYS[seed] + rng.uniform(0, 0.05))
+        gw.kill()
+        with contextlib.suppress(ClientError, OSError, asyncio.CancelledError):
+            await asyncio.wait_for(driver, 10)
+        assert accepted_runs or accepted_spawns, "nothing was accepted before the kill"
+
+        # The files as the kill left them: recovery on a copy must find a sound database.
+        assert _integrity_of_copy(state, tmp_path / "copy") == "ok"
+
+        gw.start()
+        await gw.ready()
+        async with Client(gw.url, max_reconnect_attempts=0) as c:
+            results = await _wait_all_ended(c, accepted_runs | accepted_spawns)
+            for run_id, res in results.items():
+                assert res["status"] in FINAL, (run_id, res)
+                assert "endedAt" in res, (run_id, res)
+                if res["status"] == "error":
+                    # Only the two causes this test creates: a scripted error, or the kill.
+                    assert res["error"] == INTERRUPTED or "boom" in res["error"], (run_id, res)
+                else:
+                    assert res["status"] == "ok", (run_id, res)
+            lines = await _wait_for_ended_lines(state / "ended.jsonl", accepted_spawns)
+            status = await c.call("status")
+            assert status["maintenance"]["running"] is True
+            sessions = (await c.call("sessions.list", {"limit": 1000}))["sessions"]
+            for s in sessions:
+                hist = await c.call("chat.history", {"sessionKey": s["key"], "limit": 1000})
+                for m in hist["messages"]:
+                    assert m["role"] in ROLES, m
+                    assert m["content"] is not None, m
+            # While running: WAL lets a reader check the live file.
+            assert _integrity(state / "clawgate.db") == "ok"
+
+        by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for line in lines:
+            by_run[line["run_id"]].append(line)
+        for run_id, items in by_run.items():
+            firsts = [x for x in items if not x["redelivery"]]
+            assert len(firsts) <= 1, (run_id, items)
+            assert {x["reason"] for x in items} <= {"completed", "deleted", "swept", "released"}, items
+            # One reason per run, however often it is delivered.
+            assert len({x["reason"] for x in items}) == 1, items
+        for run_id in accepted_spawns:
+            assert by_run[run_id], run_id
+
+        interrupted = [r for r in results.values() if r.get("error") == INTERRUPTED]
+        print(
+            f"seed={seed} kill_after={KILL_DELAYS[seed]}s runs={len(accepted_runs)} "
+            f"spawns={len(accepted_spawns)} interrupted={len(interrupted)} "
+            f"redeliveries={sum(1 for x in lines if x['redelivery'])}"
+        )
+    finally:
+        gw.stop()
+    assert _integrity(state / "clawgate.db") == "ok"
+    rows = _messages(state / "clawgate.db")
+    assert rows, "no transcript rows at all"
+    for row in rows:
+        _id, key, role, content, ts, _run_id = row
+        assert isinstance(key, str) and key.startswith("agent:"), row
+        assert role in ROLES, row
+        assert isinstance(content, str), row
+        assert isinstance(ts, float) and ts > 0, row
