@@ -43,13 +43,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+
+from clawgate.redis_calls import call as _c
+from clawgate.redis_calls import checkpoint as _checkpoint
+from clawgate.redis_calls import text as _s
 
 log = structlog.get_logger("clawgate.events.redis_fanout")
 T = TypeVar("T")
@@ -298,23 +302,3 @@ class RedisFanout:
             except Exception:
                 log.exception("fanout loop failed", loop=name)
             await asyncio.sleep(RETRY_S)
-
-
-def _checkpoint() -> None:
-    """Raise if this task was asked to cancel. redis-py can swallow a task's cancellation
-    while it (re)connects (redis/redis-py#2551; seen with redis-py 8.1 on Python 3.11): the
-    call then returns normally and a cancelled loop would run on forever. Every Redis
-    call of this module goes through `_c`, which re-checks."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def _c(aw: Awaitable[T]) -> T:
-    res = await aw
-    _checkpoint()
-    return res
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v

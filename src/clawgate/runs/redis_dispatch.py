@@ -97,6 +97,10 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from clawgate.redis_calls import call as _c
+from clawgate.redis_calls import checkpoint as _checkpoint
+from clawgate.redis_calls import text as _s
+
 log = structlog.get_logger("clawgate.runs.redis_dispatch")
 T = TypeVar("T")
 
@@ -673,26 +677,6 @@ class RedisDispatcher:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def _checkpoint() -> None:
-    """Raise if this task was asked to cancel. redis-py can swallow a task's cancellation
-    while it (re)connects (redis/redis-py#2551; seen with redis-py 8.1 on Python 3.11): the
-    call then returns normally and a cancelled loop would run on forever. Every Redis
-    call of this module goes through `_c`, which re-checks."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-async def _c(aw: Awaitable[T]) -> T:
-    res = await aw
-    _checkpoint()
-    return res
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _session_of(fields: Any) -> str | None:
