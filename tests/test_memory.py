@@ -180,7 +180,10 @@ async def test_mixed_workload_returns_every_structure_to_baseline(
     await gw.maintenance.run_once()
     after_state = gw.registry.sizes()
     grown = {k: (baseline_state.get(k, 0), v) for k, v in after_state.items() if v > baseline_state.get(k, 0)}
-    assert grown == {"session_cache": (0, after_state["session_cache"])} or not grown, grown
+    # LRU caches bounded by size, not per-run state: the session metadata cache and the fake
+    # LLM's memory of which runs already failed once (for `[[error-once]]`).
+    lru_caches = {"session_cache", "scripted_attempts"}
+    assert {k: v for k, v in grown.items() if k not in lru_caches} == {}, grown
     after_containers = container_sizes(gw)
     grown_c = {
         k: v

@@ -236,6 +236,7 @@ class ScriptedProvider:
         self._delay_s = max(0.0, delay_s)
         self._chunks = max(1, chunks)
         self._attempts: OrderedDict[str, int] = OrderedDict()
+        self.attempts_max = MAX_TRACKED_ATTEMPTS
         self._call_ids = itertools.count(1)
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:

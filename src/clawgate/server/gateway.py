@@ -100,6 +100,14 @@ class Gateway:
             memory_budget_bytes=settings.memory_budget_bytes,
         )
         self.subagents.admission_check = self.admission.check
+        attempts = getattr(self.provider, "_attempts", None)
+        if attempts is not None:  # the scripted provider's per-run retry memory (size-bounded)
+            self.registry.add(
+                "scripted_attempts",
+                attempts.__len__,
+                ttl_s=None,
+                max_size=getattr(self.provider, "attempts_max", None) or 10_000,
+            )
         self.cluster: Cluster | None = None
         if settings.store_kind == "redis" and store is None:
             from clawgate.runs.cluster import Cluster
