@@ -149,7 +149,13 @@ def _check_error(frame: dict[str, Any]) -> None:
     assert frame["error"]["code"] in ALLOWED_ERRORS, frame
 
 
-json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.floats(allow_nan=False)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
 json_any = st.recursive(
     json_leaf,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
