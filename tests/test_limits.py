@@ -153,6 +153,28 @@ async def test_token_never_appears_in_debug_logs(tmp_path: Path) -> None:
             proc.kill()
             out, err = proc.communicate()
     text = out.decode(errors="replace") + err.decode(errors="replace")
-    # The debug log did record the handshakes (so the check below is not vacuous).
-    assert text.strip(), "gateway wrote no log at debug level"
+    # The capture works (the startup lines are there), so the check below looks at real output.
+    assert "gateway started" in text, text
+    assert SECRET not in text
+
+
+def test_print_config_redacts_the_token(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clawgate.cli.main",
+            "gateway",
+            "--token",
+            SECRET,
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--print-config",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    text = out.stdout.decode() + out.stderr.decode()
+    assert '"token": "***"' in text, text
     assert SECRET not in text
