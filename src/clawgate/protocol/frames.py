@@ -28,6 +28,7 @@ class _IdProbe(msgspec.Struct):
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(RequestFrame)
 _probe_decoder = msgspec.json.Decoder(_IdProbe)
+_ID_RE = re.compile(r'\s*\{(?:\s*"(?:type|method)"\s*:\s*"[^"\\]{0,64}"\s*,)*\s*"id"\s*:\s*"([^"\\]{1,256})"')
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
 
 P = TypeVar("P")
@@ -56,7 +57,10 @@ def probe_id(data: str | bytes) -> str | None:
     try:
         value = _probe_decoder.decode(data).id
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError):
-        return None
+        # Too deep or not JSON at all: a top-level `"id": "..."` near the start may still be readable.
+        head = data[:4096] if isinstance(data, str) else data[:4096].decode("utf-8", "replace")
+        match = _ID_RE.match(head)
+        return match.group(1) if match else None
     return value if isinstance(value, str) and len(value) <= 256 else None
 
 

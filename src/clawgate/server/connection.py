@@ -210,6 +210,8 @@ class Connection:
                 )
             hello = await self.gw.handshake(self, params)
         except ClawgateError as exc:
+            # Logged without the presented credentials: code and connection only.
+            log.info("handshake refused", conn=self.conn_id, code=exc.code, reason=exc.message)
             self.respond_error(req_id, exc)
             await self.close(CLOSE_POLICY, "handshake failed")
             return False
