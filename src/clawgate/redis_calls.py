@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from redis.exceptions import RedisError
+from structlog.typing import FilteringBoundLogger
 
 T = TypeVar("T")
 
@@ -27,3 +30,24 @@ async def call(aw: Awaitable[T]) -> T:
 
 def text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+async def guarded(
+    name: str,
+    loop: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    log: FilteringBoundLogger,
+    label: str,
+    retry_s: float,
+) -> None:
+    """Run a background loop that never dies silently: log, pause `retry_s`, restart."""
+    while True:
+        checkpoint()
+        try:
+            await loop()
+            return
+        except (RedisError, OSError) as exc:
+            log.warning(f"{label} loop: redis error", loop=name, error=str(exc))
+        except Exception:
+            log.exception(f"{label} loop failed", loop=name)
+        await asyncio.sleep(retry_s)

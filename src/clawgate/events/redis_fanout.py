@@ -52,7 +52,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from clawgate.redis_calls import call as _c
-from clawgate.redis_calls import checkpoint as _checkpoint
+from clawgate.redis_calls import guarded
 from clawgate.redis_calls import text as _s
 
 log = structlog.get_logger("clawgate.events.redis_fanout")
@@ -291,14 +291,4 @@ class RedisFanout:
         self._buf.clear()
 
     async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Background loops never die silently: log and restart after a pause."""
-        while True:
-            _checkpoint()
-            try:
-                await loop()
-                return
-            except (RedisError, OSError) as exc:
-                log.warning("fanout loop: redis error", loop=name, error=str(exc))
-            except Exception:
-                log.exception("fanout loop failed", loop=name)
-            await asyncio.sleep(RETRY_S)
+        await guarded(name, loop, log=log, label="fanout", retry_s=RETRY_S)

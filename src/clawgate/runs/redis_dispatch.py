@@ -98,7 +98,7 @@ import structlog
 from redis.exceptions import RedisError, ResponseError
 
 from clawgate.redis_calls import call as _c
-from clawgate.redis_calls import checkpoint as _checkpoint
+from clawgate.redis_calls import guarded
 from clawgate.redis_calls import text as _s
 
 log = structlog.get_logger("clawgate.runs.redis_dispatch")
@@ -377,17 +377,7 @@ class RedisDispatcher:
 
     # -- consuming --------------------------------------------------------------------------------
     async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Background loops never die silently: log and restart after a pause."""
-        while True:
-            _checkpoint()
-            try:
-                await loop()
-                return
-            except (RedisError, OSError) as exc:
-                log.warning("dispatch loop: redis error", loop=name, error=str(exc))
-            except Exception:
-                log.exception("dispatch loop failed", loop=name)
-            await asyncio.sleep(RETRY_S)
+        await guarded(name, loop, log=log, label="dispatch", retry_s=RETRY_S)
 
     async def _ensure_group(self) -> None:
         try:

@@ -11,8 +11,13 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
+from typing import Any
+
+import structlog
 
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
+
+log = structlog.get_logger("clawgate.store")
 
 
 class Store(ABC):
@@ -119,6 +124,22 @@ class Store(ABC):
 
     @abstractmethod
     async def count_subagents(self) -> int: ...
+
+
+def settle_result(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def settle_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def log_write_failure(fut: asyncio.Future[Any]) -> None:
+    """Done-callback for writes nobody awaits: log a failure instead of "exception never retrieved"."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store write failed", error=str(fut.exception()))
 
 
 def done_future() -> asyncio.Future[None]:

@@ -44,6 +44,9 @@ from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
 from clawgate.store.base import Store
+from clawgate.store.base import log_write_failure as _consume
+from clawgate.store.base import settle_exception as _set_exception
+from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import (
     FINAL_STATUSES,
     RunRecord,
@@ -752,18 +755,3 @@ def _first(res: list[Any]) -> Any:
 
 def _all(res: list[Any]) -> list[Any]:
     return res
-
-
-def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store write failed", error=str(fut.exception()))

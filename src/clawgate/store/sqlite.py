@@ -23,6 +23,9 @@ import structlog
 
 from clawgate.errors import StoreError
 from clawgate.store.base import Store
+from clawgate.store.base import log_write_failure as _consume
+from clawgate.store.base import settle_exception as _set_exception
+from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
 
 log = structlog.get_logger("clawgate.store.sqlite")
@@ -432,18 +435,3 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_result(value)
         else:
             fut.set_exception(value)
-
-
-def _set_result(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
-
-
-def _consume(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("store write failed", error=str(fut.exception()))
