@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -25,47 +23,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from clawgate.client import Client, ClientError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
+from clawgate.client import Client
 
 
 def start(state: Path, store: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     state.mkdir(parents=True)
-    log = open(state / "gateway.log", "wb")  # noqa: SIM115 - owned by the child
-    cmd = [
-        sys.executable,
-        "-m",
-        "clawgate.cli.main",
-        "gateway",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state),
-        "--store",
-        store,
-        "--log-level",
-        "warning",
-        "--set",
-        f"redis_prefix={prefix}",
-    ]
-    return subprocess.Popen(cmd, stdout=log, stderr=log), f"ws://127.0.0.1:{port}/"
-
-
-async def healthy(url: str) -> None:
-    for _ in range(300):
-        try:
-            async with Client(url, max_reconnect_attempts=0) as c:
-                await c.call("health")
-                return
-        except (ClientError, OSError):
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} not healthy")
+    proc = start_gateway_process(state, port, {"store": store, "redis_prefix": prefix})
+    return proc, f"ws://127.0.0.1:{port}/"
 
 
 async def drive(urls: list[str], runs: int, concurrency: int, tag: str) -> dict[str, Any]:
@@ -99,7 +65,7 @@ async def configuration(
     procs = [start(Path(tmp.name) / f"gw{i}", store, prefix) for i in range(n)]
     try:
         for _, url in procs:
-            await healthy(url)
+            await wait_healthy(url, None)
         urls = [u for _, u in procs]
         await drive(urls, min(1000, runs), concurrency, f"warm{uuid.uuid4().hex[:4]}")
         result = await drive(urls, runs, concurrency, f"run{uuid.uuid4().hex[:4]}")
