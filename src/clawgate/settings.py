@@ -102,7 +102,15 @@ class Settings(BaseSettings):
     log_json: bool = False
     ended_hook_log: Path | None = None
 
-    @field_validator("token")
+    # --- HTTP API (same port as the WebSocket) ------------------------------------------
+    http_openai: bool = Field(True, description="/v1/chat/completions, /v1/responses, /v1/models")
+    http_rest: bool = Field(True, description="/v1/runs..., /v1/sessions/{key}/history")
+    http_hooks: bool = Field(True, description="/hooks/agent, /hooks/wake (also need hooks_token)")
+    hooks_token: str | None = Field(None, description="bearer token of /hooks/*; unset disables them")
+    http_event_buffer_events: int = Field(512, ge=1, description="agent events kept per run for SSE resume")
+    http_event_buffers_max: int = Field(1000, ge=1, description="runs whose events are kept for SSE resume")
+
+    @field_validator("token", "hooks_token")
     @classmethod
     def _empty_token_is_none(cls, value: str | None) -> str | None:
         # `CLAWGATE_TOKEN=` (empty) means "no token", not "the token is the empty string", which
@@ -134,7 +142,7 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        for secret in ("token", "openai_api_key"):
+        for secret in ("token", "hooks_token", "openai_api_key"):
             if data.get(secret):
                 data[secret] = "***"
         return data

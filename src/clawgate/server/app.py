@@ -15,6 +15,10 @@ from starlette.websockets import WebSocket
 
 from clawgate.server.connection import CLOSE_TRY_LATER, RAW_SEND_SCOPE_KEY, Connection
 from clawgate.server.gateway import Gateway
+from clawgate.server.http_api import RestApi
+from clawgate.server.http_events import RunEventLog
+from clawgate.server.http_openai import OpenAIApi
+from clawgate.server.openapi import build_openapi
 
 
 class RawSendMiddleware:
@@ -57,6 +61,11 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
         ok, reason = await gateway.ready()
         return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
 
+    openapi_doc = build_openapi(gateway.settings)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_doc)
+
     async def metrics(request: Request) -> Response:
         return Response(gateway.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -70,12 +79,25 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             if manage_lifecycle:
                 await gateway.stop("server shutdown")
 
+    s = gateway.settings
+    events = RunEventLog(
+        gateway.bus,
+        gateway.clock,
+        gateway.registry,
+        capacity=s.http_event_buffer_events,
+        max_runs=s.http_event_buffers_max,
+        ttl_s=s.run_result_ttl_s,
+        watch_ttl_s=s.abort_ttl_max_s,
+    )
     return Starlette(
         routes=[
             WebSocketRoute("/", ws_endpoint),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
+            *RestApi(gateway, events).routes(),
+            *OpenAIApi(gateway, events).routes(),
         ],
         middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,

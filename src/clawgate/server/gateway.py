@@ -28,6 +28,7 @@ from clawgate.providers.base import Provider
 from clawgate.providers.factory import make_provider
 from clawgate.runs.service import RunService
 from clawgate.server.auth import authorize, require
+from clawgate.server.auth_limit import AuthFailures
 from clawgate.server.connection import Connection
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
@@ -115,6 +116,9 @@ class Gateway:
             self.cluster = Cluster(
                 settings, self.clock, self.registry, self.store, self.runs, self.bus, self.subagents
             )
+        # Failed HTTP authentications per peer address (bounded; OpenClaw's 10 per 60 s, 5 min lockout).
+        self.auth_failures = AuthFailures(self.clock)
+        self.registry.register(self.auth_failures.peers)
         self.connections: dict[str, Connection] = {}
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections

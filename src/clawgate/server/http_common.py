@@ -1,0 +1,216 @@
+"""What every HTTP API route shares: bounded body reading, bearer auth, error mapping, run start.
+
+The HTTP routes are adapters over the same run service as the WebSocket methods: a run started
+here is accepted, queued, deduplicated, admitted and retained exactly like one started by `agent`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unauthorized
+from clawgate.ids import RunId, SessionKey
+from clawgate.protocol.frames import decode_params
+from clawgate.runs.service import Run, SubmitRequest
+from clawgate.server.auth import ALL_SCOPES, Grant, require
+from clawgate.server.gateway import Gateway
+from clawgate.sessions.keys import agent_id_of
+from clawgate.settings import is_loopback
+from clawgate.store.records import RunRecord
+
+P = TypeVar("P")
+
+# The WS protocol's error codes as HTTP statuses.
+HTTP_STATUS = {
+    "INVALID_REQUEST": 400,
+    "UNAUTHORIZED": 401,
+    "FORBIDDEN": 403,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+    "AGENT_TIMEOUT": 504,
+    "RUN_FAILED": 502,
+    "INTERNAL": 500,
+}
+TOO_MANY = 429
+
+
+class TooManyAttempts(ClawgateError):
+    """Too many failed HTTP auth attempts from one address (429 with Retry-After)."""
+
+    code = "UNAVAILABLE"
+    retryable = True
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused past `max_bytes` before it is read whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(
+            f"body of {declared} bytes exceeds maxPayload {max_bytes}",
+            details={"maxPayload": max_bytes, "size": int(declared)},
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"body exceeds maxPayload {max_bytes}", details={"maxPayload": max_bytes})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int, schema: type[P]) -> P:
+    body = await read_body(request, max_bytes)
+    if not body.strip():
+        body = b"{}"
+    try:
+        return decode_params(msgspec.Raw(body), schema)
+    except InvalidRequest as exc:
+        # The WS decoder names fields from the frame (`params.x`); an HTTP body is the params.
+        field = (exc.details or {}).get("field")
+        if isinstance(field, str) and field.startswith("params."):
+            exc.details = {**(exc.details or {}), "field": field.removeprefix("params.")}
+        raise
+
+
+def bearer(request: Request, *extra_headers: str) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip() or None
+    for name in extra_headers:
+        value = request.headers.get(name)
+        if value:
+            return value.strip()
+    return None
+
+
+def peer_of(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+@dataclass
+class HttpAuth:
+    """Bearer-token auth for the HTTP API, with a per-address failure limit."""
+
+    gateway: Gateway
+
+    def check(
+        self, request: Request, needed: str, *, token: str | None, header_names: tuple[str, ...] = ()
+    ) -> Grant:
+        """The grant of the request's bearer token; raises Unauthorized / Forbidden / TooManyAttempts."""
+        presented = bearer(request, *header_names)
+        limiter = self.gateway.auth_failures
+        peer = peer_of(request)
+        # Loopback is exempt (a local process can read the token anyway), except for requests a
+        # browser makes on behalf of a web page: those carry an Origin.
+        limited = not is_loopback(peer) or "origin" in request.headers
+        locked = limiter.locked_for(peer) if limited else 0.0
+        if locked > 0:
+            raise TooManyAttempts(
+                "too many failed authentication attempts", retry_after_ms=math.ceil(locked * 1000)
+            )
+        if token is not None:
+            if presented is None or not hmac.compare_digest(token.encode(), presented.encode()):
+                if limited:
+                    limiter.failed(peer)
+                raise Unauthorized(
+                    "missing or invalid bearer token" if presented else "a bearer token is required"
+                )
+            method = "token"
+        else:
+            method = "none"
+        grant = Grant(protocol=4, role="operator", scopes=frozenset(ALL_SCOPES), method=method)
+        require(grant, needed, f"{request.method} {request.url.path}")
+        return grant
+
+
+def error_response(exc: ClawgateError, *, openai: bool = False) -> JSONResponse:
+    status = TOO_MANY if isinstance(exc, TooManyAttempts) else HTTP_STATUS.get(exc.code, 500)
+    headers: dict[str, str] = {}
+    if exc.retryable and exc.retry_after_ms is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
+    if openai:
+        body: dict[str, Any] = {
+            "error": {
+                "message": exc.message,
+                "type": _openai_type(status),
+                "code": exc.code.lower(),
+                "param": (exc.details or {}).get("field"),
+            }
+        }
+    else:
+        body = {"ok": False, "error": exc.to_error_shape()}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _openai_type(status: int) -> str:
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+    }.get(status, "api_error")
+
+
+@dataclass
+class RunStart:
+    message: str
+    session_key: SessionKey
+    agent_id: str
+    run_id: RunId
+    model: str | None = None
+    timeout_s: float | None = None
+    extra_system_prompt: str | None = None
+    owner: str | None = None
+
+
+async def start_run(gw: Gateway, start: RunStart) -> tuple[Run | None, RunRecord]:
+    """Accept a run through the shared run service (admission, dedupe, durability)."""
+    gw.admission.check()
+    run, rec, _created = await gw.runs.submit(
+        SubmitRequest(
+            run_id=start.run_id,
+            session_key=start.session_key,
+            agent_id=start.agent_id,
+            message=start.message,
+            model=start.model,
+            timeout_s=start.timeout_s,
+            extra_system_prompt=start.extra_system_prompt,
+            owner=None,
+        )
+    )
+    return run, rec
+
+
+def new_run_id(request: Request, body_key: str | None = None) -> RunId:
+    """`Idempotency-Key` header, else the body's key, else a fresh id (same key space as `idempotencyKey`)."""
+    key = request.headers.get("idempotency-key") or body_key
+    if key is not None:
+        if not 0 < len(key) <= 256:
+            raise InvalidRequest(
+                "Idempotency-Key must be 1 to 256 characters", details={"field": "Idempotency-Key"}
+            )
+        return RunId(key)
+    return RunId(uuid.uuid4().hex)
+
+
+def default_session(agent_id: str, kind: str) -> SessionKey:
+    return SessionKey(f"agent:{agent_id}:{kind}:{uuid.uuid4().hex}")
+
+
+def session_agent(key: str | None, agent_id: str | None) -> tuple[SessionKey, str]:
+    """Resolve (sessionKey, agentId) the way `agent` does."""
+    if key is None:
+        agent = agent_id or "main"
+        return SessionKey(f"agent:{agent}:main"), agent
+    return SessionKey(key), agent_id or agent_id_of(SessionKey(key))
