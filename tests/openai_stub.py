@@ -40,6 +40,7 @@ class StubBehaviour:
     tool_arguments: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TOOL_ARGS))
     tool_arguments_raw: str | None = None  # sent verbatim instead of tool_arguments (e.g. invalid JSON)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) reported per call
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -102,6 +103,7 @@ def make_app(behaviour: StubBehaviour) -> Starlette:
                 for piece in (args[:half], args[half:]):
                     yield _chunk(model, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
                 yield _chunk(model, {}, "tool_calls")
+                reply = args
             else:
                 if tool_results:
                     reply = "tool said: " + "; ".join(tool_results)
@@ -110,6 +112,23 @@ def make_app(behaviour: StubBehaviour) -> Starlette:
                 for piece in _split(reply, behaviour.content_chunks):
                     yield _chunk(model, {"content": piece})
                 yield _chunk(model, {}, "stop")
+            if (body.get("stream_options") or {}).get("include_usage"):
+                # Arbitrary but distinct counts, so a test can check they are summed exactly.
+                usage = (7 * len(messages) + len(text), len(reply) + 1)
+                behaviour.usages.append(usage)
+                tail = {
+                    "id": "chatcmpl-stub",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": usage[0],
+                        "completion_tokens": usage[1],
+                        "total_tokens": sum(usage),
+                    },
+                }
+                yield f"data: {json.dumps(tail)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -163,3 +163,22 @@ async def test_stalled_http_stream_ends_by_timeout(openai_gw: Setup, clock: Fake
     # The gateway still serves the provider after the cancelled stream.
     ok = await c.run_agent("fine", session_key="agent:main:oa-stall", idempotency_key="oa-after")
     assert ok["status"] == "ok"
+
+
+async def test_usage_totals_match_the_provider_reports_exactly(openai_gw: Setup) -> None:
+    c = openai_gw.client
+    # Two provider calls: the tool call turn (an unknown tool: no subagent), then the reply.
+    final = await c.run_agent(
+        "call-tool:nope please", session_key="agent:main:usage", idempotency_key="use-1"
+    )
+    await settle(openai_gw.rg.gateway)
+    reported = openai_gw.behaviour.usages
+    assert len(reported) == 2
+    prompt = sum(p for p, _ in reported)
+    completion = sum(o for _, o in reported)
+    assert final["result"]["meta"]["usage"] == {
+        "input": prompt,
+        "output": completion,
+        "total": prompt + completion,
+    }
+    assert openai_gw.behaviour.requests[0]["stream_options"] == {"include_usage": True}

@@ -18,6 +18,7 @@ from clawgate.providers.base import (
     ToolCall,
     ToolCallRequest,
     ToolSpec,
+    Usage,
 )
 from clawgate.providers.factory import make_provider
 from clawgate.providers.openai_provider import OpenAIProvider
@@ -127,7 +128,7 @@ async def test_scripted_reply_in_chunks() -> None:
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["abcde", "fghij"]
     events = await collect(provider.stream(user("[[reply:abcdefghij]][[chunks:5]]")))
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["ab", "cd", "ef", "gh", "ij"]
-    assert events[-1] == Finished()
+    assert events[-1] == Finished(usage=Usage(input=9, output=3))  # 1 + 33 // 4 prompt tokens; 10 chars out
 
 
 async def test_scripted_size() -> None:
@@ -233,7 +234,7 @@ async def test_scripted_tool_round_trip() -> None:
     assert first == [
         ToolCallRequest(ToolCall("call_1", "sessions_spawn", {"task": "child work", "mode": "session"})),
         ToolCallRequest(ToolCall("call_2", "echo", {"x": 1})),
-        Finished("tool_calls"),
+        Finished("tool_calls", Usage(input=23, output=0)),
     ]
     followup = ProviderRequest(
         messages=[
@@ -249,7 +250,7 @@ async def test_scripted_tool_round_trip() -> None:
     reply = text_of(second)
     assert reply.startswith("done: accepted child-1; xxx")
     assert len(reply) == 500
-    assert second[-1] == Finished("stop")
+    assert isinstance(second[-1], Finished) and second[-1].reason == "stop"
 
 
 async def test_factory() -> None:
@@ -282,7 +283,7 @@ async def test_openai_streams_text() -> None:
     deltas = [e for e in events if isinstance(e, TextDelta)]
     assert len(deltas) >= 3
     assert text_of(events) == "stub reply: hello"
-    assert events[-1] == Finished("stop")
+    assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
     assert behaviour.requests[0]["model"] == "stub-model"
     assert behaviour.requests[0]["stream"] is True
     assert "tools" not in behaviour.requests[0]
@@ -307,7 +308,7 @@ async def test_openai_tool_call_from_fragments_and_message_conversion() -> None:
                 ToolCallRequest(
                     ToolCall("call_stub_1", "sessions_spawn", {"task": "child work", "mode": "session"})
                 ),
-                Finished("tool_calls"),
+                Finished("tool_calls", Usage(input=30, output=42)),
             ]
             call = first[0].call if isinstance(first[0], ToolCallRequest) else None
             assert call is not None
@@ -321,7 +322,7 @@ async def test_openai_tool_call_from_fragments_and_message_conversion() -> None:
         finally:
             await provider.aclose()
     assert text_of(second) == "tool said: accepted"
-    assert second[-1] == Finished("stop")
+    assert isinstance(second[-1], Finished) and second[-1].reason == "stop"
 
     first_req, second_req = behaviour.requests
     assert first_req["model"] == "override-model"

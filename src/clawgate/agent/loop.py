@@ -21,6 +21,7 @@ from clawgate.providers.base import (
     TextDelta,
     ToolCall,
     ToolCallRequest,
+    Usage,
 )
 
 
@@ -30,6 +31,8 @@ class Emitter(Protocol):
     def tool(self, phase: str, name: str, call_id: str, payload: dict[str, Any]) -> None: ...
 
     def retrying(self, error: str) -> None: ...
+
+    def usage(self, usage: Usage) -> None: ...
 
 
 @dataclass
@@ -108,6 +111,8 @@ async def _turn(
             elif isinstance(event, ToolCallRequest):
                 calls.append(event.call)
             elif isinstance(event, Finished):
+                if event.usage is not None:
+                    emit.usage(event.usage)
                 break
     finally:
         aclose = getattr(stream, "aclose", None)  # async generators have it; the protocol does not

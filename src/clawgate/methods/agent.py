@@ -25,7 +25,8 @@ def final_payload(rec: RunRecord) -> dict[str, Any]:
         "summary": "completed" if rec.status == "ok" else (rec.error or rec.status),
         "result": {
             "payloads": [{"text": rec.result_text or "", "mediaUrl": None}] if rec.result_text else [],
-            "meta": {"durationMs": rec.duration_ms or 0, "sessionKey": rec.session_key},
+            "meta": {"durationMs": rec.duration_ms or 0, "sessionKey": rec.session_key}
+            | ({"usage": rec.usage} if rec.usage else {}),
         },
     }
     if rec.error:

@@ -54,8 +54,17 @@ class ToolCallRequest:
 
 
 @dataclass(slots=True)
+class Usage:
+    """Tokens one provider call consumed, as the provider reported them."""
+
+    input: int = 0
+    output: int = 0
+
+
+@dataclass(slots=True)
 class Finished:
     reason: str = "stop"
+    usage: Usage | None = None
 
 
 ProviderEvent = TextDelta | ToolCallRequest | Finished

@@ -31,6 +31,7 @@ from clawgate.providers.base import (
     ToolCall,
     ToolCallRequest,
     ToolSpec,
+    Usage,
 )
 
 
@@ -124,17 +125,21 @@ class OpenAIProvider:
         tools = [to_openai_tool(t) for t in request.tools]
         partials: dict[int, _PartialCall] = {}
         finish_reason: str | None = None
+        usage: Usage | None = None
         try:
             stream = await self._client.chat.completions.create(
                 model=request.model or self.model,
                 messages=messages,
                 tools=tools if tools else openai.omit,
                 stream=True,
+                stream_options={"include_usage": True},
             )
             async with stream:
                 async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                     if not chunk.choices:
-                        continue  # e.g. a trailing usage chunk
+                        continue  # the trailing usage chunk
                     choice = chunk.choices[0]
                     delta = choice.delta
                     if delta.content:
@@ -155,7 +160,7 @@ class OpenAIProvider:
 
         for call in _assemble(partials):
             yield ToolCallRequest(call)
-        yield Finished(finish_reason or ("tool_calls" if partials else "stop"))
+        yield Finished(finish_reason or ("tool_calls" if partials else "stop"), usage)
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -42,6 +42,7 @@ from clawgate.providers.base import (
     TextDelta,
     ToolCall,
     ToolCallRequest,
+    Usage,
 )
 from clawgate.state.clock import Clock
 
@@ -269,7 +270,7 @@ class ScriptedProvider:
             for tool_name, arguments in script.tools:
                 call = ToolCall(id=f"call_{next(self._call_ids)}", name=tool_name, arguments=dict(arguments))
                 yield ToolCallRequest(call)
-            yield Finished("tool_calls")
+            yield Finished("tool_calls", _usage(messages, ""))
             return
 
         if script.tools:
@@ -285,7 +286,7 @@ class ScriptedProvider:
             if delay > 0:
                 await self._clock.sleep(delay)
             yield TextDelta(piece)
-        yield Finished()
+        yield Finished(usage=_usage(messages, reply))
 
     def _record_attempt(self, run_id: str) -> bool:
         """Count an attempt of `run_id`; True if it is the first one we remember."""
@@ -297,3 +298,9 @@ class ScriptedProvider:
 
     async def aclose(self) -> None:
         return None
+
+
+def _usage(messages: list[ChatMessage], reply: str) -> Usage:
+    """Deterministic token counts: one token per started 4 characters (and 1 per message)."""
+    prompt = sum(len(m.content) // 4 + 1 for m in messages)
+    return Usage(input=prompt, output=(len(reply) + 3) // 4)

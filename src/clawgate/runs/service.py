@@ -27,7 +27,7 @@ from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
-from clawgate.providers.base import ChatMessage, Provider
+from clawgate.providers.base import ChatMessage, Provider, Usage
 from clawgate.runs.lanes import Lanes
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
@@ -306,6 +306,7 @@ class RunService:
                     max_retries=self.settings.provider_max_retries,
                 )
             except ProviderError as exc:
+                rec.usage = emitter.totals()
                 await self._finish(run, "error", exc.message, emitter.text or None)
                 return
             except Exception as exc:
@@ -317,6 +318,7 @@ class RunService:
                 return
             if text:
                 self.sessions.append(key, "assistant", text, rec.run_id)
+            rec.usage = emitter.totals()
             await self._finish(run, "ok", None, text)
         finally:
             self.running -= 1
@@ -589,7 +591,7 @@ class RunService:
 class _Emitter:
     """Turns agent-loop callbacks into `agent` and `chat` events for one run."""
 
-    __slots__ = ("bus", "clock", "key", "run_id", "text")
+    __slots__ = ("bus", "clock", "key", "run_id", "text", "tokens_in", "tokens_out")
 
     def __init__(self, bus: EventBus, run_id: RunId, key: SessionKey, clock: Clock) -> None:
         self.bus = bus
@@ -597,6 +599,17 @@ class _Emitter:
         self.key = key
         self.clock = clock
         self.text = ""
+        self.tokens_in = 0
+        self.tokens_out = 0
+
+    def usage(self, usage: Usage) -> None:
+        self.tokens_in += usage.input
+        self.tokens_out += usage.output
+
+    def totals(self) -> dict[str, int] | None:
+        if not (self.tokens_in or self.tokens_out):
+            return None
+        return {"input": self.tokens_in, "output": self.tokens_out, "total": self.tokens_in + self.tokens_out}
 
     def assistant(self, delta: str, text: str) -> None:
         self.text = text

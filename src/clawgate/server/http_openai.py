@@ -42,8 +42,8 @@ ABORT_HEADER = "x-clawgate-abort-on-disconnect"
 
 def usage_of(rec: RunRecord) -> tuple[int, int]:
     """(prompt, completion) tokens as the provider reported them for the run."""
-    usage = getattr(rec, "usage", None) or {}
-    return int(usage.get("input", 0)), int(usage.get("output", 0))
+    usage = rec.usage or {}
+    return usage.get("input", 0), usage.get("output", 0)
 
 
 class OpenAIApi:

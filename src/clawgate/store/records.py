@@ -46,6 +46,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     error: str | None = None
     result_text: str | None = None
     duration_ms: int | None = None
+    usage: dict[str, int] | None = None  # provider tokens: {input, output, total}
 
     @property
     def is_final(self) -> bool:
