@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from clawgate.providers.base import Provider
-from clawgate.providers.openai_provider import OpenAIProvider
 from clawgate.providers.scripted import ScriptedProvider
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
@@ -14,6 +13,10 @@ def make_provider(settings: Settings, clock: Clock) -> Provider:
     if settings.provider == "scripted":
         return ScriptedProvider(clock, delay_s=settings.scripted_delay_s, chunks=settings.scripted_chunks)
     if settings.provider == "openai":
+        # Imported here: the openai package takes over a second and tens of MB to import, which
+        # a gateway on the scripted provider should not pay at start.
+        from clawgate.providers.openai_provider import OpenAIProvider
+
         return OpenAIProvider(
             base_url=settings.openai_base_url,
             model=settings.openai_model,
