@@ -27,7 +27,14 @@ REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "port": 0, "log_level": "warning"}
+    base: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "port": 0,
+        "log_level": "warning",
+        # Retries of a failed provider turn do not back off on the fake clock unless a test asks
+        # for it (tests/test_provider_faults.py does, and advances the clock).
+        "provider_retry_base_s": 0,
+    }
     base.update(overrides)
     return Settings.model_validate(base)
 

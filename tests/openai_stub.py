@@ -41,6 +41,12 @@ class StubBehaviour:
     tool_arguments_raw: str | None = None  # sent verbatim instead of tool_arguments (e.g. invalid JSON)
     requests: list[dict[str, Any]] = field(default_factory=list)
     usages: list[tuple[int, int]] = field(default_factory=list)  # (prompt, completion) reported per call
+    # Fault injection, driven by the message text: "flaky-429" / "flaky-529" answer the first
+    # `fail_first` requests with that status (Retry-After: `retry_after`); "drop-mid" streams two
+    # chunks and then breaks the connection.
+    fail_first: int = 2
+    retry_after: str = "1"
+    failed: int = 0
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -70,6 +76,14 @@ def make_app(behaviour: StubBehaviour) -> Starlette:
         text = str(messages[last_user].get("content") or "") if last_user >= 0 else ""
         tool_results = [str(m.get("content")) for m in messages[last_user + 1 :] if m.get("role") == "tool"]
 
+        for status in (429, 529):
+            if f"flaky-{status}" in text and behaviour.failed < behaviour.fail_first:
+                behaviour.failed += 1
+                return JSONResponse(
+                    {"error": {"message": f"stub {status}", "type": "rate_limit_error", "code": None}},
+                    status_code=status,
+                    headers={"Retry-After": behaviour.retry_after},
+                )
         if not tool_results and "fail-500" in text:
             return JSONResponse(
                 {"error": {"message": "stub failure", "type": "server_error", "code": None}}, status_code=500
@@ -80,6 +94,10 @@ def make_app(behaviour: StubBehaviour) -> Starlette:
                 await behaviour.closing.wait()
                 return
             yield _chunk(model, {"role": "assistant", "content": ""})
+            if "drop-mid" in text:
+                yield _chunk(model, {"content": "partial "})
+                yield _chunk(model, {"content": "answer"})
+                raise ConnectionResetError("stub drops the stream")
             match = re.search(r"call-tool(?::([A-Za-z0-9_.-]+))?", text)
             if match and not tool_results:
                 name = match.group(1) or DEFAULT_TOOL

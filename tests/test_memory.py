@@ -33,6 +33,7 @@ NOT_ID_KEYED = {
     ("RunService", "start_hooks"),
     ("RunService", "end_hooks"),
     ("RunService", "totals"),
+    ("RunService", "provider_retries"),
     ("EventBus", "listeners"),
     ("SubagentService", "hooks"),
     ("Maintenance", "errors"),

@@ -45,7 +45,11 @@ async def openai_gw(start_gateway: GatewayFactory) -> AsyncIterator[Setup]:
     behaviour = StubBehaviour()
     async with run_stub(behaviour) as base_url:
         rg = await start_gateway(
-            provider="openai", openai_base_url=base_url, openai_model="stub-model", shutdown_grace_s=0
+            provider="openai",
+            openai_base_url=base_url,
+            openai_model="stub-model",
+            shutdown_grace_s=0,
+            provider_max_retries=1,
         )
         async with Client(rg.url, max_reconnect_attempts=0) as client:
             yield Setup(rg, client, behaviour)

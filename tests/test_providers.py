@@ -257,15 +257,15 @@ async def test_factory() -> None:
     clock = FakeClock()
     settings = Settings.model_validate({"provider": "scripted", "scripted_chunks": 3})
     scripted = make_provider(settings, clock)
-    assert isinstance(scripted, ScriptedProvider) and scripted.name == "scripted"
+    assert isinstance(scripted.inner, ScriptedProvider) and scripted.name == "scripted"
     events = await collect(scripted.stream(user("[[reply:abcdef]]")))
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["ab", "cd", "ef"]
     settings = Settings.model_validate(
         {"provider": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "openai_model": "m"}
     )
     openai_provider = make_provider(settings, clock)
-    assert isinstance(openai_provider, OpenAIProvider) and openai_provider.name == "openai"
-    assert openai_provider.model == "m"
+    assert isinstance(openai_provider.inner, OpenAIProvider) and openai_provider.name == "openai"
+    assert openai_provider.inner.model == "m" and openai_provider.default_model == "m"
     await openai_provider.aclose()
 
 

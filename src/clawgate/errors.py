@@ -89,10 +89,25 @@ class StoreError(Unavailable):
 
 
 class ProviderError(ClawgateError):
-    """The provider failed. `retryable` errors may be retried by the agent loop."""
+    """The provider failed. `retryable` errors may be retried by the agent loop.
+
+    `kind` names the failure for counters and the circuit breaker: `rate_limit` (429),
+    `overloaded` (529/503), `server` (other 5xx), `connection`, `timeout`, `stream_cut` (the
+    stream stopped halfway), `circuit_open`, `bad_request` or `error`. `retry_after_s` is the
+    provider's Retry-After, honoured by the backoff.
+    """
 
     code = "INTERNAL"
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        kind: str = "error",
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.kind = kind
+        self.retry_after_s = retry_after_s

@@ -94,6 +94,29 @@ class GatewayCollector(Collector):
             "1 when new runs are admitted",
             value=1 if snap["admission_open"] else 0,
         )
+        yield from _provider_metrics(snap["provider"])
+
+
+def _provider_metrics(stats: dict[str, Any]) -> Iterator[Any]:
+    name = str(stats.get("name", "unknown"))
+    errors = CounterMetricFamily(
+        "clawgate_provider_errors", "Failed provider turns, by kind", labels=["provider", "kind"]
+    )
+    for kind, n in stats.get("errors", {}).items():
+        errors.add_metric([name, kind], n)
+    yield errors
+    retries = CounterMetricFamily(
+        "clawgate_provider_retries", "Provider turns retried, by failure kind", labels=["provider", "kind"]
+    )
+    for kind, n in stats.get("retries", {}).items():
+        retries.add_metric([name, kind], n)
+    yield retries
+    circuit = GaugeMetricFamily(
+        "clawgate_provider_circuit_open", "1 while a model's circuit is open", labels=["provider", "model"]
+    )
+    for model, c in stats.get("circuits", {}).items():
+        circuit.add_metric([name, model], 0 if c["state"] == "closed" else 1)
+    yield circuit
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

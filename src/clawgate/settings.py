@@ -68,7 +68,17 @@ class Settings(BaseSettings):
     attachments_max_bytes: int = Field(5 * 1024 * 1024, ge=0)
     transcript_history_max: int = Field(200, ge=1, description="messages sent to the provider per turn")
     max_tool_rounds: int = Field(8, ge=1)
-    provider_max_retries: int = Field(1, ge=0)
+    provider_max_retries: int = Field(4, ge=0, description="retries of a failed turn (429, 5xx, timeouts)")
+    provider_retry_base_s: float = Field(0.5, ge=0, description="backoff: base * 2^n with full jitter")
+    provider_retry_max_delay_s: float = Field(
+        30.0, ge=0, description="cap of one backoff, Retry-After included"
+    )
+    provider_max_concurrency: int = Field(64, ge=1, description="turns in flight per provider")
+    provider_breaker_failures: int = Field(5, ge=1, description="consecutive failures that open a circuit")
+    provider_breaker_cooldown_s: float = Field(30.0, gt=0, description="open circuit: time before one probe")
+    fallback_models: list[str] = Field(
+        default_factory=list, description="tried in order when a circuit is open"
+    )
 
     # --- runs and subagents -----------------------------------------------------------
     default_run_timeout_s: float = Field(600.0, gt=0)

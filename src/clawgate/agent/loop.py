@@ -7,12 +7,14 @@ Pure orchestration over three injected edges: the provider (LLM), the emitter
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from clawgate.agent.tools import Tool, ToolCallContext
 from clawgate.errors import ClawgateError, ProviderError
+from clawgate.providers.backoff import backoff_delay
 from clawgate.providers.base import (
     ChatMessage,
     Finished,
@@ -46,6 +48,27 @@ class AgentInput:
     system_prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed turn is retried: at most `max_retries` times, after `backoff_delay` seconds
+    slept on `sleep` (the injected clock's, so tests fast-forward it)."""
+
+    max_retries: int
+    base_s: float = 0.0
+    max_delay_s: float = 0.0
+    sleep: Callable[[float], Awaitable[None]] | None = None
+    retries: Counter[str] | None = None  # counted by the failure's kind
+
+    async def wait(self, attempt: int, exc: ProviderError) -> None:
+        if self.retries is not None:
+            self.retries[exc.kind] += 1
+        delay = backoff_delay(
+            attempt, base_s=self.base_s, max_delay_s=self.max_delay_s, retry_after_s=exc.retry_after_s
+        )
+        if delay > 0 and self.sleep is not None:
+            await self.sleep(delay)
+
+
 async def run_agent(
     provider: Provider,
     inp: AgentInput,
@@ -54,6 +77,7 @@ async def run_agent(
     *,
     max_tool_rounds: int,
     max_retries: int,
+    retry: RetryPolicy | None = None,
 ) -> str:
     """Returns the final assistant text. Raises ProviderError when the provider fails for good."""
     messages: list[ChatMessage] = []
@@ -67,7 +91,9 @@ async def run_agent(
         request = ProviderRequest(
             messages=messages, model=inp.model, tools=specs, run_id=inp.run_id, session_key=inp.session_key
         )
-        calls, turn_text = await _turn_with_retries(provider, request, emit, text, max_retries)
+        calls, turn_text = await _turn_with_retries(
+            provider, request, emit, text, retry or RetryPolicy(max_retries)
+        )
         text += turn_text
         if not calls:
             return text
@@ -81,17 +107,18 @@ async def run_agent(
 
 
 async def _turn_with_retries(
-    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str, max_retries: int
+    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str, retry: RetryPolicy
 ) -> tuple[list[ToolCall], str]:
     attempt = 0
     while True:
         try:
             return await _turn(provider, request, emit, text_so_far)
         except ProviderError as exc:
-            if not exc.retryable or attempt >= max_retries:
+            if not exc.retryable or attempt >= retry.max_retries:
                 raise
             attempt += 1
             emit.retrying(exc.message)
+            await retry.wait(attempt, exc)
 
 
 async def _turn(
@@ -114,6 +141,12 @@ async def _turn(
                 if event.usage is not None:
                     emit.usage(event.usage)
                 break
+    except ProviderError as exc:
+        if turn_text:
+            # The deltas are already out, so the turn cannot be retried: the run ends as a cut
+            # stream and the caller keeps the partial text.
+            raise ProviderError(f"{exc.message} (the stream stopped halfway)", kind="stream_cut") from exc
+        raise
     finally:
         aclose = getattr(stream, "aclose", None)  # async generators have it; the protocol does not
         if aclose is not None:

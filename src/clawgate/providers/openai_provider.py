@@ -84,14 +84,31 @@ def _map_error(exc: Exception) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
     if isinstance(exc, openai.APITimeoutError):
-        return ProviderError("provider timed out", retryable=True)
+        return ProviderError("provider timed out", retryable=True, kind="timeout")
     if isinstance(exc, openai.APIConnectionError):
-        return ProviderError(f"provider connection failed: {exc}", retryable=True)
-    if isinstance(exc, openai.RateLimitError | openai.InternalServerError):
-        return ProviderError(f"provider returned {exc.status_code}: {exc.message}", retryable=True)
+        return ProviderError(f"provider connection failed: {exc}", retryable=True, kind="connection")
     if isinstance(exc, openai.APIStatusError):
-        return ProviderError(f"provider returned {exc.status_code}: {exc.message}")
-    return ProviderError(f"provider stream failed: {type(exc).__name__}: {exc}")
+        status = exc.status_code
+        message = f"provider returned {status}: {exc.message}"
+        if status == 429:
+            return ProviderError(message, retryable=True, kind="rate_limit", retry_after_s=_retry_after(exc))
+        if status in (503, 529):
+            return ProviderError(message, retryable=True, kind="overloaded", retry_after_s=_retry_after(exc))
+        if status >= 500:
+            return ProviderError(message, retryable=True, kind="server", retry_after_s=_retry_after(exc))
+        return ProviderError(message, kind="bad_request")
+    # A stream that breaks mid-way (a closed connection, a malformed chunk).
+    return ProviderError(f"provider stream failed: {type(exc).__name__}: {exc}", kind="stream_cut")
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    """The Retry-After header in seconds (an HTTP date is not used by LLM APIs; ignored)."""
+    raw = exc.response.headers.get("retry-after")
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 86400 else None
 
 
 def _assemble(partials: dict[int, _PartialCall]) -> list[ToolCall]:

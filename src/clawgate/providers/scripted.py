@@ -14,8 +14,14 @@ A directive is `[[name]]` or `[[name:arg]]` anywhere in the text of the LAST use
     [[tool:NAME JSON]]    first turn: request tool NAME with the JSON object as arguments
                           (repeatable); next turn (tool results present): reply
                           ``done: <tool results joined by '; '>`` (at most 500 chars)
+    [[fail:N:KIND]]       the first N attempts of the run fail, retryable, as KIND:
+                          429 (rate limit), 529 / 503 (overloaded), 500, timeout
+    [[retry-after:S]]     the failures above carry a Retry-After of S seconds
+    [[fail-model:MODEL]]  every call to MODEL fails as overloaded (fallback and breaker tests;
+                          the default model is called ``scripted``)
+    [[cut:K]]             the stream stops after K chunks (a provider that drops halfway)
 
-Order of effects: error, error-once, stall, tool calls, reply. Unknown `[[...]]`
+Order of effects: error, error-once, fail, stall, tool calls, reply. Unknown `[[...]]`
 text is not a directive and stays in the message. A malformed argument (e.g.
 `[[chunks:x]]`) makes the turn fail with a non-retryable ProviderError.
 
@@ -45,6 +51,7 @@ from clawgate.providers.base import (
     Usage,
 )
 from clawgate.state.clock import Clock
+from clawgate.state.registry import StateRegistry
 
 DEFAULT_ECHO_CHARS = 200
 TOOL_RESULT_MAX_CHARS = 500
@@ -53,7 +60,30 @@ STALL_S = 10**9
 # Bound on the per-run attempt memory used by `error-once`; the oldest run is evicted first.
 MAX_TRACKED_ATTEMPTS = 10_000
 
-_KNOWN = frozenset({"reply", "chunks", "delay", "stall", "error", "error-once", "tool", "size"})
+_KNOWN = frozenset(
+    {
+        "reply",
+        "chunks",
+        "delay",
+        "stall",
+        "error",
+        "error-once",
+        "tool",
+        "size",
+        "fail",
+        "fail-model",
+        "cut",
+        "retry-after",
+    }
+)
+# `[[fail:N:KIND]]` kinds and what they simulate (an OpenAI-compatible server's answers).
+FAIL_KINDS = {
+    "429": ("rate_limit", "provider returned 429: rate limited"),
+    "529": ("overloaded", "provider returned 529: overloaded"),
+    "503": ("overloaded", "provider returned 503: unavailable"),
+    "500": ("server", "provider returned 500: internal error"),
+    "timeout": ("timeout", "provider timed out"),
+}
 _SIZE_PATTERN = b"abcdefghijklmnopqrstuvwxyz0123456789 "
 
 
@@ -70,6 +100,11 @@ class Script:
     error: str | None = None
     error_once: str | None = None
     tools: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    fail_n: int = 0  # the first `fail_n` attempts of the run fail with `fail_kind`
+    fail_kind: str = "429"
+    fail_model: str | None = None  # every call to this model fails as overloaded
+    cut_after: int | None = None  # the stream stops after this many chunks
+    retry_after_s: float | None = None
 
 
 def parse_directives(text: str) -> Script:
@@ -173,6 +208,19 @@ def _apply(name: str, arg: str | None, script: Script) -> None:
         script.chunks = _int_arg(name, arg, minimum=1)
     elif name == "size":
         script.size = _int_arg(name, arg, minimum=0, maximum=MAX_SIZE_BYTES)
+    elif name == "fail":
+        count, _, kind = arg.partition(":")
+        script.fail_n = _int_arg(name, count, minimum=0, maximum=1_000_000)
+        kind = kind or "429"
+        if kind not in FAIL_KINDS:
+            raise ValueError(f"[[fail:{arg}]]: kind must be one of {', '.join(FAIL_KINDS)}")
+        script.fail_kind = kind
+    elif name == "fail-model":
+        script.fail_model = arg
+    elif name == "cut":
+        script.cut_after = _int_arg(name, arg, minimum=0)
+    elif name == "retry-after":
+        script.retry_after_s = _float_arg(name, arg)
     elif name == "delay":
         try:
             delay = float(arg)
@@ -181,6 +229,16 @@ def _apply(name: str, arg: str | None, script: Script) -> None:
         if not math.isfinite(delay) or delay < 0:
             raise ValueError(f"[[delay:{arg}]] must be a finite number >= 0")
         script.delay_s = delay
+
+
+def _float_arg(name: str, arg: str) -> float:
+    try:
+        value = float(arg)
+    except ValueError:
+        raise ValueError(f"[[{name}:{arg}]] is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"[[{name}:{arg}]] must be a finite number >= 0")
+    return value
 
 
 def _int_arg(name: str, arg: str, *, minimum: int, maximum: int | None = None) -> int:
@@ -260,6 +318,7 @@ class ScriptedProvider:
             first_attempt = self._record_attempt(request.run_id)
             if not answered and first_attempt:
                 raise ProviderError(script.error_once, retryable=True)
+        self._simulate_faults(script, request)
         if script.stall:
             await self._clock.sleep(STALL_S)
 
@@ -282,11 +341,32 @@ class ScriptedProvider:
         else:
             reply = f"ok: {script.text[:DEFAULT_ECHO_CHARS]}"
 
-        for piece in split_chunks(reply, chunks):
+        for n, piece in enumerate(split_chunks(reply, chunks)):
+            if script.cut_after is not None and n >= script.cut_after:
+                raise ProviderError("provider stream ended before the reply was complete", kind="stream_cut")
             if delay > 0:
                 await self._clock.sleep(delay)
             yield TextDelta(piece)
         yield Finished(usage=_usage(messages, reply))
+
+    def _simulate_faults(self, script: Script, request: ProviderRequest) -> None:
+        if script.fail_model is not None and (request.model or "scripted") == script.fail_model:
+            raise ProviderError(
+                f"provider returned 529: {script.fail_model} overloaded",
+                retryable=True,
+                kind="overloaded",
+                retry_after_s=script.retry_after_s,
+            )
+        if script.fail_n:
+            count = self._attempts.get(request.run_id, 0)
+            self._record_attempt(request.run_id)
+            if count < script.fail_n:
+                kind, message = FAIL_KINDS[script.fail_kind]
+                raise ProviderError(message, retryable=True, kind=kind, retry_after_s=script.retry_after_s)
+
+    def register_state(self, registry: StateRegistry) -> None:
+        """The per-run attempt memory of `error-once` / `fail` (size-bounded)."""
+        registry.add("scripted_attempts", self._attempts.__len__, ttl_s=None, max_size=self.attempts_max)
 
     def _record_attempt(self, run_id: str) -> bool:
         """Count an attempt of `run_id`; True if it is the first one we remember."""

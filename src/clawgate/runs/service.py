@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from clawgate.agent.loop import AgentInput, run_agent
+from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
 from clawgate.agent.tools import Tool
 from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
@@ -40,6 +41,7 @@ from clawgate.store.records import RunRecord
 log = structlog.get_logger("clawgate.runs")
 
 INTERRUPTED = "interrupted by gateway restart"
+PARTIAL_MARK = "\n[partial: the reply stopped before it was complete]"
 
 FinalListener = Callable[[RunRecord], None]
 EndHook = Callable[[RunRecord], Awaitable[None] | None]
@@ -122,6 +124,8 @@ class RunService:
         self.totals: dict[str, int] = {"ok": 0, "error": 0, "timeout": 0, "aborted": 0}
         self.latency = LatencyHistogram()
         self.task_errors = 0
+        # Turn retries by failure kind: keyed by ProviderError.kind, a fixed set (like `totals`).
+        self.provider_retries: Counter[str] = Counter()
         # Scale-out hooks, set by runs/cluster.py when the store is Redis: accepted runs go to
         # the shared queue instead of the local lanes; aborts and final answers cross processes.
         self.dispatch: Callable[[Run], Awaitable[None]] | None = None
@@ -304,9 +308,19 @@ class RunService:
                     self._tools_for(rec),
                     max_tool_rounds=self.settings.max_tool_rounds,
                     max_retries=self.settings.provider_max_retries,
+                    retry=RetryPolicy(
+                        self.settings.provider_max_retries,
+                        self.settings.provider_retry_base_s,
+                        self.settings.provider_retry_max_delay_s,
+                        self.clock.sleep,
+                        self.provider_retries,
+                    ),
                 )
             except ProviderError as exc:
                 rec.usage = emitter.totals()
+                if emitter.text:
+                    # Keep what was streamed, marked so the next turn (and a reader) knows it is cut.
+                    self.sessions.append(key, "assistant", emitter.text + PARTIAL_MARK, rec.run_id)
                 await self._finish(run, "error", exc.message, emitter.text or None)
                 return
             except Exception as exc:

@@ -101,14 +101,9 @@ class Gateway:
             memory_budget_bytes=settings.memory_budget_bytes,
         )
         self.subagents.admission_check = self.admission.check
-        attempts = getattr(self.provider, "_attempts", None)
-        if attempts is not None:  # the scripted provider's per-run retry memory (size-bounded)
-            self.registry.add(
-                "scripted_attempts",
-                attempts.__len__,
-                ttl_s=None,
-                max_size=getattr(self.provider, "attempts_max", None) or 10_000,
-            )
+        register_state = getattr(self.provider, "register_state", None)
+        if register_state is not None:  # a provider's own bounded structures (retry memory, breakers)
+            register_state(self.registry)
         self.cluster: Cluster | None = None
         if settings.store_kind == "redis" and store is None:
             from clawgate.runs.cluster import Cluster
@@ -349,7 +344,14 @@ class Gateway:
                 "sweepErrors": dict(self.maintenance.errors),
                 "running": self.maintenance.running,
             },
+            "provider": self.provider_stats(),
         }
+
+    def provider_stats(self) -> dict[str, Any]:
+        stats = getattr(self.provider, "stats", None)
+        out: dict[str, Any] = stats() if stats is not None else {"name": self.provider.name}
+        out["retries"] = dict(self.runs.provider_retries)
+        return out
 
     def _metrics_snapshot(self) -> dict[str, Any]:
         return {
@@ -363,6 +365,7 @@ class Gateway:
             "runs_queued": self.runs.queued,
             "rss": self.admission.sample(),
             "admission_open": self.admission.open,
+            "provider": self.provider_stats(),
         }
 
     def render_metrics(self) -> bytes:
