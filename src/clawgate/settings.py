@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     log_json: bool = False
     ended_hook_log: Path | None = None
 
+    # --- cron (scheduled runs) -------------------------------------------------------------
+    cron_enabled: bool = Field(True, description="fire scheduled jobs (cron.* methods work either way)")
+    cron_poll_s: float = Field(30.0, gt=0, description="longest sleep of the scheduler between store looks")
+    cron_max_jobs: int = Field(1000, ge=1)
+    cron_history_max: int = Field(50, ge=1, description="run history entries kept per job")
+    cron_history_ttl_s: float = Field(7 * 86400.0, gt=0, description="run history entries older are swept")
+    cron_job_ttl_s: float = Field(
+        400 * 86400.0, gt=0, description="Redis: a job key expires this long after its last write"
+    )
+
     # --- HTTP API (same port as the WebSocket) ------------------------------------------
     http_openai: bool = Field(True, description="/v1/chat/completions, /v1/responses, /v1/models")
     http_rest: bool = Field(True, description="/v1/runs..., /v1/sessions/{key}/history")

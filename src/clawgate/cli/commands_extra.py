@@ -11,10 +11,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from clawgate.cli.cron import cron_app
 from clawgate.cli.main import app, run_async
 from clawgate.cli.soak import bench_app
 
 app.add_typer(bench_app, name="bench")
+app.add_typer(cron_app, name="cron")
 
 BATCH_HELP = (
     "Run every task of TASKS (JSONL) through a gateway, with a progress bar, retries and resume.\n\n"

@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import structlog
 
 from clawgate import __version__
 from clawgate.admission import Admission
+from clawgate.automation.cron import CronService
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.methods.table import Deferred, MethodSpec, build_table
@@ -36,14 +37,28 @@ from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Store
+from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
 from clawgate.subagents.service import SubagentService
 
 if TYPE_CHECKING:
     from clawgate.runs.cluster import Cluster
+    from clawgate.store.redis_store import RedisStore
+    from clawgate.store.sqlite import SqliteStore
 
 log = structlog.get_logger("clawgate.gateway")
 
 EVENTS = ["connect.challenge", "agent", "chat", "subagent", "tick", "shutdown"]
+
+
+def open_cron_store(settings: Settings, store: Store) -> CronStore:
+    """Cron jobs live next to the rest of the state, in the same SQLite file or Redis."""
+    if store.kind == "redis":  # by kind: importing the Redis store loads the redis client
+        return RedisCronStore(
+            cast("RedisStore", store),
+            job_ttl_s=int(settings.cron_job_ttl_s),
+            history_ttl_s=int(settings.cron_history_ttl_s),
+        )
+    return SqliteCronStore(cast("SqliteStore", store))
 
 
 def open_store(settings: Settings) -> Store:
@@ -93,7 +108,12 @@ class Gateway:
         self.subagents = SubagentService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
         )
+        self.cron = CronService(
+            settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
+        )
+        self.runs.end_hooks.append(self.cron.on_run_end)
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
+        self.registry.add_sweep("cron_history", self.cron.sweep_history)
         self.registry.add_sweep("store_runs", self._sweep_store_runs)
         self.admission = Admission(
             self.registry,
@@ -149,6 +169,10 @@ class Gateway:
         self.maintenance.start()
         self.admission.start()
         self.subagents.start()
+        if self.settings.cron_enabled:
+            await self.cron.start()  # after the restore: an overdue job fires once, now
+        else:
+            await self.cron.store.open()
         self._tick_task = asyncio.create_task(self._ticks(), name="clawgate-ticks")
         self.started = True
         log.info(
@@ -164,6 +188,7 @@ class Gateway:
             return
         self.stopping = True
         self.bus.broadcast(encode_event("shutdown", {"reason": reason}))
+        await self.cron.stop()
         if self.cluster is not None:
             # First hand the shared queues back (running runs get the grace period, then
             # become orphans another process reports), then stop like a single process.

@@ -237,6 +237,13 @@ class RedisStore(Store):
         self.pipelines = 0
         self.ops = 0
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The connection (optional features with their own keys, e.g. cron, use it directly)."""
+        if self._client is None:
+            raise StoreError("store is not open")
+        return self._client
+
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
         client = aioredis.from_url(self.url, socket_connect_timeout=5, socket_timeout=30)

@@ -195,6 +195,10 @@ class SqliteStore(Store):
         self._queue.put((fn, fut, loop))
         return fut
 
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn` on the writer thread, in its next transaction (optional features' own tables)."""
+        return self._submit(fn)
+
     def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[None]:
         fut = self._submit(fn)
         # Writes nobody awaits must not log "exception never retrieved".
