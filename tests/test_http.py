@@ -69,7 +69,8 @@ async def test_readyz_503_while_admission_is_closed(start_gateway: GatewayFactor
         stalled = asyncio.create_task(
             c.run_agent("[[stall]]", idempotency_key="held-open", on_accepted=accepted.append)
         )
-        await wait_until(lambda: gw.runs.running == 1)
+        # The run may start before its `accepted` answer reaches this client: wait for both.
+        await wait_until(lambda: gw.runs.running == 1 and bool(accepted))
         assert accepted[0]["status"] == "accepted"
 
         res = await http.get("/readyz")

@@ -95,6 +95,12 @@ class GatewayCollector(Collector):
             value=1 if snap["admission_open"] else 0,
         )
         yield from _provider_metrics(snap["provider"])
+        tokens = CounterMetricFamily(
+            "clawgate_tokens", "Provider tokens, by model and kind", labels=["model", "kind"]
+        )
+        for (model, kind), n in snap["tokens"].items():
+            tokens.add_metric([model, kind], n)
+        yield tokens
 
 
 def _provider_metrics(stats: dict[str, Any]) -> Iterator[Any]:

@@ -15,10 +15,17 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 18789
+
+
+class ModelPrice(BaseModel):
+    """USD per million tokens, for `usage.cost` and the runs' `usage.costUsd`."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -111,6 +118,15 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = False
     ended_hook_log: Path | None = None
+
+    # --- usage accounting -------------------------------------------------------------------
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=dict, description="model -> USD per 1M tokens"
+    )
+    usage_retention_days: int = Field(90, ge=1, description="daily token aggregates kept this many days")
+    usage_models_max: int = Field(
+        64, ge=1, description="models counted in /metrics (the rest still in the store)"
+    )
 
     # --- cron (scheduled runs) -------------------------------------------------------------
     cron_enabled: bool = Field(True, description="fire scheduled jobs (cron.* methods work either way)")

@@ -245,9 +245,18 @@ class BatchSummary:
     unfinished: int = 0
     invalid: int = 0
     completed: int = 0  # tasks finished in this run
+    tokens: int = 0  # provider tokens of the tasks finished in this run
+    cost_usd: float | None = None  # their cost, when the gateway has a price for the model
     wall_s: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
     out_path: Path | None = None
+
+    def add_usage(self, usage: dict[str, Any] | None) -> None:
+        if not usage:
+            return
+        self.tokens += int(usage.get("total", 0))
+        if usage.get("costUsd") is not None:
+            self.cost_usd = round((self.cost_usd or 0.0) + float(usage["costUsd"]), 8)
 
     @property
     def runs_per_s(self) -> float:
@@ -275,6 +284,7 @@ class _Outcome:
     text: str | None = None
     error: str | None = None
     accepted_ms: float | None = None
+    usage: dict[str, Any] | None = None
 
 
 class _GaveUp(Exception):
@@ -431,6 +441,7 @@ class BatchRunner:
             else:
                 self._results.write(line)
                 self.summary.count(line["status"])
+                self.summary.add_usage(line.get("usage"))
             self._advance()
 
     # -- one task ----------------------------------------------------------------------------------
@@ -476,6 +487,7 @@ class BatchRunner:
                 "attempts": attempts,
                 "acceptedMs": round(outcome.accepted_ms, 3) if outcome.accepted_ms is not None else None,
                 "totalMs": round((time.monotonic() - started) * 1000, 3),
+                "usage": outcome.usage,
             }
 
     def _backoff(self, exc: ClientError, n: int) -> float:
@@ -522,7 +534,7 @@ class BatchRunner:
         existing = await self._existing(client, key)
         if existing is not None:
             text = await self._history_text(client, session, key) if existing["status"] == "ok" else None
-            return _Outcome(key, existing["status"], text, existing.get("error"))
+            return _Outcome(key, existing["status"], text, existing.get("error"), usage=existing.get("usage"))
         params: dict[str, Any] = {"message": task.message, "idempotencyKey": key, "sessionKey": session}
         if task.timeout is not None:
             params["timeout"] = task.timeout
@@ -537,6 +549,7 @@ class BatchRunner:
             _payload_text(final),
             final.get("error"),
             (accepted[0] - sent) * 1000 if accepted else None,
+            (final.get("result") or {}).get("meta", {}).get("usage"),
         )
 
     async def _spawn_attempt(self, task: Task, client: Client, key: str) -> _Outcome:
@@ -574,7 +587,7 @@ class BatchRunner:
                 text = await self._history_text(client, requester, run_id, role="system")
                 if text is not None and "\n" in text:
                     text = text.split("\n", 1)[1]
-        return _Outcome(run_id, final["status"], text, final.get("error"), accepted_ms)
+        return _Outcome(run_id, final["status"], text, final.get("error"), accepted_ms, final.get("usage"))
 
     async def _history_text(
         self, client: Client, session: str, run_id: str, role: str = "assistant"
@@ -646,6 +659,8 @@ def summary_table(summary: BatchSummary, title: str = "batch summary") -> Table:
     ]
     for name, value in rows:
         table.add_row(name, str(value))
+    table.add_row("tokens", f"{s.tokens:,}")
+    table.add_row("cost", f"${s.cost_usd:.4f}" if s.cost_usd is not None else "n/a (no price for the model)")
     table.add_row("runs/s", f"{s.runs_per_s:,.1f}")
     table.add_row("wall time", f"{s.wall_s:.2f} s")
     return table

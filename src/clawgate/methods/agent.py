@@ -98,6 +98,8 @@ async def wait(gw: Gateway, conn: Connection, req_id: str, params: WaitParams) -
         out["endedAt"] = int(rec.ended_at * 1000)
     if rec.error:
         out["error"] = rec.error
+    if rec.usage:
+        out["usage"] = rec.usage
     return out
 
 

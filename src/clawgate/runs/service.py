@@ -24,6 +24,7 @@ import structlog
 
 from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
 from clawgate.agent.tools import Tool
+from clawgate.automation.usage import with_cost
 from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
@@ -317,7 +318,7 @@ class RunService:
                     ),
                 )
             except ProviderError as exc:
-                rec.usage = emitter.totals()
+                rec.usage = self._usage(rec, emitter)
                 if emitter.text:
                     # Keep what was streamed, marked so the next turn (and a reader) knows it is cut.
                     self.sessions.append(key, "assistant", emitter.text + PARTIAL_MARK, rec.run_id)
@@ -332,10 +333,14 @@ class RunService:
                 return
             if text:
                 self.sessions.append(key, "assistant", text, rec.run_id)
-            rec.usage = emitter.totals()
+            rec.usage = self._usage(rec, emitter)
             await self._finish(run, "ok", None, text)
         finally:
             self.running -= 1
+
+    def _usage(self, rec: RunRecord, emitter: _Emitter) -> dict[str, Any] | None:
+        model = rec.model or getattr(self.provider, "default_model", None) or self.provider.name
+        return with_cost(emitter.totals(), model, self.settings.model_prices)
 
     def _tools_for(self, rec: RunRecord) -> Mapping[str, Tool]:
         return self.tools

@@ -18,6 +18,7 @@ import structlog
 from clawgate import __version__
 from clawgate.admission import Admission
 from clawgate.automation.cron import CronService
+from clawgate.automation.usage import UsageLedger
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.methods.table import Deferred, MethodSpec, build_table
@@ -38,6 +39,7 @@ from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Store
 from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
+from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageStore
 from clawgate.subagents.service import SubagentService
 
 if TYPE_CHECKING:
@@ -59,6 +61,12 @@ def open_cron_store(settings: Settings, store: Store) -> CronStore:
             history_ttl_s=int(settings.cron_history_ttl_s),
         )
     return SqliteCronStore(cast("SqliteStore", store))
+
+
+def open_usage_store(settings: Settings, store: Store) -> UsageStore:
+    if store.kind == "redis":
+        return RedisUsageStore(cast("RedisStore", store), retention_days=settings.usage_retention_days)
+    return SqliteUsageStore(cast("SqliteStore", store))
 
 
 def open_store(settings: Settings) -> Store:
@@ -112,8 +120,11 @@ class Gateway:
             settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
         )
         self.runs.end_hooks.append(self.cron.on_run_end)
+        self.usage = UsageLedger(settings, self.clock, open_usage_store(settings, self.store))
+        self.runs.end_hooks.append(self.usage.on_run_end)
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
         self.registry.add_sweep("cron_history", self.cron.sweep_history)
+        self.registry.add_sweep("usage_retention", self.usage.sweep)
         self.registry.add_sweep("store_runs", self._sweep_store_runs)
         self.admission = Admission(
             self.registry,
@@ -156,6 +167,7 @@ class Gateway:
         if self.started:
             return
         await self.store.open()
+        await self.usage.store.open()
         if self.cluster is not None:
             # Shared store: other processes own the runs in flight; recovery of a dead
             # process' work goes through the dispatcher's leases (runs/cluster.py).
@@ -391,6 +403,7 @@ class Gateway:
             "rss": self.admission.sample(),
             "admission_open": self.admission.open,
             "provider": self.provider_stats(),
+            "tokens": dict(self.usage.tokens),
         }
 
     def render_metrics(self) -> bytes:

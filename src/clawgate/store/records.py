@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -46,7 +46,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     error: str | None = None
     result_text: str | None = None
     duration_ms: int | None = None
-    usage: dict[str, int] | None = None  # provider tokens: {input, output, total}
+    usage: dict[str, Any] | None = None  # provider tokens: {input, output, total, model, costUsd?}
 
     @property
     def is_final(self) -> bool:

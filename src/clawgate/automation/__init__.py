@@ -1,0 +1,1 @@
+"""Automation on top of the run service: scheduled runs (cron) and usage accounting."""

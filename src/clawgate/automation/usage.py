@@ -1,0 +1,126 @@
+"""Usage accounting: tokens per run, per agent, per model and per day, and what they cost.
+
+The run service sums the provider's token counts into each run's record (`usage`:
+`{input, output, total, costUsd?}`); at the run's end this ledger adds them to a daily
+aggregate per (agent, model) in the store, kept `usage_retention_days`, and to the
+`clawgate_tokens_total{model,kind}` counters. Cost comes from the `model_prices` table
+(USD per million tokens); a model without a price has no cost, never a guessed one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from clawgate.settings import ModelPrice, Settings
+from clawgate.state.clock import Clock
+from clawgate.store.records import RunRecord
+from clawgate.store.usage_store import UsageRow, UsageStore
+
+
+def cost_usd(model: str, tokens_in: int, tokens_out: int, prices: dict[str, ModelPrice]) -> float | None:
+    price = prices.get(model)
+    if price is None:
+        return None
+    return round((tokens_in * price.input_per_mtok + tokens_out * price.output_per_mtok) / 1e6, 8)
+
+
+def with_cost(
+    usage: dict[str, Any] | None, model: str, prices: dict[str, ModelPrice]
+) -> dict[str, Any] | None:
+    if usage is None:
+        return None
+    cost = cost_usd(model, usage["input"], usage["output"], prices)
+    return {**usage, "model": model} | ({"costUsd": cost} if cost is not None else {})
+
+
+def day_of(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+class UsageLedger:
+    def __init__(self, settings: Settings, clock: Clock, store: UsageStore) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.store = store
+        # Prometheus counters keyed by (model, kind): a handful of models, fixed kinds.
+        self.tokens: Counter[tuple[str, str]] = Counter()
+
+    async def on_run_end(self, rec: RunRecord) -> None:
+        usage = rec.usage
+        if not usage:
+            return
+        model = str(usage.get("model") or rec.model or "unknown")
+        if len(self.tokens) < 2 * self.settings.usage_models_max or (model, "input") in self.tokens:
+            self.tokens[(model, "input")] += usage["input"]
+            self.tokens[(model, "output")] += usage["output"]
+        await self.store.add(
+            UsageRow(
+                day=day_of(rec.ended_at or self.clock.time()),
+                agent_id=rec.agent_id,
+                model=model,
+                input=int(usage["input"]),
+                output=int(usage["output"]),
+                runs=1,
+            )
+        )
+
+    async def sweep(self) -> int:
+        cutoff = day_of(self.clock.time() - self.settings.usage_retention_days * 86400)
+        return await self.store.sweep(before_day=cutoff)
+
+    async def cost(self, days: int) -> dict[str, Any]:
+        today = datetime.fromtimestamp(self.clock.time(), UTC).date()
+        start = (today - timedelta(days=days - 1)).isoformat()
+        rows = await self.store.rows(since_day=start, until_day=today.isoformat())
+        prices = self.settings.model_prices
+        daily: dict[str, dict[str, Any]] = {}
+        by_model: dict[str, dict[str, Any]] = {}
+        by_agent: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            cost = cost_usd(r.model, r.input, r.output, prices)
+            for bucket, key in ((daily, r.day), (by_model, r.model), (by_agent, r.agent_id)):
+                acc = bucket.setdefault(key, _zero())
+                _add(acc, r, cost)
+        totals = _zero()
+        for acc in daily.values():
+            for name in ("input", "output", "totalTokens", "runs"):
+                totals[name] += acc[name]
+            totals["totalCost"] = _sum_cost(totals["totalCost"], acc["totalCost"])
+        return {
+            "updatedAt": int(time.time() * 1000),
+            "startDate": start,
+            "endDate": today.isoformat(),
+            "days": days,
+            "daily": [{"date": d, **daily[d]} for d in sorted(daily)],
+            "byModel": [{"model": m, **by_model[m]} for m in sorted(by_model)],
+            "byAgent": [{"agentId": a, **by_agent[a]} for a in sorted(by_agent)],
+            "totals": {
+                "totalInput": totals["input"],
+                "totalOutput": totals["output"],
+                "totalTokens": totals["totalTokens"],
+                "totalCost": totals["totalCost"],
+                "runs": totals["runs"],
+            },
+            "priced": sorted(prices),
+        }
+
+
+def _zero() -> dict[str, Any]:
+    return {"input": 0, "output": 0, "totalTokens": 0, "runs": 0, "totalCost": None}
+
+
+def _sum_cost(a: float | None, b: float | None) -> float | None:
+    if a is None and b is None:
+        return None
+    return round((a or 0.0) + (b or 0.0), 8)
+
+
+def _add(acc: dict[str, Any], r: UsageRow, cost: float | None) -> None:
+    acc["input"] += r.input
+    acc["output"] += r.output
+    acc["totalTokens"] += r.input + r.output
+    acc["runs"] += r.runs
+    acc["totalCost"] = _sum_cost(acc["totalCost"], cost)
