@@ -94,6 +94,13 @@ def gateway(
         name, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set expects NAME=VALUE, got {item!r}")
+        # Lists and tables (`fallback_models=["a","b"]`, `model_prices={...}`) are given as JSON.
+        if value.lstrip().startswith(("[", "{")):
+            try:
+                overrides[name.strip().replace("-", "_")] = json.loads(value)
+                continue
+            except json.JSONDecodeError:
+                pass
         overrides[name.strip().replace("-", "_")] = value
     try:
         settings = load_settings(config, **overrides)
