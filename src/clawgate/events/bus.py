@@ -6,7 +6,10 @@ the clean path forgot the counters (DESIGN.md section 1, rules 2 and 3). Here
 the sequence counter is a field of the context, so the two cannot outlive each
 other, and the context map is a TTLMap whose deadline every emitted event
 pushes forward: a context idle for `run_context_idle_ttl_s` is swept, a run
-that keeps emitting never is.
+that keeps emitting never is. A context registered for a run that is executing
+is also held until that run's own backstop (`hold_s`, the `runs_active`
+deadline): a provider may stay silent longer than the idle TTL, and sweeping
+the context then would restart the run's `seq` at 1 in the middle of the run.
 
 Fan-out never awaits a socket: frames are encoded once and handed to each
 connection's bounded send buffer (`Sink.send_frame`), which disconnects a slow
@@ -32,7 +35,16 @@ class Sink(Protocol):
 
 
 class RunContext:
-    __slots__ = ("chat_seq", "chat_text", "last_active_at", "registered_at", "run_id", "seq", "session_key")
+    __slots__ = (
+        "chat_seq",
+        "chat_text",
+        "held_until",
+        "last_active_at",
+        "registered_at",
+        "run_id",
+        "seq",
+        "session_key",
+    )
 
     def __init__(self, run_id: RunId, session_key: SessionKey, now: float) -> None:
         self.run_id = run_id
@@ -42,6 +54,8 @@ class RunContext:
         self.chat_text = ""
         self.registered_at: float | None = now  # set once, on first registration
         self.last_active_at: float | None = now  # refreshed on every emitted event
+        # Not swept before this time, however idle (the executing run's backstop deadline).
+        self.held_until = 0.0
 
 
 EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
@@ -53,6 +67,7 @@ class EventBus:
         self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int, max_connections: int
     ) -> None:
         self.clock = clock
+        self.idle_ttl_s = idle_ttl_s
         self.contexts: TTLMap[RunId, RunContext] = TTLMap(
             "run_contexts", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
@@ -116,12 +131,27 @@ class EventBus:
         self.watchers.pop(run_id)
 
     # -- run contexts -------------------------------------------------------------------------
-    def register_run(self, run_id: RunId, session_key: SessionKey) -> RunContext:
+    def register_run(
+        self, run_id: RunId, session_key: SessionKey, *, hold_s: float | None = None
+    ) -> RunContext:
+        """The run's context, created on first use. `hold_s`: keep it at least that long.
+
+        The run service passes its own backstop for an executing run, so the context (and
+        its seq counters) lives as long as the run may, and ends with it (`clear_run`).
+        """
+        now = self.clock.time()
         ctx = self.contexts.get(run_id)
         if ctx is None:
-            ctx = RunContext(run_id, session_key, self.clock.time())
+            ctx = RunContext(run_id, session_key, now)
             self.contexts.set(run_id, ctx)
+        if hold_s is not None:
+            ctx.held_until = max(ctx.held_until, now + hold_s)
+            self._keep(run_id, ctx, now)
         return ctx
+
+    def _keep(self, run_id: RunId, ctx: RunContext, now: float) -> None:
+        """Push the context's deadline to the later of idle TTL and its hold."""
+        self.contexts.touch(run_id, max(self.idle_ttl_s, ctx.held_until - now))
 
     def clear_run(self, run_id: RunId) -> None:
         """Normal end: the context goes, and its sequence counter with it (rule 3)."""
@@ -139,7 +169,7 @@ class EventBus:
         now = self.clock.time()
         ctx.seq += 1
         ctx.last_active_at = now
-        self.contexts.touch(run_id)
+        self._keep(run_id, ctx, now)
         payload = {
             "runId": run_id,
             "sessionKey": session_key,
@@ -157,7 +187,10 @@ class EventBus:
         ctx = self.contexts.get(run_id)
         if ctx is None:
             ctx = self.register_run(run_id, session_key)
+        now = self.clock.time()
         ctx.chat_seq += 1
+        ctx.last_active_at = now
+        self._keep(run_id, ctx, now)
         payload: dict[str, Any] = {
             "runId": run_id,
             "sessionKey": session_key,

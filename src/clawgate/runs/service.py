@@ -276,11 +276,14 @@ class RunService:
         rec.started_at = now
         self.running += 1
         try:
-            self.active.touch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
-            self.bus.extend_watch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
+            backstop_s = self.settings.abort_ttl_s(rec.timeout_s)
+            self.active.touch(run_id, backstop_s)
+            self.bus.extend_watch(run_id, backstop_s)
             run.timer = self.clock.call_later(rec.timeout_s, lambda: self._timeout(run))
             self.store.put_run(rec)
-            self.bus.register_run(run_id, key)
+            # Held as long as the run may live: a provider silent past the idle TTL must not
+            # lose the context (its seq would restart at 1); the run's end clears it.
+            self.bus.register_run(run_id, key, hold_s=backstop_s)
             for hook in self.start_hooks:
                 hook(rec)
             self.bus.emit_agent(run_id, key, "lifecycle", {"phase": "start", "startedAt": int(now * 1000)})
