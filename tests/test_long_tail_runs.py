@@ -13,7 +13,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from clawgate.client import Client
+import pytest
+
+from clawgate.client import Client, ClientError
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
 
@@ -83,3 +85,132 @@ async def test_silent_run_keeps_its_context_and_contiguous_seq(
         assert "silent-1" not in gw.bus.contexts
         await settle(gw)
     assert gw.registry.sizes()["run_contexts"] == 0
+
+
+# -- listeners and waiters: capped per run and per connection, removed on disconnect ---------------------
+def stall(key: str, session: str) -> dict[str, Any]:
+    return {"message": "[[stall]]", "idempotencyKey": key, "sessionKey": session, "timeout": 3600}
+
+
+def waiter_sizes(rg: Any) -> tuple[int, int]:
+    sizes = rg.gateway.registry.sizes()
+    return sizes["run_waiters"], sizes["waiting_connections"]
+
+
+async def test_agent_retries_joining_a_run_are_capped_and_leave_with_their_connection(
+    start_gateway: GatewayFactory,
+) -> None:
+    rg = await start_gateway(max_waiters_per_run=3, shutdown_grace_s=0)
+    gw = rg.gateway
+    async with Client(rg.url, max_reconnect_attempts=0) as owner:
+        assert (await owner.call("agent", stall("join-1", "agent:main:join")))["status"] == "accepted"
+        run = gw.runs.active["join-1"]
+        assert len(run.listeners) == 1
+        retries = [Client(rg.url, max_reconnect_attempts=0) for _ in range(3)]
+        for r in retries:
+            await r.connect()
+        for r in retries[:2]:  # retries of the same key join the running run
+            assert (await r.call("agent", stall("join-1", "agent:main:join")))["status"] == "accepted"
+        assert len(run.listeners) == 3
+        with pytest.raises(ClientError) as info:
+            await retries[2].call("agent", stall("join-1", "agent:main:join"))
+        assert info.value.code == "UNAVAILABLE" and info.value.retryable
+        assert info.value.details == {"runId": "join-1", "maxWaitersPerRun": 3}
+        assert len(run.listeners) == 3
+        assert waiter_sizes(rg) == (3, 3)
+        # The joiners go away without waiting for the end: their listeners go with them.
+        for r in retries:
+            await r.close()
+        await wait_until(lambda: len(run.listeners) == 1, "listeners of closed connections removed")
+        assert waiter_sizes(rg) == (1, 1)
+        # The run's own answer still arrives, to the connection that is left.
+        finals: list[dict[str, Any]] = []
+        again = Client(rg.url, max_reconnect_attempts=0)
+        await again.connect()
+        try:
+            waited = asyncio.create_task(again.wait("join-1", timeout_ms=60_000))
+            await wait_until(lambda: len(run.listeners) == 2, "a parked wait")
+            await owner.abort("join-1")
+            finals.append(await asyncio.wait_for(waited, 10))
+        finally:
+            await again.close()
+        assert finals[0]["status"] == "aborted"
+        await settle(gw)
+    await wait_until(lambda: waiter_sizes(rg) == (0, 0), "no waiter left")
+
+
+async def test_agent_wait_caps_per_connection_and_per_run_and_removes_cancelled_waits(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(max_waiters_per_connection=4, max_waiters_per_run=6, shutdown_grace_s=0)
+    gw = rg.gateway
+    async with (
+        Client(rg.url, max_reconnect_attempts=0) as owner,
+        Client(rg.url, max_reconnect_attempts=0) as w1,
+        Client(rg.url, max_reconnect_attempts=0) as w2,
+    ):
+        await owner.call("agent", stall("cap-1", "agent:main:cap"))
+        run = gw.runs.active["cap-1"]
+        parked = [asyncio.create_task(w1.wait("cap-1", timeout_ms=60_000)) for _ in range(4)]
+        await wait_until(lambda: len(run.listeners) == 5, "four parked waits")
+        # Per connection: a fifth wait on w1 is refused, and so is a new run (its answer
+        # could not be delivered), before anything is accepted.
+        with pytest.raises(ClientError) as info:
+            await w1.wait("cap-1", timeout_ms=60_000)
+        assert info.value.code == "FORBIDDEN"
+        assert info.value.details == {"maxWaitersPerConnection": 4}
+        with pytest.raises(ClientError) as info:
+            await w1.call("agent", stall("cap-2", "agent:main:cap2"))
+        assert info.value.code == "FORBIDDEN"
+        assert "cap-2" not in gw.runs.active and await gw.store.get_run("cap-2") is None
+        # Per run: 1 (owner) + 4 (w1) + 1 (w2) = 6; the next one is refused, retryable.
+        extra = asyncio.create_task(w2.wait("cap-1", timeout_ms=1_000))
+        await wait_until(lambda: len(run.listeners) == 6, "the sixth listener")
+        with pytest.raises(ClientError) as info:
+            await w2.wait("cap-1", timeout_ms=60_000)
+        assert info.value.code == "UNAVAILABLE" and info.value.retryable
+        assert info.value.details == {"runId": "cap-1", "maxWaitersPerRun": 6}
+        # A wait that times out leaves at once, and frees its slot.
+        await clock.advance_async(1)
+        assert (await asyncio.wait_for(extra, 10))["status"] == "timeout"
+        assert len(run.listeners) == 5
+        assert waiter_sizes(rg) == (5, 2)
+        # w1 disconnects with four parked waits: all four are removed.
+        await w1.close()
+        await wait_until(lambda: len(run.listeners) == 1, "parked waits of the closed connection removed")
+        assert all(isinstance(t.exception(), ClientError) for t in await _done(parked))
+        assert waiter_sizes(rg) == (1, 1)
+        await owner.abort("cap-1")
+        await settle(gw)
+    await wait_until(lambda: waiter_sizes(rg) == (0, 0), "no waiter left")
+
+
+async def _done(tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+    await asyncio.wait(tasks, timeout=10)
+    return tasks
+
+
+async def test_many_parked_waits_cancelled_leave_nothing_behind(start_gateway: GatewayFactory) -> None:
+    """Many parked waits on one run, cancelled by their connections closing: every listener goes,
+    the run keeps only its owner's, and the waiter structures return to 0 after the end."""
+    rg = await start_gateway(max_waiters_per_connection=200, max_waiters_per_run=2000, shutdown_grace_s=0)
+    gw = rg.gateway
+    async with Client(rg.url, max_reconnect_attempts=0) as owner:
+        await owner.call("agent", stall("many-1", "agent:main:many"))
+        run = gw.runs.active["many-1"]
+        clients = [Client(rg.url, max_reconnect_attempts=0) for _ in range(5)]
+        for c in clients:
+            await c.connect()
+        parked = [
+            asyncio.create_task(c.wait("many-1", timeout_ms=600_000)) for c in clients for _ in range(200)
+        ]
+        await wait_until(lambda: len(run.listeners) == 1001, "1000 parked waits", timeout=30)
+        assert waiter_sizes(rg) == (1001, 6)
+        for c in clients:
+            await c.close()
+        await wait_until(lambda: len(run.listeners) == 1, "parked waits removed")
+        await _done(parked)
+        assert waiter_sizes(rg) == (1, 1)
+        await owner.abort("many-1")
+        await settle(gw)
+    await wait_until(lambda: waiter_sizes(rg) == (0, 0), "no waiter left")

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     transcript_history_max: int = Field(200, ge=1, description="messages sent to the provider per turn")
     max_tool_rounds: int = Field(8, ge=1)
     provider_max_retries: int = Field(1, ge=0)
+    # Listeners of a run's end (deferred `agent` answers, parked `agent.wait`s): each is
+    # removed in O(1) when it ends or its connection closes; these caps bound how many exist.
+    max_waiters_per_run: int = Field(1024, ge=1, description="beyond: UNAVAILABLE (retryable)")
+    max_waiters_per_connection: int = Field(1024, ge=1, description="beyond: FORBIDDEN")
 
     # --- runs and subagents -----------------------------------------------------------
     default_run_timeout_s: float = Field(600.0, gt=0)

@@ -29,6 +29,7 @@ from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider
 from clawgate.runs.lanes import Lanes
+from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, Timer
@@ -53,7 +54,8 @@ class Run:
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
-        self.listeners: list[FinalListener] = []
+        # Who gets the final record (the `agent` requests, parked `agent.wait`s): see waiters.py.
+        self.listeners: RunListeners[RunRecord] = RunListeners()
         self.task: asyncio.Task[None] | None = None
         self.timer: Timer | None = None
         self.cancel_reason: str | None = None  # "aborted" | "timeout" | "shutdown"
@@ -107,6 +109,22 @@ class RunService:
         )
         registry.register(self.active, per_run=True)
         registry.register(self.results)
+        self.waiters: Waiters[RunRecord] = Waiters(
+            max_per_run=settings.max_waiters_per_run, max_per_connection=settings.max_waiters_per_connection
+        )
+        # Bounded by the per-connection cap (and removed on disconnect or at the run's end).
+        registry.add(
+            "run_waiters",
+            lambda: self.waiters.total,
+            ttl_s=None,
+            max_size=settings.max_waiters_per_connection * settings.max_connections,
+        )
+        registry.add(
+            "waiting_connections",
+            lambda: self.waiters.connections,
+            ttl_s=None,
+            max_size=settings.max_connections,
+        )
         self.lanes: Lanes[Run] = Lanes(
             clock, registry, max_lanes=cap, execute=self._execute, on_task_error=self._task_error
         )
@@ -204,19 +222,42 @@ class RunService:
         self.results.set(RunId(rec.run_id), rec)
         self._settle(run)
 
-    def listen_final(self, run_id: RunId, rec: RunRecord, listener: FinalListener) -> bool:
-        """Call `listener` once the run ends, wherever it runs. False if it cannot be followed."""
-        run = self.active.get(run_id)
+    def follow(
+        self, run: Run | None, rec: RunRecord, listener: FinalListener, owner: ConnId | None
+    ) -> RunRecord | None:
+        """Arrange for `listener` to get the run's final record, wherever the run executes.
+
+        Returns the final record instead when the run has already ended (the caller answers
+        at once, after its own accepted response). Raises FORBIDDEN / UNAVAILABLE when a
+        waiter cap is reached, before anything is registered. The listener is owned by
+        `owner`: it goes when that connection closes.
+        """
+        run = run if run is not None else self.active.get(RunId(rec.run_id))
         if run is not None:
-            run.listeners.append(listener)
-            return True
+            if run.listeners.closed:  # ended (and settled) while the caller was awaiting
+                return run.record
+            self.waiters.add(rec.run_id, run.listeners, listener, owner)
+            return None
         if rec.is_final:
-            listener(rec)
-            return True
+            return rec
         if self.remote_listen is not None:
-            self.remote_listen(run_id, listener)
-            return True
-        return False
+            handle = self.waiters.reserve(owner)
+
+            def on_final(final: RunRecord) -> None:
+                self.waiters.release(owner, handle)
+                listener(final)
+
+            try:
+                cancel = self.remote_listen(RunId(rec.run_id), on_final)
+            except BaseException:
+                self.waiters.release(owner, handle)
+                raise
+            self.waiters.bind(owner, handle, cancel)
+        return None
+
+    def drop_waiters(self, conn_id: ConnId) -> int:
+        """A connection closed: nobody is left to answer, so its listeners go now."""
+        return self.waiters.drop_connection(conn_id)
 
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
@@ -385,8 +426,7 @@ class RunService:
         return pending
 
     def _settle(self, run: Run) -> None:
-        listeners, run.listeners = run.listeners, []
-        for listener in listeners:
+        for listener in self.waiters.settle(run.listeners):
             try:
                 listener(run.record)
             except Exception:
@@ -467,19 +507,25 @@ class RunService:
             rec = await self.store.get_run(run_id)
         return None, rec
 
-    async def wait(self, run_id: RunId, timeout_s: float) -> RunRecord | None:
-        """The final record, or None if the run is still going when the wait times out."""
+    async def wait(self, run_id: RunId, timeout_s: float, owner: ConnId | None = None) -> RunRecord | None:
+        """The final record, or None if the run is still going when the wait times out.
+
+        A parked wait counts against the waiter caps of the run and of `owner`; it is removed
+        in O(1) when it ends, times out or is cancelled (its connection closed).
+        """
         run, rec = await self.lookup(run_id)
         if run is None:
             if rec is None:
                 raise NotFound(f"unknown or expired run {run_id}", details={"runId": run_id})
             if rec.is_final or timeout_s <= 0 or self.remote_listen is None:
                 return rec if rec.is_final else None
-            return await self._wait_remote(run_id, timeout_s)
+            return await self._wait_remote(run_id, timeout_s, owner)
         if timeout_s <= 0:
             return None
         if run.task is None and self.remote_listen is not None:
-            return await self._wait_remote(run_id, timeout_s)  # executed by another process
+            return await self._wait_remote(run_id, timeout_s, owner)  # executed by another process
+        if run.listeners.closed:
+            return run.record
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def resolve(value: bool) -> None:
@@ -489,31 +535,34 @@ class RunService:
         def listener(_rec: RunRecord) -> None:
             resolve(True)
 
-        run.listeners.append(listener)
+        handle = self.waiters.add(run_id, run.listeners, listener, owner)
         timer = self.clock.call_later(timeout_s, lambda: resolve(False))
         try:
             finished = await fut
         finally:
             timer.cancel()
-            if listener in run.listeners:
-                run.listeners.remove(listener)
+            self.waiters.remove(run.listeners, handle)
         return run.record if finished else None
 
-    async def _wait_remote(self, run_id: RunId, timeout_s: float) -> RunRecord | None:
+    async def _wait_remote(self, run_id: RunId, timeout_s: float, owner: ConnId | None) -> RunRecord | None:
         assert self.remote_listen is not None
-        fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
-
-        def resolve(value: RunRecord | None) -> None:
-            if not fut.done():
-                fut.set_result(value)
-
-        cancel = self.remote_listen(run_id, resolve)
-        timer = self.clock.call_later(timeout_s, lambda: resolve(None))
+        handle = self.waiters.reserve(owner)
         try:
-            return await fut
+            fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+
+            def resolve(value: RunRecord | None) -> None:
+                if not fut.done():
+                    fut.set_result(value)
+
+            cancel = self.remote_listen(run_id, resolve)
+            timer = self.clock.call_later(timeout_s, lambda: resolve(None))
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+                cancel()
         finally:
-            timer.cancel()
-            cancel()
+            self.waiters.release(owner, handle)
 
     async def finalize_interrupted(self, rec: RunRecord) -> None:
         """End a run whose executing process died: error "interrupted by gateway restart"."""

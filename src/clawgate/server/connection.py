@@ -238,6 +238,8 @@ class Connection:
         self._wake.set()
         for task in list(self.inflight):
             task.cancel()
+        # Deferred `agent` answers and parked waits of this connection: nobody left to answer.
+        self.gw.runs.drop_waiters(self.conn_id)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
