@@ -214,3 +214,36 @@ async def test_many_parked_waits_cancelled_leave_nothing_behind(start_gateway: G
         await owner.abort("many-1")
         await settle(gw)
     await wait_until(lambda: waiter_sizes(rg) == (0, 0), "no waiter left")
+
+
+# -- session subscriptions: refused at the bound, never evicted ------------------------------------------
+async def test_subscriptions_past_the_gateway_bound_are_refused_not_evicted(
+    start_gateway: GatewayFactory,
+) -> None:
+    rg = await start_gateway(max_connections=3, max_session_subscriptions=300)
+    gw = rg.gateway
+    async with (
+        Client(rg.url, max_reconnect_attempts=0) as a,
+        Client(rg.url, max_reconnect_attempts=0) as b,
+        Client(rg.url, max_reconnect_attempts=0) as owner,
+    ):
+        seen: list[dict[str, Any]] = []
+        a.on_event = seen.append
+        await a.subscribe([f"agent:main:a{i}" for i in range(200)])
+        # 200 + 150 distinct keys do not fit in 300: refused as a whole, with the bound.
+        with pytest.raises(ClientError) as info:
+            await b.subscribe([f"agent:main:b{i}" for i in range(150)])
+        assert info.value.code == "UNAVAILABLE" and info.value.retryable
+        assert info.value.details == {"maxSessionSubscriptions": 300}
+        assert gw.registry.sizes()["session_subscriptions"] == 200
+        # What fits is accepted; keys already subscribed to by someone else cost nothing.
+        await b.subscribe([f"agent:main:b{i}" for i in range(100)])
+        await b.subscribe([f"agent:main:a{i}" for i in range(200)])
+        assert gw.registry.sizes()["session_subscriptions"] == 300
+        with pytest.raises(ClientError):
+            await b.subscribe(["agent:main:one-more"])
+        assert gw.bus.session_subs.evicted_total == 0
+        # A's first subscription still delivers: nobody was dropped to make room.
+        await owner.run_agent("[[reply:hi]]", session_key="agent:main:a0", idempotency_key="sub-a0")
+        await wait_until(lambda: len(events_of(seen, "agent", "sub-a0")) == 3, "A got the run's events")
+    await wait_until(lambda: gw.registry.sizes()["session_subscriptions"] == 0, "subscriptions released")

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_buffered_bytes: int = Field(1572864, ge=1024)
     max_connections: int = Field(1024, ge=1)
     max_pending_handshakes: int = Field(128, ge=1)
+    # Distinct session keys subscribed to across all connections (`events.subscribe`); a
+    # subscription beyond it is refused (UNAVAILABLE), never made room for by dropping another.
+    max_session_subscriptions: int = Field(102_400, ge=1)
     rate_limit_per_s: float = Field(2000.0, gt=0, description="requests per second per connection")
     rate_limit_burst: int = Field(4000, ge=1)
     frozen_result_max_bytes: int = Field(102400, ge=1)

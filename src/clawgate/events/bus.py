@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from clawgate.errors import Unavailable
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.protocol.frames import encode_event
 from clawgate.state.clock import Clock
@@ -64,7 +65,14 @@ RemotePublisher = Callable[[SessionKey, RunId | None, bytes], None]
 
 class EventBus:
     def __init__(
-        self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int, max_connections: int
+        self,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        idle_ttl_s: float,
+        max_runs: int,
+        max_connections: int,
+        max_session_subscriptions: int = 102_400,
     ) -> None:
         self.clock = clock
         self.idle_ttl_s = idle_ttl_s
@@ -76,8 +84,10 @@ class EventBus:
         self.watchers: TTLMap[RunId, set[ConnId]] = TTLMap(
             "run_watchers", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
+        # Distinct subscribed session keys across connections. Refused beyond the bound
+        # (`subscribe`), never evicted: an eviction silently cut another connection off.
         self.session_subs: TTLMap[SessionKey, set[ConnId]] = TTLMap(
-            "session_subscriptions", clock, max_size=max_connections * 100
+            "session_subscriptions", clock, max_size=max_session_subscriptions, lru=False
         )
         self.all_subs: set[ConnId] = set()
         self.sinks: dict[ConnId, Sink] = {}
@@ -106,6 +116,15 @@ class EventBus:
                     self.session_subs.pop(key)
 
     def subscribe(self, conn_id: ConnId, session_keys: list[SessionKey], all_sessions: bool) -> None:
+        """Add subscriptions, all or none: UNAVAILABLE if the new keys do not fit the bound."""
+        new_keys = {key for key in session_keys if key not in self.session_subs}
+        cap = self.session_subs.max_size
+        if cap is not None and len(self.session_subs) + len(new_keys) > cap:
+            raise Unavailable(
+                f"gateway holds at most {cap} subscribed sessions",
+                retry_after_ms=1000,
+                details={"maxSessionSubscriptions": cap},
+            )
         if all_sessions:
             self.all_subs.add(conn_id)
         for key in session_keys:

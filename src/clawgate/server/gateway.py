@@ -82,6 +82,7 @@ class Gateway:
             idle_ttl_s=settings.run_context_idle_ttl_s,
             max_runs=settings.max_tracked_runs,
             max_connections=settings.max_connections,
+            max_session_subscriptions=settings.max_session_subscriptions,
         )
         self.sessions = SessionService(
             self.store, self.clock, self.registry, cache_max=settings.session_cache_max
