@@ -247,3 +247,64 @@ async def test_subscriptions_past_the_gateway_bound_are_refused_not_evicted(
         await owner.run_agent("[[reply:hi]]", session_key="agent:main:a0", idempotency_key="sub-a0")
         await wait_until(lambda: len(events_of(seen, "agent", "sub-a0")) == 3, "A got the run's events")
     await wait_until(lambda: gw.registry.sizes()["session_subscriptions"] == 0, "subscriptions released")
+
+
+# -- runs_active: refused at max_tracked_runs, never evicted ---------------------------------------------
+async def test_runs_past_max_tracked_runs_are_refused_not_evicted(start_gateway: GatewayFactory) -> None:
+    """Concurrent spawns all pass the admission check, then await the store before their run is
+    tracked: the ones that no longer fit are refused, and no live run is evicted to make room."""
+    rg = await start_gateway(max_tracked_runs=3, shutdown_grace_s=0)
+    gw = rg.gateway
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        for i in range(2):
+            await c.call("agent", stall(f"tracked-{i}", f"agent:main:tracked{i}"))
+        results = await asyncio.gather(
+            *(c.spawn("agent:main:main", "[[stall]]", runTimeoutSeconds=3600) for _ in range(5)),
+            return_exceptions=True,
+        )
+        accepted = [r["runId"] for r in results if isinstance(r, dict)]
+        refused = [r for r in results if isinstance(r, ClientError)]
+        assert len(accepted) + len(refused) == 5, results
+        assert len(accepted) == 1
+        assert all(e.code == "UNAVAILABLE" and e.retryable for e in refused)
+        assert gw.runs.active.evicted_total == 0
+        live = set(gw.runs.active.keys())
+        assert live == {"tracked-0", "tracked-1", *accepted}
+        # Every accepted run is still reachable: abort finds it, and it ends.
+        for run_id in live:
+            assert (await c.abort(run_id))["aborted"] is True
+        await settle(gw)
+        for run_id in live:
+            assert (await c.wait(run_id, timeout_ms=0))["status"] == "aborted"
+
+
+async def test_queued_runs_past_max_tracked_runs_end_visibly_on_restore(
+    start_gateway: GatewayFactory,
+) -> None:
+    rg1 = await start_gateway(main_concurrency=1, shutdown_grace_s=0)
+    async with Client(rg1.url, max_reconnect_attempts=0) as c:
+        await c.call("agent", stall("rq-stall", "agent:main:rq-s"))
+        await wait_until(lambda: rg1.gateway.runs.running == 1, "the stall runs")
+        for i in range(4):
+            params = {
+                "message": "[[reply:done]]",
+                "idempotencyKey": f"rq-{i}",
+                "sessionKey": f"agent:main:rq{i}",
+            }
+            await c.call("agent", params)
+        await wait_until(lambda: rg1.gateway.runs.queued == 4, "four queued")
+        await rg1.stop()
+    rg2 = await start_gateway(main_concurrency=1, max_tracked_runs=2, shutdown_grace_s=0)
+    gw2 = rg2.gateway
+    assert gw2.runs.active.evicted_total == 0
+    async with Client(rg2.url, max_reconnect_attempts=0) as c2:
+        finals = [await c2.wait(f"rq-{i}", timeout_ms=10_000) for i in range(4)]
+        statuses = sorted((f["status"], f.get("error")) for f in finals)
+        assert statuses == [
+            ("error", "not re-queued after restart: maxTrackedRuns reached"),
+            ("error", "not re-queued after restart: maxTrackedRuns reached"),
+            ("ok", None),
+            ("ok", None),
+        ]
+        await settle(gw2)
+    assert gw2.runs.active.evicted_total == 0

@@ -41,6 +41,7 @@ from clawgate.store.records import RunRecord
 log = structlog.get_logger("clawgate.runs")
 
 INTERRUPTED = "interrupted by gateway restart"
+NOT_RESTORED = "not re-queued after restart: maxTrackedRuns reached"
 
 FinalListener = Callable[[RunRecord], None]
 EndHook = Callable[[RunRecord], Awaitable[None] | None]
@@ -96,11 +97,14 @@ class RunService:
         self.sessions = sessions
         self.provider = provider
         cap = settings.max_tracked_runs
+        # New runs are refused at `cap` (`_track`), never made room for by evicting a live run.
+        # Runs another process accepted and this one executes (`adopt`) are bounded by the
+        # dispatcher's slots, one per global lane slot: the headroom above `cap` holds them.
         self.active: TTLMap[RunId, Run] = TTLMap(
             "runs_active",
             clock,
             ttl_s=settings.abort_ttl_max_s,
-            max_size=cap,
+            max_size=cap + settings.main_concurrency + settings.subagent_concurrency,
             lru=False,
             on_expire=self._on_active_expired,
         )
@@ -173,7 +177,7 @@ class RunService:
         )
         run = Run(record)
         # Track before the durable insert so a concurrent retry of the same key joins this run.
-        self.active.set(req.run_id, run)
+        self._track(req.run_id, run)
         try:
             prior = await self.store.create_run(record, reuse_after_s=self.settings.dedupe_ttl_s, now=now)
         except BaseException:
@@ -205,8 +209,23 @@ class RunService:
     def adopt(self, record: RunRecord) -> Run:
         """Track a run accepted by another process, which this process is about to execute."""
         run = Run(record)
-        self.active.set(RunId(record.run_id), run)
+        self._track(RunId(record.run_id), run, limit=self.active.max_size)
         return run
+
+    def _track(self, run_id: RunId, run: Run, *, limit: int | None = None) -> None:
+        """Put a run in `runs_active`, or refuse (UNAVAILABLE) when it holds `limit` runs.
+
+        The map would otherwise evict its oldest entry: a live run that keeps executing
+        while no abort, wait or retry can find it any more.
+        """
+        cap = self.settings.max_tracked_runs if limit is None else limit
+        if run_id not in self.active and len(self.active) >= cap:
+            raise Unavailable(
+                f"gateway overloaded: tracking {len(self.active)} runs (maxTrackedRuns {cap})",
+                retry_after_ms=1000,
+                details={"maxTrackedRuns": cap},
+            )
+        self.active.set(run_id, run)
 
     async def execute(self, run: Run) -> None:
         """Execute one run now (the shared queue already serialized its session)."""
@@ -262,7 +281,7 @@ class RunService:
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
         run = Run(record)
-        self.active.set(RunId(record.run_id), run)
+        self._track(RunId(record.run_id), run)
         self.lanes.push(SessionKey(record.session_key), run)
 
     # -- execute -------------------------------------------------------------------------------
@@ -587,13 +606,21 @@ class RunService:
         """After a restart: re-queue runs that never started, end those that were running."""
         requeued = interrupted = 0
         for rec in await self.store.unfinished_runs():
+            error = INTERRUPTED
             if rec.status == "queued":
-                self.enqueue_restored(rec)
-                requeued += 1
-                continue
+                try:
+                    self.enqueue_restored(rec)
+                except Unavailable:
+                    # More queued runs than this gateway may track: end the rest visibly rather
+                    # than leave them queued with no end (or evict runs already re-queued).
+                    log.warning("queued run not restored: maxTrackedRuns reached", run_id=rec.run_id)
+                    error = NOT_RESTORED
+                else:
+                    requeued += 1
+                    continue
             now = self.clock.time()
             rec.status = "error"
-            rec.error = INTERRUPTED
+            rec.error = error
             rec.ended_at = now
             self.results.set(RunId(rec.run_id), rec)
             await self.store.put_run(rec)
