@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 
 from clawgate.client import Client, ClientError
+from clawgate.errors import Unavailable
+from clawgate.ids import SessionKey
+from clawgate.runs.lanes import Lanes
 from clawgate.state.clock import FakeClock
+from clawgate.state.registry import StateRegistry
 from conftest import GatewayFactory, settle
 
 
@@ -308,3 +312,53 @@ async def test_queued_runs_past_max_tracked_runs_end_visibly_on_restore(
         ]
         await settle(gw2)
     assert gw2.runs.active.evicted_total == 0
+
+
+# -- session lanes and their workers: the declared bound is enforced ---------------------------------------
+async def test_lanes_refuse_a_new_session_past_max_lanes_and_never_run_a_session_twice() -> None:
+    registry = StateRegistry()
+    release = asyncio.Event()
+    running: dict[str, int] = {}
+    most_at_once: dict[str, int] = {}
+    done: list[str] = []
+
+    async def execute(item: tuple[str, int]) -> None:
+        key = item[0]
+        running[key] = running.get(key, 0) + 1
+        most_at_once[key] = max(most_at_once.get(key, 0), running[key])
+        await release.wait()
+        running[key] -= 1
+        done.append(f"{key}/{item[1]}")
+
+    lanes: Lanes[tuple[str, int]] = Lanes(
+        FakeClock(), registry, max_lanes=2, execute=execute, on_task_error=lambda exc: None
+    )
+    a, b, c = SessionKey("agent:main:a"), SessionKey("agent:main:b"), SessionKey("agent:main:c")
+    lanes.push(a, ("a", 1))
+    lanes.push(b, ("b", 1))
+    while sum(running.values()) < 2:  # both workers are executing their first item
+        await asyncio.sleep(0.001)
+    lanes.push(a, ("a", 2))  # an existing lane takes more work
+    try:
+        lanes.push(c, ("c", 1))
+    except Unavailable as exc:
+        assert exc.details == {"maxLanes": 2}
+    else:
+        raise AssertionError("a third lane was accepted past max_lanes=2")
+    assert not lanes.has_room(c)
+    assert lanes.queued == 1  # ("a", 2); the refused item was not counted
+    # Pushing to `a` again must reach the same lane, not a second worker for the session.
+    lanes.push(a, ("a", 3))
+    sizes = registry.sizes()
+    assert sizes["session_lanes"] == 2 and sizes["lane_workers"] == 2
+    assert {d.name: d.max_size for d in registry.describe()}["lane_workers"] == 2
+    release.set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while lanes.workers and loop.time() < deadline:
+        await asyncio.sleep(0.001)
+    assert sorted(done) == ["a/1", "a/2", "a/3", "b/1"]
+    assert [d for d in done if d.startswith("a/")] == ["a/1", "a/2", "a/3"]  # FIFO per session
+    assert most_at_once == {"a": 1, "b": 1}
+    assert registry.sizes()["session_lanes"] == registry.sizes()["lane_workers"] == 0
+    assert lanes.has_room(c)

@@ -129,8 +129,14 @@ class RunService:
             ttl_s=None,
             max_size=settings.max_connections,
         )
+        # One lane per session with queued or running work: at most one per tracked run, plus
+        # one per global lane slot for lanes whose last run is still ending.
         self.lanes: Lanes[Run] = Lanes(
-            clock, registry, max_lanes=cap, execute=self._execute, on_task_error=self._task_error
+            clock,
+            registry,
+            max_lanes=cap + settings.main_concurrency + settings.subagent_concurrency,
+            execute=self._execute,
+            on_task_error=self._task_error,
         )
         self.main_lane = asyncio.Semaphore(settings.main_concurrency)
         self.subagent_lane = asyncio.Semaphore(settings.subagent_concurrency)
@@ -175,6 +181,12 @@ class RunService:
             extra_system_prompt=req.extra_system_prompt,
             accepted_at=now,
         )
+        if self.dispatch is None and not self.lanes.has_room(req.session_key):
+            raise Unavailable(
+                "gateway overloaded: no session lane free",
+                retry_after_ms=1000,
+                details={"maxLanes": self.lanes.max_lanes},
+            )
         run = Run(record)
         # Track before the durable insert so a concurrent retry of the same key joins this run.
         self._track(req.run_id, run)
@@ -203,7 +215,12 @@ class RunService:
                 await self._finish(run, "error", "could not queue the run", None)
                 raise
         else:
-            self.lanes.push(req.session_key, run)
+            try:
+                self.lanes.push(req.session_key, run)
+            except Unavailable:
+                # Lanes filled up during the insert: an accepted run still gets its one end.
+                await self._finish(run, "error", "could not queue the run", None)
+                raise
         return run, record, True
 
     def adopt(self, record: RunRecord) -> Run:
@@ -280,9 +297,12 @@ class RunService:
 
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
+        key = SessionKey(record.session_key)
+        if not self.lanes.has_room(key):
+            raise Unavailable("no session lane free", details={"maxLanes": self.lanes.max_lanes})
         run = Run(record)
         self._track(RunId(record.run_id), run)
-        self.lanes.push(SessionKey(record.session_key), run)
+        self.lanes.push(key, run)
 
     # -- execute -------------------------------------------------------------------------------
     def _startable(self, run: Run) -> bool:
