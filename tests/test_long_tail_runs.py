@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import websockets
 
 from clawgate.client import Client, ClientError
 from clawgate.errors import Unavailable
@@ -362,3 +363,31 @@ async def test_lanes_refuse_a_new_session_past_max_lanes_and_never_run_a_session
     assert most_at_once == {"a": 1, "b": 1}
     assert registry.sizes()["session_lanes"] == registry.sizes()["lane_workers"] == 0
     assert lanes.has_room(c)
+
+
+# -- background tasks: never more than two per live connection ----------------------------------------------
+async def test_background_close_tasks_never_outlive_their_connection(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(max_connections=4, handshake_timeout_s=1)
+    gw = rg.gateway
+    declared = {d.name: d.max_size for d in gw.registry.describe()}
+    assert declared["background_tasks"] == 2 * gw.settings.max_connections
+    for _round in range(3):
+        idle = [await websockets.connect(rg.url, ping_interval=None, close_timeout=2) for _ in range(4)]
+        for ws in idle:
+            await ws.recv()  # the challenge; no connect follows
+        await wait_until(lambda: len(gw.connections) == 4, "four pending connections")
+        clock.advance(1)  # every handshake times out: each connection starts a close task
+        most = len(gw.background)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while gw.connections or gw.background:
+            assert len(gw.background) <= 2 * len(gw.connections), (len(gw.background), len(gw.connections))
+            most = max(most, len(gw.background))
+            assert loop.time() < deadline, "connections did not close"
+            await asyncio.sleep(0)
+        assert most == 4  # the close tasks did exist, and went with their connections
+        for ws in idle:
+            await ws.close()
+    assert gw.registry.sizes()["background_tasks"] == 0
