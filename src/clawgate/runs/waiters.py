@@ -53,8 +53,9 @@ class Waiters(Generic[R]):
         self.max_per_run = max_per_run
         self.max_per_connection = max_per_connection
         self._handles = itertools.count(1)
-        # conn -> handle -> how to drop that waiter if the connection goes away.
-        self._owned: dict[ConnId, dict[int, Callable[[], None]]] = {}
+        # conn -> handle -> where that waiter lives: the run's listeners, or (a waiter on a run
+        # another process executes) the function that cancels it.
+        self._owned: dict[ConnId, dict[int, RunListeners[R] | Callable[[], None]]] = {}
         self.total = 0  # waiters owned by connections (the registry reports this)
         self.refused = 0
 
@@ -92,11 +93,7 @@ class Waiters(Generic[R]):
         handle = next(self._handles)
         listeners._entries[handle] = (listener, owner)
         if owner is not None:
-
-            def drop() -> None:
-                listeners._entries.pop(handle, None)
-
-            self._index(owner, handle, drop)
+            self._index(owner, handle, listeners)
         return handle
 
     def remove(self, listeners: RunListeners[R], handle: int) -> None:
@@ -138,8 +135,11 @@ class Waiters(Generic[R]):
         if not owned:
             return 0
         self.total -= len(owned)
-        for cancel in owned.values():
-            cancel()
+        for handle, where in owned.items():
+            if isinstance(where, RunListeners):
+                where._entries.pop(handle, None)
+            else:
+                where()
         return len(owned)
 
     def owned_by(self, owner: ConnId) -> int:
@@ -150,8 +150,11 @@ class Waiters(Generic[R]):
     def connections(self) -> int:
         return len(self._owned)
 
-    def _index(self, owner: ConnId, handle: int, cancel: Callable[[], None]) -> None:
-        self._owned.setdefault(owner, {})[handle] = cancel
+    def _index(self, owner: ConnId, handle: int, where: RunListeners[R] | Callable[[], None]) -> None:
+        owned = self._owned.get(owner)
+        if owned is None:
+            owned = self._owned[owner] = {}
+        owned[handle] = where
         self.total += 1
 
     def _unindex(self, owner: ConnId, handle: int) -> None:
