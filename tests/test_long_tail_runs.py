@@ -10,6 +10,7 @@ maintenance ticks are run by hand (`gw.maintenance.run_once()`).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +19,8 @@ import websockets
 
 from clawgate.client import Client, ClientError
 from clawgate.errors import Unavailable
-from clawgate.ids import SessionKey
+from clawgate.events.bus import EventBus
+from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.runs.lanes import Lanes
 from clawgate.state.clock import FakeClock
 from clawgate.state.registry import StateRegistry
@@ -90,6 +92,42 @@ async def test_silent_run_keeps_its_context_and_contiguous_seq(
         assert "silent-1" not in gw.bus.contexts
         await settle(gw)
     assert gw.registry.sizes()["run_contexts"] == 0
+
+
+class FrameSink:
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+
+    def send_frame(self, frame: bytes) -> None:
+        self.frames.append(json.loads(frame))
+
+
+def test_bus_holds_the_context_of_a_watched_run_and_sweeps_it_once_unwatched() -> None:
+    """At the bus alone: a run with watchers has not ended, so its context is not swept however
+    idle; an unwatched, unheld context is still swept after the idle TTL (nothing leaks)."""
+    clock = FakeClock()
+    bus = EventBus(clock, StateRegistry(), idle_ttl_s=1800, max_runs=100, max_connections=10)
+    sink = FrameSink()
+    run, key = RunId("r1"), SessionKey("agent:main:x")
+    bus.attach(ConnId("c1"), sink)
+    bus.watch(run, ConnId("c1"), ttl_s=86400)
+    bus.register_run(run, key)
+    bus.emit_agent(run, key, "lifecycle", {"phase": "start"})
+    bus.emit_agent(run, key, "assistant", {"delta": "a"})
+    clock.advance(1900)  # silent past the idle TTL, still watched
+    assert bus.sweep_contexts() == 0
+    bus.emit_agent(run, key, "assistant", {"delta": "b"})
+    bus.emit_agent(run, key, "lifecycle", {"phase": "end"})
+    assert [f["payload"]["seq"] for f in sink.frames] == [1, 2, 3, 4]
+    bus.unwatch_run(run)  # the run's end, without its clear_run (a lost end)
+    bus.emit_agent(run, key, "lifecycle", {"phase": "end"})
+    clock.advance(1801)
+    assert bus.sweep_contexts() == 1
+    other = RunId("r2")
+    bus.emit_agent(other, key, "lifecycle", {"phase": "start"})  # never watched, never held
+    clock.advance(1801)
+    assert bus.sweep_contexts() == 1
+    assert len(bus.contexts) == 0
 
 
 # -- listeners and waiters: capped per run and per connection, removed on disconnect ---------------------

@@ -6,10 +6,12 @@ the clean path forgot the counters (DESIGN.md section 1, rules 2 and 3). Here
 the sequence counter is a field of the context, so the two cannot outlive each
 other, and the context map is a TTLMap whose deadline every emitted event
 pushes forward: a context idle for `run_context_idle_ttl_s` is swept, a run
-that keeps emitting never is. A context registered for a run that is executing
-is also held until that run's own backstop (`hold_s`, the `runs_active`
-deadline): a provider may stay silent longer than the idle TTL, and sweeping
-the context then would restart the run's `seq` at 1 in the middle of the run.
+that keeps emitting never is. A context whose run has not ended is also held,
+however idle: until the run's own backstop (`hold_s`, the `runs_active`
+deadline, given by the run service when the run starts) and while the run has
+watchers (they go at the run's end). A provider may stay silent longer than
+the idle TTL, and sweeping the context then would restart the run's `seq` at 1
+in the middle of the run.
 
 Fan-out never awaits a socket: frames are encoded once and handed to each
 connection's bounded send buffer (`Sink.send_frame`), which disconnects a slow
@@ -141,10 +143,12 @@ class EventBus:
             self.watchers.set(run_id, {conn_id}, ttl_s)
         else:
             conns.add(conn_id)
+        self._rekeep(run_id)
 
     def extend_watch(self, run_id: RunId, ttl_s: float) -> None:
         """Move the watchers' backstop to now + `ttl_s` (a run that starts gets its own deadline)."""
         self.watchers.touch(run_id, ttl_s)
+        self._rekeep(run_id)
 
     def unwatch_run(self, run_id: RunId) -> None:
         self.watchers.pop(run_id)
@@ -169,8 +173,17 @@ class EventBus:
         return ctx
 
     def _keep(self, run_id: RunId, ctx: RunContext, now: float) -> None:
-        """Push the context's deadline to the later of idle TTL and its hold."""
-        self.contexts.touch(run_id, max(self.idle_ttl_s, ctx.held_until - now))
+        """Push the context's deadline to the latest of: idle TTL, its hold, its watchers."""
+        held_until = ctx.held_until
+        watched_until = self.watchers.expires_at(run_id)
+        if watched_until is not None and watched_until != float("inf"):
+            held_until = max(held_until, watched_until)
+        self.contexts.touch(run_id, max(self.idle_ttl_s, held_until - now))
+
+    def _rekeep(self, run_id: RunId) -> None:
+        ctx = self.contexts.get(run_id)
+        if ctx is not None:
+            self._keep(run_id, ctx, self.clock.time())
 
     def clear_run(self, run_id: RunId) -> None:
         """Normal end: the context goes, and its sequence counter with it (rule 3)."""
