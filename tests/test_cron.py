@@ -132,8 +132,8 @@ async def test_every_job_fires_on_schedule_and_keeps_history(
             )
         )["job"]
         job_id = job["id"]
-        assert job["state"]["nextRunAtMs"] == int(clock.time() * 1000)
-        await tick(clock, gw, 0)
+        assert job["state"]["nextRunAtMs"] == int(clock.time() * 1000) + 60_000  # not at once
+        await tick(clock, gw, 60)
         await wait_until(lambda: gw.gateway.cron.fired == 1, "first firing")
         for n in range(2, 4):
             await tick(clock, gw, 60)
@@ -198,7 +198,7 @@ async def test_busy_job_skips_and_errors_back_off(start_gateway: GatewayFactory,
                 },
             )
         )["job"]["id"]
-        await tick(clock, gw, 0, settled=False)
+        await tick(clock, gw, 10, settled=False)
         await tick(clock, gw, 10, settled=False)  # the first run is still going: this occurrence is skipped
         skipped = [e for e in await entries(c, slow) if e["status"] == "skipped"]
         assert len(skipped) == 1 and "maxConcurrentRuns 1" in skipped[0]["error"]
@@ -215,7 +215,7 @@ async def test_busy_job_skips_and_errors_back_off(start_gateway: GatewayFactory,
                 },
             )
         )["job"]["id"]
-        await tick(clock, gw, 0)
+        await tick(clock, gw, 10)
         await settle(gw.gateway)
         job = (await c.call("cron.get", {"jobId": failing}))["job"]
         assert job["state"]["consecutiveErrors"] == 1 and job["state"]["lastError"] == "nope"
@@ -258,7 +258,7 @@ async def test_missed_occurrences_fire_once_after_downtime(
                 "cron.add", {"name": "m", "schedule": {"kind": "every", "everyMs": 60_000}, "message": "x"}
             )
         )["job"]["id"]
-    await tick(clock, first, 0)
+    await tick(clock, first, 60)
     await wait_until(lambda: first.gateway.cron.fired == 1, "first firing")
     await settle(first.gateway)
     await first.stop()
@@ -312,7 +312,7 @@ async def test_history_is_bounded_by_count_and_age(start_gateway: GatewayFactory
             )
         )["job"]["id"]
         for n in range(1, 4):
-            await tick(clock, gw, 0 if n == 1 else 10)
+            await tick(clock, gw, 10)
             await wait_until(lambda n=n: gw.gateway.cron.fired == n, f"firing {n}")
             await settle(gw.gateway)
         assert len(await entries(c, job_id)) == 2

@@ -207,11 +207,12 @@ async def test_all_subscriber_sees_runs_of_other_connections(gateway: RunningGat
         assert [e["stream"] for e in agent_events(seen, "all-1")] == ["lifecycle", "assistant", "lifecycle"]
 
 
-async def test_emitting_run_keeps_context_and_watchers_idle_one_is_swept(
+async def test_emitting_and_silent_runs_keep_context_watchers_and_seq(
     start_gateway: GatewayFactory, clock: FakeClock
 ) -> None:
-    """Rule 2: a context idle for run_context_idle_ttl_s is swept with its seq counter; a run that
-    keeps emitting is never swept, and its owner keeps receiving its events however long it runs."""
+    """Rule 2: a run that keeps emitting is never swept, and its owner keeps receiving its events
+    however long it runs. A run silent for longer than run_context_idle_ttl_s keeps its context
+    too while it executes (held until the run's backstop), so its seq never restarts at 1."""
     rg = await start_gateway(run_context_idle_ttl_s=100, shutdown_grace_s=0)
     gw = rg.gateway
     async with Client(rg.url, max_reconnect_attempts=0) as c:
@@ -249,8 +250,8 @@ async def test_emitting_run_keeps_context_and_watchers_idle_one_is_swept(
             await gw.maintenance.run_once()
             if step < 5:  # the fifth delta is the last: then the run ends and clears its context
                 assert "long-busy" in gw.bus.contexts
-            if step >= 2:  # 120 s > 100 s without an event
-                assert "long-quiet" not in gw.bus.contexts
+            # 120 s and more without an event: still executing, so its context is held.
+            assert "long-quiet" in gw.bus.contexts
         await wait_until(lambda: "long-busy" not in gw.runs.active, "busy run end")
         busy_events = agent_events(frames, "long-busy")
         assert [e["seq"] for e in busy_events] == list(range(1, 8))
@@ -262,7 +263,6 @@ async def test_emitting_run_keeps_context_and_watchers_idle_one_is_swept(
             "abcde",
         ]
         assert busy_events[-1]["data"]["phase"] == "end"
-        # The quiet run is still running: only its context was swept, not the run.
         assert "long-quiet" in gw.runs.active
         assert (await c.abort("long-quiet"))["aborted"] is True
         await settle(gw)
@@ -272,6 +272,12 @@ async def test_emitting_run_keeps_context_and_watchers_idle_one_is_swept(
         quiet_events = agent_events(frames, "long-quiet")
         assert quiet_events[0]["data"]["phase"] == "start"
         assert quiet_events[-1]["data"] == {**quiet_events[-1]["data"], "phase": "end", "aborted": True}
+        # Contiguous from 1 across the silence: no restart after the idle TTL.
+        assert [e["seq"] for e in quiet_events] == [1, 2]
+        quiet_chat = chat_events(frames, "long-quiet")
+        assert [(e["state"], e["seq"]) for e in quiet_chat] == [("aborted", 1)]
+        busy_chat = chat_events(frames, "long-busy")
+        assert [e["seq"] for e in busy_chat] == list(range(1, 7))
         sizes = gw.registry.sizes()
         assert sizes["run_contexts"] == 0
         assert sizes["run_watchers"] == 0

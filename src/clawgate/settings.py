@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_buffered_bytes: int = Field(1572864, ge=1024)
     max_connections: int = Field(1024, ge=1)
     max_pending_handshakes: int = Field(128, ge=1)
+    # Distinct session keys subscribed to across all connections (`events.subscribe`); a
+    # subscription beyond it is refused (UNAVAILABLE), never made room for by dropping another.
+    max_session_subscriptions: int = Field(102_400, ge=1)
     rate_limit_per_s: float = Field(2000.0, gt=0, description="requests per second per connection")
     rate_limit_burst: int = Field(4000, ge=1)
     frozen_result_max_bytes: int = Field(102400, ge=1)
@@ -86,6 +89,10 @@ class Settings(BaseSettings):
     fallback_models: list[str] = Field(
         default_factory=list, description="tried in order when a circuit is open"
     )
+    # Listeners of a run's end (deferred `agent` answers, parked `agent.wait`s): each is
+    # removed in O(1) when it ends or its connection closes; these caps bound how many exist.
+    max_waiters_per_run: int = Field(1024, ge=1, description="beyond: UNAVAILABLE (retryable)")
+    max_waiters_per_connection: int = Field(1024, ge=1, description="beyond: FORBIDDEN")
 
     # --- runs and subagents -----------------------------------------------------------
     default_run_timeout_s: float = Field(600.0, gt=0)

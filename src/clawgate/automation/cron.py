@@ -233,7 +233,8 @@ class CronService:
             )
         job = CronJob(id=uuid.uuid4().hex[:12], created_at_ms=now, updated_at_ms=now, **fields)
         self._check(job)
-        job.state.next_run_at_ms = next_fire_ms(job.schedule, now - 1, created_ms=now)
+        # Strictly after now: `every 1h` first fires in an hour, not at once.
+        job.state.next_run_at_ms = next_fire_ms(job.schedule, now, created_ms=now)
         await self.store.put_job(job)
         self.wake.set()
         return job
@@ -252,9 +253,7 @@ class CronService:
         job.updated_at_ms = self.now_ms()
         self._check(job)
         if schedule_changed or (job.enabled and job.state.next_run_at_ms is None):
-            job.state.next_run_at_ms = next_fire_ms(
-                job.schedule, self.now_ms() - 1, created_ms=job.created_at_ms
-            )
+            job.state.next_run_at_ms = next_fire_ms(job.schedule, self.now_ms(), created_ms=job.created_at_ms)
         await self.store.put_job(job)
         self.wake.set()
         return job

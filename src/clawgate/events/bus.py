@@ -6,7 +6,12 @@ the clean path forgot the counters (DESIGN.md section 1, rules 2 and 3). Here
 the sequence counter is a field of the context, so the two cannot outlive each
 other, and the context map is a TTLMap whose deadline every emitted event
 pushes forward: a context idle for `run_context_idle_ttl_s` is swept, a run
-that keeps emitting never is.
+that keeps emitting never is. A context whose run has not ended is also held,
+however idle: until the run's own backstop (`hold_s`, the `runs_active`
+deadline, given by the run service when the run starts) and while the run has
+watchers (they go at the run's end). A provider may stay silent longer than
+the idle TTL, and sweeping the context then would restart the run's `seq` at 1
+in the middle of the run.
 
 Fan-out never awaits a socket: frames are encoded once and handed to each
 connection's bounded send buffer (`Sink.send_frame`), which disconnects a slow
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from clawgate.errors import Unavailable
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.protocol.frames import encode_event
 from clawgate.state.clock import Clock
@@ -32,7 +38,16 @@ class Sink(Protocol):
 
 
 class RunContext:
-    __slots__ = ("chat_seq", "chat_text", "last_active_at", "registered_at", "run_id", "seq", "session_key")
+    __slots__ = (
+        "chat_seq",
+        "chat_text",
+        "held_until",
+        "last_active_at",
+        "registered_at",
+        "run_id",
+        "seq",
+        "session_key",
+    )
 
     def __init__(self, run_id: RunId, session_key: SessionKey, now: float) -> None:
         self.run_id = run_id
@@ -42,6 +57,8 @@ class RunContext:
         self.chat_text = ""
         self.registered_at: float | None = now  # set once, on first registration
         self.last_active_at: float | None = now  # refreshed on every emitted event
+        # Not swept before this time, however idle (the executing run's backstop deadline).
+        self.held_until = 0.0
 
 
 EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
@@ -50,9 +67,17 @@ RemotePublisher = Callable[[SessionKey, RunId | None, bytes], None]
 
 class EventBus:
     def __init__(
-        self, clock: Clock, registry: StateRegistry, *, idle_ttl_s: float, max_runs: int, max_connections: int
+        self,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        idle_ttl_s: float,
+        max_runs: int,
+        max_connections: int,
+        max_session_subscriptions: int = 102_400,
     ) -> None:
         self.clock = clock
+        self.idle_ttl_s = idle_ttl_s
         self.contexts: TTLMap[RunId, RunContext] = TTLMap(
             "run_contexts", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
@@ -61,8 +86,10 @@ class EventBus:
         self.watchers: TTLMap[RunId, set[ConnId]] = TTLMap(
             "run_watchers", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
+        # Distinct subscribed session keys across connections. Refused beyond the bound
+        # (`subscribe`), never evicted: an eviction silently cut another connection off.
         self.session_subs: TTLMap[SessionKey, set[ConnId]] = TTLMap(
-            "session_subscriptions", clock, max_size=max_connections * 100
+            "session_subscriptions", clock, max_size=max_session_subscriptions, lru=False
         )
         self.all_subs: set[ConnId] = set()
         self.sinks: dict[ConnId, Sink] = {}
@@ -91,6 +118,15 @@ class EventBus:
                     self.session_subs.pop(key)
 
     def subscribe(self, conn_id: ConnId, session_keys: list[SessionKey], all_sessions: bool) -> None:
+        """Add subscriptions, all or none: UNAVAILABLE if the new keys do not fit the bound."""
+        new_keys = {key for key in session_keys if key not in self.session_subs}
+        cap = self.session_subs.max_size
+        if cap is not None and len(self.session_subs) + len(new_keys) > cap:
+            raise Unavailable(
+                f"gateway holds at most {cap} subscribed sessions",
+                retry_after_ms=1000,
+                details={"maxSessionSubscriptions": cap},
+            )
         if all_sessions:
             self.all_subs.add(conn_id)
         for key in session_keys:
@@ -107,21 +143,47 @@ class EventBus:
             self.watchers.set(run_id, {conn_id}, ttl_s)
         else:
             conns.add(conn_id)
+        self._rekeep(run_id)
 
     def extend_watch(self, run_id: RunId, ttl_s: float) -> None:
         """Move the watchers' backstop to now + `ttl_s` (a run that starts gets its own deadline)."""
         self.watchers.touch(run_id, ttl_s)
+        self._rekeep(run_id)
 
     def unwatch_run(self, run_id: RunId) -> None:
         self.watchers.pop(run_id)
 
     # -- run contexts -------------------------------------------------------------------------
-    def register_run(self, run_id: RunId, session_key: SessionKey) -> RunContext:
+    def register_run(
+        self, run_id: RunId, session_key: SessionKey, *, hold_s: float | None = None
+    ) -> RunContext:
+        """The run's context, created on first use. `hold_s`: keep it at least that long.
+
+        The run service passes its own backstop for an executing run, so the context (and
+        its seq counters) lives as long as the run may, and ends with it (`clear_run`).
+        """
+        now = self.clock.time()
         ctx = self.contexts.get(run_id)
         if ctx is None:
-            ctx = RunContext(run_id, session_key, self.clock.time())
+            ctx = RunContext(run_id, session_key, now)
             self.contexts.set(run_id, ctx)
+        if hold_s is not None:
+            ctx.held_until = max(ctx.held_until, now + hold_s)
+            self._keep(run_id, ctx, now)
         return ctx
+
+    def _keep(self, run_id: RunId, ctx: RunContext, now: float) -> None:
+        """Push the context's deadline to the latest of: idle TTL, its hold, its watchers."""
+        held_until = ctx.held_until
+        watched_until = self.watchers.expires_at(run_id)
+        if watched_until is not None and watched_until != float("inf"):
+            held_until = max(held_until, watched_until)
+        self.contexts.touch(run_id, max(self.idle_ttl_s, held_until - now))
+
+    def _rekeep(self, run_id: RunId) -> None:
+        ctx = self.contexts.get(run_id)
+        if ctx is not None:
+            self._keep(run_id, ctx, self.clock.time())
 
     def clear_run(self, run_id: RunId) -> None:
         """Normal end: the context goes, and its sequence counter with it (rule 3)."""
@@ -139,7 +201,7 @@ class EventBus:
         now = self.clock.time()
         ctx.seq += 1
         ctx.last_active_at = now
-        self.contexts.touch(run_id)
+        self._keep(run_id, ctx, now)
         payload = {
             "runId": run_id,
             "sessionKey": session_key,
@@ -157,7 +219,10 @@ class EventBus:
         ctx = self.contexts.get(run_id)
         if ctx is None:
             ctx = self.register_run(run_id, session_key)
+        now = self.clock.time()
         ctx.chat_seq += 1
+        ctx.last_active_at = now
+        self._keep(run_id, ctx, now)
         payload: dict[str, Any] = {
             "runId": run_id,
             "sessionKey": session_key,

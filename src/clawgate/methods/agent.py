@@ -46,6 +46,8 @@ def accepted_payload(rec: RunRecord) -> dict[str, Any]:
 
 async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams) -> Deferred:
     gw.admission.check()
+    # Refused before a run is accepted whose final answer this connection could not take.
+    gw.runs.waiters.check_connection(conn.conn_id)
     key = SessionKey(
         params.session_key or (f"agent:{params.agent_id}:main" if params.agent_id else MAIN_SESSION)
     )
@@ -61,12 +63,12 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
             owner=conn.conn_id,
         )
     )
+    # Registered before the accepted response, so a waiter cap refuses the request as a whole
+    # (a retry with the same key joins the run). The listener goes if the connection closes.
+    ended = gw.runs.follow(run, rec, lambda final: conn.respond(req_id, final_payload(final)), conn.conn_id)
     conn.respond(req_id, accepted_payload(rec))
-    if run is None:
-        # A retry of a run that ended, or that another process executes.
-        gw.runs.listen_final(RunId(rec.run_id), rec, lambda final: conn.respond(req_id, final_payload(final)))
-        return DEFERRED
-    run.listeners.append(lambda final: conn.respond(req_id, final_payload(final)))
+    if ended is not None:  # a retry of a run that already ended
+        conn.respond(req_id, final_payload(ended))
     return DEFERRED
 
 
@@ -88,7 +90,7 @@ async def chat_send(gw: Gateway, conn: Connection, req_id: str, params: ChatSend
 
 async def wait(gw: Gateway, conn: Connection, req_id: str, params: WaitParams) -> dict[str, Any]:
     run_id = RunId(params.run_id)
-    rec = await gw.runs.wait(run_id, params.timeout_ms / 1000)
+    rec = await gw.runs.wait(run_id, params.timeout_ms / 1000, owner=conn.conn_id)
     if rec is None:
         return {"runId": run_id, "status": "timeout"}
     out: dict[str, Any] = {"runId": run_id, "status": rec.status}

@@ -34,8 +34,8 @@ async def subscribe(gw: Gateway, conn: Connection, req_id: str, params: Subscrib
             f"at most {MAX_SUBSCRIPTIONS} session subscriptions per connection",
             details={"maxSubscriptions": MAX_SUBSCRIPTIONS},
         )
+    gw.bus.subscribe(conn.conn_id, keys, params.all)  # may refuse: then nothing was added
     conn.subscribed.update(keys)
-    gw.bus.subscribe(conn.conn_id, keys, params.all)
     return {"ok": True}
 
 

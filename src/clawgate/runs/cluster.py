@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import uuid
@@ -93,7 +94,10 @@ class Cluster:
             on_done=self._on_done,
             on_abort=self._on_abort,
         )
-        self.remote_waiters: TTLMap[RunId, list[Listener]] = TTLMap(
+        # Per run: handle -> listener, so a cancelled wait leaves in O(1) (a list.remove per
+        # cancel made cancelling many parked waits quadratic).
+        self._waiter_handles = itertools.count(1)
+        self.remote_waiters: TTLMap[RunId, dict[int, Listener]] = TTLMap(
             "remote_run_waiters", clock, ttl_s=settings.abort_ttl_max_s, max_size=settings.max_tracked_runs
         )
         registry.register(self.remote_waiters)
@@ -205,7 +209,7 @@ class Cluster:
         self.runs.settle_remote(rec)
         if rec.kind == "subagent":
             self.subagents.forget_remote(run_id)
-        for listener in self.remote_waiters.pop(run_id) or []:
+        for listener in (self.remote_waiters.pop(run_id) or {}).values():
             try:
                 listener(rec)
             except Exception:
@@ -221,16 +225,16 @@ class Cluster:
         """Call `listener` with the final record when another process finishes the run."""
         listeners = self.remote_waiters.get(run_id)
         if listeners is None:
-            listeners = []
+            listeners = {}
             self.remote_waiters.set(run_id, listeners)
-        listeners.append(listener)
+        self.runs.waiters.check_run(run_id, len(listeners))
+        handle = next(self._waiter_handles)
+        listeners[handle] = listener
 
         def cancel() -> None:
             current = self.remote_waiters.get(run_id)
-            if current is not None and listener in current:
-                current.remove(listener)
-                if not current:
-                    self.remote_waiters.pop(run_id)
+            if current is not None and current.pop(handle, None) is not None and not current:
+                self.remote_waiters.pop(run_id)
 
         # The run may have ended between the caller's store read and this registration.
         task = asyncio.ensure_future(self._recheck(run_id))
@@ -240,5 +244,5 @@ class Cluster:
     async def _recheck(self, run_id: RunId) -> None:
         rec = await self.store.get_run(run_id)
         if rec is not None and rec.is_final:
-            for listener in self.remote_waiters.pop(run_id) or []:
+            for listener in (self.remote_waiters.pop(run_id) or {}).values():
                 listener(rec)

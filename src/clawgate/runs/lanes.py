@@ -1,7 +1,11 @@
 """Per-session lanes: runs of one session execute one at a time, in order (FIFO).
 
 A lane exists only while its session has queued or running work; the lane map
-is a registered bounded structure, emptied as lanes drain.
+is a registered bounded structure, emptied as lanes drain. Each lane has one
+worker task, and a new lane is refused (UNAVAILABLE) once `max_lanes` workers
+exist: the map used to evict its least recently used lane instead, so a
+session could get a second worker and run two of its runs at once, and the
+worker set grew past its declared bound.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from clawgate.errors import Unavailable
 from clawgate.ids import SessionKey
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
@@ -29,7 +34,11 @@ class Lanes(Generic[T]):
         execute: Callable[[T], Awaitable[None]],
         on_task_error: Callable[[BaseException], None],
     ) -> None:
-        self.lanes: TTLMap[SessionKey, deque[T]] = TTLMap("session_lanes", clock, max_size=max_lanes)
+        self.max_lanes = max_lanes
+        # Never evicts: `push` refuses a new lane first (a lane never outlives its worker).
+        self.lanes: TTLMap[SessionKey, deque[T]] = TTLMap(
+            "session_lanes", clock, max_size=max_lanes, lru=False
+        )
         registry.register(self.lanes)
         self._execute = execute
         self._on_task_error = on_task_error
@@ -37,12 +46,26 @@ class Lanes(Generic[T]):
         registry.add("lane_workers", self.workers.__len__, ttl_s=None, max_size=max_lanes)
         self.queued = 0
 
+    def has_room(self, key: SessionKey) -> bool:
+        """Whether `push(key, ...)` would be accepted now."""
+        return key in self.lanes or len(self.workers) < self.max_lanes
+
     def push(self, key: SessionKey, item: T) -> None:
+        """Queue `item` on its session's lane. Raises Unavailable if a new lane would not fit."""
         lane = self.lanes.get(key)
-        self.queued += 1
         if lane is not None:
+            self.queued += 1
             lane.append(item)
             return
+        # Workers, not lanes, are counted: a worker finishing its last run has already
+        # left the map but still runs until its done callback.
+        if len(self.workers) >= self.max_lanes:
+            raise Unavailable(
+                f"gateway overloaded: {len(self.workers)} session lanes (at most {self.max_lanes})",
+                retry_after_ms=1000,
+                details={"maxLanes": self.max_lanes},
+            )
+        self.queued += 1
         lane = deque([item])
         self.lanes.set(key, lane)
         task = asyncio.create_task(self._drain(key, lane), name=f"lane:{key}")

@@ -31,6 +31,7 @@ from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
 from clawgate.runs.lanes import Lanes
+from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, Timer
@@ -43,6 +44,7 @@ log = structlog.get_logger("clawgate.runs")
 
 INTERRUPTED = "interrupted by gateway restart"
 PARTIAL_MARK = "\n[partial: the reply stopped before it was complete]"
+NOT_RESTORED = "not re-queued after restart: maxTrackedRuns reached"
 
 FinalListener = Callable[[RunRecord], None]
 EndHook = Callable[[RunRecord], Awaitable[None] | None]
@@ -56,7 +58,8 @@ class Run:
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
-        self.listeners: list[FinalListener] = []
+        # Who gets the final record (the `agent` requests, parked `agent.wait`s): see waiters.py.
+        self.listeners: RunListeners[RunRecord] = RunListeners()
         self.task: asyncio.Task[None] | None = None
         self.timer: Timer | None = None
         self.cancel_reason: str | None = None  # "aborted" | "timeout" | "shutdown"
@@ -97,11 +100,14 @@ class RunService:
         self.sessions = sessions
         self.provider = provider
         cap = settings.max_tracked_runs
+        # New runs are refused at `cap` (`_track`), never made room for by evicting a live run.
+        # Runs another process accepted and this one executes (`adopt`) are bounded by the
+        # dispatcher's slots, one per global lane slot: the headroom above `cap` holds them.
         self.active: TTLMap[RunId, Run] = TTLMap(
             "runs_active",
             clock,
             ttl_s=settings.abort_ttl_max_s,
-            max_size=cap,
+            max_size=cap + settings.main_concurrency + settings.subagent_concurrency,
             lru=False,
             on_expire=self._on_active_expired,
         )
@@ -110,8 +116,30 @@ class RunService:
         )
         registry.register(self.active, per_run=True)
         registry.register(self.results)
+        self.waiters: Waiters[RunRecord] = Waiters(
+            max_per_run=settings.max_waiters_per_run, max_per_connection=settings.max_waiters_per_connection
+        )
+        # Bounded by the per-connection cap (and removed on disconnect or at the run's end).
+        registry.add(
+            "run_waiters",
+            lambda: self.waiters.total,
+            ttl_s=None,
+            max_size=settings.max_waiters_per_connection * settings.max_connections,
+        )
+        registry.add(
+            "waiting_connections",
+            lambda: self.waiters.connections,
+            ttl_s=None,
+            max_size=settings.max_connections,
+        )
+        # One lane per session with queued or running work: at most one per tracked run, plus
+        # one per global lane slot for lanes whose last run is still ending.
         self.lanes: Lanes[Run] = Lanes(
-            clock, registry, max_lanes=cap, execute=self._execute, on_task_error=self._task_error
+            clock,
+            registry,
+            max_lanes=cap + settings.main_concurrency + settings.subagent_concurrency,
+            execute=self._execute,
+            on_task_error=self._task_error,
         )
         self.main_lane = asyncio.Semaphore(settings.main_concurrency)
         self.subagent_lane = asyncio.Semaphore(settings.subagent_concurrency)
@@ -158,9 +186,15 @@ class RunService:
             extra_system_prompt=req.extra_system_prompt,
             accepted_at=now,
         )
+        if self.dispatch is None and not self.lanes.has_room(req.session_key):
+            raise Unavailable(
+                "gateway overloaded: no session lane free",
+                retry_after_ms=1000,
+                details={"maxLanes": self.lanes.max_lanes},
+            )
         run = Run(record)
         # Track before the durable insert so a concurrent retry of the same key joins this run.
-        self.active.set(req.run_id, run)
+        self._track(req.run_id, run)
         try:
             prior = await self.store.create_run(record, reuse_after_s=self.settings.dedupe_ttl_s, now=now)
         except BaseException:
@@ -186,14 +220,34 @@ class RunService:
                 await self._finish(run, "error", "could not queue the run", None)
                 raise
         else:
-            self.lanes.push(req.session_key, run)
+            try:
+                self.lanes.push(req.session_key, run)
+            except Unavailable:
+                # Lanes filled up during the insert: an accepted run still gets its one end.
+                await self._finish(run, "error", "could not queue the run", None)
+                raise
         return run, record, True
 
     def adopt(self, record: RunRecord) -> Run:
         """Track a run accepted by another process, which this process is about to execute."""
         run = Run(record)
-        self.active.set(RunId(record.run_id), run)
+        self._track(RunId(record.run_id), run, limit=self.active.max_size)
         return run
+
+    def _track(self, run_id: RunId, run: Run, *, limit: int | None = None) -> None:
+        """Put a run in `runs_active`, or refuse (UNAVAILABLE) when it holds `limit` runs.
+
+        The map would otherwise evict its oldest entry: a live run that keeps executing
+        while no abort, wait or retry can find it any more.
+        """
+        cap = self.settings.max_tracked_runs if limit is None else limit
+        if run_id not in self.active and len(self.active) >= cap:
+            raise Unavailable(
+                f"gateway overloaded: tracking {len(self.active)} runs (maxTrackedRuns {cap})",
+                retry_after_ms=1000,
+                details={"maxTrackedRuns": cap},
+            )
+        self.active.set(run_id, run)
 
     async def execute(self, run: Run) -> None:
         """Execute one run now (the shared queue already serialized its session)."""
@@ -209,25 +263,51 @@ class RunService:
         self.results.set(RunId(rec.run_id), rec)
         self._settle(run)
 
-    def listen_final(self, run_id: RunId, rec: RunRecord, listener: FinalListener) -> bool:
-        """Call `listener` once the run ends, wherever it runs. False if it cannot be followed."""
-        run = self.active.get(run_id)
+    def follow(
+        self, run: Run | None, rec: RunRecord, listener: FinalListener, owner: ConnId | None
+    ) -> RunRecord | None:
+        """Arrange for `listener` to get the run's final record, wherever the run executes.
+
+        Returns the final record instead when the run has already ended (the caller answers
+        at once, after its own accepted response). Raises FORBIDDEN / UNAVAILABLE when a
+        waiter cap is reached, before anything is registered. The listener is owned by
+        `owner`: it goes when that connection closes.
+        """
+        run = run if run is not None else self.active.get(RunId(rec.run_id))
         if run is not None:
-            run.listeners.append(listener)
-            return True
+            if run.listeners.closed:  # ended (and settled) while the caller was awaiting
+                return run.record
+            self.waiters.add(rec.run_id, run.listeners, listener, owner)
+            return None
         if rec.is_final:
-            listener(rec)
-            return True
+            return rec
         if self.remote_listen is not None:
-            self.remote_listen(run_id, listener)
-            return True
-        return False
+            handle = self.waiters.reserve(owner)
+
+            def on_final(final: RunRecord) -> None:
+                self.waiters.release(owner, handle)
+                listener(final)
+
+            try:
+                cancel = self.remote_listen(RunId(rec.run_id), on_final)
+            except BaseException:
+                self.waiters.release(owner, handle)
+                raise
+            self.waiters.bind(owner, handle, cancel)
+        return None
+
+    def drop_waiters(self, conn_id: ConnId) -> int:
+        """A connection closed: nobody is left to answer, so its listeners go now."""
+        return self.waiters.drop_connection(conn_id)
 
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
+        key = SessionKey(record.session_key)
+        if not self.lanes.has_room(key):
+            raise Unavailable("no session lane free", details={"maxLanes": self.lanes.max_lanes})
         run = Run(record)
-        self.active.set(RunId(record.run_id), run)
-        self.lanes.push(SessionKey(record.session_key), run)
+        self._track(RunId(record.run_id), run)
+        self.lanes.push(key, run)
 
     # -- execute -------------------------------------------------------------------------------
     def _startable(self, run: Run) -> bool:
@@ -281,11 +361,14 @@ class RunService:
         rec.started_at = now
         self.running += 1
         try:
-            self.active.touch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
-            self.bus.extend_watch(run_id, self.settings.abort_ttl_s(rec.timeout_s))
+            backstop_s = self.settings.abort_ttl_s(rec.timeout_s)
+            self.active.touch(run_id, backstop_s)
+            self.bus.extend_watch(run_id, backstop_s)
             run.timer = self.clock.call_later(rec.timeout_s, lambda: self._timeout(run))
             self.store.put_run(rec)
-            self.bus.register_run(run_id, key)
+            # Held as long as the run may live: a provider silent past the idle TTL must not
+            # lose the context (its seq would restart at 1); the run's end clears it.
+            self.bus.register_run(run_id, key, hold_s=backstop_s)
             for hook in self.start_hooks:
                 hook(rec)
             self.bus.emit_agent(run_id, key, "lifecycle", {"phase": "start", "startedAt": int(now * 1000)})
@@ -403,8 +486,7 @@ class RunService:
         return pending
 
     def _settle(self, run: Run) -> None:
-        listeners, run.listeners = run.listeners, []
-        for listener in listeners:
+        for listener in self.waiters.settle(run.listeners):
             try:
                 listener(run.record)
             except Exception:
@@ -485,19 +567,25 @@ class RunService:
             rec = await self.store.get_run(run_id)
         return None, rec
 
-    async def wait(self, run_id: RunId, timeout_s: float) -> RunRecord | None:
-        """The final record, or None if the run is still going when the wait times out."""
+    async def wait(self, run_id: RunId, timeout_s: float, owner: ConnId | None = None) -> RunRecord | None:
+        """The final record, or None if the run is still going when the wait times out.
+
+        A parked wait counts against the waiter caps of the run and of `owner`; it is removed
+        in O(1) when it ends, times out or is cancelled (its connection closed).
+        """
         run, rec = await self.lookup(run_id)
         if run is None:
             if rec is None:
                 raise NotFound(f"unknown or expired run {run_id}", details={"runId": run_id})
             if rec.is_final or timeout_s <= 0 or self.remote_listen is None:
                 return rec if rec.is_final else None
-            return await self._wait_remote(run_id, timeout_s)
+            return await self._wait_remote(run_id, timeout_s, owner)
         if timeout_s <= 0:
             return None
         if run.task is None and self.remote_listen is not None:
-            return await self._wait_remote(run_id, timeout_s)  # executed by another process
+            return await self._wait_remote(run_id, timeout_s, owner)  # executed by another process
+        if run.listeners.closed:
+            return run.record
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         def resolve(value: bool) -> None:
@@ -507,31 +595,34 @@ class RunService:
         def listener(_rec: RunRecord) -> None:
             resolve(True)
 
-        run.listeners.append(listener)
+        handle = self.waiters.add(run_id, run.listeners, listener, owner)
         timer = self.clock.call_later(timeout_s, lambda: resolve(False))
         try:
             finished = await fut
         finally:
             timer.cancel()
-            if listener in run.listeners:
-                run.listeners.remove(listener)
+            self.waiters.remove(run.listeners, handle)
         return run.record if finished else None
 
-    async def _wait_remote(self, run_id: RunId, timeout_s: float) -> RunRecord | None:
+    async def _wait_remote(self, run_id: RunId, timeout_s: float, owner: ConnId | None) -> RunRecord | None:
         assert self.remote_listen is not None
-        fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
-
-        def resolve(value: RunRecord | None) -> None:
-            if not fut.done():
-                fut.set_result(value)
-
-        cancel = self.remote_listen(run_id, resolve)
-        timer = self.clock.call_later(timeout_s, lambda: resolve(None))
+        handle = self.waiters.reserve(owner)
         try:
-            return await fut
+            fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
+
+            def resolve(value: RunRecord | None) -> None:
+                if not fut.done():
+                    fut.set_result(value)
+
+            cancel = self.remote_listen(run_id, resolve)
+            timer = self.clock.call_later(timeout_s, lambda: resolve(None))
+            try:
+                return await fut
+            finally:
+                timer.cancel()
+                cancel()
         finally:
-            timer.cancel()
-            cancel()
+            self.waiters.release(owner, handle)
 
     async def finalize_interrupted(self, rec: RunRecord) -> None:
         """End a run whose executing process died: error "interrupted by gateway restart"."""
@@ -556,13 +647,21 @@ class RunService:
         """After a restart: re-queue runs that never started, end those that were running."""
         requeued = interrupted = 0
         for rec in await self.store.unfinished_runs():
+            error = INTERRUPTED
             if rec.status == "queued":
-                self.enqueue_restored(rec)
-                requeued += 1
-                continue
+                try:
+                    self.enqueue_restored(rec)
+                except Unavailable:
+                    # More queued runs than this gateway may track: end the rest visibly rather
+                    # than leave them queued with no end (or evict runs already re-queued).
+                    log.warning("queued run not restored: maxTrackedRuns reached", run_id=rec.run_id)
+                    error = NOT_RESTORED
+                else:
+                    requeued += 1
+                    continue
             now = self.clock.time()
             rec.status = "error"
-            rec.error = INTERRUPTED
+            rec.error = error
             rec.ended_at = now
             self.results.set(RunId(rec.run_id), rec)
             await self.store.put_run(rec)

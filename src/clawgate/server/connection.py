@@ -36,6 +36,7 @@ CLOSE_TRY_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 1024
 RAW_SEND_SCOPE_KEY = "clawgate.raw_send"
+CLOSE_TASK_WAIT_S = 3.0  # a close is bounded by a 1 s flush and a 1 s close handshake
 
 
 class Connection:
@@ -58,6 +59,9 @@ class Connection:
         self._sending = False
         self._writer: asyncio.Task[None] | None = None
         self._handshake_timer: Timer | None = None
+        # Close tasks this connection started (at most two: an abort and a handshake timeout);
+        # awaited before the gateway forgets the connection, so none outlives it.
+        self._close_tasks: set[asyncio.Task[None]] = set()
         self.connected_at = gateway.clock.time()
 
     # -- outbound ---------------------------------------------------------------------------
@@ -107,6 +111,7 @@ class Connection:
         self.closed = True
         self._wake.set()
         task = asyncio.create_task(self._close(code, reason))
+        self._close_tasks.add(task)
         self.gw.own(task)
 
     async def _close(self, code: int, reason: str) -> None:
@@ -147,6 +152,7 @@ class Connection:
         if self.grant is None and not self.closed:
             self.respond_error(None, InvalidRequest("handshake timeout: no connect request"))
             task = asyncio.create_task(self.close(CLOSE_POLICY, "handshake timeout"))
+            self._close_tasks.add(task)
             self.gw.own(task)
 
     async def _receive_loop(self) -> None:
@@ -238,11 +244,29 @@ class Connection:
         self._wake.set()
         for task in list(self.inflight):
             task.cancel()
+        # Deferred `agent` answers and parked waits of this connection: nobody left to answer.
+        self.gw.runs.drop_waiters(self.conn_id)
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
+        await self._finish_close_tasks()
         self.gw.forget(self)
+
+    async def _finish_close_tasks(self) -> None:
+        """Let this connection's close tasks end (each is bounded); cancel what is left.
+
+        So the gateway's background tasks never outnumber twice its connections: the
+        bound `background_tasks` declares holds by construction.
+        """
+        pending = [t for t in self._close_tasks if not t.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=CLOSE_TASK_WAIT_S)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.gather(*late, return_exceptions=True)
+        self._close_tasks.clear()
 
 
 def _abort_transport(ws: WebSocket) -> None:

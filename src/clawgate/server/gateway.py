@@ -106,6 +106,7 @@ class Gateway:
             idle_ttl_s=settings.run_context_idle_ttl_s,
             max_runs=settings.max_tracked_runs,
             max_connections=settings.max_connections,
+            max_session_subscriptions=settings.max_session_subscriptions,
         )
         self.sessions = SessionService(
             self.store, self.clock, self.registry, cache_max=settings.session_cache_max
@@ -149,8 +150,12 @@ class Gateway:
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections
         )
+        # Close tasks of connections, at most two per connection, each awaited before its
+        # connection is forgotten (Connection._finish_close_tasks): bounded by construction.
         self.background: set[asyncio.Task[Any]] = set()
-        self.registry.add("background_tasks", self.background.__len__, ttl_s=None, max_size=100_000)
+        self.registry.add(
+            "background_tasks", self.background.__len__, ttl_s=None, max_size=2 * settings.max_connections
+        )
         self.methods: dict[str, MethodSpec] = build_table()
         self.metrics = make_registry(self._metrics_snapshot)
         self.started_at = time.monotonic()
