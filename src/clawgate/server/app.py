@@ -15,6 +15,7 @@ from starlette.websockets import WebSocket
 
 from clawgate.server.connection import CLOSE_TRY_LATER, RAW_SEND_SCOPE_KEY, Connection
 from clawgate.server.gateway import Gateway
+from clawgate.server.origin import OriginHostGuard
 
 
 class RawSendMiddleware:
@@ -60,6 +61,9 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(gateway.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def refused(peer: str, reason: str) -> None:
+        gateway.peer_log.warning(peer, "request refused", reason=reason)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_lifecycle:
@@ -77,6 +81,11 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
         ],
-        middleware=[Middleware(RawSendMiddleware)],
+        # The origin/host guard comes first: it refuses cross-site pages and rebound host names
+        # on every entry point, before a WebSocket is upgraded or an endpoint runs.
+        middleware=[
+            Middleware(OriginHostGuard, settings=gateway.settings, on_refused=refused),
+            Middleware(RawSendMiddleware),
+        ],
         lifespan=lifespan,
     )

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from clawgate.clip import clip
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooLarge, Unavailable
 from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
+from clawgate.server.origin import BROWSER_SCOPE_KEY
 from clawgate.server.ratelimit import TokenBucket
 from clawgate.server.sendbuffer import SendBuffer
 from clawgate.state.clock import Timer
@@ -59,6 +61,9 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._handshake_timer: Timer | None = None
         self.connected_at = gateway.clock.time()
+        self.peer: str = ws.client.host if ws.client else ""
+        # Set by the origin guard when an allowed browser page opened this socket.
+        self.browser = bool(ws.scope.get(BROWSER_SCOPE_KEY))
 
     # -- outbound ---------------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
@@ -206,12 +211,14 @@ class Connection:
         try:
             if method != "connect":
                 raise InvalidRequest(
-                    f"first request must be connect, got {method!r}", details={"field": "method"}
+                    f"first request must be connect, got {clip(method)!r}", details={"field": "method"}
                 )
             hello = await self.gw.handshake(self, params)
         except ClawgateError as exc:
-            # Logged without the presented credentials: code and connection only.
-            log.info("handshake refused", conn=self.conn_id, code=exc.code, reason=exc.message)
+            # Logged without the presented credentials, clipped, and rate limited per peer.
+            self.gw.peer_log.info(
+                self.peer, "handshake refused", conn=self.conn_id, code=exc.code, reason=exc.message
+            )
             self.respond_error(req_id, exc)
             await self.close(CLOSE_POLICY, "handshake failed")
             return False
