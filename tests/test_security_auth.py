@@ -509,6 +509,13 @@ async def test_errors_echo_only_a_clipped_method(gateway: RunningGateway) -> Non
         assert unknown.value.code == "INVALID_REQUEST"
         assert len(unknown.value.message) < 200
         assert len(unknown.value.details["method"]) < 100
+        long_id = "r" * 256  # the longest run id or session key the schema lets through
+        with pytest.raises(ClientError) as missing:
+            await c.wait(long_id, timeout_ms=0)
+        assert missing.value.code == "NOT_FOUND" and len(missing.value.message) < 120
+        with pytest.raises(ClientError) as no_session:
+            await c.call("sessions.reset", {"key": "agent:main:" + "k" * 190})
+        assert no_session.value.code == "NOT_FOUND" and len(no_session.value.message) < 120
     res = await try_connect(gateway.url, connect_params(scopes=[READ], role="r" * 100_000))
     assert res["error"]["code"] == "INVALID_REQUEST" and len(res["error"]["message"]) < 200
     res = await try_connect(gateway.url, connect_params(scopes=["x" * 100_000]))

@@ -72,7 +72,9 @@ class Connection:
             return
         if not self.buffer.push(frame.decode(), len(frame), writer_blocked=self._sending):
             self.gw.slow_consumers += 1
-            log.warning("slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes)
+            self.gw.peer_log.warning(
+                self.peer, "slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes
+            )
             self._abort(CLOSE_POLICY, "slow consumer: send buffer over maxBufferedBytes")
             return
         self._wake.set()
