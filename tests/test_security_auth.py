@@ -324,6 +324,17 @@ def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path)
     assert STRONG not in res.stdout + res.stderr
     token_file = tmp_path / "gw.token"
     token_file.write_text(STRONG + "\n")
+    token_file.chmod(0o644)
+    res = subprocess.run(
+        [CLAWGATE, "gateway", "--token-file", str(token_file), "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+        check=False,
+    )
+    assert "readable by other users" in res.stderr
+    token_file.chmod(0o600)
     res = subprocess.run(
         [CLAWGATE, "gateway", "--token-file", str(token_file), "--print-config"],
         capture_output=True,

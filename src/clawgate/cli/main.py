@@ -123,7 +123,7 @@ def gateway(
 ) -> None:
     """Serve the gateway (WebSocket RPC and HTTP /healthz /readyz /metrics) until SIGINT/SIGTERM."""
     from clawgate import logs
-    from clawgate.server.credentials import exposure_problems, load_credentials
+    from clawgate.server.credentials import exposure_problems, load_credentials, readable_by_others
 
     if token is not None:
         err.print(CMDLINE_TOKEN_WARNING)
@@ -149,6 +149,8 @@ def gateway(
     except Exception as exc:
         err.print(f"[red]invalid settings:[/red] {exc}")
         raise typer.Exit(2) from None
+    for path in readable_by_others(settings):
+        err.print(f"[yellow]warning:[/yellow] token file {path} is readable by other users (chmod 600 it)")
     if print_config:
         console.print_json(data=settings.redacted())
         raise typer.Exit()

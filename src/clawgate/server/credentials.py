@@ -64,6 +64,22 @@ def read_token_file(path: Path) -> str:
     return token
 
 
+def readable_by_others(settings: Settings) -> list[Path]:
+    """Token files that users other than the owner may read (worth a warning, not a refusal)."""
+    paths = [settings.token_file] + [t.token_file for t in settings.tokens.values()]
+    loose = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            mode = Path(path).expanduser().stat().st_mode
+        except OSError:
+            continue  # load_credentials reports unreadable files
+        if mode & 0o077:
+            loose.append(Path(path))
+    return loose
+
+
 def expand_ceiling(scopes: list[str]) -> frozenset[str]:
     """A higher scope implies the lower ones, as for a connect request."""
     top = max((SCOPE_NAMES.index(s) for s in scopes if s in SCOPE_NAMES), default=-1)
@@ -80,7 +96,11 @@ def load_credentials(settings: Settings) -> Credentials:
     elif settings.token_file is not None:
         entries.append(Credential(DEFAULT_NAME, read_token_file(settings.token_file), ALL_SCOPES))
     for name, named in settings.tokens.items():
-        secret = named.token if named.token is not None else read_token_file(named.token_file)  # type: ignore[arg-type]
+        if named.token is not None:
+            secret = named.token
+        else:
+            assert named.token_file is not None  # NamedToken requires one of the two
+            secret = read_token_file(named.token_file)
         entries.append(Credential(name, secret, expand_ceiling(named.scopes)))
     secrets = [e.secret for e in entries]
     if len(set(secrets)) != len(secrets):
