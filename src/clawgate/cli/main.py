@@ -44,14 +44,14 @@ CMDLINE_TOKEN_WARNING = (
 )
 
 
-def _warn_if_token_on_command_line(ctx: typer.Context) -> None:
+def warn_if_token_on_command_line(ctx: typer.Context) -> None:
     # Only a token typed on the command line: one from CLAWGATE_TOKEN is not visible to others.
     source = ctx.get_parameter_source("token")
     if source is not None and source.name == "COMMANDLINE":
         err.print(CMDLINE_TOKEN_WARNING)
 
 
-def _client_token(token: str | None, token_file: Path | None) -> str | None:
+def client_token(token: str | None, token_file: Path | None) -> str | None:
     if token_file is None:
         return token
     from clawgate.server.credentials import read_token_file
@@ -226,8 +226,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
 ) -> None:
     """Show the gateway's status: runs, connections, memory and every bounded structure's size."""
-    _warn_if_token_on_command_line(ctx)
-    data = _call_or_exit(url, _client_token(token, token_file), "status", {})
+    warn_if_token_on_command_line(ctx)
+    data = _call_or_exit(url, client_token(token, token_file), "status", {})
     if as_json:
         console.print_json(data=data)
         return
@@ -267,8 +267,8 @@ def call(
     ] = False,
 ) -> None:
     """Send one RPC and print its answer as JSON (asking only for the scope the method needs)."""
-    _warn_if_token_on_command_line(ctx)
-    token = _client_token(token, token_file)
+    warn_if_token_on_command_line(ctx)
+    token = client_token(token, token_file)
     try:
         parsed = json.loads(params)
     except json.JSONDecodeError as exc:
