@@ -616,3 +616,37 @@ async def test_unknown_key_algorithm_is_unauthorized_on_the_wire(gateway: Runnin
     assert res["error"]["code"] == "UNAUTHORIZED"
     assert res["error"]["details"]["code"] == "DEVICE_AUTH_DEVICE_ID_MISMATCH"
     assert gateway.gateway.internal_errors == errors_before
+
+
+async def test_guard_refuses_with_a_close_when_the_server_has_no_http_response_extension() -> None:
+    """Servers without the ASGI `websocket.http.response` extension answer a close-before-accept with 403."""
+    from clawgate.server.origin import OriginHostGuard
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["type"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    refused: list[tuple[str, str]] = []
+    guard = OriginHostGuard(app, Settings(), on_refused=lambda peer, why: refused.append((peer, why)))
+    scope = {
+        "type": "websocket",
+        "scheme": "ws",
+        "path": "/",
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"host", b"127.0.0.1:18789"), (b"origin", b"http://evil.example")],
+    }
+    await guard(scope, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+    assert reached == []
+    assert refused == [("127.0.0.1", "origin not allowed: http://evil.example (see allowed_origins)")]
+    await guard({**scope, "headers": [(b"host", b"127.0.0.1:18789")]}, receive, send)
+    assert reached == ["websocket"]
