@@ -284,14 +284,23 @@ async def test_two_gateways_on_redis_fire_each_occurrence_once(
     async with Client(a.url, max_reconnect_attempts=0) as c:
         job_id = (
             await c.call(
-                "cron.add", {"name": "r", "schedule": {"kind": "every", "everyMs": 30_000}, "message": "x"}
+                "cron.add",
+                {
+                    "name": "r",
+                    "schedule": {"kind": "every", "everyMs": 30_000},
+                    "message": "x",
+                    "maxConcurrentRuns": 100,  # this test is about claims, not about busy jobs
+                },
             )
         )["job"]["id"]
         b.gateway.cron.wake.set()
         for _ in range(6):
             await clock.advance_async(30, step=5, settle=20)
             await asyncio.sleep(0.05)
-        await wait_until(lambda: a.gateway.cron.fired + b.gateway.cron.fired >= 6, "six firings")
+        await wait_until(
+            lambda: a.gateway.cron.fired + b.gateway.cron.fired >= 6,
+            f"six firings {a.gateway.cron.stats()} {b.gateway.cron.stats()}",
+        )
         await asyncio.sleep(0.2)
         total = a.gateway.cron.fired + b.gateway.cron.fired
         history = await entries(c, job_id)

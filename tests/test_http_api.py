@@ -363,3 +363,32 @@ async def test_http_followers_leave_nothing_behind(gw: RunningGateway) -> None:
     gw.gateway.clock.advance(gw.gateway.settings.run_result_ttl_s + 1)  # type: ignore[attr-defined]
     await gw.gateway.maintenance.run_once()
     assert gw.gateway.registry.sizes()["http_event_buffers"] == 0
+
+
+async def test_read_only_token_cannot_start_runs_and_foreign_origins_are_refused(
+    start_gateway: GatewayFactory,
+) -> None:
+    ro = "read-only-t0ken-0123456789"
+    gw = await start_gateway(
+        token=TOKEN, tokens={"ro": {"token": ro, "scopes": ["operator.read"]}}, hooks_token=HOOKS
+    )
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as http:
+        r = await http.post("/v1/runs", json={"message": "x"}, headers=auth(ro))
+        assert r.status_code == 403 and r.json()["error"]["details"]["code"] == "MISSING_SCOPE"
+        o = await http.post(
+            "/v1/chat/completions",
+            json={"model": "openclaw:main", "messages": [{"role": "user", "content": "x"}]},
+            headers=auth(ro),
+        )
+        assert o.status_code == 403 and o.json()["error"]["type"] == "permission_error"
+        assert (await http.get("/v1/models", headers=auth(ro))).status_code == 200
+        # A web page elsewhere cannot drive the HTTP API either (refused before the route runs).
+        evil = {**auth(), "Origin": "https://evil.example"}
+        assert (await http.post("/v1/runs", json={"message": "x"}, headers=evil)).status_code == 403
+        assert (
+            await http.post(
+                "/hooks/agent",
+                json={"message": "x"},
+                headers={**auth(HOOKS), "Origin": "https://evil.example"},
+            )
+        ).status_code == 403

@@ -176,14 +176,17 @@ async def test_hello_ok_reports_grant_policy_and_features(start_gateway: Gateway
         assert hello["payload"]["auth"]["scopes"] == [ADMIN, READ, WRITE]
 
 
-async def test_scopes_default_to_all_when_absent_and_unknown_only_is_refused(gateway: RunningGateway) -> None:
+async def test_scopes_default_to_read_when_absent_and_unknown_only_is_refused(
+    gateway: RunningGateway,
+) -> None:
+    # Omitted scopes mean read only (a client that does not say what it needs gets the least).
     params = connect_params()
     del params["scopes"]
     async with await open_ws(gateway.url) as ws:
         await recv(ws)
         await send(ws, {"type": "req", "id": "c", "method": "connect", "params": params})
         hello = await recv(ws)
-        assert hello["payload"]["auth"]["scopes"] == [ADMIN, READ, WRITE]
+        assert hello["payload"]["auth"]["scopes"] == [READ]
     async with await open_ws(gateway.url) as ws:
         res = await handshake(ws, scopes=["operator.everything"])
         assert res["error"]["code"] == "INVALID_REQUEST"

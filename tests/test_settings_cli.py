@@ -357,7 +357,8 @@ def test_status_and_call_against_a_subprocess_gateway(gateway_process: Any) -> N
     assert "run_results" in res.stdout
 
     # Errors: wrong token, unknown method, bad params, nobody listening.
-    res = run_cli("call", "health", "--url", gp.url, "--token", "wrong", env=clean_env())
+    # (From the environment: a --token typed on the command line adds a warning to stderr.)
+    res = run_cli("call", "health", "--url", gp.url, env=clean_env(CLAWGATE_TOKEN="wrong"))
     assert res.returncode == 1
     assert json.loads(res.stderr)["error"]["code"] == "UNAUTHORIZED"
     res = run_cli("call", "no.such", "--url", gp.url, env=env)

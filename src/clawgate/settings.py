@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_PORT = 18789
@@ -28,6 +28,31 @@ class ModelPrice(BaseModel):
     output_per_mtok: float = Field(ge=0)
 
 
+SCOPE_NAMES = ("operator.read", "operator.write", "operator.admin")
+
+
+class NamedToken(BaseModel):
+    """One entry of `tokens`: the secret (inline or in a file) and its scope ceiling."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token: str | None = None
+    token_file: Path | None = None
+    # Read only unless said otherwise: a credential handed out for one job gets the least.
+    scopes: list[str] = Field(default_factory=lambda: ["operator.read"])
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NamedToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("a named token needs exactly one of token or token_file")
+        if self.token == "":
+            raise ValueError("a named token cannot be empty")
+        unknown = [s for s in self.scopes if s not in SCOPE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown scopes {unknown}; known: {list(SCOPE_NAMES)}")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLAWGATE_", extra="ignore", validate_assignment=True)
 
@@ -36,6 +61,26 @@ class Settings(BaseSettings):
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     token: str | None = None
     state_dir: Path = Path("~/.clawgate")
+    # The token read from a file (first line, surrounding whitespace stripped): unlike `--token`,
+    # it never shows in `/proc/PID/cmdline`, which every local user can read.
+    token_file: Path | None = None
+    # Named tokens, each with a ceiling on the scopes a connection holding it may ask for,
+    # e.g. `tokens = {ci = {token_file = "ci.token", scopes = ["operator.read"]}}`.
+    # `token` (or `token_file`) is the unnamed one, with every scope.
+    tokens: dict[str, NamedToken] = Field(default_factory=dict)
+    # Browser pages allowed to open a WebSocket or call the HTTP endpoints, as origins
+    # ("https://app.example:8443"). The gateway's own origin is always allowed; a request
+    # without an Origin header (CLIs, SDKs) is not a browser request and is not checked.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Host header values accepted besides loopback names/addresses and the bind address
+    # (a DNS-rebinding page reaches the gateway under its own host name; see docs/security.md).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Failed authentication per peer address (OpenClaw's defaults): this many failures within
+    # the window lock the address out (UNAVAILABLE with retryAfterMs) for the lockout.
+    auth_rate_limit_max_attempts: int = Field(10, ge=1)
+    auth_rate_limit_window_s: float = Field(60.0, gt=0)
+    auth_rate_limit_lockout_s: float = Field(300.0, gt=0)
+    auth_rate_limit_max_peers: int = Field(10000, ge=1, description="addresses tracked at once")
 
     # --- maintenance -------------------------------------------------------------
     maintenance_interval_s: float = Field(60.0, gt=0)
@@ -124,6 +169,10 @@ class Settings(BaseSettings):
     # --- logging / hooks -----------------------------------------------------------------
     log_level: str = "info"
     log_json: bool = False
+    # Repeated warnings about one peer (refused handshakes, ...) are logged this many times per
+    # window, then counted and summarised: a client must not be able to fill the disk with logs.
+    log_repeat_max: int = Field(5, ge=1)
+    log_repeat_window_s: float = Field(60.0, gt=0)
     ended_hook_log: Path | None = None
 
     # --- usage accounting -------------------------------------------------------------------
@@ -188,6 +237,9 @@ class Settings(BaseSettings):
         for secret in ("token", "hooks_token", "openai_api_key"):
             if data.get(secret):
                 data[secret] = "***"
+        for entry in data.get("tokens", {}).values():
+            if entry.get("token"):
+                entry["token"] = "***"
         return data
 
 

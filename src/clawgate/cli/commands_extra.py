@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 
 from clawgate.cli.cron import cron_app
-from clawgate.cli.main import app, run_async
+from clawgate.cli.main import (
+    TokenFileOpt,
+    TokenOpt,
+    app,
+    client_token,
+    run_async,
+    warn_if_token_on_command_line,
+)
 from clawgate.cli.soak import bench_app
 
 app.add_typer(bench_app, name="bench")
@@ -69,14 +76,14 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 @app.command(help=BATCH_HELP)
 def batch(
+    ctx: typer.Context,
     tasks: Annotated[Path, typer.Argument(help="Tasks file (JSONL).", exists=True, dir_okay=False)],
     url: Annotated[
         str | None,
         typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway URL (default: an embedded gateway)."),
     ] = None,
-    token: Annotated[
-        str | None, typer.Option("--token", envvar="CLAWGATE_TOKEN", help="Gateway token.")
-    ] = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Tasks in flight.")] = 16,
     connections: Annotated[int, typer.Option("--connections", min=1, help="WebSocket connections.")] = 4,
     out: Annotated[
@@ -99,6 +106,8 @@ def batch(
     from clawgate.cli.batch import BatchOptions, run_batch, summary_table
     from clawgate.client import ClientError
 
+    warn_if_token_on_command_line(ctx)
+    token = client_token(token, token_file)
     console = Console()
     err = Console(stderr=True)
     sets = parse_sets(set_)

@@ -28,7 +28,46 @@ err = Console(stderr=True)
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
 UrlOpt = Annotated[str, typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway WebSocket URL.")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CLAWGATE_TOKEN", help="Gateway token.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token", envvar="CLAWGATE_TOKEN", help="Gateway token (prefer CLAWGATE_TOKEN or --token-file)."
+    ),
+]
+TokenFileOpt = Annotated[
+    Path | None, typer.Option("--token-file", help="Read the gateway token from this file.")
+]
+READ_SCOPES = ["operator.read"]
+CMDLINE_TOKEN_WARNING = (
+    "[yellow]warning:[/yellow] --token on the command line is visible to every local user "
+    "(/proc/PID/cmdline, ps); use CLAWGATE_TOKEN or --token-file"
+)
+
+
+def warn_if_token_on_command_line(ctx: typer.Context) -> None:
+    # Only a token typed on the command line: one from CLAWGATE_TOKEN is not visible to others.
+    source = ctx.get_parameter_source("token")
+    if source is not None and source.name == "COMMANDLINE":
+        err.print(CMDLINE_TOKEN_WARNING)
+
+
+def client_token(token: str | None, token_file: Path | None) -> str | None:
+    if token_file is None:
+        return token
+    from clawgate.server.credentials import read_token_file
+
+    try:
+        return read_token_file(token_file)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def scopes_for(method: str) -> list[str]:
+    """The least a CLI call of `method` needs (the gateway refuses more than a token allows)."""
+    from clawgate.methods.table import build_table
+
+    spec = build_table().get(method)
+    return [spec.scope] if spec is not None else READ_SCOPES
 
 
 def _version(value: bool) -> None:
@@ -53,7 +92,13 @@ def gateway(
     ] = None,
     bind: Annotated[str | None, typer.Option("--bind", help="Address to bind (default 127.0.0.1).")] = None,
     token: Annotated[
-        str | None, typer.Option("--token", help="Token clients must present (or CLAWGATE_TOKEN).")
+        str | None,
+        typer.Option(
+            "--token", help="Token clients must present (visible to local users: prefer CLAWGATE_TOKEN)."
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="Read the token clients must present from this file.")
     ] = None,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="State directory (default ~/.clawgate).")
@@ -78,11 +123,15 @@ def gateway(
 ) -> None:
     """Serve the gateway (WebSocket RPC and HTTP /healthz /readyz /metrics) until SIGINT/SIGTERM."""
     from clawgate import logs
+    from clawgate.server.credentials import exposure_problems, load_credentials, readable_by_others
 
+    if token is not None:
+        err.print(CMDLINE_TOKEN_WARNING)
     overrides: dict[str, Any] = dict(
         port=port,
         bind=bind,
         token=token,
+        token_file=token_file,
         state_dir=state_dir,
         store=store,
         provider=provider,
@@ -107,14 +156,20 @@ def gateway(
     except Exception as exc:
         err.print(f"[red]invalid settings:[/red] {exc}")
         raise typer.Exit(2) from None
+    for path in readable_by_others(settings):
+        err.print(f"[yellow]warning:[/yellow] token file {path} is readable by other users (chmod 600 it)")
     if print_config:
         console.print_json(data=settings.redacted())
         raise typer.Exit()
-    if not settings.is_loopback_bind() and not settings.token:
-        err.print(
-            f"[red]refusing to bind {settings.bind or '(all interfaces)'} without a token[/red]: "
-            "set --token or CLAWGATE_TOKEN (without a token the gateway only binds loopback)"
-        )
+    try:
+        credentials = load_credentials(settings)
+    except ValueError as exc:
+        err.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from None
+    problems = exposure_problems(settings, credentials)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]{problem}[/red]")
         raise typer.Exit(2)
     logs.configure(settings.log_level, json=settings.log_json)
     from clawgate.server.gateway import Gateway
@@ -146,12 +201,7 @@ def run_async(coro: Any) -> Any:
 async def _one_call(url: str, token: str | None, method: str, params: dict[str, Any], final: bool) -> Any:
     from clawgate.client import Client
 
-    async with Client(
-        url,
-        token=token,
-        max_reconnect_attempts=0,
-        scopes=["operator.read", "operator.write", "operator.admin"],
-    ) as client:
+    async with Client(url, token=token, max_reconnect_attempts=0, scopes=scopes_for(method)) as client:
         if final:
             return await client.call_final(method, params)
         return await client.call(method, params)
@@ -176,12 +226,15 @@ def _call_or_exit(
 
 @app.command()
 def status(
+    ctx: typer.Context,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")] = False,
 ) -> None:
     """Show the gateway's status: runs, connections, memory and every bounded structure's size."""
-    data = _call_or_exit(url, token, "status", {})
+    warn_if_token_on_command_line(ctx)
+    data = _call_or_exit(url, client_token(token, token_file), "status", {})
     if as_json:
         console.print_json(data=data)
         return
@@ -210,15 +263,19 @@ def status(
 
 @app.command()
 def call(
+    ctx: typer.Context,
     method: Annotated[str, typer.Argument(help="Method name, e.g. health, status, agent, sessions.list.")],
     params: Annotated[str, typer.Option("--params", help="Params as a JSON object.")] = "{}",
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
     expect_final: Annotated[
         bool, typer.Option("--expect-final", help="Wait for the final answer (agent).")
     ] = False,
 ) -> None:
-    """Send one RPC and print its answer as JSON."""
+    """Send one RPC and print its answer as JSON (asking only for the scope the method needs)."""
+    warn_if_token_on_command_line(ctx)
+    token = client_token(token, token_file)
     try:
         parsed = json.loads(params)
     except json.JSONDecodeError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from clawgate.clip import clip
 from clawgate.errors import Forbidden, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
@@ -57,7 +58,7 @@ def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:
     for run in gw.runs.active.values():
         if run.record.session_key == key:
             raise Forbidden(
-                f"cannot {what} session {key} while a run is active in it",
+                f"cannot {what} session {clip(key)} while a run is active in it",
                 details={"runId": run.record.run_id},
             )
 
@@ -66,7 +67,7 @@ async def reset(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyPa
     _refuse_if_busy(gw, params.key, "reset")
     # Resetting nothing would answer with a session id that exists nowhere.
     if await gw.sessions.get(SessionKey(params.key)) is None:
-        raise NotFound(f"unknown session {params.key}", details={"key": params.key})
+        raise NotFound(f"unknown session {clip(params.key)}", details={"key": params.key})
     await gw.sessions.reset(SessionKey(params.key))
     return {"ok": True, "key": params.key}
 

@@ -33,10 +33,11 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from clawgate.clip import clip
 from clawgate.errors import InvalidRequest, Unauthorized
 
 # OpenClaw: src/gateway/server/ws-connection/connect-device-proof.ts
@@ -218,10 +219,12 @@ def verify_device_signature(
 
     try:
         raw_key = public_key_raw(public_key)
-    except (ValueError, TypeError, binascii.Error) as exc:
+    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
         # OpenClaw derives no id from an unreadable key, so this surfaces as an id mismatch.
+        # (A PEM key of an algorithm `cryptography` does not know raises UnsupportedAlgorithm,
+        # which is no ValueError: it used to escape as INTERNAL with a traceback.)
         raise _reject(
-            "device-id-mismatch", f"device identity mismatch: unreadable public key ({exc})"
+            "device-id-mismatch", f"device identity mismatch: unreadable public key ({clip(str(exc))})"
         ) from exc
     if hashlib.sha256(raw_key).hexdigest() != device_id:
         raise _reject("device-id-mismatch", "device identity mismatch: id is not sha256(publicKey)")

@@ -25,6 +25,7 @@ import structlog
 from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
 from clawgate.agent.tools import Tool
 from clawgate.automation.usage import with_cost
+from clawgate.clip import clip
 from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
@@ -540,7 +541,7 @@ class RunService:
         run = self.active.get(run_id)
         if run is None:
             if self.results.get(run_id) is None:
-                raise NotFound(f"unknown run {run_id}", details={"runId": run_id})
+                raise NotFound(f"unknown run {clip(run_id)}", details={"runId": run_id})
             return False
         if run.task is None and self.remote_abort is not None:
             # It may be executing in another process: ask every process; the executor cancels it.
@@ -576,7 +577,7 @@ class RunService:
         run, rec = await self.lookup(run_id)
         if run is None:
             if rec is None:
-                raise NotFound(f"unknown or expired run {run_id}", details={"runId": run_id})
+                raise NotFound(f"unknown or expired run {clip(run_id)}", details={"runId": run_id})
             if rec.is_final or timeout_s <= 0 or self.remote_listen is None:
                 return rec if rec.is_final else None
             return await self._wait_remote(run_id, timeout_s, owner)

@@ -19,6 +19,7 @@ from clawgate.server.http_api import RestApi
 from clawgate.server.http_events import RunEventLog
 from clawgate.server.http_openai import OpenAIApi
 from clawgate.server.openapi import build_openapi
+from clawgate.server.origin import OriginHostGuard
 
 
 class RawSendMiddleware:
@@ -69,6 +70,9 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(gateway.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def refused(peer: str, reason: str) -> None:
+        gateway.peer_log.warning(peer, "request refused", reason=reason)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_lifecycle:
@@ -99,6 +103,11 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             *RestApi(gateway, events).routes(),
             *OpenAIApi(gateway, events).routes(),
         ],
-        middleware=[Middleware(RawSendMiddleware)],
+        # The origin/host guard comes first: it refuses cross-site pages and rebound host names
+        # on every entry point, before a WebSocket is upgraded or an endpoint runs.
+        middleware=[
+            Middleware(OriginHostGuard, settings=gateway.settings, on_refused=refused),
+            Middleware(RawSendMiddleware),
+        ],
         lifespan=lifespan,
     )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 
+from clawgate.clip import clip
 from clawgate.errors import Forbidden, InvalidRequest, Unauthorized
 from clawgate.protocol.schemas import ConnectParams
+from clawgate.server.credentials import ALL_SCOPES as EVERY_SCOPE
+from clawgate.server.credentials import Credentials
+from clawgate.settings import SCOPE_NAMES
 
 SUPPORTED_PROTOCOLS = (3, 4)
-READ, WRITE, ADMIN = "operator.read", "operator.write", "operator.admin"
+READ, WRITE, ADMIN = SCOPE_NAMES
 SCOPE_RANK = {READ: 1, WRITE: 2, ADMIN: 3}
 ALL_SCOPES = (READ, WRITE, ADMIN)
 
@@ -20,6 +23,7 @@ class Grant:
     role: str
     scopes: frozenset[str]
     method: str  # "token" | "none"
+    credential: str | None = None  # the matching token's name (None without a token)
 
     def allows(self, needed: str) -> bool:
         rank = SCOPE_RANK[needed]
@@ -40,47 +44,67 @@ def negotiate(min_protocol: int, max_protocol: int) -> int:
     )
 
 
-def check_token(configured: str | None, presented: str | None) -> str:
-    """Constant-time token comparison. Returns the auth method used."""
-    if configured is None:
-        return "none"
+def check_token(credentials: Credentials, presented: str | None) -> tuple[str, frozenset[str], str | None]:
+    """Which credential the client holds: (auth method, scope ceiling, credential name)."""
+    if not credentials.required:
+        return "none", EVERY_SCOPE, None
     if presented is None:
         raise Unauthorized("this gateway requires a token (auth.token)")
-    if not hmac.compare_digest(configured.encode("utf-8"), presented.encode("utf-8")):
+    found = credentials.match(presented)
+    if found is None:
         raise Unauthorized("invalid token")
-    return "token"
+    return "token", found.ceiling, found.name
 
 
 def expand(scopes: list[str] | None) -> frozenset[str]:
-    """What a client asked for; a higher scope implies the lower ones. No list means all of them."""
+    """What a client asked for; a higher scope implies the lower ones.
+
+    No list means read only: a client that does not say what it needs gets the least,
+    never admin (a page or script that omits scopes must not be able to delete sessions).
+    """
     if scopes is None:
-        return frozenset(ALL_SCOPES)
+        return frozenset({READ})
     unknown = [s for s in scopes if s not in SCOPE_RANK]
     known = [s for s in scopes if s in SCOPE_RANK]
     if unknown and not known:
-        raise InvalidRequest(f"unknown scopes: {unknown}", details={"field": "params.scopes"})
+        raise InvalidRequest(f"unknown scopes: {clip(unknown)}", details={"field": "params.scopes"})
     top = max((SCOPE_RANK[s] for s in known), default=0)
     return frozenset(s for s, r in SCOPE_RANK.items() if r <= top)
 
 
-def authorize(params: ConnectParams, configured_token: str | None) -> Grant:
+def authorize(params: ConnectParams, credentials: Credentials) -> Grant:
     protocol = negotiate(params.min_protocol, params.max_protocol)
-    method = check_token(configured_token, params.auth.token if params.auth else None)
+    method, ceiling, name = check_token(credentials, params.auth.token if params.auth else None)
     if params.role not in ("operator", "node"):
-        raise InvalidRequest(f"unknown role {params.role!r}", details={"field": "params.role"})
-    return Grant(protocol=protocol, role=params.role, scopes=expand(params.scopes), method=method)
+        raise InvalidRequest(f"unknown role {clip(params.role)!r}", details={"field": "params.role"})
+    asked = expand(params.scopes)
+    beyond = asked - ceiling
+    if beyond:
+        # The highest scope asked for and not allowed, in OpenClaw's MISSING_SCOPE shape.
+        missing = max(beyond, key=SCOPE_RANK.__getitem__)
+        raise Forbidden(
+            f"missing scope: {missing} (this token allows {', '.join(sorted(ceiling)) or 'nothing'})",
+            details={
+                "code": "MISSING_SCOPE",
+                "missingScope": missing,
+                "requiredScopes": [missing],
+                "scope": missing,
+                "method": "connect",
+            },
+        )
+    return Grant(protocol=protocol, role=params.role, scopes=asked, method=method, credential=name)
 
 
 def require(grant: Grant, scope: str, method: str) -> None:
     if not grant.allows(scope):
         # OpenClaw's detail fields (code, missingScope, requiredScopes) plus ours (scope, method).
         raise Forbidden(
-            f"missing scope: {scope} ({method})",
+            f"missing scope: {scope} ({clip(method)})",
             details={
                 "code": "MISSING_SCOPE",
                 "missingScope": scope,
                 "requiredScopes": [scope],
                 "scope": scope,
-                "method": method,
+                "method": clip(method),
             },
         )

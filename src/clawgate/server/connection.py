@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from clawgate.clip import clip
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooLarge, Unavailable
 from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
+from clawgate.server.origin import BROWSER_SCOPE_KEY
 from clawgate.server.ratelimit import TokenBucket
 from clawgate.server.sendbuffer import SendBuffer
 from clawgate.state.clock import Timer
@@ -63,6 +65,9 @@ class Connection:
         # awaited before the gateway forgets the connection, so none outlives it.
         self._close_tasks: set[asyncio.Task[None]] = set()
         self.connected_at = gateway.clock.time()
+        self.peer: str = ws.client.host if ws.client else ""
+        # Set by the origin guard when an allowed browser page opened this socket.
+        self.browser = bool(ws.scope.get(BROWSER_SCOPE_KEY))
 
     # -- outbound ---------------------------------------------------------------------------
     def send_frame(self, frame: bytes) -> None:
@@ -71,7 +76,9 @@ class Connection:
             return
         if not self.buffer.push(frame.decode(), len(frame), writer_blocked=self._sending):
             self.gw.slow_consumers += 1
-            log.warning("slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes)
+            self.gw.peer_log.warning(
+                self.peer, "slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes
+            )
             self._abort(CLOSE_POLICY, "slow consumer: send buffer over maxBufferedBytes")
             return
         self._wake.set()
@@ -212,12 +219,14 @@ class Connection:
         try:
             if method != "connect":
                 raise InvalidRequest(
-                    f"first request must be connect, got {method!r}", details={"field": "method"}
+                    f"first request must be connect, got {clip(method)!r}", details={"field": "method"}
                 )
             hello = await self.gw.handshake(self, params)
         except ClawgateError as exc:
-            # Logged without the presented credentials: code and connection only.
-            log.info("handshake refused", conn=self.conn_id, code=exc.code, reason=exc.message)
+            # Logged without the presented credentials, clipped, and rate limited per peer.
+            self.gw.peer_log.info(
+                self.peer, "handshake refused", conn=self.conn_id, code=exc.code, reason=exc.message
+            )
             self.respond_error(req_id, exc)
             await self.close(CLOSE_POLICY, "handshake failed")
             return False

@@ -19,7 +19,8 @@ from clawgate import __version__
 from clawgate.admission import Admission
 from clawgate.automation.cron import CronService
 from clawgate.automation.usage import UsageLedger
-from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
+from clawgate.clip import clip
+from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unauthorized, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
@@ -30,10 +31,12 @@ from clawgate.providers.base import Provider
 from clawgate.providers.factory import make_provider
 from clawgate.runs.service import RunService
 from clawgate.server.auth import authorize, require
-from clawgate.server.auth_limit import AuthFailures
+from clawgate.server.authlimit import AuthFailureLimiter, peer_key
 from clawgate.server.connection import Connection
+from clawgate.server.credentials import load_credentials
+from clawgate.server.peerlog import PeerLog
 from clawgate.sessions.service import SessionService
-from clawgate.settings import Settings
+from clawgate.settings import Settings, is_loopback
 from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
@@ -97,6 +100,22 @@ class Gateway:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
         self.registry = StateRegistry()
+        # Token files are read once, here: a bad one stops the gateway before it listens.
+        self.credentials = load_credentials(settings)
+        self.auth_limiter = AuthFailureLimiter(
+            self.clock,
+            self.registry,
+            max_attempts=settings.auth_rate_limit_max_attempts,
+            window_s=settings.auth_rate_limit_window_s,
+            lockout_s=settings.auth_rate_limit_lockout_s,
+            max_peers=settings.auth_rate_limit_max_peers,
+        )
+        self.peer_log = PeerLog(
+            self.clock,
+            self.registry,
+            max_lines=settings.log_repeat_max,
+            window_s=settings.log_repeat_window_s,
+        )
         prepare_state_dir(settings)
         self.store = store or open_store(settings)
         self.provider = provider or make_provider(settings, self.clock)
@@ -143,9 +162,6 @@ class Gateway:
             self.cluster = Cluster(
                 settings, self.clock, self.registry, self.store, self.runs, self.bus, self.subagents
             )
-        # Failed HTTP authentications per peer address (bounded; OpenClaw's 10 per 60 s, 5 min lockout).
-        self.auth_failures = AuthFailures(self.clock)
-        self.registry.register(self.auth_failures.peers)
         self.connections: dict[str, Connection] = {}
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections
@@ -272,21 +288,38 @@ class Gateway:
         self.bus.detach(conn.conn_id, conn.subscribed)
 
     async def handshake(self, conn: Connection, raw: msgspec.Raw) -> dict[str, Any]:
+        # Loopback CLIs are never locked out; a browser page on loopback is limited like the network.
+        limited = conn.browser or not is_loopback(conn.peer)
+        key = peer_key(conn.peer)
+        if limited:
+            wait_s = self.auth_limiter.retry_after_s(key)
+            if wait_s is not None:
+                raise Unavailable(
+                    "too many failed authentication attempts from this address",
+                    retry_after_ms=int(wait_s * 1000) + 1,
+                )
         params = decode_params(raw, ConnectParams)
-        grant = authorize(params, self.settings.token)
-        if params.device is not None:
-            verify_device_signature(
-                params.device,
-                client_id=params.client.id,
-                client_mode=params.client.mode,
-                role=params.role,
-                scopes=params.scopes or [],
-                token=signature_token(msgspec.to_builtins(params.auth) if params.auth else None),
-                nonce=conn.nonce,
-                now_ms=int(self.clock.time() * 1000),
-                platform=params.client.platform,
-                device_family=params.client.device_family,
-            )
+        try:
+            grant = authorize(params, self.credentials)
+            if params.device is not None:
+                verify_device_signature(
+                    params.device,
+                    client_id=params.client.id,
+                    client_mode=params.client.mode,
+                    role=params.role,
+                    scopes=params.scopes or [],
+                    token=signature_token(msgspec.to_builtins(params.auth) if params.auth else None),
+                    nonce=conn.nonce,
+                    now_ms=int(self.clock.time() * 1000),
+                    platform=params.client.platform,
+                    device_family=params.client.device_family,
+                )
+        except Unauthorized:
+            if limited:
+                self.auth_limiter.failed(key)
+            raise
+        if limited:
+            self.auth_limiter.succeeded(key)
         conn.grant = grant
         conn.client = msgspec.to_builtins(params.client)
         self.pending_handshakes -= 1
@@ -313,7 +346,7 @@ class Gateway:
                     "mainKey": "main",
                     "mainSessionKey": "agent:main:main",
                 },
-                "authMode": "token" if s.token else "none",
+                "authMode": "token" if self.credentials.required else "none",
             },
             "policy": {
                 "maxPayload": s.max_payload_bytes,
@@ -332,7 +365,7 @@ class Gateway:
         try:
             spec = self.methods.get(method)
             if spec is None:
-                raise InvalidRequest(f"unknown method: {method}", details={"method": method})
+                raise InvalidRequest(f"unknown method: {clip(method)}", details={"method": clip(method)})
             assert conn.grant is not None
             require(conn.grant, spec.scope, method)
             params = decode_params(raw, spec.params)
@@ -346,7 +379,7 @@ class Gateway:
         except Exception as exc:
             self.internal_errors += 1
             correlation = uuid.uuid4().hex[:12]
-            log.exception("internal error", method=method, correlation_id=correlation)
+            log.exception("internal error", method=clip(method), correlation_id=correlation)
             conn.respond_error(
                 req_id,
                 Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),

@@ -185,13 +185,13 @@ class RestApi:
         return rec, run_id
 
     async def create(self, request: Request) -> Response:
-        self.auth.check(request, WRITE, token=self.gw.settings.token)
+        self.auth.check(request, WRITE)
         body = await read_json(request, self.max_body, RunBody)
         rec, _ = await self._start(request, body)
         return json(accepted_payload(rec), 202)
 
     async def create_and_wait(self, request: Request) -> Response:
-        self.auth.check(request, WRITE, token=self.gw.settings.token)
+        self.auth.check(request, WRITE)
         body = await read_json(request, self.max_body, RunWaitBody)
         rec, run_id = await self._start(request, body)
         timeout_s = body.timeout_ms / 1000 if body.timeout_ms is not None else rec.timeout_s + 5
@@ -207,17 +207,17 @@ class RestApi:
         return rec
 
     async def get(self, request: Request) -> Response:
-        self.auth.check(request, READ, token=self.gw.settings.token)
+        self.auth.check(request, READ)
         return json(run_state(await self._record(RunId(request.path_params["run_id"]))))
 
     async def cancel(self, request: Request) -> Response:
-        self.auth.check(request, WRITE, token=self.gw.settings.token)
+        self.auth.check(request, WRITE)
         run_id = RunId(request.path_params["run_id"])
         await self._record(run_id)
         return json({"runId": run_id, "aborted": self.gw.runs.abort(run_id)})
 
     async def run_events(self, request: Request) -> Response:
-        self.auth.check(request, READ, token=self.gw.settings.token)
+        self.auth.check(request, READ)
         run_id = RunId(request.path_params["run_id"])
         rec = await self._record(run_id)
         last_raw = request.headers.get("last-event-id", "0") or "0"
@@ -251,7 +251,7 @@ class RestApi:
                 yield sse("agent", item[1], item[0])
 
     async def history(self, request: Request) -> Response:
-        self.auth.check(request, READ, token=self.gw.settings.token)
+        self.auth.check(request, READ)
         key = parse_session_key(request.path_params["key"], "key")
         raw_limit = request.query_params.get("limit", "200")
         if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
@@ -274,10 +274,9 @@ class RestApi:
                 "hook tokens are accepted only in the Authorization or x-openclaw-token header",
                 details={"field": "token"},
             )
-        token = self.gw.settings.hooks_token
-        if token is None:
+        if self.gw.settings.hooks_token is None:
             raise NotFound("hooks are disabled: set hooks_token to enable /hooks/*")
-        self.auth.check(request, WRITE, token=token, header_names=("x-openclaw-token",))
+        self.auth.check(request, WRITE, hooks=True, header_names=("x-openclaw-token",))
 
     async def hook_agent(self, request: Request) -> Response:
         self._hook_auth(request)

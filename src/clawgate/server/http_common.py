@@ -6,6 +6,7 @@ here is accepted, queued, deduplicated, admitted and retained exactly like one s
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import math
 import uuid
@@ -20,7 +21,8 @@ from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unau
 from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.frames import decode_params
 from clawgate.runs.service import Run, SubmitRequest
-from clawgate.server.auth import ALL_SCOPES, Grant, require
+from clawgate.server.auth import READ, WRITE, Grant, check_token, require
+from clawgate.server.authlimit import peer_key
 from clawgate.server.gateway import Gateway
 from clawgate.sessions.keys import agent_id_of
 from clawgate.settings import is_loopback
@@ -98,38 +100,53 @@ def peer_of(request: Request) -> str:
 
 @dataclass
 class HttpAuth:
-    """Bearer-token auth for the HTTP API, with a per-address failure limit."""
+    """Bearer-token auth for the HTTP API: the gateway's credentials (a named token's scope
+    ceiling is the grant) and the same per-address failed-auth limit as the WebSocket handshake."""
 
     gateway: Gateway
 
     def check(
-        self, request: Request, needed: str, *, token: str | None, header_names: tuple[str, ...] = ()
+        self, request: Request, needed: str, *, hooks: bool = False, header_names: tuple[str, ...] = ()
     ) -> Grant:
         """The grant of the request's bearer token; raises Unauthorized / Forbidden / TooManyAttempts."""
+        gw = self.gateway
         presented = bearer(request, *header_names)
-        limiter = self.gateway.auth_failures
         peer = peer_of(request)
         # Loopback is exempt (a local process can read the token anyway), except for requests a
         # browser makes on behalf of a web page: those carry an Origin.
         limited = not is_loopback(peer) or "origin" in request.headers
-        locked = limiter.locked_for(peer) if limited else 0.0
-        if locked > 0:
-            raise TooManyAttempts(
-                "too many failed authentication attempts", retry_after_ms=math.ceil(locked * 1000)
-            )
-        if token is not None:
-            if presented is None or not hmac.compare_digest(token.encode(), presented.encode()):
-                if limited:
-                    limiter.failed(peer)
-                raise Unauthorized(
-                    "missing or invalid bearer token" if presented else "a bearer token is required"
+        key = peer_key(peer)
+        if limited:
+            wait_s = gw.auth_limiter.retry_after_s(key)
+            if wait_s is not None:
+                raise TooManyAttempts(
+                    "too many failed authentication attempts from this address",
+                    retry_after_ms=math.ceil(wait_s * 1000),
                 )
-            method = "token"
-        else:
-            method = "none"
-        grant = Grant(protocol=4, role="operator", scopes=frozenset(ALL_SCOPES), method=method)
+        try:
+            if hooks:
+                grant = self._hooks_grant(presented)
+            else:
+                method, ceiling, name = check_token(gw.credentials, presented)
+                grant = Grant(protocol=4, role="operator", scopes=ceiling, method=method, credential=name)
+        except Unauthorized:
+            if limited:
+                gw.auth_limiter.failed(key)
+            raise
         require(grant, needed, f"{request.method} {request.url.path}")
         return grant
+
+    def _hooks_grant(self, presented: str | None) -> Grant:
+        token = self.gateway.settings.hooks_token
+        assert token is not None
+        if presented is None or not hmac.compare_digest(
+            hashlib.sha256(token.encode()).digest(), hashlib.sha256(presented.encode()).digest()
+        ):
+            raise Unauthorized("missing or invalid hooks token")
+        # A hooks token starts runs and nothing else: write, never admin.
+        return Grant(
+            protocol=4, role="operator", scopes=frozenset({READ, WRITE}), method="token", credential="hooks"
+        )
 
 
 def error_response(exc: ClawgateError, *, openai: bool = False) -> JSONResponse:

@@ -71,11 +71,11 @@ class OpenAIApi:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "clawgate"}
 
     async def models(self, request: Request) -> Response:
-        self.auth.check(request, READ, token=self.gw.settings.token)
+        self.auth.check(request, READ)
         return json({"object": "list", "data": [self._model(m) for m in self._model_ids()]})
 
     async def model(self, request: Request) -> Response:
-        self.auth.check(request, READ, token=self.gw.settings.token)
+        self.auth.check(request, READ)
         model_id = request.path_params["model_id"]
         if model_id not in self._model_ids():
             raise NotFound(f"unknown model {model_id[:64]!r}", details={"field": "model"})
@@ -167,7 +167,7 @@ class OpenAIApi:
 
     # -- chat completions -------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
-        self.auth.check(request, WRITE, token=self.gw.settings.token)
+        self.auth.check(request, WRITE)
         body = await read_json(request, self.max_body, ChatCompletionBody)
         users = [m for m in body.messages if m.role == "user"]
         system = _system_text([m.content for m in body.messages if m.role in ("system", "developer")])
@@ -250,7 +250,7 @@ class OpenAIApi:
 
     # -- responses --------------------------------------------------------------------------------
     async def responses(self, request: Request) -> Response:
-        self.auth.check(request, WRITE, token=self.gw.settings.token)
+        self.auth.check(request, WRITE)
         body = await read_json(request, self.max_body, ResponsesBody)
         if isinstance(body.input, str):
             message, system_parts = body.input, []

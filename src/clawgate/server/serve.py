@@ -11,6 +11,7 @@ from typing import Any
 import uvicorn
 
 from clawgate.server.app import create_app
+from clawgate.server.credentials import exposure_problems
 from clawgate.server.gateway import Gateway
 
 
@@ -66,9 +67,11 @@ class RunningGateway:
 
     async def __aenter__(self) -> RunningGateway:
         settings = self.gateway.settings
-        if not settings.is_loopback_bind() and not settings.token:
-            # PROTOCOL.md: without a token the gateway only binds loopback, however it is started.
-            raise RuntimeError(f"refusing to bind {settings.bind!r} without a token")
+        problems = exposure_problems(settings, self.gateway.credentials)
+        if problems:
+            # Without a token the gateway only binds loopback, and off loopback tokens must be
+            # strong, however it is started.
+            raise RuntimeError("; ".join(problems))
         # Bind before starting anything: a busy port must not leave a started gateway behind.
         sock = _listen_socket(settings.bind, settings.port)
         self.port = sock.getsockname()[1]

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+from clawgate.clip import clip
 from clawgate.errors import InvalidRequest
 from clawgate.protocol.schemas import Attachment
 
@@ -22,7 +23,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-. ]{0,254}$")
 def check_name(name: str) -> None:
     if not _NAME_RE.match(name) or ".." in name or name.strip() != name:
         raise InvalidRequest(
-            f"attachment name {name!r} is not a plain file name", details={"field": "params.attachments.name"}
+            f"attachment name {clip(name)!r} is not a plain file name",
+            details={"field": "params.attachments.name"},
         )
 
 
@@ -32,7 +34,7 @@ def decode(att: Attachment) -> bytes:
             return base64.b64decode(att.content, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(
-                f"attachment {att.name!r} is not valid base64",
+                f"attachment {clip(att.name)!r} is not valid base64",
                 details={"field": "params.attachments.content"},
             ) from None
     return att.content.encode("utf-8")
@@ -53,7 +55,7 @@ def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, by
         check_name(att.name)
         if att.name in seen:
             raise InvalidRequest(
-                f"duplicate attachment name {att.name!r}", details={"field": "params.attachments.name"}
+                f"duplicate attachment name {clip(att.name)!r}", details={"field": "params.attachments.name"}
             )
         seen.add(att.name)
         # Refuse from the encoded size before decoding, so an oversized spawn costs no copy.

@@ -24,6 +24,7 @@ import msgspec
 import structlog
 
 from clawgate.agent.tools import SESSIONS_SPAWN_SPEC, Tool, ToolCallContext
+from clawgate.clip import clip
 from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError
 from clawgate.events.bus import EventBus
 from clawgate.ids import RunId, SessionKey
@@ -225,7 +226,7 @@ class SubagentService:
         children = self.active_children(requester)
         if children >= self.settings.max_children_per_agent:
             raise Forbidden(
-                f"{requester} already has {children} active children (maxChildrenPerAgent "
+                f"{clip(requester)} already has {children} active children (maxChildrenPerAgent "
                 f"{self.settings.max_children_per_agent})",
                 details={
                     "activeChildren": children,
