@@ -94,6 +94,20 @@ class GatewayCollector(Collector):
             "1 when new runs are admitted",
             value=1 if snap["admission_open"] else 0,
         )
+        subagents = CounterMetricFamily(
+            "clawgate_subagent_incidents",
+            "Subagent registry incidents: quarantined records, hook errors and timeouts, retries...",
+            labels=["kind"],
+        )
+        for kind, n in snap.get("subagents", {}).items():
+            if kind != "stranded":
+                subagents.add_metric([kind], n)
+        yield subagents
+        yield GaugeMetricFamily(
+            "clawgate_subagent_stranded",
+            "Subagent records whose pipeline failed, waiting for the archive sweep",
+            value=snap.get("subagents", {}).get("stranded", 0),
+        )
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

@@ -345,6 +345,7 @@ class Gateway:
                 "sweepErrors": dict(self.maintenance.errors),
                 "running": self.maintenance.running,
             },
+            "subagents": self.subagents.counters(),
         }
 
     def _metrics_snapshot(self) -> dict[str, Any]:
@@ -359,6 +360,7 @@ class Gateway:
             "runs_queued": self.runs.queued,
             "rss": self.admission.sample(),
             "admission_open": self.admission.open,
+            "subagents": self.subagents.counters(),
         }
 
     def render_metrics(self) -> bytes:
