@@ -141,6 +141,16 @@ class SubagentService:
             "subagent_stranded", clock, max_size=cap, lru=False, on_expire=self._on_stranded_evicted
         )
         registry.register(self.stranded)
+        # Spawns admitted whose run is not in `runs_active` yet: counted against
+        # max_tracked_runs, so admission and the reservation are one synchronous step.
+        self.spawns_in_flight = 0
+        registry.add(
+            "subagent_spawns_in_flight",
+            lambda: self.spawns_in_flight,
+            ttl_s=None,
+            max_size=cap,
+            per_run=True,
+        )
         self.owner = uuid.uuid4().hex[:12]  # this process, for claims on a shared store
         self.lease_s = max(settings.subagent_claim_lease_s, settings.ended_hook_timeout_s + 60)
         self.hooks: list[SubagentEndedHook] = []
@@ -248,9 +258,8 @@ class SubagentService:
                 self._strand(rec)
 
     def _strand(self, rec: SubagentRecord) -> None:
-        if rec.expires_at is None:
-            # Due now: the sweep reports what was not reported and removes the record.
-            rec.expires_at = self.clock.time()
+        # Due now: the next sweep reports what was not reported and removes the record.
+        rec.expires_at = self.clock.time()
         self._untrack(rec)
         self.stranded.set(RunId(rec.run_id), rec)
 
@@ -346,9 +355,6 @@ class SubagentService:
                 self.spawn_keys.set(key, run_id)
         depth = await self.depth_of(requester) + 1
         files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
-        # The announce only lands in an existing session (a deleted one is never re-created),
-        # so the requester's session exists from the spawn on.
-        await self.sessions.touch(requester)
         # From here to `_track` nothing awaits: the limits and the reservation of the slot are
         # one step, so two concurrent spawns cannot both pass them.
         if self.admission_check is not None:
@@ -394,8 +400,12 @@ class SubagentService:
                 raise
             message += "\n\nAttachments: " + ", ".join(name for name, _ in files)
         self._track(rec)
+        self.spawns_in_flight += 1
         try:
             await self.store.put_subagent(rec)
+            # The announce only lands in an existing session (a deleted one is never
+            # re-created), so the requester's session exists from the spawn on.
+            await self.sessions.touch(requester)
             # The depth lives with the child session too: it outlives the record's sweep.
             await self.sessions.touch(child, known_new=True, depth=depth)
             await self.runs.submit(
@@ -417,6 +427,8 @@ class SubagentService:
                 await self.store.delete_subagent(run_id)
                 await self.sessions.delete(child)
             raise
+        finally:
+            self.spawns_in_flight -= 1
         # Before any await: the child cannot have started yet, so `spawned` precedes `ended`.
         self._event(rec, "spawned")
         return _accepted(rec)
@@ -802,18 +814,19 @@ class SubagentService:
                     await self._release(rec)
                     return "skip"
                 rec = fresh
-        except (StoreError, OSError):
+        except (StoreError, OSError) as exc:
             self.sweep_errors += 1
-            log.exception("subagent sweep could not claim a record", run_id=rec.run_id)
+            log.error("subagent sweep could not claim a record", run_id=rec.run_id, error=repr(exc))
             return "failed"
         if rules.sweep_needs_hook(rec):
             self._start_pipeline(run_id, partial(self._archive, rec), f"archive:{run_id}")
             return "handed"
         try:
             await self._sweep_one(rec)
-        except Exception:
+        except Exception as exc:
             self.sweep_errors += 1
-            log.exception("subagent sweep failed for a record", run_id=rec.run_id)
+            # One line per record, no traceback: a batch failing together must not flood the log.
+            log.error("subagent sweep failed for a record", run_id=rec.run_id, error=repr(exc))
             return "postponed" if await self._postpone(rec, now) else "failed"
         return "delete"
 
