@@ -405,9 +405,12 @@ class SubagentService:
             await self.store.put_subagent(rec)
             # The announce only lands in an existing session (a deleted one is never
             # re-created), so the requester's session exists from the spawn on.
-            await self.sessions.touch(requester)
-            # The depth lives with the child session too: it outlives the record's sweep.
-            await self.sessions.touch(child, known_new=True, depth=depth)
+            if await self.sessions.get(requester) is None:
+                await self.sessions.touch(requester)
+            if depth > 1:
+                # The depth lives with the child session too: it outlives the record's sweep
+                # (an unknown depth reads as 1, so depth 1 needs no write).
+                await self.sessions.touch(child, known_new=True, depth=depth)
             await self.runs.submit(
                 SubmitRequest(
                     run_id=run_id,
@@ -743,8 +746,11 @@ class SubagentService:
                 continue
             if run_id in self.runs.active:
                 self.runs.abort(run_id)
-            # Within the request: one attempt per write, the caller gets the error.
-            await self._report(rec, "released", retry=False)
+            try:
+                # Within the request: one attempt per write, the caller gets a store error.
+                await self._report(rec, "released", retry=False)
+            except Superseded:
+                continue  # removed, or another process works on it and reports it
             released += 1
         return released
 
