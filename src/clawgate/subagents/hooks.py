@@ -6,6 +6,10 @@ before any hook is called; a record that already carries a reason is never
 reported again (the sweep removes it silently). Delivery is marked done after
 the hooks return; a crash in that window re-delivers once on restart with
 `redelivery=True`, so a hook that must be strictly exactly-once dedupes on runId.
+
+Every call is bounded by `ended_hook_timeout_s` (`call_hook`): a hook that has not
+returned by then is cancelled and abandoned, counted like a hook that raises, and not
+re-delivered.
 """
 
 from __future__ import annotations
