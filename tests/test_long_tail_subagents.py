@@ -481,3 +481,27 @@ async def test_pipelines_over_the_task_bound_wait_instead_of_being_dropped(
         await settle(gw)
     assert reasons(hook) == {run_id: ["completed"] for run_id in ids}
     assert gw.subagents.pipelines_deferred == 3
+
+
+async def test_a_state_file_without_the_session_depth_column_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE sessions (key TEXT PRIMARY KEY, session_id TEXT NOT NULL, created_at REAL NOT NULL, "
+        "updated_at REAL NOT NULL, kind TEXT NOT NULL, agent_id TEXT NOT NULL, label TEXT, model TEXT)"
+    )
+    conn.execute("INSERT INTO sessions VALUES ('agent:main:old', 's', 1, 1, 'main', 'main', NULL, NULL)")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        old = await store.get_session("agent:main:old")
+        assert old is not None and old.depth == 0
+        await store.put_session(
+            SessionMeta(key="agent:main:subagent:d", session_id="d", created_at=1, updated_at=1, depth=2)
+        )
+        new = await store.get_session("agent:main:subagent:d")
+        assert new is not None and new.depth == 2
+    finally:
+        await store.close()
