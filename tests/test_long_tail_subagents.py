@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from clawgate.client import ClientError
@@ -112,6 +113,9 @@ async def test_an_undecodable_due_row_is_quarantined_and_the_rows_behind_it_are_
     # Moved aside (kept for inspection), counted, visible in status.
     assert quarantined_ids(db_path(tmp_path)) == ["bad-row"]
     assert status["subagents"]["quarantined"] == 1
+    async with httpx.AsyncClient(base_url=rg.http_url) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'clawgate_subagent_incidents_total{kind="quarantined"} 1.0' in metrics
     assert (await tick(gw))["subagent_archive"] == 0
     assert gw.maintenance.errors == {}
 
