@@ -11,7 +11,7 @@ import pytest
 
 from clawgate.runs.service import INTERRUPTED
 from clawgate.state.clock import FakeClock
-from clawgate.store.records import RunRecord, SubagentRecord
+from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle, unique_prefix
 from test_subagents import (
@@ -35,7 +35,9 @@ def hook_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def write_straight_into_store(state_dir: Path, *records: SubagentRecord | RunRecord) -> None:
+async def write_straight_into_store(
+    state_dir: Path, *records: SubagentRecord | RunRecord | SessionMeta
+) -> None:
     """What a gateway that died mid-run leaves behind in its SQLite file."""
     store = SqliteStore(state_dir / "clawgate.db")
     await store.open()
@@ -43,6 +45,8 @@ async def write_straight_into_store(state_dir: Path, *records: SubagentRecord | 
         for rec in records:
             if isinstance(rec, SubagentRecord):
                 await store.put_subagent(rec)
+            elif isinstance(rec, SessionMeta):
+                await store.put_session(rec)
             else:
                 await store.put_run(rec)
     finally:
@@ -176,6 +180,8 @@ async def test_a_child_running_when_the_gateway_died_is_finalized_as_interrupted
             accepted_at=now - 30,
             started_at=now - 29,
         ),
+        # The spawn created the requester's session (announces land only in an existing one).
+        SessionMeta(key="agent:main:died", session_id="s-died", created_at=now - 31, updated_at=now - 31),
     )
     log = tmp_path / "ended.jsonl"
     rg = await start_gateway(ended_hook_log=str(log), **MANUAL_TICKS)

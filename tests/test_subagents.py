@@ -672,7 +672,8 @@ async def test_rule1_a_record_whose_pipeline_is_in_flight_is_not_swept(
 ) -> None:
     """Rule 1/7: an async hook still running past the TTL keeps the record; once it returns the
     record is swept silently, and the hook was called once."""
-    rg = await start_gateway(**MANUAL_TICKS)
+    # The hook's timeout is longer than the TTL here (a hook past its timeout is abandoned).
+    rg = await start_gateway(ended_hook_timeout_s=3600, **MANUAL_TICKS)
     gw = rg.gateway
     hook = BlockingHook()
     gw.subagents.hooks.append(hook)

@@ -102,6 +102,21 @@ class GatewayCollector(Collector):
             tokens.add_metric([model, kind], n)
         yield tokens
 
+        subagents = CounterMetricFamily(
+            "clawgate_subagent_incidents",
+            "Subagent registry incidents: quarantined records, hook errors and timeouts, retries...",
+            labels=["kind"],
+        )
+        for kind, n in snap.get("subagents", {}).items():
+            if kind != "stranded":
+                subagents.add_metric([kind], n)
+        yield subagents
+        yield GaugeMetricFamily(
+            "clawgate_subagent_stranded",
+            "Subagent records whose pipeline failed, waiting for the archive sweep",
+            value=snap.get("subagents", {}).get("stranded", 0),
+        )
+
 
 def _provider_metrics(stats: dict[str, Any]) -> Iterator[Any]:
     name = str(stats.get("name", "unknown"))

@@ -146,6 +146,17 @@ class Settings(BaseSettings):
     max_spawn_depth: int = Field(1, ge=1, le=5)
     max_children_per_agent: int = Field(5, ge=1)
     retain_attachments_on_keep: bool = False
+    # An ended hook that has not returned after this long is abandoned (counted in status as
+    # a hook timeout), so a hook that never returns cannot hold a pipeline or the sweep.
+    ended_hook_timeout_s: float = Field(30.0, gt=0)
+    # Each step of a subagent pipeline retries a failing store call (with the announce backoff)
+    # this long; then the record is left to the archive sweep, which finishes it.
+    subagent_retry_window_s: float = Field(300.0, gt=0)
+    # On a shared (Redis) store, the process working on a subagent record holds a claim on it
+    # for this long (renewed at every step; at least the hook timeout + 60 s).
+    subagent_claim_lease_s: float = Field(300.0, gt=0)
+    # Due records the archive sweep reads per store query.
+    subagent_sweep_batch: int = Field(1000, ge=1)
 
     # --- providers -------------------------------------------------------------------
     provider: Literal["scripted", "openai"] = "scripted"

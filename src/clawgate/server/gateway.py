@@ -420,6 +420,7 @@ class Gateway:
                 "running": self.maintenance.running,
             },
             "provider": self.provider_stats(),
+            "subagents": self.subagents.counters(),
         }
 
     def provider_stats(self) -> dict[str, Any]:
@@ -442,6 +443,7 @@ class Gateway:
             "admission_open": self.admission.open,
             "provider": self.provider_stats(),
             "tokens": dict(self.usage.tokens),
+            "subagents": self.subagents.counters(),
         }
 
     def render_metrics(self) -> bytes:

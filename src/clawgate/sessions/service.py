@@ -21,9 +21,11 @@ class SessionService:
         registry.register(self.cache)
 
     async def touch(
-        self, key: SessionKey, *, known_new: bool = False, label: str | None = None
+        self, key: SessionKey, *, known_new: bool = False, label: str | None = None, depth: int = 0
     ) -> SessionMeta:
-        """Make sure a session exists and mark it updated now. `known_new` skips the store lookup."""
+        """Make sure a session exists and mark it updated now. `known_new` skips the store lookup.
+
+        `depth` (a subagent child's spawn depth) is kept with the session, never lowered."""
         now = self.clock.time()
         meta = self.cache.get(key)
         if meta is None and not known_new:
@@ -37,9 +39,11 @@ class SessionService:
                 kind=kind_of(key),
                 agent_id=agent_id_of(key),
                 label=label,
+                depth=depth,
             )
         else:
             meta.updated_at = now
+            meta.depth = max(meta.depth, depth)
         self.cache.set(key, meta)
         self.store.put_session(meta)
         return meta

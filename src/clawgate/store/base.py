@@ -22,6 +22,10 @@ log = structlog.get_logger("clawgate.store")
 
 class Store(ABC):
     kind: str = "abstract"
+    # Undecodable subagent rows moved aside by the reads that met them (status, metrics).
+    subagents_quarantined: int = 0
+    # Several gateway processes share this store (claims on subagent records matter).
+    shared_by_processes: bool = False
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -65,6 +69,14 @@ class Store(ABC):
     def append_message(self, msg: TranscriptMessage) -> Awaitable[None]: ...
 
     @abstractmethod
+    def append_to_existing(self, msg: TranscriptMessage) -> Awaitable[bool]:
+        """Append only if the session exists (and mark it updated), atomically with the check.
+
+        For writes that must never re-create a deleted session (an announce that was in
+        flight when its requester was deleted). Returns whether the message was appended.
+        """
+
+    @abstractmethod
     async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
         """The last `limit` messages, oldest first."""
 
@@ -103,7 +115,16 @@ class Store(ABC):
 
     # -- subagent registry ---------------------------------------------------------------------
     @abstractmethod
-    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]: ...
+    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
+        """Insert or replace (used when a record is created)."""
+
+    @abstractmethod
+    def update_subagent(self, rec: SubagentRecord) -> Awaitable[bool]:
+        """Replace a record only if it still exists; returns whether it did.
+
+        Every write after the spawn goes through here, so a pipeline that finishes late
+        can never re-insert a record the sweep (of any process) has already removed.
+        """
 
     @abstractmethod
     async def get_subagent(self, run_id: str) -> SubagentRecord | None: ...
@@ -124,6 +145,18 @@ class Store(ABC):
 
     @abstractmethod
     async def count_subagents(self) -> int: ...
+
+    async def claim_subagent(self, run_id: str, owner: str, now: float, lease_s: float) -> bool:
+        """Take or extend `owner`'s lease on a record (its pipeline or its sweep works on it).
+
+        False when the record is gone or another owner's lease has not expired. A store
+        used by one process needs no claims: that process' own bookkeeping suffices.
+        """
+        return True
+
+    async def release_subagent(self, run_id: str, owner: str) -> None:
+        """Drop `owner`'s lease, if it still holds it."""
+        return None
 
 
 def settle_result(fut: asyncio.Future[Any], value: Any) -> None:

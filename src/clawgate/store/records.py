@@ -20,6 +20,9 @@ class SessionMeta(msgspec.Struct, kw_only=True):
     agent_id: str = "main"
     label: str | None = None
     model: str | None = None
+    # Spawn depth of a subagent child session (0: not a child). Kept with the session, so
+    # the depth limit still holds for a child whose subagent record has been swept.
+    depth: int = 0
 
 
 class TranscriptMessage(msgspec.Struct, kw_only=True):
@@ -77,6 +80,7 @@ class SubagentRecord(msgspec.Struct, kw_only=True):
     ended_notified: bool = False
     expires_at: float | None = None  # when the sweep removes the record (set at cleanup)
     attachments_dir: str | None = None
+    sweep_failures: int = 0  # consecutive failed archive attempts (the sweep backs off)
 
     def to_wire(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -25,6 +25,8 @@ Key layout (``P`` is the prefix; all names are built by ``Keys`` below):
     P:subs:requester:{key}       ZSET   run id -> insertion order (list_subagents(requester))
     P:subs:expiry                ZSET   run id -> expires_at (due_subagents)
     P:subs:live                  SET    ids of live records (live_subagents)
+    P:sub:claim:{run_id}         STRING "owner deadline": the process working on the record (claim_subagent)
+    P:sub:quarantine:{run_id}    STRING an undecodable record moved aside; expires QUARANTINE_TTL_S
 
 Index entries pointing at records that expired natively are dropped lazily by the
 reads that meet them; the deadline-scored zsets are trimmed on write.
@@ -112,6 +114,12 @@ class Keys:
     def subs_live(self) -> str:
         return f"{self.p}:subs:live"
 
+    def sub_claim(self, run_id: str) -> str:
+        return f"{self.p}:sub:claim:{run_id}"
+
+    def sub_quarantine(self, run_id: str) -> str:
+        return f"{self.p}:sub:quarantine:{run_id}"
+
 
 # -- expiry policy ------------------------------------------------------------------------------------
 
@@ -122,6 +130,8 @@ OPEN_RUN_TTL_S = 2 * DAY_S  # queued/running run records (at least timeout_s + 1
 SUB_SAFETY_MARGIN_S = 3600.0  # subagent records outlive expires_at by this much
 RUNS_ENDED_CAP = 200_000  # P:runs:ended keeps at most this many (oldest dropped first)
 PAGE = 256
+QUARANTINE_TTL_S = 7 * DAY_S  # undecodable subagent records kept aside this long
+CLAIM_SAFETY_S = 3600.0  # a claim key expires natively this long after its lease deadline
 
 # -- Lua (atomic multi-step updates) ----------------------------------------------------------------
 
@@ -188,6 +198,72 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
 return false
 """.replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
+# Replaces a subagent record only if it still exists (a sweep elsewhere may have removed it).
+# KEYS: sub, subs_expiry, subs_live, subs_all, by_requester
+# ARGV: json, deadline_ms, expires_at ('' for none), live ('1'/'0'), idx_deadline_ms, run_id
+_UPDATE_SUB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[2])
+if ARGV[3] == '' then redis.call('ZREM', KEYS[2], ARGV[6])
+else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6]) end
+if ARGV[4] == '1' then redis.call('SADD', KEYS[3], ARGV[6])
+else redis.call('SREM', KEYS[3], ARGV[6]) end
+for i = 2, 5 do redis.call('PEXPIREAT', KEYS[i], ARGV[5]) end
+return 1
+"""
+
+# Takes or extends a claim on a subagent record. Deadlines are on the gateways' clock (the
+# one the records' expiry uses); the key also expires natively so a claim never outlives it.
+# KEYS: sub, claim; ARGV: owner, now, lease deadline, native expiry ms
+_CLAIM_SUB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = redis.call('GET', KEYS[2])
+if cur then
+  local owner, deadline = string.match(cur, '^(%S+) (%S+)$')
+  if owner and owner ~= ARGV[1] and tonumber(deadline) > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+# KEYS: claim; ARGV: owner
+_RELEASE_SUB = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.match(cur, '^(%S+) ') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# Moves an undecodable record aside and out of every index.
+# KEYS: sub, quarantine, subs_all, subs_expiry, subs_live; ARGV: run_id, ttl_ms
+_QUARANTINE_SUB = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  redis.call('SET', KEYS[2], raw, 'PX', ARGV[2])
+  redis.call('DEL', KEYS[1])
+end
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
+return 1
+"""
+
+# Appends to a transcript only if its session exists (never re-creates a deleted session).
+# KEYS: session, messages, sessions expiry, sessions index
+# ARGV: key, message json, transcript max, deadline_ms, idx_deadline_ms, updated_at
+_APPEND_EXISTING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[6])
+redis.call('ZADD', KEYS[3], 'XX', ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[4], 'XX', ARGV[6], ARGV[1])
+redis.call('PEXPIREAT', KEYS[3], ARGV[5])
+redis.call('PEXPIREAT', KEYS[4], ARGV[5])
+return 1
+"""
+
 # -- codecs --------------------------------------------------------------------------------------------
 
 _enc = msgspec.json.Encoder()
@@ -209,6 +285,7 @@ class _Op:
 
 class RedisStore(Store):
     kind = "redis"
+    shared_by_processes = True
 
     def __init__(
         self,
@@ -373,6 +450,8 @@ class RedisStore(Store):
             "kind", meta.kind,
             "agent_id", meta.agent_id,
         ]  # fmt: skip
+        if meta.depth:  # only written when known: a touch that re-creates the metadata does not know it
+            fields += ["depth", meta.depth]
         drop: list[str] = []
         for name, value in (("label", meta.label), ("model", meta.model)):
             if value is None:
@@ -461,6 +540,19 @@ class RedisStore(Store):
                 ("PEXPIREAT", k.sessions_index(), idx_deadline),
             ]
         )
+
+    def append_to_existing(self, msg: TranscriptMessage) -> Awaitable[bool]:
+        k = self.keys
+        _, deadline, idx_deadline = self._deadlines(self._session_ttl)
+        key = msg.session_key
+        cmd: Cmd = (
+            "EVAL", _APPEND_EXISTING, 4,
+            k.session(key), k.messages(key), k.sessions_expiry(), k.sessions_index(),
+            key, _enc.encode(msg), self.transcript_max, deadline, idx_deadline, repr(msg.ts),
+        )  # fmt: skip
+        fut = self._submit([cmd], lambda res: bool(res[0]))
+        fut.add_done_callback(_consume)
+        return fut
 
     async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
         if limit <= 0:
@@ -577,14 +669,14 @@ class RedisStore(Store):
         return None if got is None else _s(got)
 
     # -- subagents -----------------------------------------------------------------------------------
+    def _sub_ttl(self, rec: SubagentRecord) -> float:
+        if rec.expires_at is not None:
+            return max(rec.expires_at - time.time(), 0.0) + SUB_SAFETY_MARGIN_S
+        return self.subagent_max_ttl_s
+
     def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
         k = self.keys
-        now = time.time()
-        if rec.expires_at is not None:
-            ttl = max(rec.expires_at - now, 0.0) + SUB_SAFETY_MARGIN_S
-        else:
-            ttl = self.subagent_max_ttl_s
-        _, deadline, idx_deadline = self._deadlines(ttl)
+        _, deadline, idx_deadline = self._deadlines(self._sub_ttl(rec))
         rid = rec.run_id
         live = rec.cleanup_completed_at is None or not rec.ended_notified
         seq = self._next_seq()
@@ -604,18 +696,80 @@ class RedisStore(Store):
         ]
         return self._write(cmds)
 
+    def update_subagent(self, rec: SubagentRecord) -> Awaitable[bool]:
+        k = self.keys
+        _, deadline, idx_deadline = self._deadlines(self._sub_ttl(rec))
+        rid = rec.run_id
+        live = rec.cleanup_completed_at is None or not rec.ended_notified
+        cmd: Cmd = (
+            "EVAL", _UPDATE_SUB, 5,
+            k.sub(rid), k.subs_expiry(), k.subs_live(), k.subs_all(),
+            k.subs_by_requester(rec.requester_session_key),
+            _enc.encode(rec), deadline, "" if rec.expires_at is None else repr(rec.expires_at),
+            "1" if live else "0", idx_deadline, rid,
+        )  # fmt: skip
+        fut = self._submit([cmd], lambda res: bool(res[0]))
+        fut.add_done_callback(_consume)
+        return fut
+
+    async def claim_subagent(self, run_id: str, owner: str, now: float, lease_s: float) -> bool:
+        k = self.keys
+        native_ms = max(1, round((lease_s + CLAIM_SAFETY_S) * 1000))
+        cmd: Cmd = (
+            "EVAL", _CLAIM_SUB, 2, k.sub(run_id), k.sub_claim(run_id),
+            owner, repr(now), repr(now + lease_s), native_ms,
+        )  # fmt: skip
+        return bool(await self._submit([cmd], _first))
+
+    async def release_subagent(self, run_id: str, owner: str) -> None:
+        await self._submit([("EVAL", _RELEASE_SUB, 1, self.keys.sub_claim(run_id), owner)], _none)
+
     async def get_subagent(self, run_id: str) -> SubagentRecord | None:
-        raw = await self._submit([("GET", self.keys.sub(run_id))], _first)
-        return _sub_dec.decode(raw) if raw is not None else None
+        found = await self._load_subs([run_id])
+        return found[0][1] if found else None
 
     async def _load_subs(self, ids: list[str]) -> list[tuple[str, SubagentRecord | None]]:
+        """Records by id (None: expired). An undecodable record is quarantined and left out."""
         if not ids:
             return []
         raws = await self._submit([("MGET", *[self.keys.sub(i) for i in ids])], _first)
-        return [
-            (rid, _sub_dec.decode(raw) if raw is not None else None)
-            for rid, raw in zip(ids, raws, strict=True)
-        ]
+        out: list[tuple[str, SubagentRecord | None]] = []
+        bad: list[str] = []
+        for rid, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                out.append((rid, None))
+                continue
+            try:
+                out.append((rid, _sub_dec.decode(raw)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("undecodable subagent record quarantined", run_id=rid, error=str(exc))
+                bad.append(rid)
+        if bad:
+            await self._quarantine(bad)
+        return out
+
+    async def _quarantine(self, ids: list[str]) -> None:
+        k = self.keys
+        ttl_ms = round(QUARANTINE_TTL_S * 1000)
+        await self._submit(
+            [
+                (
+                    "EVAL",
+                    _QUARANTINE_SUB,
+                    5,
+                    k.sub(rid),
+                    k.sub_quarantine(rid),
+                    k.subs_all(),
+                    k.subs_expiry(),
+                    k.subs_live(),
+                    rid,
+                    ttl_ms,
+                )
+                for rid in ids
+            ],
+            _none,
+        )
+        self.subagents_quarantined += len(ids)
 
     async def list_subagents(self, requester: str | None, limit: int) -> list[SubagentRecord]:
         if limit <= 0:
@@ -691,7 +845,9 @@ class RedisStore(Store):
         k = self.keys
         return self._write(
             [
-                ("DEL", k.sub(run_id)),
+                # The claim goes with the record: a sweep elsewhere holding a stale copy can
+                # then no longer claim it (a claim needs the record to exist).
+                ("DEL", k.sub(run_id), k.sub_claim(run_id)),
                 ("ZREM", k.subs_all(), run_id),
                 ("ZREM", k.subs_expiry(), run_id),
                 ("SREM", k.subs_live(), run_id),
@@ -736,6 +892,7 @@ def _session(key: str, h: Any) -> SessionMeta | None:
         agent_id=d.get("agent_id", "main"),
         label=d.get("label"),
         model=d.get("model"),
+        depth=int(d.get("depth", 0)),
     )
 
 

@@ -14,6 +14,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +52,11 @@ CREATE TABLE IF NOT EXISTS subagents (
 CREATE INDEX IF NOT EXISTS subagents_expiry ON subagents(expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS subagents_live ON subagents(live) WHERE live = 1;
 CREATE INDEX IF NOT EXISTS subagents_requester ON subagents(requester);
+CREATE TABLE IF NOT EXISTS subagents_quarantine (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL,
+  data BLOB NOT NULL);
 """
+QUARANTINE_KEEP = 1000  # undecodable rows kept aside for inspection (newest first)
 
 _run_enc = msgspec.json.Encoder()
 _run_dec = msgspec.json.Decoder(RunRecord)
@@ -112,6 +117,9 @@ class SqliteStore(Store):
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+        if "depth" not in columns:  # files written before the spawn depth was kept with the session
+            conn.execute("ALTER TABLE sessions ADD COLUMN depth INTEGER NOT NULL DEFAULT 0")
         return conn
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
@@ -216,24 +224,31 @@ class SqliteStore(Store):
             meta.agent_id,
             meta.label,
             meta.model,
+            meta.depth,
         )
+        # The depth is never lowered: a touch that re-creates the metadata from scratch
+        # (known_new) does not know it.
         return self._write(
             lambda c: c.execute(
-                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+                "INSERT INTO sessions(key, session_id, created_at, updated_at, kind, agent_id, label, "
+                "model, depth) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
                 "session_id=excluded.session_id, updated_at=excluded.updated_at, kind=excluded.kind, "
-                "agent_id=excluded.agent_id, label=excluded.label, model=excluded.model",
+                "agent_id=excluded.agent_id, label=excluded.label, model=excluded.model, "
+                "depth=max(sessions.depth, excluded.depth)",
                 row,
             )
         )
 
     async def get_session(self, key: str) -> SessionMeta | None:
-        row = await self._submit(lambda c: c.execute("SELECT * FROM sessions WHERE key=?", (key,)).fetchone())
+        row = await self._submit(
+            lambda c: c.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE key=?", (key,)).fetchone()
+        )
         return _session(row) if row else None
 
     async def list_sessions(
         self, *, limit: int, updated_since: float | None = None, prefix: str | None = None
     ) -> list[SessionMeta]:
-        sql = "SELECT * FROM sessions WHERE 1=1"
+        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE 1=1"
         args: list[Any] = []
         if updated_since is not None:
             sql += " AND updated_at >= ?"
@@ -270,6 +285,22 @@ class SqliteStore(Store):
                 "INSERT INTO messages(session_key, role, content, ts, run_id) VALUES (?,?,?,?,?)", row
             )
         )
+
+    def append_to_existing(self, msg: TranscriptMessage) -> Awaitable[bool]:
+        row = (msg.session_key, msg.role, msg.content, msg.ts, msg.run_id)
+
+        def op(c: sqlite3.Connection) -> bool:
+            updated = c.execute(
+                "UPDATE sessions SET updated_at=max(updated_at, ?) WHERE key=?", (msg.ts, msg.session_key)
+            ).rowcount
+            if not updated:
+                return False
+            c.execute("INSERT INTO messages(session_key, role, content, ts, run_id) VALUES (?,?,?,?,?)", row)
+            return True
+
+        fut = self._submit(op)
+        fut.add_done_callback(_consume)
+        return fut
 
     async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
         rows = await self._submit(
@@ -355,9 +386,13 @@ class SqliteStore(Store):
         return await self._submit(op)
 
     # -- subagents ----------------------------------------------------------------------------------
-    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
+    @staticmethod
+    def _sub_row(rec: SubagentRecord) -> tuple[Any, ...]:
         live = int(rec.cleanup_completed_at is None or not rec.ended_notified)
-        row = (rec.run_id, rec.requester_session_key, live, rec.expires_at, _run_enc.encode(rec))
+        return (rec.run_id, rec.requester_session_key, live, rec.expires_at, _run_enc.encode(rec))
+
+    def put_subagent(self, rec: SubagentRecord) -> Awaitable[None]:
+        row = self._sub_row(rec)
         return self._write(
             lambda c: c.execute(
                 "INSERT INTO subagents VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
@@ -366,41 +401,49 @@ class SqliteStore(Store):
             )
         )
 
-    async def get_subagent(self, run_id: str) -> SubagentRecord | None:
-        row = await self._submit(
-            lambda c: c.execute("SELECT data FROM subagents WHERE run_id=?", (run_id,)).fetchone()
+    def update_subagent(self, rec: SubagentRecord) -> Awaitable[bool]:
+        run_id, _, live, expires_at, data = self._sub_row(rec)
+        fut = self._submit(
+            lambda c: (
+                c.execute(
+                    "UPDATE subagents SET live=?, expires_at=?, data=? WHERE run_id=?",
+                    (live, expires_at, data, run_id),
+                ).rowcount
+                > 0
+            )
         )
-        return _sub_dec.decode(row[0]) if row else None
+        fut.add_done_callback(_consume)
+        return fut
+
+    async def _subs(self, sql: str, args: tuple[Any, ...]) -> list[SubagentRecord]:
+        """Run a `SELECT run_id, data` query; undecodable rows are moved aside in the same transaction."""
+        out, bad = await self._submit(lambda c: _decode_subs(c, c.execute(sql, args).fetchall()))
+        self.subagents_quarantined += bad
+        return out
+
+    async def get_subagent(self, run_id: str) -> SubagentRecord | None:
+        found = await self._subs("SELECT run_id, data FROM subagents WHERE run_id=?", (run_id,))
+        return found[0] if found else None
 
     async def list_subagents(self, requester: str | None, limit: int) -> list[SubagentRecord]:
         if requester is None:
-            rows = await self._submit(
-                lambda c: c.execute(
-                    "SELECT data FROM subagents ORDER BY rowid DESC LIMIT ?", (limit,)
-                ).fetchall()
+            return await self._subs(
+                "SELECT run_id, data FROM subagents ORDER BY rowid DESC LIMIT ?", (limit,)
             )
-        else:
-            rows = await self._submit(
-                lambda c: c.execute(
-                    "SELECT data FROM subagents WHERE requester=? ORDER BY rowid DESC LIMIT ?",
-                    (requester, limit),
-                ).fetchall()
-            )
-        return [_sub_dec.decode(r[0]) for r in rows]
+        return await self._subs(
+            "SELECT run_id, data FROM subagents WHERE requester=? ORDER BY rowid DESC LIMIT ?",
+            (requester, limit),
+        )
 
     async def live_subagents(self) -> list[SubagentRecord]:
-        rows = await self._submit(lambda c: c.execute("SELECT data FROM subagents WHERE live=1").fetchall())
-        return [_sub_dec.decode(r[0]) for r in rows]
+        return await self._subs("SELECT run_id, data FROM subagents WHERE live=1", ())
 
     async def due_subagents(self, now: float, limit: int) -> list[SubagentRecord]:
-        rows = await self._submit(
-            lambda c: c.execute(
-                "SELECT data FROM subagents WHERE expires_at IS NOT NULL AND expires_at <= ? "
-                "ORDER BY expires_at LIMIT ?",
-                (now, limit),
-            ).fetchall()
+        return await self._subs(
+            "SELECT run_id, data FROM subagents WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "ORDER BY expires_at LIMIT ?",
+            (now, limit),
         )
-        return [_sub_dec.decode(r[0]) for r in rows]
 
     def delete_subagent(self, run_id: str) -> Awaitable[None]:
         return self._write(lambda c: c.execute("DELETE FROM subagents WHERE run_id=?", (run_id,)))
@@ -408,6 +451,35 @@ class SqliteStore(Store):
     async def count_subagents(self) -> int:
         row = await self._submit(lambda c: c.execute("SELECT count(*) FROM subagents").fetchone())
         return int(row[0])
+
+
+_SESSION_COLUMNS = "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth"
+
+
+def _decode_subs(c: sqlite3.Connection, rows: list[Any]) -> tuple[list[SubagentRecord], int]:
+    """Decode subagent rows; a row that does not decode is quarantined, never returned or raised.
+
+    One bad row (a torn write, a record from an incompatible build) used to fail the whole
+    read: it sorted first in the archive sweep on every tick and, when live, failed the start.
+    """
+    out: list[SubagentRecord] = []
+    bad = 0
+    for run_id, data in rows:
+        try:
+            out.append(_sub_dec.decode(data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            bad += 1
+            log.error("undecodable subagent record quarantined", run_id=run_id, error=str(exc))
+            c.execute(
+                "INSERT INTO subagents_quarantine(run_id, error, at, data) VALUES (?,?,?,?)",
+                (run_id, str(exc)[:500], time.time(), data),
+            )
+            c.execute("DELETE FROM subagents WHERE run_id=?", (run_id,))
+            c.execute(
+                "DELETE FROM subagents_quarantine WHERE id <= (SELECT max(id) FROM subagents_quarantine) - ?",
+                (QUARANTINE_KEEP,),
+            )
+    return out, bad
 
 
 def _session(row: Any) -> SessionMeta:
@@ -420,6 +492,7 @@ def _session(row: Any) -> SessionMeta:
         agent_id=row[5],
         label=row[6],
         model=row[7],
+        depth=int(row[8] or 0),
     )
 
 

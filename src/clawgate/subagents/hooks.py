@@ -6,16 +6,25 @@ before any hook is called; a record that already carries a reason is never
 reported again (the sweep removes it silently). Delivery is marked done after
 the hooks return; a crash in that window re-delivers once on restart with
 `redelivery=True`, so a hook that must be strictly exactly-once dedupes on runId.
+
+Every call is bounded by `ended_hook_timeout_s` (`call_hook`): a hook that has not
+returned by then is cancelled and abandoned, counted like a hook that raises, and not
+re-delivered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+from clawgate.state.clock import Clock
+
+HookOutcome = Literal["ok", "error", "timeout"]
 
 
 @dataclass(frozen=True)
@@ -59,3 +68,51 @@ class RecordingHook:
 
     def on_subagent_ended(self, event: SubagentEnded) -> None:
         self.events.append(event)
+
+
+# Hook calls abandoned at their timeout that have not finished cancelling yet: kept
+# referenced (so the loop does not warn about a destroyed pending task) and bounded by
+# how many hooks are timing out at once.
+_abandoned: set[asyncio.Future[Any]] = set()
+
+
+async def call_hook(
+    hook: SubagentEndedHook, event: SubagentEnded, clock: Clock, timeout_s: float
+) -> HookOutcome:
+    """Call one hook; an async hook that has not returned after `timeout_s` (on `clock`) is
+    cancelled and abandoned, so a hook that never returns cannot hold a pipeline (or a sweep)."""
+    try:
+        result = hook.on_subagent_ended(event)
+    except Exception:
+        return "error"
+    if result is None:
+        return "ok"
+    call = asyncio.ensure_future(result)
+    deadline: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    timer = clock.call_later(timeout_s, lambda: _settle(deadline))
+    try:
+        await asyncio.wait({call, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+    finally:
+        timer.cancel()
+    if not call.done():
+        call.cancel()
+        _abandoned.add(call)
+        call.add_done_callback(_forget)
+        return "timeout"
+    if call.cancelled() or call.exception() is not None:
+        return "error"
+    return "ok"
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _forget(call: asyncio.Future[Any]) -> None:
+    _abandoned.discard(call)
+    if not call.cancelled():
+        call.exception()  # retrieved: a late failure of an abandoned hook is not logged as lost

@@ -44,6 +44,28 @@ def sweep_deletes_child_session(rec: SubagentRecord) -> bool:
     return rec.mode == "run" and rec.cleanup == "keep"
 
 
+def sweep_finishes_cleanup(rec: SubagentRecord) -> bool:
+    """A `delete` record handed to the sweep before its cleanup completed: the sweep deletes."""
+    return rec.cleanup == "delete" and rec.cleanup_completed_at is None
+
+
+def sweep_needs_hook(rec: SubagentRecord) -> bool:
+    """Whether archiving this record calls the ended hooks (then it is not done inside the tick)."""
+    return sweep_reason(rec) is not None or not rec.ended_notified
+
+
+def sweep_retry_delay(failures: int) -> float:
+    """How far a record whose archive failed `failures` times in a row is pushed back.
+
+    The first failure is retried on the next tick; from the second on the record moves
+    behind the others (60 s, doubling, at most an hour), so records that keep failing
+    cannot hold the head of the due index against the ones behind them.
+    """
+    if failures <= 1:
+        return 0.0
+    return float(min(60 * 2 ** (failures - 2), 3600))
+
+
 def sweep_removes_attachments(rec: SubagentRecord, retain_on_keep: bool) -> bool:
     """Rule 8: a swept run's attachments stay only when kept and `retainAttachmentsOnKeep` is set."""
     return not (rec.cleanup == "keep" and retain_on_keep)

@@ -9,6 +9,13 @@ and the store holds each record for exactly one TTL (DESIGN.md sections 1, 3).
 Pipeline after a child run ends (each step idempotent, persisted, resumable
 after a restart): [pending error grace] -> ended (outcome, frozen result) ->
 announce (with retries) -> cleanup (keep/delete) -> ended hook (once) -> done.
+
+Long-tail rules: every step retries a failing store call with backoff, and a
+pipeline that still fails hands its record to the archive sweep (`stranded`),
+which finishes it; every hook call has a timeout; every write after the spawn is
+conditional (a record removed by a sweep is never re-inserted); on a shared
+store a process holds a claim on each record it works on, and the sweep of
+another process skips it; the maintenance tick never waits for a hook.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
@@ -39,11 +46,14 @@ from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SubagentRecord, TranscriptMessage
 from clawgate.subagents import attachments, rules
-from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, SubagentEndedHook
+from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, SubagentEndedHook, call_hook
 
 log = structlog.get_logger("clawgate.subagents")
+T = TypeVar("T")
 
-SWEEP_BATCH = 1000
+
+class Superseded(Exception):
+    """The record is gone (swept) or another process holds its claim: this pipeline stops."""
 
 
 class PendingError:
@@ -113,16 +123,46 @@ class SubagentService:
         # One pipeline task per run at most: a run can be finalized from several places
         # (its end hook, the grace timer, the pending-error sweep, restore), and a second
         # concurrent pipeline would announce and report twice (rule 7).
+        # `_start_pipeline` never lets it reach its bound (it defers instead), so nothing here
+        # is ever evicted; `on_expire` would only log the bug.
         self.pipelines: TTLMap[RunId, asyncio.Task[None]] = TTLMap(
-            "subagent_pipelines", clock, max_size=cap, lru=False
+            "subagent_pipelines", clock, max_size=cap, lru=False, on_expire=self._on_pipeline_evicted
         )
         registry.register(self.pipelines)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.max_tasks = cap
         registry.add("subagent_tasks", self.tasks.__len__, ttl_s=None, max_size=cap)
+        # Pipelines waiting for a free task slot (the bound on `subagent_tasks` is enforced).
+        self.deferred: TTLMap[RunId, tuple[Callable[[], Coroutine[Any, Any, None]], str]] = TTLMap(
+            "subagent_deferred", clock, max_size=cap, lru=False, on_expire=self._on_deferred_evicted
+        )
+        registry.register(self.deferred)
+        # Records whose pipeline failed for good: the archive sweep persists and finishes them.
+        self.stranded: TTLMap[RunId, SubagentRecord] = TTLMap(
+            "subagent_stranded", clock, max_size=cap, lru=False, on_expire=self._on_stranded_evicted
+        )
+        registry.register(self.stranded)
+        # Spawns admitted whose run is not in `runs_active` yet: counted against
+        # max_tracked_runs, so admission and the reservation are one synchronous step.
+        self.spawns_in_flight = 0
+        registry.add(
+            "subagent_spawns_in_flight",
+            lambda: self.spawns_in_flight,
+            ttl_s=None,
+            max_size=cap,
+            per_run=True,
+        )
+        self.owner = uuid.uuid4().hex[:12]  # this process, for claims on a shared store
+        self.lease_s = max(settings.subagent_claim_lease_s, settings.ended_hook_timeout_s + 60)
         self.hooks: list[SubagentEndedHook] = []
         if settings.ended_hook_log is not None:
             self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
         self.hook_errors = 0
+        self.hook_timeouts = 0
+        self.step_retries = 0
+        self.pipeline_failures = 0
+        self.pipelines_deferred = 0
+        self.archive_failures = 0  # failures of archive work handed off by earlier ticks
         # Set by the gateway: the same admission check the `sessions.spawn` RPC passes,
         # so an agent calling the tool cannot grow tracked runs past the limit either.
         self.admission_check: Callable[[], None] | None = None
@@ -150,18 +190,40 @@ class SubagentService:
         for pending in self.pending_errors.values():
             if pending.timer is not None:
                 pending.timer.cancel()
+        self.deferred.clear()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
+    def counters(self) -> dict[str, int]:
+        """The registry's long-tail counters (status and /metrics)."""
+        return {
+            "quarantined": self.store.subagents_quarantined,
+            "sweepErrors": self.sweep_errors,
+            "hookErrors": self.hook_errors,
+            "hookTimeouts": self.hook_timeouts,
+            "stepRetries": self.step_retries,
+            "pipelineFailures": self.pipeline_failures,
+            "pipelinesDeferred": self.pipelines_deferred,
+            "stranded": len(self.stranded),
+        }
+
     def _start_pipeline(
         self, run_id: RunId, make: Callable[[], Coroutine[Any, Any, None]], name: str
     ) -> bool:
-        """Start the pipeline of `run_id` unless one is already in flight (or we are stopping)."""
-        if self._stopping or run_id in self.pipelines:
+        """Start the pipeline of `run_id` unless one is already in flight (or we are stopping).
+
+        At the `subagent_tasks` bound the start is deferred until a task ends, never dropped.
+        """
+        if self._stopping or run_id in self.pipelines or run_id in self.deferred:
             return False
-        task = asyncio.create_task(make(), name=name)
+        if len(self.tasks) >= self.max_tasks:
+            self.pipelines_deferred += 1
+            log.warning("subagent pipeline deferred: task bound reached", run_id=run_id)
+            self.deferred.set(run_id, (make, name))
+            return True
+        task = asyncio.create_task(self._guarded(run_id, make), name=name)
         self.pipelines.set(run_id, task)
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(run_id, t))
@@ -173,15 +235,90 @@ class SubagentService:
             self.pipelines.pop(run_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("subagent pipeline failed", task=task.get_name(), error=repr(task.exception()))
+        while self.deferred and len(self.tasks) < self.max_tasks and not self._stopping:
+            next_id = next(self.deferred.keys())
+            entry = self.deferred.pop(next_id)
+            if entry is not None:
+                self._start_pipeline(next_id, *entry)
+
+    async def _guarded(self, run_id: RunId, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a pipeline; one that fails for good leaves its record to the archive sweep."""
+        try:
+            await make()
+        except Superseded:
+            rec = self.active.get(run_id)
+            if rec is not None:
+                self._untrack(rec)
+        except Exception as exc:
+            self.pipeline_failures += 1
+            log.error(
+                "subagent pipeline gave up; the archive sweep finishes it", run_id=run_id, error=repr(exc)
+            )
+            rec = self.active.get(run_id)
+            if rec is not None:
+                self._strand(rec)
+
+    def _strand(self, rec: SubagentRecord) -> None:
+        # Due now: the next sweep reports what was not reported and removes the record.
+        rec.expires_at = self.clock.time()
+        self._untrack(rec)
+        self.stranded.set(RunId(rec.run_id), rec)
+
+    def _on_pipeline_evicted(self, run_id: RunId, task: asyncio.Task[None], why: str) -> None:
+        log.error("subagent pipeline entry evicted", run_id=run_id, why=why)
+
+    def _on_deferred_evicted(self, run_id: RunId, entry: object, why: str) -> None:
+        rec = self.active.get(run_id)
+        log.error("deferred subagent pipeline evicted; left to the archive sweep", run_id=run_id, why=why)
+        if rec is not None:
+            self._strand(rec)
+
+    def _on_stranded_evicted(self, run_id: RunId, rec: SubagentRecord, why: str) -> None:
+        # Its stored row is still live: the next start resumes it.
+        log.error("stranded subagent record evicted from memory", run_id=run_id, why=why)
+
+    # -- store steps: retried, conditional, claimed --------------------------------------------------
+    async def _retry(self, step: str, rec: SubagentRecord, fn: Callable[[], Awaitable[T]]) -> T:
+        """Retry a step that touches the store with the announce backoff, on the clock, for at
+        most `subagent_retry_window_s`; then the error propagates (the pipeline is stranded)."""
+        started = self.clock.time()
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except (StoreError, OSError) as exc:
+                attempt += 1
+                self.step_retries += 1
+                if self.clock.time() - started >= self.settings.subagent_retry_window_s:
+                    raise
+                log.warning("subagent step failed, retrying", step=step, run_id=rec.run_id, error=str(exc))
+                await self.clock.sleep(rules.announce_delay(attempt, self.settings.announce_retry_delays_s))
+
+    async def _hold(self, rec: SubagentRecord) -> None:
+        """Take or renew this process' claim on the record (a no-op on a one-process store)."""
+        if not await self.store.claim_subagent(rec.run_id, self.owner, self.clock.time(), self.lease_s):
+            raise Superseded(rec.run_id)
+
+    async def _save(self, rec: SubagentRecord) -> None:
+        await self._hold(rec)
+        if not await self.store.update_subagent(rec):
+            raise Superseded(rec.run_id)  # swept meanwhile: never re-inserted
+
+    async def _release(self, rec: SubagentRecord) -> None:
+        with contextlib.suppress(ClawgateError, OSError):
+            await self.store.release_subagent(rec.run_id, self.owner)
 
     # -- spawn ------------------------------------------------------------------------------------------
-    def depth_of(self, session_key: str) -> int:
+    async def depth_of(self, session_key: str) -> int:
         if not is_subagent(session_key):
             return 0
         run_id = self.by_child.get(SessionKey(session_key))
         rec = self.active.get(run_id) if run_id is not None else None
-        # An untracked child session (its pipeline is done) is at least depth 1.
-        return rec.depth if rec is not None else 1
+        if rec is not None:
+            return rec.depth
+        # Untracked (its pipeline is done, or its record swept): the depth kept with the session.
+        meta = await self.sessions.get(SessionKey(session_key))
+        return meta.depth if meta is not None and meta.depth > 0 else 1
 
     def active_children(self, requester: SessionKey) -> int:
         ids = self.by_requester.get(requester)
@@ -217,7 +354,12 @@ class SubagentService:
                     return _accepted(existing)
                 # The key names a spawn that was refused or is already swept: this one goes ahead.
                 self.spawn_keys.set(key, run_id)
-        depth = self.depth_of(requester) + 1
+        depth = await self.depth_of(requester) + 1
+        files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
+        # From here to `_track` nothing awaits: the limits and the reservation of the slot are
+        # one step, so two concurrent spawns cannot both pass them.
+        if self.admission_check is not None:
+            self.admission_check()
         if depth > self.settings.max_spawn_depth:
             raise Forbidden(
                 f"spawn depth {depth} exceeds maxSpawnDepth {self.settings.max_spawn_depth}",
@@ -233,7 +375,6 @@ class SubagentService:
                     "maxChildrenPerAgent": self.settings.max_children_per_agent,
                 },
             )
-        files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
         agent_id = params.agent_id or agent_id_of(requester)
         child = subagent_key(agent_id)
         now = self.clock.time()
@@ -260,8 +401,17 @@ class SubagentService:
                 raise
             message += "\n\nAttachments: " + ", ".join(name for name, _ in files)
         self._track(rec)
+        self.spawns_in_flight += 1
         try:
             await self.store.put_subagent(rec)
+            # The announce only lands in an existing session (a deleted one is never
+            # re-created), so the requester's session exists from the spawn on.
+            if await self.sessions.get(requester) is None:
+                await self.sessions.touch(requester)
+            if depth > 1:
+                # The depth lives with the child session too: it outlives the record's sweep
+                # (an unknown depth reads as 1, so depth 1 needs no write).
+                await self.sessions.touch(child, known_new=True, depth=depth)
             await self.runs.submit(
                 SubmitRequest(
                     run_id=run_id,
@@ -279,7 +429,10 @@ class SubagentService:
             attachments.remove(rec.attachments_dir)
             with contextlib.suppress(ClawgateError):
                 await self.store.delete_subagent(run_id)
+                await self.sessions.delete(child)
             raise
+        finally:
+            self.spawns_in_flight -= 1
         # Before any await: the child cannot have started yet, so `spawned` precedes `ended`.
         self._event(rec, "spawned")
         return _accepted(rec)
@@ -289,8 +442,6 @@ class SubagentService:
             params = msgspec.convert({**args, "sessionKey": ctx.session_key}, SpawnParams)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"invalid sessions_spawn arguments: {exc}") from None
-        if self.admission_check is not None:
-            self.admission_check()
         return await self.spawn(params)
 
     def _track(self, rec: SubagentRecord) -> None:
@@ -321,11 +472,15 @@ class SubagentService:
 
     # -- run lifecycle -----------------------------------------------------------------------------
     def _on_run_start(self, run: RunRecord) -> None:
-        rec = self.active.get(RunId(run.run_id)) if run.kind == "subagent" else None
+        run_id = RunId(run.run_id)
+        rec = self.active.get(run_id) if run.kind == "subagent" else None
         if rec is None:
             return
+        # The backstop counts from the start, not the spawn (as `runs_active` does): a child
+        # that waited long in the queue keeps its record for its whole run.
+        self.active.touch(run_id)
         rec.status = "running"
-        self.store.put_subagent(rec)
+        self.store.update_subagent(rec)
 
     def _on_event(self, run_id: RunId, key: SessionKey, stream: str, data: dict[str, Any]) -> None:
         if stream != "lifecycle" or not is_subagent(key):
@@ -350,7 +505,18 @@ class SubagentService:
             return
         run_id = RunId(run.run_id)
         rec = self.active.get(run_id)
-        if rec is None or rec.status == "ended" or self._stopping:
+        if self._stopping:
+            return
+        if rec is None:
+            # Not tracked here any more (its in-memory backstop fired): the stored record
+            # still gets its end.
+            self._start_pipeline(
+                run_id,
+                partial(self._finalize_stored, run_id, run.status, run.error, run.result_text),
+                f"finalize:{run_id}",
+            )
+            return
+        if rec.status == "ended":
             return
         if run.status == "error" and run.error != INTERRUPTED and self.settings.lifecycle_error_grace_s > 0:
             # A lifecycle error is held for the grace period before the run is finalized as error.
@@ -396,6 +562,15 @@ class SubagentService:
                 self.by_requester.pop(SessionKey(rec.requester_session_key))
 
     # -- the pipeline ----------------------------------------------------------------------------------
+    async def _finalize_stored(
+        self, run_id: RunId, outcome: str, error: str | None, text: str | None
+    ) -> None:
+        rec = await self._retry("load", _placeholder(run_id), lambda: self.store.get_subagent(run_id))
+        if rec is None or rec.status == "ended" or run_id in self.active:
+            return
+        self._track(rec)
+        await self._finalize(rec, outcome, error, text)
+
     async def _finalize(
         self, rec: SubagentRecord, outcome: str, error: str | None, text: str | None, *, resumed: bool = False
     ) -> None:
@@ -405,12 +580,13 @@ class SubagentService:
             rec.error = error
             rec.ended_at = self.clock.time()
             rec.frozen_result = rules.freeze(text, self.settings.frozen_result_max_bytes)
-            await self.store.put_subagent(rec)
+            await self._retry("ended", rec, lambda: self._save(rec))
             self._event(rec, "ended", outcome=outcome)
         await self._continue(rec, resumed=resumed)
 
     async def _continue(self, rec: SubagentRecord, *, resumed: bool) -> None:
         """Run the remaining pipeline steps for an ended record (also used after a restart)."""
+        await self._retry("claim", rec, lambda: self._hold(rec))
         if rec.announced_at is None and rec.ended_reason != "released":
             await self._announce(rec)
         if rec.cleanup_completed_at is None:
@@ -422,6 +598,7 @@ class SubagentService:
             # live pipeline a set reason means whoever set it (release) is delivering it.
             await self._deliver(rec, redelivery=True)
         self._untrack(rec)
+        await self._release(rec)
 
     async def _announce(self, rec: SubagentRecord) -> None:
         run_id = RunId(rec.run_id)
@@ -432,12 +609,18 @@ class SubagentService:
         attempt = 0
         delivered = False
         while True:
+            if rec.ended_reason == "released":
+                break  # the requester was deleted meanwhile: nothing to announce into
             try:
-                await self.sessions.touch(requester)
-                await self.store.append_message(
+                await self._hold(rec)
+                # Appended only if the requester's session still exists, atomically with the
+                # check: an announce in flight (or between retries) never re-creates a deleted
+                # session or its transcript.
+                delivered = await self.store.append_to_existing(
                     _announce_message(requester, text, rec.run_id, self.clock.time())
                 )
-                delivered = True
+                if not delivered:
+                    log.info("announce dropped: requester session is gone", run_id=rec.run_id)
                 break
             except (StoreError, OSError) as exc:
                 attempt += 1
@@ -457,31 +640,38 @@ class SubagentService:
         self.announces.pop(run_id)
         # Set even when the announce expired: the step is over either way, cleanup goes on.
         rec.announced_at = self.clock.time()
-        self.store.put_subagent(rec)
+        await self._retry("announce", rec, lambda: self._save(rec))
         if delivered:
             self._event(rec, "announced", outcome=rec.outcome)
 
     async def _cleanup(self, rec: SubagentRecord) -> None:
         if rec.cleanup == "delete":
-            await self.sessions.delete(SessionKey(rec.child_session_key))
+            child = SessionKey(rec.child_session_key)
+            await self._retry("cleanup", rec, lambda: self.sessions.delete(child))
             attachments.remove(rec.attachments_dir)
             rec.attachments_dir = None
         now = self.clock.time()
         rec.cleanup_completed_at = now
         rec.expires_at = rules.expiry_after_cleanup(rec, self._ttls())
-        await self.store.put_subagent(rec)
+        await self._retry("cleanup", rec, lambda: self._save(rec))
         self._event(rec, "cleaned", outcome=rec.outcome)
 
-    async def _report(self, rec: SubagentRecord, reason: str) -> None:
+    async def _report(self, rec: SubagentRecord, reason: str, *, retry: bool = True) -> None:
         """Record the ended reason durably, then notify the hooks: once per run (rule 7)."""
         if rec.ended_reason is not None:
             return
         rec.ended_reason = reason  # type: ignore[assignment]
         rec.ended_notified = False
-        await self.store.put_subagent(rec)
-        await self._deliver(rec, redelivery=False)
+        await self._step("report", rec, retry)
+        await self._deliver(rec, redelivery=False, retry=retry)
 
-    async def _deliver(self, rec: SubagentRecord, *, redelivery: bool) -> None:
+    async def _step(self, step: str, rec: SubagentRecord, retry: bool) -> None:
+        if retry:
+            await self._retry(step, rec, lambda: self._save(rec))
+        else:
+            await self._save(rec)
+
+    async def _deliver(self, rec: SubagentRecord, *, redelivery: bool, retry: bool = True) -> None:
         assert rec.ended_reason is not None
         event = SubagentEnded(
             run_id=rec.run_id,
@@ -494,18 +684,25 @@ class SubagentService:
             ended_at=rec.ended_at,
             redelivery=redelivery,
         )
+        timeout = self.settings.ended_hook_timeout_s
         for hook in self.hooks:
-            try:
-                result = hook.on_subagent_ended(event)
-                if result is not None:
-                    await result
-            except Exception:
+            # The claim is renewed before each hook, and outlasts its timeout.
+            if retry:
+                await self._retry("claim", rec, lambda: self._hold(rec))
+            else:
+                await self._hold(rec)
+            outcome = await call_hook(hook, event, self.clock, timeout)
+            if outcome == "timeout":
+                # Abandoned, like a hook that raises: logged, counted, not re-delivered.
+                self.hook_timeouts += 1
+                log.error("subagent ended hook timed out", run_id=rec.run_id, timeout_s=timeout)
+            elif outcome == "error":
                 # A hook that raises is logged; the registry goes on (and does not re-deliver).
                 self.hook_errors += 1
-                log.exception("subagent ended hook failed", run_id=rec.run_id)
+                log.error("subagent ended hook failed", run_id=rec.run_id)
         self.ended_reports += 1
         rec.ended_notified = True
-        await self.store.put_subagent(rec)
+        await self._step("delivered", rec, retry)
 
     def _ttls(self) -> rules.Ttls:
         return rules.Ttls(self.settings.subagent_session_ttl_s, self.settings.subagent_archive_after_s)
@@ -550,7 +747,11 @@ class SubagentService:
                 continue
             if run_id in self.runs.active:
                 self.runs.abort(run_id)
-            await self._report(rec, "released")
+            try:
+                # Within the request: one attempt per write, the caller gets a store error.
+                await self._report(rec, "released", retry=False)
+            except Superseded:
+                continue  # removed, or another process works on it and reports it
             released += 1
         return released
 
@@ -558,48 +759,132 @@ class SubagentService:
     async def sweep_store(self) -> int:
         """Remove records whose expiry has passed; report `swept` only for records that reported nothing.
 
-        One record that fails is logged and skipped (the others are still swept); the
-        sweep then raises so the maintenance tick counts the error (rule 6).
+        The tick holds the maintenance lock, so nothing here waits for a hook: a record whose
+        archive calls the hooks (a `swept` report, a redelivery) is handed to an owned task,
+        bounded by the hook timeout. Records still worked on (here, or by another process
+        that holds their claim) are skipped. One record that fails is logged, skipped and,
+        if it keeps failing, pushed behind the others; the sweep then raises so the
+        maintenance tick counts the error (rule 6). Returns how many records were removed
+        or handed to an archive task.
         """
+        failed = await self._persist_stranded()
+        failed += self.archive_failures
+        self.archive_failures = 0
         removed = 0
-        failed: set[str] = set()
+        seen: set[str] = set()
         now = self.clock.time()
+        batch = self.settings.subagent_sweep_batch
         while True:
-            due = await self.store.due_subagents(now, SWEEP_BATCH)
+            due = await self.store.due_subagents(now, batch)
             deletes: list[Awaitable[None]] = []
+            progress = 0
             for rec in due:
-                # Rule 1: a record still in its pipeline is never removed (expiry is set at
-                # cleanup, so this only happens when its last steps are still in flight).
-                if rec.run_id in failed or RunId(rec.run_id) in self.active:
+                if rec.run_id in seen:
                     continue
-                try:
-                    await self._sweep_one(rec)
-                except Exception:
-                    failed.add(rec.run_id)
-                    self.sweep_errors += 1
-                    log.exception("subagent sweep failed for a record", run_id=rec.run_id)
-                    continue
-                deletes.append(self.store.delete_subagent(rec.run_id))
+                seen.add(rec.run_id)
+                outcome = await self._sweep_due(rec, now)
+                if outcome == "delete":
+                    deletes.append(self.store.delete_subagent(rec.run_id))
+                elif outcome == "handed":
+                    removed += 1
+                    progress += 1
+                elif outcome == "failed":
+                    failed += 1
+                elif outcome == "postponed":
+                    failed += 1
+                    progress += 1
             # Deletes are grouped by the store; awaited before the next query so it sees them.
             if deletes:
                 await asyncio.gather(*deletes)
             removed += len(deletes)
-            if len(due) < SWEEP_BATCH or not deletes:
+            if len(due) < batch or not (deletes or progress):
                 break
         if failed:
-            raise StoreError(f"subagent sweep: {len(failed)} record(s) failed and were kept")
+            raise StoreError(f"subagent sweep: {failed} record(s) failed and were kept")
         return removed
 
+    async def _sweep_due(self, rec: SubagentRecord, now: float) -> str:
+        """One due record: skip | delete (archived here) | handed (to a task) | failed | postponed."""
+        run_id = RunId(rec.run_id)
+        # Rule 1: a record still in its pipeline is never removed (expiry is set at cleanup,
+        # so this only happens when its last steps are still in flight).
+        if run_id in self.active or run_id in self.pipelines or run_id in self.deferred:
+            return "skip"
+        if rules.sweep_needs_hook(rec) and len(self.tasks) >= self.max_tasks:
+            return "skip"  # next tick
+        try:
+            if not await self.store.claim_subagent(rec.run_id, self.owner, now, self.lease_s):
+                return "skip"  # another process works on it (or removed it)
+            if self.store.shared_by_processes:
+                fresh = await self.store.get_subagent(rec.run_id)
+                if fresh is None or fresh.expires_at is None or fresh.expires_at > now:
+                    await self._release(rec)
+                    return "skip"
+                rec = fresh
+        except (StoreError, OSError) as exc:
+            self.sweep_errors += 1
+            log.error("subagent sweep could not claim a record", run_id=rec.run_id, error=repr(exc))
+            return "failed"
+        if rules.sweep_needs_hook(rec):
+            self._start_pipeline(run_id, partial(self._archive, rec), f"archive:{run_id}")
+            return "handed"
+        try:
+            await self._sweep_one(rec)
+        except Exception as exc:
+            self.sweep_errors += 1
+            # One line per record, no traceback: a batch failing together must not flood the log.
+            log.error("subagent sweep failed for a record", run_id=rec.run_id, error=repr(exc))
+            return "postponed" if await self._postpone(rec, now) else "failed"
+        return "delete"
+
+    async def _archive(self, rec: SubagentRecord) -> None:
+        """Archive work that calls the hooks, off the tick (its claim is held)."""
+        try:
+            await self._sweep_one(rec)
+            await self.store.delete_subagent(rec.run_id)
+        except (StoreError, OSError, Superseded):
+            self.sweep_errors += 1
+            self.archive_failures += 1
+            log.exception("subagent archive failed for a record", run_id=rec.run_id)
+            await self._postpone(rec, self.clock.time())
+
+    async def _postpone(self, rec: SubagentRecord, now: float) -> bool:
+        """Count a failed archive; from the second one in a row the record moves behind the others."""
+        rec.sweep_failures += 1
+        delay = rules.sweep_retry_delay(rec.sweep_failures)
+        if rec.expires_at is not None:
+            rec.expires_at = max(rec.expires_at, now + delay)
+        try:
+            await self.store.update_subagent(rec)
+        except (StoreError, OSError):
+            return False
+        finally:
+            await self._release(rec)
+        return delay > 0
+
+    async def _persist_stranded(self) -> int:
+        """Write the records of failed pipelines (due now) so the sweep below finishes them."""
+        failed = 0
+        for run_id, rec in list(self.stranded.items()):
+            try:
+                # A record gone from the store has nothing left to finish.
+                await self.store.update_subagent(rec)
+            except (StoreError, OSError):
+                failed += 1
+                continue
+            self.stranded.pop(run_id)
+        return failed
+
     async def _sweep_one(self, rec: SubagentRecord) -> None:
-        if rules.sweep_deletes_child_session(rec):
+        if rules.sweep_deletes_child_session(rec) or rules.sweep_finishes_cleanup(rec):
             await self.sessions.delete(SessionKey(rec.child_session_key))
         if rules.sweep_removes_attachments(rec, self.settings.retain_attachments_on_keep):
             attachments.remove(rec.attachments_dir)
         reason = rules.sweep_reason(rec)
         if reason is not None:
-            await self._report(rec, reason)
+            await self._report(rec, reason, retry=False)
         elif not rec.ended_notified:
-            await self._deliver(rec, redelivery=True)
+            await self._deliver(rec, redelivery=True, retry=False)
 
     # -- restore --------------------------------------------------------------------------------------------
     async def load(self) -> int:
@@ -653,6 +938,11 @@ class SubagentService:
         out = [live.pop(r.run_id, r) for r in stored]
         out.extend(live.values())
         return out[:limit]
+
+
+def _placeholder(run_id: str) -> SubagentRecord:
+    """A record that only names a run id (for log lines before the record is loaded)."""
+    return SubagentRecord(run_id=run_id, child_session_key="", requester_session_key="", task="")
 
 
 def _accepted(rec: SubagentRecord) -> dict[str, Any]:
