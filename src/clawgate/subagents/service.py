@@ -120,7 +120,13 @@ class SubagentService:
         registry.add("subagent_tasks", self.tasks.__len__, ttl_s=None, max_size=cap)
         self.hooks: list[SubagentEndedHook] = []
         if settings.ended_hook_log is not None:
-            self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
+            self.hooks.append(
+                JsonlEndedHook(
+                    settings.ended_hook_log,
+                    max_bytes=settings.ended_hook_log_max_bytes,
+                    backups=settings.ended_hook_log_backups,
+                )
+            )
         self.hook_errors = 0
         # Set by the gateway: the same admission check the `sessions.spawn` RPC passes,
         # so an agent calling the tool cannot grow tracked runs past the limit either.
@@ -253,7 +259,9 @@ class SubagentService:
         message = params.task
         if files:
             try:
-                rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+                rec.attachments_dir = str(
+                    attachments.write(self.attachments_root, run_id, files, owner=child)
+                )
             except BaseException:
                 attachments.remove(str(self.attachments_root / run_id))
                 raise
