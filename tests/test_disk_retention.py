@@ -379,3 +379,22 @@ def test_every_retention_setting_is_documented() -> None:
         "disk_free_min_bytes",
     ):
         assert name in readme and name in disk_doc, name
+
+
+async def test_retained_attachments_of_a_run_mode_child_go_with_its_archived_session(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(retain_attachments_on_keep=True, **QUIET)
+    gw = rg.gateway
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        att = [{"name": "keep.txt", "content": "kept"}]
+        spawned = await c.spawn("agent:main:req", "[[reply:done]]", mode="run", attachments=att)
+        await settle(gw)
+    folder = gw.subagents.attachments_root / spawned["runId"]
+    assert (folder / "keep.txt").exists()
+    clock.advance(gw.settings.subagent_archive_after_s + 1)
+    removed = await gw.maintenance.run_once()  # the archive deletes the record and the child session
+    assert removed["subagent_archive"] == 1
+    assert await gw.store.get_session(spawned["childSessionKey"]) is None
+    assert not folder.exists()  # nothing refers to the files any more
+    assert gw.retention.removed[policy.ATTACHMENTS] == 1

@@ -18,13 +18,14 @@ from clawgate.ids import RunId, SessionKey
 from clawgate.retention import policy
 from clawgate.runs.service import SubmitRequest
 from clawgate.server.gateway import Gateway, open_store
+from clawgate.server.serve import RunningGateway
 from clawgate.settings import Settings
 from clawgate.state.clock import FakeClock
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SessionMeta, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
-from conftest import REDIS_URL, GatewayFactory, unique_prefix
+from conftest import REDIS_URL, unique_prefix
 
 QUIET = {"maintenance_interval_s": 10**8, "disk_free_min_bytes": 0}
 
@@ -133,13 +134,26 @@ async def test_finished_runs_by_count_and_age(store: Store) -> None:
 
 
 async def test_a_gateway_on_redis_applies_the_same_rules(
-    start_gateway: GatewayFactory, clock: FakeClock, redis_url: str
+    tmp_path: Path, clock: FakeClock, redis_url: str
 ) -> None:
     prefix = unique_prefix()
+    settings = Settings.model_validate(
+        {
+            "state_dir": str(tmp_path / "state"),
+            "port": 0,
+            "log_level": "warning",
+            "store": redis_url,
+            "redis_prefix": prefix,
+            "session_idle_ttl_s": 100,
+            "session_max_messages": 2,
+            **QUIET,
+        }
+    )
+    # The store is given (runs go through this process' lanes): an in-process gateway in
+    # cluster mode makes pytest's hypothesis plugin fail at session end on this Python.
+    rg = RunningGateway(Gateway(settings, clock=clock, store=open_store(settings)))
+    await rg.__aenter__()
     try:
-        rg = await start_gateway(
-            store=redis_url, redis_prefix=prefix, session_idle_ttl_s=100, session_max_messages=2, **QUIET
-        )
         gw = rg.gateway
         async with Client(rg.url, max_reconnect_attempts=0) as c:
             await c.run_agent("[[reply:a]]", session_key="agent:main:old")
@@ -152,7 +166,12 @@ async def test_a_gateway_on_redis_applies_the_same_rules(
         assert report[policy.SESSION_IDLE] == 1 and report[policy.TRANSCRIPT] == 2
         assert hist["truncated"] is True and len(hist["messages"]) == 2
         assert [m.key for m in await gw.store.list_sessions(limit=10)] == ["agent:main:new"]
+        # Redis' own expiry is a backstop past the idle TTL, no longer a fixed 30 days.
+        assert isinstance(gw.store, RedisStore)
+        ttl_ms = await gw.store._submit([("PTTL", f"{prefix}:session:agent:main:new")], lambda r: int(r[0]))
+        assert (100 + 86400 - 60) * 1000 < ttl_ms <= (100 + 86400) * 1000
     finally:
+        await rg.stop()
         await _drop_prefix(prefix)
 
 

@@ -12,6 +12,7 @@ deletes. Sessions with a run in flight or a live subagent are never deleted.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,26 +71,43 @@ class Retention:
         self.rows: dict[str, int] = {}
         self.store_bytes = 0
         self.attachments_bytes = 0
+        self.measured_at = float("-inf")
+        # The store right after a pass has given pages back (no WAL in it): the figure that
+        # follows the rows, where `store_bytes` also swings with the WAL between checkpoints.
+        self.store_bytes_after_pass = 0
         # Called after each pass that deleted something (the disk monitor re-measures).
         self.on_pass: Callable[[], Awaitable[object]] | None = None
         self._lock = asyncio.Lock()
+        # Finished runs keep the name of their sweep ("store_runs"); the rest is "retention".
+        registry.add_sweep("store_runs", self.sweep_runs)
         registry.add_sweep("retention", self.sweep)
 
     # -- the maintenance sweep --------------------------------------------------------------------
+    async def sweep_runs(self) -> int:
+        async with self._lock:
+            report = await self._runs(self.clock.time(), dry_run=False)
+            for rule, n in report.items():
+                self.removed[rule] += n
+            return sum(report.values())
+
     async def sweep(self) -> int:
-        report = await self.run()
+        report = await self.run(runs=False)
         return sum(report.values())
 
-    async def run(self, *, dry_run: bool = False) -> dict[str, int]:
-        """One pass of every rule; returns what each removed (or, dry, would remove)."""
+    async def run(self, *, dry_run: bool = False, runs: bool = True) -> dict[str, int]:
+        """One pass of every rule; returns what each removed (or, dry, would remove).
+        `runs=False` leaves finished runs to their own sweep (`store_runs`)."""
         async with self._lock:  # the scheduler and `sessions.cleanup` never overlap
             report = await self._pass(dry_run)
+            if runs:
+                report.update(await self._runs(self.clock.time(), dry_run=dry_run))
             if not dry_run:
                 for rule, n in report.items():
                     self.removed[rule] += n
                 self.passes += 1
                 self.compacted_bytes += await self.store.compact()
                 await self.refresh_stats()
+                self.store_bytes_after_pass = self.store_bytes
                 if self.on_pass is not None:
                     await self.on_pass()
             return report
@@ -129,19 +147,22 @@ class Retention:
             dry_run=dry_run,
         )
 
-        cutoff = policy.run_cutoff(now, self.policy)
-        if dry_run:
-            aged = await self.store.count_finished_runs_before(cutoff)
-            over = await self.store.prune_finished_runs(self.policy.run_retention_max, dry_run=True)
-            report[policy.RUN_AGE], report[policy.RUN_MAX] = aged, max(0, over - aged)
-        else:
-            report[policy.RUN_AGE] = await self.store.sweep_runs(cutoff)
-            report[policy.RUN_MAX] = await self.store.prune_finished_runs(self.policy.run_retention_max)
-
         report[policy.ATTACHMENTS] = await self.collect_attachments(gone, dry_run=dry_run)
         if report[policy.SESSION_IDLE] or report[policy.MAX_SESSIONS]:
             log.info("retention deleted sessions", dry_run=dry_run, **{k: v for k, v in report.items() if v})
         return report
+
+    async def _runs(self, now: float, *, dry_run: bool) -> dict[str, int]:
+        cutoff = policy.run_cutoff(now, self.policy)
+        if dry_run:
+            aged = await self.store.count_finished_runs_before(cutoff)
+            over = await self.store.prune_finished_runs(self.policy.run_retention_max, dry_run=True)
+            return {policy.RUN_AGE: aged, policy.RUN_MAX: max(0, over - aged)}
+        aged = await self.store.sweep_runs(cutoff)
+        return {
+            policy.RUN_AGE: aged,
+            policy.RUN_MAX: await self.store.prune_finished_runs(self.policy.run_retention_max),
+        }
 
     async def _delete_sessions(
         self,
@@ -219,8 +240,13 @@ class Retention:
         return n
 
     # -- figures ------------------------------------------------------------------------------------------
-    async def refresh_stats(self) -> None:
+    async def refresh_stats(self, *, bytes_max_age_s: float = 0.0) -> None:
+        """Count rows again; measure bytes again unless younger than `bytes_max_age_s`
+        (`status` is polled, and on Redis measuring bytes walks every key of the store)."""
         self.rows = await self.store.table_rows()
+        if bytes_max_age_s and time.monotonic() - self.measured_at < bytes_max_age_s:
+            return
+        self.measured_at = time.monotonic()
         self.store_bytes = await self.store.store_bytes()
         self.attachments_bytes = await asyncio.to_thread(files.tree_bytes, self.attachments_root)
 
@@ -228,6 +254,7 @@ class Retention:
         return {
             "rows": dict(self.rows),
             "storeBytes": self.store_bytes,
+            "storeBytesAfterPass": self.store_bytes_after_pass,
             "attachmentsBytes": self.attachments_bytes,
             "removed": dict(self.removed),
             "compactedBytes": self.compacted_bytes,

@@ -378,7 +378,7 @@ class Gateway:
 
     async def _disk_status(self) -> dict[str, Any]:
         with contextlib.suppress(ClawgateError, OSError):
-            await self.retention.refresh_stats()
+            await self.retention.refresh_stats(bytes_max_age_s=self.settings.disk_sample_interval_s)
         return {
             **self.retention.describe(),
             "stateDirBytes": self.disk.used_bytes,
