@@ -150,6 +150,7 @@ async def run_soak(
     connections: int = 8,
     show_progress: bool = True,
     workload: str = "spawn",
+    rate: float = 0.0,
 ) -> SoakResult:
     from clawgate.client import Client, ClientError
 
@@ -201,6 +202,9 @@ async def run_soak(
         nonlocal completed, errors
         client = clients[wid % len(clients)]
         for i in counter:
+            if rate:
+                # A fixed schedule: the steady state (rows, bytes) does not swing with bursts.
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             requester = f"agent:main:soak{i % 500}"
             while True:
                 try:
@@ -446,6 +450,9 @@ def soak(
     workload: Annotated[
         str, typer.Option("--workload", help="spawn (subagent spawns) or agent (runs, one session each).")
     ] = "spawn",
+    rate: Annotated[
+        float, typer.Option("--rate", help="Start at most this many runs per second (0: no cap).")
+    ] = 0.0,
 ) -> None:
     """Drive N runs with compressed TTLs; sample RSS, state and disk; write soak.json and soak.png."""
     if mode not in ("run", "session") or cleanup not in ("keep", "delete"):
@@ -470,7 +477,9 @@ def soak(
             f"soak: {n:,} {what} at concurrency {concurrency} "
             f"against {url} (pid {proc.pid if proc else 'external'})"
         )
-        result = _run_uvloop(run_soak(url, n, mode, cleanup, concurrency, ttl_wait, workload=workload))
+        result = _run_uvloop(
+            run_soak(url, n, mode, cleanup, concurrency, ttl_wait, workload=workload, rate=rate)
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -638,9 +638,14 @@ def _prepare_vacuum(conn: sqlite3.Connection) -> None:
 
 
 def _checkpoint(path: Path) -> None:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    """Copy the WAL into the database file and truncate both. TRUNCATE needs a moment with no
+    writer; under steady writes that moment may not come within the timeout, and a PASSIVE
+    checkpoint then still moves what it can (the WAL is truncated to journal_size_limit later)."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
     try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     except sqlite3.Error as exc:  # busy: the next tick tries again
         log.warning("wal checkpoint failed", error=str(exc))
     finally:
