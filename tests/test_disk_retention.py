@@ -398,3 +398,36 @@ async def test_retained_attachments_of_a_run_mode_child_go_with_its_archived_ses
     assert await gw.store.get_session(spawned["childSessionKey"]) is None
     assert not folder.exists()  # nothing refers to the files any more
     assert gw.retention.removed[policy.ATTACHMENTS] == 1
+
+
+# -- the pure rules (no loop, no store) -------------------------------------------------------------
+
+
+def test_transcript_keep_counts_messages_and_bytes_newest_first() -> None:
+    assert policy.transcript_keep([10, 10, 10], max_messages=5, max_bytes=100) == 3
+    assert policy.transcript_keep([10, 10, 10], max_messages=2, max_bytes=100) == 2
+    assert policy.transcript_keep([40, 40, 40], max_messages=5, max_bytes=100) == 2
+    assert policy.transcript_keep([500, 1], max_messages=5, max_bytes=100) == 1  # the newest stays
+    assert policy.transcript_keep([], max_messages=5, max_bytes=100) == 0
+
+
+def test_deletable_skips_protected_and_respects_the_limit() -> None:
+    stamps = [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)]
+    assert policy.deletable(stamps, {"b"}, 2) == [("a", 1.0), ("c", 3.0)]
+    assert policy.deletable(stamps, set(), 0) == []
+    assert policy.lru_excess(12, 10) == 2 and policy.lru_excess(3, 10) == 0
+
+
+def test_disk_verdict() -> None:
+    assert policy.disk_verdict(100, 0, None, 0) is None
+    assert "diskBudgetBytes" in (policy.disk_verdict(101, 100, 10**9, 0) or "")
+    assert "diskFreeMinBytes" in (policy.disk_verdict(1, 100, 5, 10) or "")
+    assert policy.disk_verdict(1, 100, 50, 10) is None
+
+
+def test_rotation_rule_matches_rotating_file_handler() -> None:
+    from clawgate.subagents.hooks import rotation_due
+
+    assert not rotation_due(0, 5000, 1024)  # never rotate an empty file
+    assert not rotation_due(1000, 24, 1024)
+    assert rotation_due(1000, 25, 1024)

@@ -10,6 +10,7 @@ reads what it was told was done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import sqlite3
@@ -460,7 +461,7 @@ class SqliteStore(Store):
         out: list[str] = []
         for i in range(0, len(stamps), DELETE_PAGE):
             page = stamps[i : i + DELETE_PAGE]
-            out += await self._submit(lambda c, page=page: op(c, page))  # type: ignore[misc]
+            out += await self._submit(functools.partial(op, page=page))
         return out
 
     async def trim_transcripts(
@@ -497,7 +498,7 @@ class SqliteStore(Store):
         total = 0
         for i in range(0, len(keys), DELETE_PAGE):
             page = keys[i : i + DELETE_PAGE]
-            total += await self._submit(lambda c, page=page: op(c, page))  # type: ignore[misc]
+            total += await self._submit(functools.partial(op, page=page))
         return total
 
     async def oversized_transcripts(self, max_messages: int, max_bytes: int, limit: int) -> list[str]:
