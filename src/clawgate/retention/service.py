@@ -75,7 +75,7 @@ class Retention:
         # The store right after a pass has given pages back (no WAL in it): the figure that
         # follows the rows, where `store_bytes` also swings with the WAL between checkpoints.
         self.store_bytes_after_pass = 0
-        # Called after each pass that deleted something (the disk monitor re-measures).
+        # Called after each pass (the disk monitor re-measures, so admission reopens at once).
         self.on_pass: Callable[[], Awaitable[object]] | None = None
         self._lock = asyncio.Lock()
         # Finished runs keep the name of their sweep ("store_runs"); the rest is "retention".
