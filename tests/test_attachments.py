@@ -157,7 +157,10 @@ async def test_spawn_refuses_invalid_base64(start_gateway: GatewayFactory) -> No
 FILES = [{"name": "keep.txt", "content": "kept"}]
 
 
-@pytest.mark.parametrize("mode", ["session", "run"])
+# Retained attachments live as long as their child session (docs/disk.md): a session-mode
+# child keeps its session after the sweep, so its files stay; a run-mode archive deletes the
+# child session, and its files go with it (tests/test_disk_retention.py).
+@pytest.mark.parametrize("mode", ["session"])
 async def test_rule8_attachments_survive_the_sweep_when_retained_on_keep(
     start_gateway: GatewayFactory, clock: FakeClock, tmp_path: Path, mode: str
 ) -> None:

@@ -1,7 +1,8 @@
 """Admission control: refuse new runs (UNAVAILABLE, retryable) instead of growing until the OOM killer.
 
-Two signals: entries tracked per run (`max_tracked_runs`) and process RSS
-(`memory_budget_bytes`, 0 disables). RSS is sampled in the background, not per
+Three signals: entries tracked per run (`max_tracked_runs`), process RSS
+(`memory_budget_bytes`, 0 disables) and the disk (`disk_budget_bytes`,
+`disk_free_min_bytes`; retention/disk.py). RSS is sampled in the background, not per
 request, so the check on the hot path is two comparisons.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import psutil
 
@@ -32,6 +34,8 @@ class Admission:
         self._proc = psutil.Process()
         self.rss: int = int(self._proc.memory_info().rss)
         self.refused = 0
+        # Set by the gateway: why the disk cannot take more (budget or free-space floor).
+        self.disk_reason: Callable[[], str | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -60,6 +64,8 @@ class Admission:
             return f"tracking {tracked} runs (maxTrackedRuns {self.max_tracked_runs})"
         if self.memory_budget_bytes and self.rss > self.memory_budget_bytes:
             return f"RSS {self.rss} bytes over memoryBudgetBytes {self.memory_budget_bytes}"
+        if self.disk_reason is not None:
+            return self.disk_reason()
         return None
 
     @property

@@ -89,6 +89,7 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily("clawgate_runs_active", "Runs queued or running", value=snap["runs_active"])
         yield GaugeMetricFamily("clawgate_runs_queued", "Runs waiting in a lane", value=snap["runs_queued"])
         yield GaugeMetricFamily("clawgate_process_rss_bytes", "Resident set size", value=snap["rss"])
+        yield from _disk_metrics(snap["disk"])
         yield GaugeMetricFamily(
             "clawgate_admission_open",
             "1 when new runs are admitted",
@@ -138,6 +139,28 @@ def _provider_metrics(stats: dict[str, Any]) -> Iterator[Any]:
     for model, c in stats.get("circuits", {}).items():
         circuit.add_metric([name, model], 0 if c["state"] == "closed" else 1)
     yield circuit
+
+
+def _disk_metrics(disk: dict[str, Any]) -> Iterator[Any]:
+    rows = GaugeMetricFamily("clawgate_store_rows", "Rows (records) per store table", labels=["table"])
+    for table, n in disk["rows"].items():
+        rows.add_metric([table], n)
+    yield rows
+    yield GaugeMetricFamily("clawgate_store_bytes", "Bytes the store occupies", value=disk["store_bytes"])
+    yield GaugeMetricFamily(
+        "clawgate_attachments_bytes", "Bytes of spawn attachments on disk", value=disk["attachments_bytes"]
+    )
+    yield GaugeMetricFamily(
+        "clawgate_state_dir_bytes",
+        "Bytes under the state dir (and the ended-hook log)",
+        value=disk["state_dir_bytes"],
+    )
+    removed = CounterMetricFamily(
+        "clawgate_retention_removed", "Records removed from disk, by retention rule", labels=["rule"]
+    )
+    for rule, n in disk["removed"].items():
+        removed.add_metric([rule], n)
+    yield removed
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

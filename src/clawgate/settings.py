@@ -92,6 +92,37 @@ class Settings(BaseSettings):
     run_context_idle_ttl_s: float = Field(1800.0, gt=0)
     run_result_ttl_s: float = Field(600.0, gt=0)
     run_retention_s: float = Field(86400.0, gt=0, description="finished run records kept in the store")
+    # --- retention of what is on disk (docs/disk.md); every rule is on by default ---
+    run_retention_max: int = Field(
+        100_000, ge=1, description="finished run records kept at most (those that ended first go first)"
+    )
+    session_idle_ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="a session with no run for this long is deleted with its transcript"
+    )
+    max_sessions: int = Field(
+        10_000, ge=1, description="sessions kept at most (least recently used go first)"
+    )
+    session_max_messages: int = Field(
+        500, ge=1, description="messages kept per transcript (the oldest are dropped)"
+    )
+    session_max_bytes: int = Field(
+        262_144, ge=1, description="bytes of message content kept per transcript (the oldest are dropped)"
+    )
+    ended_hook_log_max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="the ended-hook log is rotated past this size"
+    )
+    ended_hook_log_backups: int = Field(3, ge=1, description="rotated ended-hook log files kept")
+    disk_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="state dir size past which new work is refused until retention made room; 0 = off",
+    )
+    disk_free_min_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="free space on the state dir's filesystem below which new work is refused",
+    )
+    disk_sample_interval_s: float = Field(5.0, gt=0, description="how often disk usage is measured")
     dedupe_ttl_s: float = Field(300.0, gt=0)
     subagent_session_ttl_s: float = Field(300.0, gt=0)
     subagent_archive_after_s: float = Field(3600.0, gt=0)

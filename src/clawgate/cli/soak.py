@@ -1,9 +1,11 @@
-"""`clawgate bench soak`: drive a long batch of subagent spawns and watch memory stay flat.
+"""`clawgate bench soak`: drive a long batch and watch memory and disk stay flat.
 
 It starts a gateway as a separate process (or targets `--url`) with compressed
-TTLs, drives N spawns at a fixed concurrency, samples the gateway's RSS and
-`status.state` every second, and writes `soak.json` and `soak.png`: RSS and
-tracked entries against runs completed, with the TTL sweeps visible.
+TTLs, drives N subagent spawns (or, with `--workload agent`, N agent runs each in
+a session of its own) at a fixed concurrency, samples the gateway's RSS,
+`status.state` and `status.disk` (store bytes and rows per table) every second,
+and writes `soak.json` and `soak.png`: RSS, tracked entries, store bytes and rows
+against runs completed, with the TTL sweeps and retention passes visible.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +43,12 @@ SOAK_SETTINGS = {
     "max_children_per_agent": 1000,
     "subagent_concurrency": 64,
     "lifecycle_error_grace_s": 0.5,
+    # Retention of what is on disk, compressed the same way (docs/disk.md).
+    "session_idle_ttl_s": 6.0,
+    "run_retention_s": 3.0,
+    "disk_sample_interval_s": 1.0,
 }
+DISK_GROWTH_MAX = 0.10  # store bytes at the end at most 10% above bytes at 10% of the batch (window_median)
 
 
 @bench_app.callback()
@@ -56,6 +64,9 @@ class Sample:
     entries: int
     state: dict[str, int]
     stored: int
+    store_bytes: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+    store_bytes_after_pass: int = 0
 
 
 @dataclass
@@ -74,6 +85,12 @@ class SoakResult:
     entries_after_ttl: dict[str, int] = field(default_factory=dict)
     stored_after_ttl: int = 0
     baseline: dict[str, int] = field(default_factory=dict)
+    workload: str = "spawn"
+    store_bytes_at_10pct: int = 0
+    store_bytes_end: int = 0
+    store_bytes_after_ttl: int = 0
+    rows_baseline: dict[str, int] = field(default_factory=dict)
+    rows_after_ttl: dict[str, int] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -133,16 +150,19 @@ async def run_soak(
     ttl_wait_s: float,
     connections: int = 8,
     show_progress: bool = True,
+    workload: str = "spawn",
+    rate: float = 0.0,
 ) -> SoakResult:
     from clawgate.client import Client, ClientError
 
-    result = SoakResult(n=n, mode=mode, cleanup=cleanup, concurrency=concurrency)
+    result = SoakResult(n=n, mode=mode, cleanup=cleanup, concurrency=concurrency, workload=workload)
     clients = [Client(url, max_reconnect_attempts=3) for _ in range(connections)]
     monitor = Client(url, max_reconnect_attempts=3)
     for c in [*clients, monitor]:
         await c.connect()
     base = await monitor.status()
     result.baseline = base["state"]
+    result.rows_baseline = _disk(base)[1]
     counter = iter(range(n))
     completed = 0
     errors = 0
@@ -160,6 +180,7 @@ async def run_soak(
                     _entries(st["state"]),
                     st["state"],
                     st.get("stored", {}).get("subagent_records", 0),
+                    *_disk(st),
                 )
             )
             if completed >= n // 10 and not result.rss_at_10pct:
@@ -182,13 +203,22 @@ async def run_soak(
         nonlocal completed, errors
         client = clients[wid % len(clients)]
         for i in counter:
+            if rate:
+                # A fixed schedule: the steady state (rows, bytes) does not swing with bursts.
+                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
             requester = f"agent:main:soak{i % 500}"
             while True:
                 try:
-                    res = await client.spawn(
-                        requester, f"soak task {i} [[reply:done {i}]]", mode=mode, cleanup=cleanup
-                    )
-                    final = await client.wait(res["runId"], 60_000)
+                    if workload == "agent":
+                        # A batch task without a session key of its own: one session per run.
+                        final = await client.run_agent(
+                            f"soak task {i} [[reply:done {i}]]", session_key=f"agent:main:soak-{i}"
+                        )
+                    else:
+                        res = await client.spawn(
+                            requester, f"soak task {i} [[reply:done {i}]]", mode=mode, cleanup=cleanup
+                        )
+                        final = await client.wait(res["runId"], 60_000)
                     if final.get("status") != "ok":
                         errors += 1
                     break
@@ -219,11 +249,47 @@ async def run_soak(
     result.rss_after_ttl = after["memory"]["rssBytes"]
     result.entries_after_ttl = after["state"]
     result.stored_after_ttl = after.get("stored", {}).get("subagent_records", 0)
+    result.store_bytes_after_ttl, result.rows_after_ttl, _ = _disk(after)
+    # Warm-up is over at 5% of the batch; compare the 5-10% window with the last 10%.
+    result.store_bytes_at_10pct = window_median(result, 0.05, 0.10)
+    result.store_bytes_end = window_median(result, 0.90, 1.0)
     for c in [*clients, monitor]:
         await c.close()
     if not result.rss_at_10pct:
         result.rss_at_10pct = result.samples[0].rss if result.samples else result.rss_end
     return result
+
+
+def _disk(status: dict[str, Any]) -> tuple[int, dict[str, int], int]:
+    """(store bytes, rows per table, store bytes after the last retention pass) from a status
+    answer (zeros from a gateway without them)."""
+    disk = status.get("disk") or {}
+    return int(disk.get("storeBytes", 0)), dict(disk.get("rows", {})), int(disk.get("storeBytesAfterPass", 0))
+
+
+def window_median(result: SoakResult, lo: float, hi: float) -> int:
+    """The median store size after a retention pass among samples taken while the batch was
+    between `lo` and `hi` (fractions of N) done. A pass whose checkpoint could not truncate
+    the WAL (a writer was busy) reads a few MB high once; the median is what the file holds."""
+    vals = [s.store_bytes_after_pass for s in result.samples if lo * result.n <= s.completed <= hi * result.n]
+    return int(statistics.median(vals)) if vals else 0
+
+
+def disk_growth(result: SoakResult) -> float:
+    """Store bytes at the end relative to bytes at 10% of the batch (0.05 = 5% more)."""
+    if not result.store_bytes_at_10pct:
+        # No pass measured in the early window (a batch too short to warm up): unverified.
+        return 0.0 if not result.store_bytes_end else float("inf")
+    return result.store_bytes_end / result.store_bytes_at_10pct - 1
+
+
+def rows_left(result: SoakResult) -> dict[str, int]:
+    """Rows per table above their baseline after one retention period."""
+    return {
+        k: v - result.rows_baseline.get(k, 0)
+        for k, v in result.rows_after_ttl.items()
+        if v > result.rows_baseline.get(k, 0)
+    }
 
 
 def leftover(result: SoakResult) -> dict[str, int]:
@@ -255,6 +321,14 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
         "entries_after_ttl": result.entries_after_ttl,
         "leftover_after_ttl": leftover(result),
         "stored_subagent_records_after_ttl": result.stored_after_ttl,
+        "workload": result.workload,
+        "store_bytes_at_10pct": result.store_bytes_at_10pct,
+        "store_bytes_end": result.store_bytes_end,
+        "store_bytes_after_ttl": result.store_bytes_after_ttl,
+        "store_bytes_growth": disk_growth(result),
+        "rows_baseline": result.rows_baseline,
+        "rows_after_ttl": result.rows_after_ttl,
+        "rows_left_after_ttl": rows_left(result),
         "samples": [s.__dict__ for s in result.samples],
     }
     json_path.write_text(json.dumps(data, indent=1))
@@ -265,10 +339,9 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax1 = plt.subplots(figsize=(9, 4.8))
+        fig, (ax1, ax4) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
         xs = [s.t for s in result.samples]
         ax1.plot(xs, [s.rss / 1e6 for s in result.samples], color="tab:red", label="gateway RSS (MB)")
-        ax1.set_xlabel("seconds")
         ax1.set_ylabel("RSS (MB)", color="tab:red")
         ax1.set_ylim(bottom=0)
         ax2 = ax1.twinx()
@@ -287,11 +360,19 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
         ax3.set_xticks(ticks)
         ax3.set_xticklabels([f"{s.completed:,}" for s in result.samples[:: max(1, len(xs) // 6)]], fontsize=7)
         ax3.set_xlabel("runs completed")
-        fig.legend(loc="upper left", bbox_to_anchor=(0.08, 0.85), fontsize=8)
-        fig.suptitle(
-            f"clawgate soak: {result.completed:,} {result.mode}-mode spawns, cleanup {result.cleanup}",
-            fontsize=10,
+        ax1.legend(
+            [*ax1.get_lines(), *ax2.get_lines()],
+            [ln.get_label() for ln in [*ax1.get_lines(), *ax2.get_lines()]],
+            loc="upper left",
+            fontsize=8,
         )
+        _plot_disk(ax4, xs, result)
+        what = (
+            f"{result.completed:,} agent runs, one session each"
+            if result.workload == "agent"
+            else f"{result.completed:,} {result.mode}-mode spawns, cleanup {result.cleanup}"
+        )
+        fig.suptitle(f"clawgate soak: {what}", fontsize=10)
         fig.tight_layout()
         png_path = out_dir / "soak.png"
         fig.savefig(png_path, dpi=110)
@@ -301,15 +382,56 @@ def write_outputs(result: SoakResult, out_dir: Path) -> tuple[Path, Path | None]
     return json_path, png_path
 
 
+def _plot_disk(ax: Any, xs: list[float], result: SoakResult) -> None:
+    """The disk series: store bytes and rows per table, next to the memory plot above."""
+    ax.plot(
+        xs, [s.store_bytes / 1e6 for s in result.samples], color="tab:purple", label="store with WAL (MB)"
+    )
+    ax.plot(
+        xs,
+        [s.store_bytes_after_pass / 1e6 for s in result.samples],
+        color="tab:purple",
+        linestyle="--",
+        label="store after retention pass (MB)",
+    )
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("store (MB)", color="tab:purple")
+    ax.set_ylim(bottom=0)
+    rows_ax = ax.twinx()
+    for table, color in (("sessions", "tab:orange"), ("messages", "tab:olive"), ("runs", "tab:cyan")):
+        rows_ax.plot(
+            xs,
+            [s.rows.get(table, 0) for s in result.samples],
+            color=color,
+            linestyle=":",
+            label=f"{table} rows",
+        )
+    rows_ax.set_ylabel("rows")
+    lines = [*ax.get_lines(), *rows_ax.get_lines()]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
+
+
 def verdict(result: SoakResult) -> tuple[bool, str]:
     growth = (result.rss_end - result.rss_at_10pct) / 1e6
     left = leftover(result)
-    ok = growth <= 20 and not left and result.stored_after_ttl == 0 and result.errors == 0
+    disk = disk_growth(result)
+    rows = rows_left(result)
+    ok = (
+        growth <= 20
+        and not left
+        and result.stored_after_ttl == 0
+        and result.errors == 0
+        and disk <= DISK_GROWTH_MAX
+        and not rows
+    )
     return ok, (
-        f"{'PASS' if ok else 'FAIL'}: {result.completed:,} spawns in {result.wall_s:.1f} s "
+        f"{'PASS' if ok else 'FAIL'}: {result.completed:,} {result.workload}s in {result.wall_s:.1f} s "
         f"({result.completed / max(result.wall_s, 1e-9):,.0f}/s), errors {result.errors}; RSS growth "
         f"first 10% -> end {growth:+.1f} MB (target <= 20 MB); entries left after one TTL: "
-        f"{sum(left.values())} {left or ''}; stored records left: {result.stored_after_ttl}"
+        f"{sum(left.values())} {left or ''}; stored records left: {result.stored_after_ttl}; "
+        f"store bytes after retention, 5-10% -> last 10% of the batch (median): "
+        f"{result.store_bytes_at_10pct:,} -> {result.store_bytes_end:,} "
+        f"({disk:+.1%}, target <= +{DISK_GROWTH_MAX:.0%}); rows left after one TTL: {rows or 0}"
     )
 
 
@@ -326,10 +448,18 @@ def soak(
         "benchmarks/out"
     ),
     ttl_wait: Annotated[float, typer.Option("--ttl-wait", help="Seconds to wait after the batch.")] = 10.0,
+    workload: Annotated[
+        str, typer.Option("--workload", help="spawn (subagent spawns) or agent (runs, one session each).")
+    ] = "spawn",
+    rate: Annotated[
+        float, typer.Option("--rate", help="Start at most this many runs per second (0: no cap).")
+    ] = 0.0,
 ) -> None:
-    """Drive N subagent spawns with compressed TTLs; sample RSS and state; write soak.json and soak.png."""
+    """Drive N runs with compressed TTLs; sample RSS, state and disk; write soak.json and soak.png."""
     if mode not in ("run", "session") or cleanup not in ("keep", "delete"):
         raise typer.BadParameter("--mode must be run|session and --cleanup keep|delete")
+    if workload not in ("spawn", "agent"):
+        raise typer.BadParameter("--workload must be spawn|agent")
     proc = None
     tmp = None
     if url is None:
@@ -339,11 +469,18 @@ def soak(
         url = f"ws://127.0.0.1:{port}/"
     try:
         _run_uvloop(wait_healthy(url, proc))
+        what = (
+            "agent runs (one session each)"
+            if workload == "agent"
+            else f"{mode}-mode spawns (cleanup {cleanup})"
+        )
         console.print(
-            f"soak: {n:,} {mode}-mode spawns (cleanup {cleanup}) at concurrency {concurrency} "
+            f"soak: {n:,} {what} at concurrency {concurrency} "
             f"against {url} (pid {proc.pid if proc else 'external'})"
         )
-        result = _run_uvloop(run_soak(url, n, mode, cleanup, concurrency, ttl_wait))
+        result = _run_uvloop(
+            run_soak(url, n, mode, cleanup, concurrency, ttl_wait, workload=workload, rate=rate)
+        )
     finally:
         if proc is not None:
             proc.terminate()

@@ -1,4 +1,4 @@
-"""`chat.history`, `sessions.list`, `sessions.patch`, `sessions.reset`, `sessions.delete`."""
+"""`chat.history`, `sessions.list`, `sessions.patch`, `sessions.reset`, `sessions.delete`, `sessions.cleanup`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from clawgate.clip import clip
 from clawgate.errors import Forbidden, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
-from clawgate.protocol.schemas import HistoryParams, SessionKeyParams, SessionsListParams, SessionsPatchParams
-from clawgate.server.auth import READ, WRITE
+from clawgate.protocol.schemas import (
+    HistoryParams,
+    SessionKeyParams,
+    SessionsCleanupParams,
+    SessionsListParams,
+    SessionsPatchParams,
+)
+from clawgate.server.auth import ADMIN, READ, WRITE
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection
@@ -24,7 +30,13 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
         if m.run_id:
             item["runId"] = m.run_id
         out.append(item)
-    return {"sessionKey": params.session_key, "messages": out}
+    result: dict[str, Any] = {"sessionKey": params.session_key, "messages": out}
+    # Retention dropped the oldest messages of this transcript (session_max_messages/_bytes).
+    dropped = await gw.sessions.dropped(SessionKey(params.session_key))
+    result["truncated"] = dropped > 0
+    if dropped:
+        result["droppedMessages"] = dropped
+    return result
 
 
 async def list_sessions(
@@ -82,10 +94,25 @@ async def delete(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyP
     return {"ok": True, "key": params.key, "deleted": existed}
 
 
+async def cleanup(
+    gw: Gateway, conn: Connection, req_id: str, params: SessionsCleanupParams
+) -> dict[str, Any]:
+    """Run every retention rule now (admin); with `dryRun`, report what would go and delete nothing."""
+    removed = await gw.retention.run(dry_run=params.dry_run)
+    return {
+        "ok": True,
+        "dryRun": params.dry_run,
+        "removed": removed,
+        "total": sum(removed.values()),
+        "disk": gw.retention.describe(),
+    }
+
+
 METHODS = [
     MethodSpec("chat.history", HistoryParams, READ, history),
     MethodSpec("sessions.list", SessionsListParams, READ, list_sessions),
     MethodSpec("sessions.patch", SessionsPatchParams, WRITE, patch),
     MethodSpec("sessions.reset", SessionKeyParams, WRITE, reset),
     MethodSpec("sessions.delete", SessionKeyParams, WRITE, delete),
+    MethodSpec("sessions.cleanup", SessionsCleanupParams, ADMIN, cleanup),
 ]

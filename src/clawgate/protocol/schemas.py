@@ -140,3 +140,9 @@ class SubscribeParams(_Params):
 
 def to_wire(obj: msgspec.Struct) -> Any:
     return msgspec.to_builtins(obj)
+
+
+class SessionsCleanupParams(_Params):
+    """`sessions.cleanup`: run retention now; `dryRun` reports without deleting."""
+
+    dry_run: bool = False

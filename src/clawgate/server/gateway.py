@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -29,6 +30,8 @@ from clawgate.protocol.frames import decode_params, encode_event
 from clawgate.protocol.schemas import ConnectParams
 from clawgate.providers.base import Provider
 from clawgate.providers.factory import make_provider
+from clawgate.retention.disk import DiskMonitor
+from clawgate.retention.service import Retention
 from clawgate.runs.service import RunService
 from clawgate.server.auth import authorize, require
 from clawgate.server.authlimit import AuthFailureLimiter, peer_key
@@ -43,6 +46,7 @@ from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Store
 from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
 from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageStore
+from clawgate.subagents.hooks import log_files
 from clawgate.subagents.service import SubagentService
 
 if TYPE_CHECKING:
@@ -77,7 +81,13 @@ def open_store(settings: Settings) -> Store:
         from clawgate.store.redis_store import RedisStore
 
         return RedisStore(
-            settings.store, prefix=settings.redis_prefix, run_result_ttl_s=settings.run_retention_s
+            settings.store,
+            prefix=settings.redis_prefix,
+            run_result_ttl_s=settings.run_retention_s,
+            # Retention deletes idle sessions on both stores (docs/disk.md); Redis' own expiry
+            # is only a backstop, well past the idle TTL.
+            session_ttl_s=settings.session_idle_ttl_s + max(settings.session_idle_ttl_s, 86400.0),
+            transcript_max=max(10_000, 2 * settings.session_max_messages),
         )
     from clawgate.store.sqlite import SqliteStore
 
@@ -145,12 +155,25 @@ class Gateway:
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
         self.registry.add_sweep("cron_history", self.cron.sweep_history)
         self.registry.add_sweep("usage_retention", self.usage.sweep)
-        self.registry.add_sweep("store_runs", self._sweep_store_runs)
+        # Finished run records go with the retention pass (run_retention_s and _max), with
+        # sessions, transcripts and attachments (docs/disk.md).
+        self.retention = Retention(
+            settings, self.clock, self.registry, self.store, self.sessions, self.runs, self.subagents
+        )
+        self.disk = DiskMonitor(
+            settings.state_path,
+            budget_bytes=settings.disk_budget_bytes,
+            free_min_bytes=settings.disk_free_min_bytes,
+            interval_s=settings.disk_sample_interval_s,
+            extra_files=self._files_outside_state_dir,
+        )
+        self.retention.on_pass = self.disk.refresh
         self.admission = Admission(
             self.registry,
             max_tracked_runs=settings.max_tracked_runs,
             memory_budget_bytes=settings.memory_budget_bytes,
         )
+        self.admission.disk_reason = self.disk.reason
         self.subagents.admission_check = self.admission.check
         register_state = getattr(self.provider, "register_state", None)
         if register_state is not None:  # a provider's own bounded structures (retry memory, breakers)
@@ -198,6 +221,9 @@ class Gateway:
             restored = await self.subagents.load()
             requeued, interrupted = await self.runs.restore()
             await self.subagents.resume()
+        await self.retention.startup()
+        await self.disk.refresh()
+        self.disk.start()
         # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
         self.maintenance.start()
         self.admission.start()
@@ -237,6 +263,7 @@ class Gateway:
                     await task
         await self.maintenance.stop()
         await self.admission.stop()
+        await self.disk.stop()
         for conn in list(self.connections.values()):
             with contextlib.suppress(Exception):
                 await conn.close(1012, "gateway stopping")
@@ -265,8 +292,9 @@ class Gateway:
             await self.clock.sleep(self.settings.tick_interval_s)
             self.bus.broadcast(encode_event("tick", {"ts": int(self.clock.time() * 1000)}))
 
-    async def _sweep_store_runs(self) -> int:
-        return await self.store.sweep_runs(self.clock.time() - self.settings.run_retention_s)
+    def _files_outside_state_dir(self) -> list[Path]:
+        log_path = self.settings.ended_hook_log
+        return [] if log_path is None else log_files(log_path, self.settings.ended_hook_log_backups)
 
     # -- connections ----------------------------------------------------------------------------
     def admit_connection(self) -> str | None:
@@ -407,6 +435,7 @@ class Gateway:
             "state": self.registry.sizes(),
             "stored": stored,
             "memory": {"rssBytes": self.admission.sample()},
+            "disk": await self._disk_status(),
             "store": {"kind": self.store.kind},
             "cluster": self.cluster.describe() if self.cluster is not None else None,
             "admission": {
@@ -429,8 +458,26 @@ class Gateway:
         out["retries"] = dict(self.runs.provider_retries)
         return out
 
+    async def _disk_status(self) -> dict[str, Any]:
+        with contextlib.suppress(ClawgateError, OSError):
+            await self.retention.refresh_stats(bytes_max_age_s=self.settings.disk_sample_interval_s)
+        return {
+            **self.retention.describe(),
+            "stateDirBytes": self.disk.used_bytes,
+            "freeBytes": self.disk.free_bytes,
+            "budgetBytes": self.settings.disk_budget_bytes,
+            "freeMinBytes": self.settings.disk_free_min_bytes,
+        }
+
     def _metrics_snapshot(self) -> dict[str, Any]:
         return {
+            "disk": {
+                "rows": dict(self.retention.rows),
+                "store_bytes": self.retention.store_bytes,
+                "attachments_bytes": self.retention.attachments_bytes,
+                "state_dir_bytes": self.disk.used_bytes,
+                "removed": dict(self.retention.removed),
+            },
             "state": self.registry.sizes(),
             "runs_total": dict(self.runs.totals),
             "sweep_errors": dict(self.maintenance.errors),

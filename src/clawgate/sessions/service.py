@@ -12,6 +12,8 @@ from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
 from clawgate.store.records import SessionMeta, TranscriptMessage
 
+WRITTEN_MIN = 10_000
+
 
 class SessionService:
     def __init__(self, store: Store, clock: Clock, registry: StateRegistry, *, cache_max: int) -> None:
@@ -19,6 +21,12 @@ class SessionService:
         self.clock = clock
         self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
         registry.register(self.cache)
+        # Sessions whose transcript grew since the last retention pass: only these can have
+        # passed a transcript bound. Bounded; past the bound the pass scans the store instead.
+        self.written: set[SessionKey] = set()
+        self.written_max = max(cache_max, WRITTEN_MIN)
+        self.written_overflow = False
+        registry.add("transcripts_written", self.written.__len__, ttl_s=None, max_size=self.written_max)
 
     async def touch(
         self, key: SessionKey, *, known_new: bool = False, label: str | None = None, depth: int = 0
@@ -79,6 +87,10 @@ class SessionService:
 
     def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
         """Append to the transcript; not awaited (the store groups it into a transaction)."""
+        if len(self.written) < self.written_max:
+            self.written.add(key)
+        elif key not in self.written:
+            self.written_overflow = True
         self.store.append_message(
             TranscriptMessage(
                 session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
@@ -87,3 +99,23 @@ class SessionService:
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)
+
+    # -- retention (retention/service.py) ----------------------------------------------------------
+    def take_written(self, *, peek: bool = False) -> tuple[list[str], bool]:
+        """Sessions written to since the last pass, and whether that set overflowed."""
+        keys: list[str] = list(self.written)
+        overflow = self.written_overflow
+        if not peek:
+            self.written.clear()
+            self.written_overflow = False
+        return keys, overflow
+
+    def forget(self, keys: list[str]) -> None:
+        """Sessions deleted by retention leave the cache with their rows."""
+        for key in keys:
+            self.cache.pop(SessionKey(key))
+            self.written.discard(SessionKey(key))
+
+    async def dropped(self, key: SessionKey) -> int:
+        """Messages retention dropped from this transcript (chat.history says it was truncated)."""
+        return await self.store.transcript_dropped(key)

@@ -20,7 +20,77 @@ from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, Trans
 log = structlog.get_logger("clawgate.store")
 
 
-class Store(ABC):
+SessionStamp = tuple[str, float]  # (session key, updated_at) as the store holds it
+
+
+class RetentionStore(ABC):
+    """What the retention rules need from a store (retention/service.py; docs/disk.md).
+
+    The store only moves data: which sessions are idle, which go first and what is
+    protected are decided by retention/policy.py. Deletes re-check the session's
+    `updated_at` against the stamp that was read, atomically, so a session used again
+    between the read and the delete is kept.
+    """
+
+    @abstractmethod
+    async def count_sessions(self) -> int: ...
+
+    @abstractmethod
+    async def stale_sessions(self, before: float, limit: int) -> list[SessionStamp]:
+        """Sessions last updated before `before`, least recently updated first."""
+
+    @abstractmethod
+    async def oldest_sessions(self, limit: int) -> list[SessionStamp]:
+        """The `limit` least recently updated sessions, oldest first."""
+
+    @abstractmethod
+    async def delete_sessions_if_idle(
+        self, stamps: list[SessionStamp], *, dry_run: bool = False
+    ) -> list[str]:
+        """Delete each session with its transcript unless it was updated after its stamp.
+
+        Returns the keys deleted (or, with `dry_run`, that would be)."""
+
+    @abstractmethod
+    async def trim_transcripts(
+        self, keys: list[str], max_messages: int, max_bytes: int, *, dry_run: bool = False
+    ) -> int:
+        """Drop the oldest messages of each transcript past the bounds; returns messages dropped."""
+
+    @abstractmethod
+    async def oversized_transcripts(self, max_messages: int, max_bytes: int, limit: int) -> list[str]:
+        """Sessions whose transcript may be over a bound (a full scan; used when the set of
+        sessions written to since the last pass overflowed)."""
+
+    @abstractmethod
+    async def transcript_dropped(self, key: str) -> int:
+        """Messages dropped from this session's transcript by retention since its creation or reset."""
+
+    @abstractmethod
+    async def count_finished_runs_before(self, before: float) -> int: ...
+
+    @abstractmethod
+    async def prune_finished_runs(self, keep_max: int, *, dry_run: bool = False) -> int:
+        """Delete the finished run records that ended first, past `keep_max`; returns how many."""
+
+    @abstractmethod
+    async def table_rows(self) -> dict[str, int]:
+        """Rows (records) per table: sessions, messages, runs, subagents."""
+
+    @abstractmethod
+    async def store_bytes(self) -> int:
+        """Bytes the store occupies (SQLite: its files; Redis: the memory of its keys)."""
+
+    async def compact(self) -> int:
+        """Give freed space back to the file system; returns bytes given back."""
+        return 0
+
+    async def remove_orphans(self) -> int:
+        """Remove records nothing can reach any more (a crash between two writes); at start-up."""
+        return 0
+
+
+class Store(RetentionStore):
     kind: str = "abstract"
     # Undecodable subagent rows moved aside by the reads that met them (status, metrics).
     subagents_quarantined: int = 0

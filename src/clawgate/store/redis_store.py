@@ -45,7 +45,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
-from clawgate.store.base import Store
+from clawgate.store.base import SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
@@ -262,6 +262,44 @@ redis.call('ZADD', KEYS[4], 'XX', ARGV[6], ARGV[1])
 redis.call('PEXPIREAT', KEYS[3], ARGV[5])
 redis.call('PEXPIREAT', KEYS[4], ARGV[5])
 return 1
+"""
+
+# Deletes a session with its transcript unless it was updated after the stamp read.
+# KEYS: session, messages, sessions index, sessions expiry; ARGV: key, stamp, dry_run (0/1)
+# Returns 1 when a session was (or, dry, would be) deleted, 0 otherwise.
+_DELETE_IF_IDLE = """
+local u = redis.call('HGET', KEYS[1], 'updated_at')
+if u and tonumber(u) > tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == '1' then return u and 1 or 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if u then return 1 end
+return 0
+"""
+
+# Drops the oldest messages past the bounds (bytes of content, as on SQLite; the newest
+# message is always kept) and counts them on the session hash.
+# KEYS: messages, session; ARGV: max_messages, max_bytes, dry_run (0/1). Returns the count.
+_TRIM_TRANSCRIPT = """
+local n = redis.call('LLEN', KEYS[1])
+local max_messages = tonumber(ARGV[1])
+local max_bytes = tonumber(ARGV[2])
+local items = redis.call('LRANGE', KEYS[1], -max_messages, -1)
+local keep, bytes = 0, 0
+for i = #items, 1, -1 do
+  local ok, m = pcall(cjson.decode, items[i])
+  local size = string.len(items[i])
+  if ok and type(m) == 'table' and type(m.content) == 'string' then size = string.len(m.content) end
+  if keep >= 1 and bytes + size > max_bytes then break end
+  keep = keep + 1
+  bytes = bytes + size
+end
+local drop = n - keep
+if drop <= 0 or ARGV[3] == '1' then return math.max(drop, 0) end
+redis.call('LTRIM', KEYS[1], -keep, -1)
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'dropped', drop) end
+return drop
 """
 
 # -- codecs --------------------------------------------------------------------------------------------
@@ -521,7 +559,7 @@ class RedisStore(Store):
             k.session(key), k.messages(key), k.sessions_index(), k.sessions_expiry(),
             key, new_session_id, repr(now), deadline, idx_deadline,
         )  # fmt: skip
-        return self._write([cmd])
+        return self._write([cmd, ("HDEL", k.session(key), "dropped")])
 
     # -- transcripts -----------------------------------------------------------------------------
     def append_message(self, msg: TranscriptMessage) -> Awaitable[None]:
@@ -859,6 +897,162 @@ class RedisStore(Store):
         # deletes records first); such entries are dropped by the next list_subagents(None).
         return int(await self._submit([("ZCARD", self.keys.subs_all())], _first))
 
+    # -- retention (docs/disk.md) ------------------------------------------------------------------------
+    async def count_sessions(self) -> int:
+        return int(await self._submit([("ZCARD", self.keys.sessions_index())], _first))
+
+    async def stale_sessions(self, before: float, limit: int) -> list[SessionStamp]:
+        raw = await self._submit(
+            [
+                (
+                    "ZRANGEBYSCORE",
+                    self.keys.sessions_index(),
+                    "-inf",
+                    f"({before!r}",
+                    "LIMIT",
+                    0,
+                    limit,
+                    "WITHSCORES",
+                )
+            ],
+            _first,
+        )
+        return _stamps(raw)
+
+    async def oldest_sessions(self, limit: int) -> list[SessionStamp]:
+        if limit <= 0:
+            return []
+        raw = await self._submit([("ZRANGE", self.keys.sessions_index(), 0, limit - 1, "WITHSCORES")], _first)
+        return _stamps(raw)
+
+    async def delete_sessions_if_idle(
+        self, stamps: list[SessionStamp], *, dry_run: bool = False
+    ) -> list[str]:
+        k = self.keys
+        out: list[str] = []
+        for i in range(0, len(stamps), PAGE):
+            page = stamps[i : i + PAGE]
+            cmds: list[Cmd] = [
+                (
+                    "EVAL",
+                    _DELETE_IF_IDLE,
+                    4,
+                    k.session(key),
+                    k.messages(key),
+                    k.sessions_index(),
+                    k.sessions_expiry(),
+                    key,
+                    repr(stamp),
+                    int(dry_run),
+                )
+                for key, stamp in page
+            ]
+            results = await self._submit(cmds, _all)
+            out += [key for (key, _), r in zip(page, results, strict=True) if int(r)]
+        return out
+
+    async def trim_transcripts(
+        self, keys: list[str], max_messages: int, max_bytes: int, *, dry_run: bool = False
+    ) -> int:
+        k = self.keys
+        total = 0
+        for chunk in _chunks(keys, PAGE):
+            cmds: list[Cmd] = [
+                (
+                    "EVAL",
+                    _TRIM_TRANSCRIPT,
+                    2,
+                    k.messages(key),
+                    k.session(key),
+                    max_messages,
+                    max_bytes,
+                    int(dry_run),
+                )
+                for key in chunk
+            ]
+            total += sum(int(r) for r in await self._submit(cmds, _all))
+        return total
+
+    async def oversized_transcripts(self, max_messages: int, max_bytes: int, limit: int) -> list[str]:
+        # Sizes in bytes are only known by reading the lists: every session is a candidate,
+        # and the trim script decides.
+        raw = await self._submit([("ZRANGE", self.keys.sessions_index(), 0, limit - 1)], _first)
+        return [_s(r) for r in raw]
+
+    async def transcript_dropped(self, key: str) -> int:
+        raw = await self._submit([("HGET", self.keys.session(key), "dropped")], _first)
+        return int(raw) if raw is not None else 0
+
+    async def count_finished_runs_before(self, before: float) -> int:
+        return int(await self._submit([("ZCOUNT", self.keys.runs_ended(), "-inf", before)], _first))
+
+    async def prune_finished_runs(self, keep_max: int, *, dry_run: bool = False) -> int:
+        k = self.keys
+        excess = max(0, int(await self._submit([("ZCARD", k.runs_ended())], _first)) - keep_max)
+        if dry_run or excess == 0:
+            return excess
+        deleted = 0
+        while excess > 0:
+            n = min(excess, PAGE)
+            ids = [_s(i) for i in await self._submit([("ZRANGE", k.runs_ended(), 0, n - 1)], _first)]
+            if not ids:
+                break
+            deleted += await self._delete_runs(ids)
+            excess -= len(ids)
+        return deleted
+
+    async def _delete_runs(self, ids: list[str]) -> int:
+        k = self.keys
+        raws = await self._submit([("MGET", *[k.run(i) for i in ids])], _first)
+        cmds: list[Cmd] = [("ZREM", k.runs_ended(), *ids), ("ZREM", k.runs_all(), *ids)]
+        for rid, raw in zip(ids, raws, strict=True):
+            if raw is not None:
+                cmds.append(("ZREM", k.runs_by_session(_run_dec.decode(raw).session_key), rid))
+        dels: list[Cmd] = [("DEL", k.run(rid)) for rid in ids]
+        results = await self._submit([*dels, *cmds], _all)
+        return sum(int(r) for r in results[: len(dels)])
+
+    async def _index_members(self, index: str) -> list[str]:
+        out: list[str] = []
+        offset = 0
+        while True:
+            ids = await self._submit([("ZRANGE", index, offset, offset + PAGE * 4 - 1)], _first)
+            out += [_s(i) for i in ids]
+            offset += len(ids)
+            if len(ids) < PAGE * 4:
+                return out
+
+    async def table_rows(self) -> dict[str, int]:
+        k = self.keys
+        sessions = await self._index_members(k.sessions_index())
+        messages = 0
+        for chunk in _chunks(sessions, PAGE):
+            messages += sum(
+                int(n) for n in await self._submit([("LLEN", k.messages(s)) for s in chunk], _all)
+            )
+        runs, subs = await self._submit(
+            [("ZCOUNT", k.runs_all(), f"({_ms(time.time())}", "+inf"), ("ZCARD", k.subs_all())], _all
+        )
+        return {"sessions": len(sessions), "messages": messages, "runs": int(runs), "subagents": int(subs)}
+
+    async def store_bytes(self) -> int:
+        """The memory Redis reports for this store's records and indexes (MEMORY USAGE)."""
+        k = self.keys
+        names: list[str] = []
+        for key in await self._index_members(k.sessions_index()):
+            names += [k.session(key), k.messages(key)]
+        names += [k.run(i) for i in await self._index_members(k.runs_all())]
+        names += [k.sub(i) for i in await self._index_members(k.subs_all())]
+        names += [k.sessions_index(), k.sessions_expiry(), k.runs_all(), k.runs_ended(), k.runs_open()]
+        names += [k.subs_all(), k.subs_expiry(), k.subs_live()]
+        total = 0
+        for chunk in _chunks(names, PAGE):
+            total += sum(
+                int(n or 0)
+                for n in await self._submit([("MEMORY", "USAGE", name, "SAMPLES", 0) for name in chunk], _all)
+            )
+        return total
+
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -919,3 +1113,10 @@ def _first(res: list[Any]) -> Any:
 
 def _all(res: list[Any]) -> list[Any]:
     return res
+
+
+def _stamps(raw: list[Any]) -> list[tuple[str, float]]:
+    """A WITHSCORES reply (pairs, or a flat list on RESP2 without a callback) as stamps."""
+    if raw and not isinstance(raw[0], (list, tuple)):
+        raw = list(zip(raw[::2], raw[1::2], strict=True))
+    return [(_s(m), float(score)) for m, score in raw]

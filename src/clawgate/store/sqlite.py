@@ -10,6 +10,7 @@ reads what it was told was done.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import queue
 import sqlite3
@@ -23,7 +24,8 @@ import msgspec
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.store.base import Store
+from clawgate.retention.policy import transcript_keep
+from clawgate.store.base import SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
@@ -57,6 +59,15 @@ CREATE TABLE IF NOT EXISTS subagents_quarantine (
   data BLOB NOT NULL);
 """
 QUARANTINE_KEEP = 1000  # undecodable rows kept aside for inspection (newest first)
+
+# Retention bookkeeping (docs/disk.md): how many messages retention dropped from a
+# transcript, so `chat.history` can say the history was truncated.
+RETENTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS transcript_trims (session_key TEXT PRIMARY KEY, dropped INTEGER NOT NULL);
+"""
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL file is truncated to this after a checkpoint
+DELETE_PAGE = 500  # rows per retention statement: the writer interleaves other work between pages
+VACUUM_PAGES_PER_OP = 2000  # pages freed per writer op (8 MiB at 4 KiB pages)
 
 _run_enc = msgspec.json.Encoder()
 _run_dec = msgspec.json.Decoder(RunRecord)
@@ -113,6 +124,7 @@ class SqliteStore(Store):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        _prepare_vacuum(conn)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
@@ -120,6 +132,7 @@ class SqliteStore(Store):
         columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
         if "depth" not in columns:  # files written before the spawn depth was kept with the session
             conn.execute("ALTER TABLE sessions ADD COLUMN depth INTEGER NOT NULL DEFAULT 0")
+        conn.executescript(RETENTION_SCHEMA)
         return conn
 
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
@@ -265,12 +278,14 @@ class SqliteStore(Store):
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM sessions WHERE key=?", (key,))
             c.execute("DELETE FROM messages WHERE session_key=?", (key,))
+            c.execute("DELETE FROM transcript_trims WHERE session_key=?", (key,))
 
         return self._write(op)
 
     def reset_session(self, key: str, new_session_id: str, now: float) -> Awaitable[None]:
         def op(c: sqlite3.Connection) -> None:
             c.execute("DELETE FROM messages WHERE session_key=?", (key,))
+            c.execute("DELETE FROM transcript_trims WHERE session_key=?", (key,))
             c.execute(
                 "UPDATE sessions SET session_id=?, updated_at=? WHERE key=?", (new_session_id, now, key)
             )
@@ -452,6 +467,177 @@ class SqliteStore(Store):
         row = await self._submit(lambda c: c.execute("SELECT count(*) FROM subagents").fetchone())
         return int(row[0])
 
+    # -- retention (docs/disk.md) ------------------------------------------------------------------------
+    async def count_sessions(self) -> int:
+        row = await self._submit(lambda c: c.execute("SELECT count(*) FROM sessions").fetchone())
+        return int(row[0])
+
+    async def stale_sessions(self, before: float, limit: int) -> list[SessionStamp]:
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT key, updated_at FROM sessions WHERE updated_at < ? ORDER BY updated_at LIMIT ?",
+                (before, limit),
+            ).fetchall()
+        )
+        return [(str(r[0]), float(r[1])) for r in rows]
+
+    async def oldest_sessions(self, limit: int) -> list[SessionStamp]:
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT key, updated_at FROM sessions ORDER BY updated_at LIMIT ?", (limit,)
+            ).fetchall()
+        )
+        return [(str(r[0]), float(r[1])) for r in rows]
+
+    async def delete_sessions_if_idle(
+        self, stamps: list[SessionStamp], *, dry_run: bool = False
+    ) -> list[str]:
+        def op(c: sqlite3.Connection, page: list[SessionStamp]) -> list[str]:
+            deleted: list[str] = []
+            for key, stamp in page:
+                row = c.execute("SELECT updated_at FROM sessions WHERE key=?", (key,)).fetchone()
+                if row is None or row[0] > stamp:
+                    continue  # gone already, or used again since it was read
+                if not dry_run:
+                    c.execute("DELETE FROM sessions WHERE key=?", (key,))
+                    c.execute("DELETE FROM messages WHERE session_key=?", (key,))
+                    c.execute("DELETE FROM transcript_trims WHERE session_key=?", (key,))
+                deleted.append(key)
+            return deleted
+
+        out: list[str] = []
+        for i in range(0, len(stamps), DELETE_PAGE):
+            page = stamps[i : i + DELETE_PAGE]
+            out += await self._submit(functools.partial(op, page=page))
+        return out
+
+    async def trim_transcripts(
+        self, keys: list[str], max_messages: int, max_bytes: int, *, dry_run: bool = False
+    ) -> int:
+        def op(c: sqlite3.Connection, page: list[str]) -> int:
+            dropped = 0
+            for key in page:
+                rows = c.execute(
+                    "SELECT id, length(CAST(content AS BLOB)) FROM messages WHERE session_key=? "
+                    "ORDER BY id DESC LIMIT ?",
+                    (key, max_messages + 1),
+                ).fetchall()
+                keep = transcript_keep([int(r[1]) for r in rows], max_messages, max_bytes)
+                if keep >= len(rows):
+                    continue
+                oldest_kept = rows[keep - 1][0]
+                if dry_run:
+                    n = c.execute(
+                        "SELECT count(*) FROM messages WHERE session_key=? AND id < ?", (key, oldest_kept)
+                    ).fetchone()[0]
+                else:
+                    n = c.execute(
+                        "DELETE FROM messages WHERE session_key=? AND id < ?", (key, oldest_kept)
+                    ).rowcount
+                    c.execute(
+                        "INSERT INTO transcript_trims VALUES (?, ?) ON CONFLICT(session_key) "
+                        "DO UPDATE SET dropped = dropped + excluded.dropped",
+                        (key, n),
+                    )
+                dropped += int(n)
+            return dropped
+
+        total = 0
+        for i in range(0, len(keys), DELETE_PAGE):
+            page = keys[i : i + DELETE_PAGE]
+            total += await self._submit(functools.partial(op, page=page))
+        return total
+
+    async def oversized_transcripts(self, max_messages: int, max_bytes: int, limit: int) -> list[str]:
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT session_key FROM messages GROUP BY session_key "
+                "HAVING count(*) > ? OR sum(length(CAST(content AS BLOB))) > ? LIMIT ?",
+                (max_messages, max_bytes, limit),
+            ).fetchall()
+        )
+        return [str(r[0]) for r in rows]
+
+    async def transcript_dropped(self, key: str) -> int:
+        row = await self._submit(
+            lambda c: c.execute("SELECT dropped FROM transcript_trims WHERE session_key=?", (key,)).fetchone()
+        )
+        return int(row[0]) if row else 0
+
+    async def count_finished_runs_before(self, before: float) -> int:
+        row = await self._submit(
+            lambda c: c.execute(
+                "SELECT count(*) FROM runs WHERE ended_at IS NOT NULL AND ended_at <= ?", (before,)
+            ).fetchone()
+        )
+        return int(row[0])
+
+    async def prune_finished_runs(self, keep_max: int, *, dry_run: bool = False) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            finished = c.execute("SELECT count(*) FROM runs WHERE ended_at IS NOT NULL").fetchone()[0]
+            excess = max(0, int(finished) - keep_max)
+            if dry_run or excess == 0:
+                return excess
+            return int(
+                c.execute(
+                    "DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs WHERE ended_at IS NOT NULL "
+                    "ORDER BY ended_at LIMIT ?)",
+                    (min(excess, DELETE_PAGE * 10),),
+                ).rowcount
+            )
+
+        total = 0
+        while True:
+            n = await self._submit(op)
+            total += n
+            if dry_run or n < DELETE_PAGE * 10:
+                return total
+
+    async def table_rows(self) -> dict[str, int]:
+        def op(c: sqlite3.Connection) -> dict[str, int]:
+            return {
+                table: int(c.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("sessions", "messages", "runs", "subagents")
+            }
+
+        return await self._submit(op)
+
+    async def store_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    async def compact(self) -> int:
+        """Free pages go back to the file system: incremental vacuum on the writer thread (in
+        pages, so other writes interleave), then a checkpoint on a connection of its own in a
+        worker thread truncates the WAL and the database file."""
+        before = await self.store_bytes()
+
+        def vacuum(c: sqlite3.Connection) -> int:
+            free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
+            n = min(free, VACUUM_PAGES_PER_OP)
+            # Each step of this pragma frees one page; sqlite3's execute() steps once.
+            for _ in range(n):
+                c.execute("PRAGMA incremental_vacuum(1)")
+            return free - n
+
+        while await self._submit(vacuum) > 0:
+            pass
+        await asyncio.to_thread(_checkpoint, self.path)
+        return max(0, before - await self.store_bytes())
+
+    async def remove_orphans(self) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            n = c.execute("DELETE FROM messages WHERE session_key NOT IN (SELECT key FROM sessions)").rowcount
+            c.execute("DELETE FROM transcript_trims WHERE session_key NOT IN (SELECT key FROM sessions)")
+            return int(n)
+
+        return int(await self._submit(op))
+
 
 _SESSION_COLUMNS = "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth"
 
@@ -512,3 +698,33 @@ def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_result(value)
         else:
             fut.set_exception(value)
+
+
+def _prepare_vacuum(conn: sqlite3.Connection) -> None:
+    """Incremental auto-vacuum, so deleted rows give their pages back (docs/disk.md).
+
+    A new file gets it before its first table. A file made without it (auto_vacuum=NONE)
+    is rewritten once by VACUUM, the only way SQLite changes that mode on a file with
+    tables; this runs on the writer thread while the gateway starts.
+    """
+    if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            log.info("migrating the store to incremental auto-vacuum (VACUUM, once)")
+            conn.execute("VACUUM")
+    conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+
+
+def _checkpoint(path: Path) -> None:
+    """Copy the WAL into the database file and truncate both. TRUNCATE needs a moment with no
+    writer; under steady writes that moment may not come within the timeout, and a PASSIVE
+    checkpoint then still moves what it can (the WAL is truncated to journal_size_limit later)."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=1.0)
+    try:
+        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:  # busy: the next tick tries again
+        log.warning("wal checkpoint failed", error=str(exc))
+    finally:
+        conn.close()

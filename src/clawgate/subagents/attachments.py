@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import re
 import shutil
@@ -75,8 +76,12 @@ def prepare(attachments: list[Attachment], max_bytes: int) -> list[tuple[str, by
     return files
 
 
-def write(root: Path, run_id: str, files: list[tuple[str, bytes]]) -> Path:
+def write(root: Path, run_id: str, files: list[tuple[str, bytes]], *, owner: str | None = None) -> Path:
+    """Write a spawn's files under `root/run_id`; `owner` (the child session) is recorded
+    beside it, so retention can delete the directory with its session (docs/disk.md)."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if owner is not None:
+        write_owner(root, run_id, owner)
     target = root / run_id
     target.mkdir(mode=0o700, exist_ok=True)
     target.chmod(0o700)
@@ -93,3 +98,21 @@ def write(root: Path, run_id: str, files: list[tuple[str, bytes]]) -> Path:
 def remove(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            owner_file(Path(path).parent, Path(path).name).unlink()
+
+
+# The owner of each attachments directory: `root/.owners/<run_id>` holds the child session
+# key. A leading dot keeps it apart from run ids (which never start with one).
+OWNERS_DIR = ".owners"
+
+
+def owner_file(root: Path, run_id: str) -> Path:
+    return root / OWNERS_DIR / run_id
+
+
+def write_owner(root: Path, run_id: str, owner: str) -> None:
+    (root / OWNERS_DIR).mkdir(exist_ok=True, mode=0o700)
+    fd = os.open(owner_file(root, run_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(owner)

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,19 +46,64 @@ class SubagentEndedHook(Protocol):
 
 
 class JsonlEndedHook:
-    """Appends one JSON line per ended notification (used by tests and for auditing)."""
+    """Appends one JSON line per ended notification (used by tests and for auditing).
 
-    def __init__(self, path: Path) -> None:
+    The file is rotated by size like logging's RotatingFileHandler: past `max_bytes`
+    it becomes `<name>.1`, older files shift up, and only `backups` of them are kept,
+    so the log is bounded (docs/disk.md). Writes happen on one worker thread, in
+    order, never on the event loop.
+    """
+
+    def __init__(self, path: Path, *, max_bytes: int = 10 * 1024 * 1024, backups: int = 3) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
         path.parent.mkdir(parents=True, exist_ok=True)
+        # One thread: lines keep the order of the notifications, rotation needs no lock.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clawgate-ended-hook")
 
-    def on_subagent_ended(self, event: SubagentEnded) -> None:
-        line = json.dumps(asdict(event), separators=(",", ":")) + "\n"
+    def on_subagent_ended(self, event: SubagentEnded) -> Awaitable[None]:
+        line = (json.dumps(asdict(event), separators=(",", ":")) + "\n").encode()
+        return asyncio.get_running_loop().run_in_executor(self._executor, self.write, line)
+
+    def write(self, line: bytes) -> None:
+        if rotation_due(_size(self.path), len(line), self.max_bytes):
+            rotate(self.path, self.backups)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, line.encode())
+            os.write(fd, line)
         finally:
             os.close(fd)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def rotation_due(size: int, incoming: int, max_bytes: int) -> bool:
+    """RotatingFileHandler's rule: rotate before a write that would pass the limit (never an empty file)."""
+    return size > 0 and size + incoming > max_bytes
+
+
+def rotate(path: Path, backups: int) -> None:
+    """`path` -> `path.1` -> ... -> `path.<backups>`; the oldest is dropped."""
+    for i in range(backups - 1, 0, -1):
+        src = path.with_name(f"{path.name}.{i}")
+        if src.exists():
+            os.replace(src, path.with_name(f"{path.name}.{i + 1}"))
+    if path.exists():
+        os.replace(path, path.with_name(f"{path.name}.1"))
+
+
+def log_files(path: Path, backups: int) -> list[Path]:
+    """The log and its rotated files (for disk accounting)."""
+    return [path, *(path.with_name(f"{path.name}.{i}") for i in range(1, backups + 1))]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class RecordingHook:

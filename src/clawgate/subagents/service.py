@@ -156,7 +156,13 @@ class SubagentService:
         self.lease_s = max(settings.subagent_claim_lease_s, settings.ended_hook_timeout_s + 60)
         self.hooks: list[SubagentEndedHook] = []
         if settings.ended_hook_log is not None:
-            self.hooks.append(JsonlEndedHook(settings.ended_hook_log))
+            self.hooks.append(
+                JsonlEndedHook(
+                    settings.ended_hook_log,
+                    max_bytes=settings.ended_hook_log_max_bytes,
+                    backups=settings.ended_hook_log_backups,
+                )
+            )
         self.hook_errors = 0
         self.hook_timeouts = 0
         self.step_retries = 0
@@ -395,7 +401,9 @@ class SubagentService:
         message = params.task
         if files:
             try:
-                rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+                rec.attachments_dir = str(
+                    attachments.write(self.attachments_root, run_id, files, owner=child)
+                )
             except BaseException:
                 attachments.remove(str(self.attachments_root / run_id))
                 raise

@@ -1,0 +1,1 @@
+"""Retention of everything on disk: what is deleted, when, and by which rule (docs/disk.md)."""
