@@ -84,7 +84,11 @@ class Gateway:
             max_connections=settings.max_connections,
         )
         self.sessions = SessionService(
-            self.store, self.clock, self.registry, cache_max=settings.session_cache_max
+            self.store,
+            self.clock,
+            self.registry,
+            cache_max=settings.session_cache_max,
+            cache_max_bytes=settings.session_cache_max_bytes,
         )
         self.runs = RunService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider
@@ -97,7 +101,7 @@ class Gateway:
         self.admission = Admission(
             self.registry,
             max_tracked_runs=settings.max_tracked_runs,
-            memory_budget_bytes=settings.memory_budget_bytes,
+            memory_budget_bytes=settings.effective_memory_budget_bytes(),
         )
         self.subagents.admission_check = self.admission.check
         attempts = getattr(self.provider, "_attempts", None)
@@ -332,7 +336,12 @@ class Gateway:
             },
             "state": self.registry.sizes(),
             "stored": stored,
-            "memory": {"rssBytes": self.admission.sample()},
+            "memory": {
+                "rssBytes": self.admission.sample(),
+                "budgetBytes": self.admission.memory_budget_bytes,
+                "runResultBytes": self.runs.results.bytes,
+                "sessionCacheBytes": self.sessions.cache.bytes,
+            },
             "store": {"kind": self.store.kind},
             "cluster": self.cluster.describe() if self.cluster is not None else None,
             "admission": {

@@ -9,15 +9,30 @@ from clawgate.sessions.keys import agent_id_of, kind_of
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
+from clawgate.state.weigh import record_bytes
 from clawgate.store.base import Store
 from clawgate.store.records import SessionMeta, TranscriptMessage
 
 
 class SessionService:
-    def __init__(self, store: Store, clock: Clock, registry: StateRegistry, *, cache_max: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        cache_max: int,
+        cache_max_bytes: int | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
-        self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
+        self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap(
+            "session_cache",
+            clock,
+            max_size=cache_max,
+            max_bytes=cache_max_bytes,
+            weigh=record_bytes if cache_max_bytes is not None else None,
+        )
         registry.register(self.cache)
 
     async def touch(
