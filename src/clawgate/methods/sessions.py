@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from clawgate.errors import Forbidden, NotFound
+from clawgate.errors import Forbidden, InvalidRequest, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.frames import encode_response
 from clawgate.protocol.schemas import HistoryParams, SessionKeyParams, SessionsListParams, SessionsPatchParams
 from clawgate.server.auth import READ, WRITE
+from clawgate.sessions.history import parse_cursor
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection
@@ -16,14 +18,37 @@ if TYPE_CHECKING:
 
 
 async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryParams) -> dict[str, Any]:
-    messages = await gw.sessions.history(SessionKey(params.session_key), params.limit)
-    out = []
-    for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content, "ts": int(m.ts * 1000)}
-        if m.run_id:
-            item["runId"] = m.run_id
-        out.append(item)
-    return {"sessionKey": params.session_key, "messages": out}
+    """The newest `limit` messages (oldest first) that fit in one frame under maxPayload.
+
+    `truncated` says the byte bound shaped the page (fewer messages than asked, or one
+    cut); `nextCursor`, when present, reads the older messages (sessions/history.py).
+    """
+    try:
+        before = parse_cursor(None if params.cursor is None else str(params.cursor))
+    except ValueError:
+        raise InvalidRequest("invalid chat.history cursor", details={"field": "params.cursor"}) from None
+    page = await gw.sessions.history_page(
+        SessionKey(params.session_key),
+        before=before,
+        limit=params.limit,
+        budget=_history_budget(gw.settings.max_payload_bytes, req_id, params.session_key),
+    )
+    out: dict[str, Any] = {
+        "sessionKey": params.session_key,
+        "messages": page.messages,
+        "truncated": page.truncated,
+    }
+    if page.next_cursor is not None:
+        out["nextCursor"] = page.next_cursor
+    return out
+
+
+def _history_budget(max_payload: int, req_id: str, session_key: str) -> int:
+    """Bytes left for the `messages` list once the largest envelope around it is counted."""
+    envelope = encode_response(
+        req_id, {"sessionKey": session_key, "messages": [], "truncated": False, "nextCursor": "9" * 19}
+    )
+    return max_payload - len(envelope) + len(b"[]")
 
 
 async def list_sessions(

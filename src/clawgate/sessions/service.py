@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from clawgate.ids import SessionKey
+from clawgate.sessions.history import HistoryPage, read_page
 from clawgate.sessions.keys import agent_id_of, kind_of
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
@@ -98,3 +99,9 @@ class SessionService:
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)
+
+    async def history_page(
+        self, key: SessionKey, *, before: int | None, limit: int, budget: int
+    ) -> HistoryPage:
+        """One `chat.history` page: at most `limit` messages whose JSON takes at most `budget` bytes."""
+        return await read_page(self.store, key, before=before, limit=limit, budget=budget)
