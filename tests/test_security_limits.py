@@ -5,7 +5,15 @@ exhaustion, and attachment / state-dir hardening."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import resource
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +22,12 @@ from websockets.asyncio.client import ClientConnection
 
 from clawgate.agent.replycap import TRUNCATED_MARKER
 from clawgate.client import Client, ClientError
+from clawgate.errors import InvalidRequest
+from clawgate.protocol.schemas import Attachment
+from clawgate.server.fdlimit import FD_RESERVE, FdLimitError, ensure_fd_limit, plan_fd_limit
+from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
+from clawgate.server.statedir import StateDirError, check_state_dir
 from clawgate.sessions.history import HISTORY_CLIPPED_MARKER
 from clawgate.settings import (
     MEMORY_BUDGET_CEILING,
@@ -22,8 +35,11 @@ from clawgate.settings import (
     Settings,
     default_memory_budget,
 )
+from clawgate.state.clock import FakeClock
 from clawgate.store.records import TranscriptMessage
-from conftest import GatewayFactory, settle, unique_prefix
+from clawgate.subagents import attachments
+from conftest import GatewayFactory, make_settings, settle, unique_prefix
+from test_settings_cli import CLAWGATE, clean_env, run_cli
 
 MiB = 1024 * 1024
 
@@ -249,3 +265,324 @@ async def test_chat_history_refuses_a_bad_cursor(client: Client, cursor: str) ->
     with pytest.raises(ClientError) as err:
         await client.call("chat.history", {"sessionKey": "agent:main:x", "cursor": cursor})
     assert err.value.code == "INVALID_REQUEST"
+
+
+# -- raw sockets ----------------------------------------------------------------------------------------------
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+HALF_HEAD = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+
+
+def ping_frame(payload: bytes) -> bytes:
+    """A masked client ping (RFC 6455: client frames are masked)."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x89, 0x80 | len(payload)]) + mask + masked
+
+
+async def raw_socket(
+    rg: RunningGateway, first: bytes = b"", *, source: str = "127.0.0.1", rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", rg.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    if first:
+        writer.write(first)
+        await writer.drain()
+    return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True when the gateway closed (or reset) the socket; data it sent first is skipped."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while loop.time() < deadline:
+            chunk = await asyncio.wait_for(reader.read(65536), max(0.01, deadline - loop.time()))
+            if not chunk:
+                return True
+    except TimeoutError:  # before OSError, of which it is a subclass
+        return False
+    except OSError:  # reset
+        return True
+    return False
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, f"{what}: not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for w in writers:
+        w.transport.abort()
+
+
+# -- ping flood ----------------------------------------------------------------------------------------------
+async def test_a_peer_that_pings_and_never_reads_is_dropped(start_gateway: GatewayFactory) -> None:
+    rg = await start_gateway(max_buffered_bytes=64 * 1024)
+    ledger = rg.gateway.sockets
+    _, writer = await raw_socket(rg, UPGRADE, rcvbuf=4096)
+    batch = ping_frame(b"p" * 125) * 500
+    sent = 0
+    with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+        # At most 200,000 pings (26 MB); without the limit every one of them gets a pong queued.
+        while sent < 200_000 and not ledger.ping_floods:
+            writer.write(batch)
+            await asyncio.wait_for(writer.drain(), 10)
+            sent += 500
+    await wait_for(lambda: ledger.ping_floods == 1, "ping flood detected")
+    await wait_for(lambda: ledger.open == 0, "socket released")
+    close_all([writer])
+    # A peer that reads its pongs is not affected.
+    async with websockets.connect(rg.url, ping_interval=None) as ws:
+        for _ in range(200):
+            await ws.ping()
+        assert await asyncio.wait_for(ws.ping(), 5) is not None
+    assert ledger.ping_floods == 1
+
+
+# -- pre-auth exhaustion ---------------------------------------------------------------------------------------
+async def test_half_sent_headers_are_dropped_after_the_header_timeout(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(http_header_timeout_s=5)
+    ledger = rg.gateway.sockets
+    socks = [await raw_socket(rg, HALF_HEAD) for _ in range(3)]
+    await wait_for(lambda: ledger.open == 3 and ledger.pending == 3, "sockets counted")
+    clock.advance(4)
+    await asyncio.sleep(0.05)
+    assert ledger.open == 3  # not before the deadline
+    clock.advance(2)
+    for reader, _ in socks:
+        assert await closed_by_server(reader)
+    await wait_for(lambda: ledger.open == 0 and ledger.pending == 0, "sockets released")
+    assert ledger.header_timeouts == 3
+    close_all([w for _, w in socks])
+
+
+async def test_keep_alive_sockets_get_the_header_deadline_again(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(http_header_timeout_s=5)
+    ledger = rg.gateway.sockets
+    reader, writer = await raw_socket(rg, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(HALF_HEAD)  # then dribble the next request's head, never finishing it
+    await writer.drain()
+    clock.advance(6)
+    assert await closed_by_server(reader)
+    assert ledger.header_timeouts == 1
+    close_all([writer])
+
+
+async def test_accepted_sockets_are_capped_so_descriptors_cannot_run_out(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    rg = await start_gateway(
+        max_connections=4,
+        max_pending_handshakes=4,
+        max_pending_handshakes_per_addr=100,
+        http_header_timeout_s=5,
+    )
+    ledger = rg.gateway.sockets
+    socks = [await raw_socket(rg, HALF_HEAD) for _ in range(30)]
+    await wait_for(lambda: ledger.refused_total == 22, "sockets over the cap dropped")
+    assert ledger.open == 8  # max_connections + max_pending_handshakes
+    dropped = 0
+    for reader, _ in socks:
+        if await closed_by_server(reader, timeout=0.2):
+            dropped += 1
+    assert dropped == 22  # closed at once, not held until some timeout
+    # The held ones are gone after the header timeout, and a client gets in.
+    clock.advance(6)
+    await wait_for(lambda: ledger.open == 0, "held sockets dropped")
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        assert (await c.call("health"))["ok"] is True
+    close_all([w for _, w in socks])
+
+
+async def test_one_address_cannot_take_every_pending_handshake_slot(start_gateway: GatewayFactory) -> None:
+    rg = await start_gateway(max_pending_handshakes=8, max_pending_handshakes_per_addr=4)
+    ledger = rg.gateway.sockets
+    # Another host (127.0.0.2 is loopback too) upgrades ten sockets and never sends `connect`.
+    idle = [await raw_socket(rg, UPGRADE, source="127.0.0.2") for _ in range(10)]
+    await wait_for(lambda: ledger.refused_per_addr == 6, "sockets over the per-address cap dropped")
+    assert ledger.pending_from("127.0.0.2") == 4
+    # This host is not locked out, now.
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        assert (await c.call("health"))["ok"] is True
+        assert ledger.pending_from("127.0.0.1") == 0  # connected: no longer pending
+    close_all([w for _, w in idle])
+    await wait_for(lambda: ledger.open == 0, "sockets released")
+
+
+def test_fd_limit_plan() -> None:
+    inf = resource.RLIM_INFINITY
+    assert plan_fd_limit(soft=4096, hard=4096, needed=1200) is None
+    assert plan_fd_limit(soft=1024, hard=4096, needed=1200) == 1200  # raised up to what is needed
+    assert plan_fd_limit(soft=1024, hard=inf, needed=1200) == 1200
+    with pytest.raises(FdLimitError, match="RLIMIT_NOFILE"):
+        plan_fd_limit(soft=256, hard=1000, needed=1200)
+
+
+def test_the_soft_fd_limit_is_raised_at_start(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    settings = make_settings(tmp_path, max_connections=900, max_pending_handshakes=100)
+    needed = 900 + 100 + FD_RESERVE
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip("the hard limit of this machine is too low")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        assert ensure_fd_limit(settings) == needed
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == needed
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_cli_refuses_max_connections_the_fd_limit_cannot_hold(tmp_path: Path) -> None:
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.run(
+        [
+            CLAWGATE,
+            "gateway",
+            "--port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--set",
+            "max_connections=1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        preexec_fn=low_limit,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "RLIMIT_NOFILE" in proc.stderr
+
+
+# -- attachments and the state dir -----------------------------------------------------------------------------
+def test_attachment_count_is_capped() -> None:
+    many = [Attachment(name=f"f{i}", content="") for i in range(51)]
+    with pytest.raises(InvalidRequest) as err:
+        attachments.prepare(many, 5 * MiB, max_files=50)
+    assert err.value.details == {"field": "params.attachments", "maxFiles": 50}
+    assert len(attachments.prepare(many[:50], 5 * MiB, max_files=50)) == 50
+
+
+async def test_spawn_with_too_many_files_writes_nothing(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    rg = await start_gateway(attachments_max_files=5)
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        with pytest.raises(ClientError) as err:
+            await c.spawn(
+                "agent:main:att", "t", attachments=[{"name": f"e{i}", "content": ""} for i in range(500)]
+            )
+        assert err.value.code == "INVALID_REQUEST"
+        assert err.value.details["maxFiles"] == 5
+        ok = await c.spawn(
+            "agent:main:att", "t", attachments=[{"name": f"e{i}", "content": ""} for i in range(5)]
+        )
+        assert ok["status"] == "accepted"
+        await settle(rg.gateway)
+    runs = list((tmp_path / "state" / "attachments").iterdir())
+    assert [sorted(p.name for p in d.iterdir()) for d in runs] == [[f"e{i}" for i in range(5)]]
+
+
+async def test_attachments_are_not_written_through_a_planted_link(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    rg = await start_gateway()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "state" / "attachments").symlink_to(elsewhere)  # planted after start
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        with pytest.raises(ClientError) as err:
+            await c.spawn("agent:main:att", "t", attachments=[{"name": "a.txt", "content": "secret"}])
+        assert err.value.code == "UNAVAILABLE"
+        assert (await c.call("health"))["ok"] is True
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_write_refuses_a_linked_run_directory(tmp_path: Path) -> None:
+    root = tmp_path / "att"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "run-1").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        attachments.write(root, "run-1", [("a.txt", b"x")])
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["clawgate.db", "clawgate.db-wal", "attachments"])
+def test_gateway_refuses_a_link_in_its_state_dir(tmp_path: Path, name: str) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    target = tmp_path / "target"
+    target.mkdir() if name == "attachments" else target.write_bytes(b"")
+    (state / name).symlink_to(target)
+    with pytest.raises(StateDirError, match="symbolic link"):
+        Gateway(make_settings(tmp_path))
+
+
+def test_gateway_refuses_a_link_inside_attachments(tmp_path: Path) -> None:
+    run = tmp_path / "state" / "attachments" / "run-1"
+    run.mkdir(parents=True)
+    (run / "a.txt").symlink_to("/etc/hostname")
+    with pytest.raises(StateDirError, match="symbolic link"):
+        check_state_dir(tmp_path / "state")
+
+
+def test_state_dir_of_another_user_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    with pytest.raises(StateDirError, match="not by the gateway's user"):
+        check_state_dir(tmp_path / "state", uid=os.geteuid() + 1)
+
+
+def test_cli_exits_2_on_an_unsafe_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "clawgate.db").symlink_to(tmp_path / "elsewhere.db")
+    proc = run_cli("gateway", "--port", "0", "--state-dir", str(state))
+    assert proc.returncode == 2, proc.stderr
+    assert "symbolic link" in proc.stderr
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
+async def test_modes_of_existing_state_files_are_fixed_at_start(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    run = state / "attachments" / "old-run"
+    run.mkdir(parents=True)
+    (run / "a.txt").write_bytes(b"x")
+    (state / "clawgate.db").write_bytes(b"")
+    for path, mode in ((state, 0o755), (state / "attachments", 0o755), (run, 0o755)):
+        path.chmod(mode)
+    (run / "a.txt").chmod(0o644)
+    (state / "clawgate.db").chmod(0o644)
+    await start_gateway()
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (state, state / "attachments", run)} == {
+        "state": 0o700,
+        "attachments": 0o700,
+        "old-run": 0o700,
+    }
+    assert stat.S_IMODE((run / "a.txt").stat().st_mode) == 0o600
+    assert stat.S_IMODE((state / "clawgate.db").stat().st_mode) == 0o600

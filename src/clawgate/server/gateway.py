@@ -29,6 +29,8 @@ from clawgate.providers.factory import make_provider
 from clawgate.runs.service import RunService
 from clawgate.server.auth import authorize, require
 from clawgate.server.connection import Connection
+from clawgate.server.sockets import SocketLedger, max_sockets
+from clawgate.server.statedir import StateDirError, check_state_dir
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, SystemClock
@@ -130,6 +132,11 @@ class Gateway:
         self.started_at = time.monotonic()
         self.server_id = uuid.uuid4().hex[:8]
         self.pending_handshakes = 0
+        # Every accepted socket, before and after it becomes a connection (server/protocols.py).
+        self.sockets = SocketLedger(
+            max_sockets=max_sockets(settings),
+            max_pending_per_addr=settings.max_pending_handshakes_per_addr,
+        )
         self.slow_consumers = 0
         self.internal_errors = 0
         self.started = False
@@ -221,7 +228,10 @@ class Gateway:
             return "gateway stopping"
         if len(self.connections) >= self.settings.max_connections:
             return "too many connections"
-        if self.pending_handshakes >= self.settings.max_pending_handshakes:
+        # Sockets still before `connect` count whatever they reached (an HTTP head included);
+        # the one asking is one of them.
+        pending = max(self.pending_handshakes, self.sockets.pending - 1)
+        if pending >= self.settings.max_pending_handshakes:
             return "too many pending handshakes"
         return None
 
@@ -385,10 +395,8 @@ class Gateway:
 
 
 def prepare_state_dir(settings: Settings) -> None:
-    path = settings.state_path
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(OSError):
-        path.chmod(0o700)
+    """Create the state dir, refuse one that is not safe to use, tighten modes (server/statedir.py)."""
+    check_state_dir(settings.state_path, store_is_sqlite=settings.store_kind == "sqlite")
 
 
-__all__ = ["Forbidden", "Gateway", "Unavailable"]
+__all__ = ["Forbidden", "Gateway", "StateDirError", "Unavailable"]

@@ -11,18 +11,22 @@ from typing import Any
 import uvicorn
 
 from clawgate.server.app import create_app
+from clawgate.server.fdlimit import ensure_fd_limit
 from clawgate.server.gateway import Gateway
+from clawgate.server.protocols import guarded_protocols
 
 
 def uvicorn_config(gateway: Gateway, app: Any, sock: socket.socket | None = None) -> uvicorn.Config:
     s = gateway.settings
+    # h11 and websockets-sansio, with the socket ledger, header timeout and pong accounting.
+    http, ws = guarded_protocols(gateway)
     return uvicorn.Config(
         app,
         host=s.bind,
         port=s.port,
-        ws="websockets-sansio",
+        ws=ws,
         loop="none",
-        http="h11",
+        http=http,
         lifespan="off",
         log_level="warning",
         access_log=False,
@@ -69,6 +73,7 @@ class RunningGateway:
         if not settings.is_loopback_bind() and not settings.token:
             # PROTOCOL.md: without a token the gateway only binds loopback, however it is started.
             raise RuntimeError(f"refusing to bind {settings.bind!r} without a token")
+        ensure_fd_limit(settings)
         # Bind before starting anything: a busy port must not leave a started gateway behind.
         sock = _listen_socket(settings.bind, settings.port)
         self.port = sock.getsockname()[1]

@@ -24,7 +24,7 @@ import msgspec
 import structlog
 
 from clawgate.agent.tools import SESSIONS_SPAWN_SPEC, Tool, ToolCallContext
-from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError
+from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.schemas import SpawnParams
@@ -232,7 +232,11 @@ class SubagentService:
                     "maxChildrenPerAgent": self.settings.max_children_per_agent,
                 },
             )
-        files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
+        files = attachments.prepare(
+            params.attachments or [],
+            self.settings.attachments_max_bytes,
+            self.settings.attachments_max_files,
+        )
         agent_id = params.agent_id or agent_id_of(requester)
         child = subagent_key(agent_id)
         now = self.clock.time()
@@ -253,7 +257,14 @@ class SubagentService:
         message = params.task
         if files:
             try:
-                rec.attachments_dir = str(attachments.write(self.attachments_root, run_id, files))
+                # Off the event loop: file creation is blocking I/O, and slow on a busy disk.
+                written = await asyncio.to_thread(attachments.write, self.attachments_root, run_id, files)
+                rec.attachments_dir = str(written)
+            except OSError as exc:
+                # E.g. ELOOP: a link planted in the state dir, which is not followed.
+                attachments.remove(str(self.attachments_root / run_id))
+                log.error("cannot write attachments", run_id=run_id, error=exc.strerror)
+                raise Unavailable(f"cannot store attachments: {exc.strerror}", retry_after_ms=1000) from None
             except BaseException:
                 attachments.remove(str(self.attachments_root / run_id))
                 raise
