@@ -39,6 +39,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.store.records import TranscriptMessage
 from clawgate.subagents import attachments
 from conftest import GatewayFactory, make_settings, settle, unique_prefix
+from openai_stub import StubBehaviour, run_stub
 from test_settings_cli import CLAWGATE, clean_env, run_cli
 
 MiB = 1024 * 1024
@@ -586,3 +587,19 @@ async def test_modes_of_existing_state_files_are_fixed_at_start(
     }
     assert stat.S_IMODE((run / "a.txt").stat().st_mode) == 0o600
     assert stat.S_IMODE((state / "clawgate.db").stat().st_mode) == 0o600
+
+
+async def test_openai_tool_call_arguments_are_bounded_too(start_gateway: GatewayFactory) -> None:
+    # Text is cut by the agent loop; streamed tool-call arguments are buffered by the provider
+    # until the turn ends, so an endless argument string must end the run instead.
+    behaviour = StubBehaviour(tool_arguments_raw=json.dumps({"task": "x" * 200_000}))
+    async with run_stub(behaviour) as base_url:
+        rg = await start_gateway(
+            provider="openai", openai_base_url=base_url, openai_model="stub", max_reply_bytes=4096
+        )
+        async with Client(rg.url, max_reconnect_attempts=0) as c:
+            final = await c.run_agent("please call-tool", idempotency_key="oa-big-args")
+            assert final["status"] == "error"
+            assert "maxReplyBytes" in final["error"]
+            assert rg.gateway.subagents.active_children("agent:main:main") == 0
+        await rg.stop()
