@@ -424,8 +424,10 @@ async def test_one_address_cannot_take_every_pending_handshake_slot(start_gatewa
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         assert (await c.call("health"))["ok"] is True
         assert ledger.pending_from("127.0.0.1") == 0  # connected: no longer pending
+    assert rg.gateway.registry.sizes()["pending_addresses"] == 1
     close_all([w for _, w in idle])
     await wait_for(lambda: ledger.open == 0, "sockets released")
+    assert rg.gateway.registry.sizes()["pending_addresses"] == 0
 
 
 def test_fd_limit_plan() -> None:

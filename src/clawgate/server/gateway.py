@@ -137,6 +137,10 @@ class Gateway:
             max_sockets=max_sockets(settings),
             max_pending_per_addr=settings.max_pending_handshakes_per_addr,
         )
+        # Keyed by peer address; an entry lives while that address has a pending socket.
+        self.registry.add(
+            "pending_addresses", self.sockets.addresses, ttl_s=None, max_size=max_sockets(settings)
+        )
         self.slow_consumers = 0
         self.internal_errors = 0
         self.started = False

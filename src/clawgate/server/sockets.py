@@ -74,6 +74,10 @@ class SocketLedger:
             self._add_pending(slot.addr, -1)
         slot.phase = "closed"
 
+    def addresses(self) -> int:
+        """Addresses with a pending socket (the size of the per-address map)."""
+        return len(self._pending_by_addr)
+
     def pending_from(self, addr: str) -> int:
         return self._pending_by_addr.get(addr, 0)
 
