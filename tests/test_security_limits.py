@@ -20,13 +20,14 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from clawgate.agent.replycap import TRUNCATED_MARKER
+from clawgate.agent.replycap import TRUNCATED_MARKER, ReplyCap
 from clawgate.client import Client, ClientError
 from clawgate.errors import InvalidRequest
 from clawgate.protocol.schemas import Attachment
 from clawgate.server.fdlimit import FD_RESERVE, FdLimitError, ensure_fd_limit, plan_fd_limit
 from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
+from clawgate.server.sockets import SocketLedger
 from clawgate.server.statedir import StateDirError, check_state_dir
 from clawgate.sessions.history import HISTORY_CLIPPED_MARKER
 from clawgate.settings import (
@@ -605,3 +606,38 @@ async def test_openai_tool_call_arguments_are_bounded_too(start_gateway: Gateway
             assert "maxReplyBytes" in final["error"]
             assert rg.gateway.subagents.active_children("agent:main:main") == 0
         await rg.stop()
+
+
+# -- pure parts ------------------------------------------------------------------------------------------------
+def test_socket_ledger_counts_from_accept_to_close() -> None:
+    ledger = SocketLedger(max_sockets=3, max_pending_per_addr=2)
+    a1, a2 = ledger.admit("a"), ledger.admit("a")
+    assert a1 is not None and a2 is not None
+    assert ledger.admit("a") is None and ledger.refused_per_addr == 1  # third pending from "a"
+    b = ledger.admit("b")
+    assert b is not None
+    assert ledger.admit("c") is None and ledger.refused_total == 1  # three open
+    ledger.move(a1, "handshake")
+    assert ledger.pending == 3  # still pending after the upgrade
+    ledger.move(a1, "open")
+    assert (ledger.pending, ledger.pending_from("a")) == (2, 1)
+    ledger.release(a1)
+    ledger.release(a1)  # idempotent
+    ledger.move(a1, "head")  # a closed slot stays closed
+    assert (ledger.open, ledger.pending) == (2, 2)
+    ledger.release(a2)
+    ledger.release(b)
+    assert (ledger.open, ledger.pending, ledger.addresses()) == (0, 0, 0)
+
+
+def test_reply_cap_forgets_a_retried_attempt() -> None:
+    cap = ReplyCap(10)
+    assert cap.take("12345678") == "12345678"
+    mark = cap.used
+    assert cap.take("abc") == "ab" + TRUNCATED_MARKER and cap.truncated
+    cap.rewind(mark)  # the attempt failed and is retried: its text is not part of the reply
+    assert not cap.truncated
+    assert cap.take("xy") == "xy"
+    assert cap.take("z") == TRUNCATED_MARKER
+    assert cap.take("more") == ""
+    assert ReplyCap(None).take("anything") == "anything"
