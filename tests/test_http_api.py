@@ -319,6 +319,8 @@ async def test_failed_auth_is_rate_limited_per_address(gw: RunningGateway) -> No
         assert r.status_code == 429
         assert int(r.headers["Retry-After"]) > 0
         gw.gateway.clock.advance(301)  # type: ignore[attr-defined]
+    # A new client: the header timeout (on the same fake clock) closed the idle keep-alive socket.
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30, headers={"Origin": gw.http_url}) as http:
         assert (await http.get("/v1/runs/x", headers=auth())).status_code == 404
 
 

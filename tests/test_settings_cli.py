@@ -153,7 +153,7 @@ def test_defaults_are_the_documented_numbers(monkeypatch: pytest.MonkeyPatch) ->
         "bind": "127.0.0.1",
         "port": 18789,
         "token": None,
-        "memory_budget_bytes": 0,
+        "memory_budget_bytes": None,  # derived from the machine at start
     }
     assert {k: getattr(s, k) for k in documented} == documented
     assert s.announce_retry_delays_s == [1.0, 2.0, 4.0, 8.0]

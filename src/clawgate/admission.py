@@ -1,9 +1,9 @@
 """Admission control: refuse new runs (UNAVAILABLE, retryable) instead of growing until the OOM killer.
 
 Three signals: entries tracked per run (`max_tracked_runs`), process RSS
-(`memory_budget_bytes`, 0 disables) and the disk (`disk_budget_bytes`,
-`disk_free_min_bytes`; retention/disk.py). RSS is sampled in the background, not per
-request, so the check on the hot path is two comparisons.
+(`memory_budget_bytes`, derived from the machine's RAM unless set; 0 disables) and the
+disk (`disk_budget_bytes`, `disk_free_min_bytes`; retention/disk.py). RSS is sampled in
+the background, not per request, so the check on the hot path is two comparisons.
 """
 
 from __future__ import annotations

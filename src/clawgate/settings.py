@@ -140,7 +140,9 @@ class Settings(BaseSettings):
     dedupe_max: int = Field(1000, ge=1)
     session_cache_max: int = Field(10000, ge=1)
     max_tracked_runs: int = Field(50000, ge=1)
-    memory_budget_bytes: int = Field(0, ge=0, description="0 disables the RSS check")
+    # RSS over which new runs are refused (UNAVAILABLE). None (the default): derived from the
+    # machine at start, see `default_memory_budget`; 0 disables the check.
+    memory_budget_bytes: int | None = Field(None, ge=0)
     max_payload_bytes: int = Field(524288, ge=1024)
     max_buffered_bytes: int = Field(1572864, ge=1024)
     max_connections: int = Field(1024, ge=1)
@@ -169,6 +171,23 @@ class Settings(BaseSettings):
     # removed in O(1) when it ends or its connection closes; these caps bound how many exist.
     max_waiters_per_run: int = Field(1024, ge=1, description="beyond: UNAVAILABLE (retryable)")
     max_waiters_per_connection: int = Field(1024, ge=1, description="beyond: FORBIDDEN")
+
+    # --- byte bounds and pre-auth limits (docs/security.md) ----------------------------
+    # Provider output kept per run (UTF-8 bytes, all turns): a longer reply is cut there and
+    # ends with a visible "[reply truncated ...]" marker; the run still ends `ok`.
+    max_reply_bytes: int = Field(1024 * 1024, ge=1024)
+    # Bytes of the finished runs cached for `agent.wait` and retries (run_result_max counts them).
+    run_result_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Bytes of session metadata cached in memory (session_cache_max counts the entries).
+    session_cache_max_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Time for a new socket to send its complete HTTP request head (WebSocket upgrade or
+    # /healthz): a peer dribbling half a header is dropped, and holds no slot past it.
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    # Sockets from one address that have not completed the `connect` handshake (HTTP head
+    # included): one host cannot take every pending slot.
+    max_pending_handshakes_per_addr: int = Field(32, ge=1)
+    # Files per spawn (OpenClaw: 50); attachments_max_bytes bounds their total size.
+    attachments_max_files: int = Field(50, ge=0)
 
     # --- runs and subagents -----------------------------------------------------------
     default_run_timeout_s: float = Field(600.0, gt=0)
@@ -270,6 +289,14 @@ class Settings(BaseSettings):
     def is_loopback_bind(self) -> bool:
         return is_loopback(self.bind)
 
+    def effective_memory_budget_bytes(self) -> int:
+        """The RSS budget in force: the setting, or one derived from total RAM when unset."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        import psutil
+
+        return default_memory_budget(int(psutil.virtual_memory().total))
+
     def abort_ttl_s(self, timeout_s: float) -> float:
         """How long an abort handle may live: timeout + grace, clamped (DESIGN.md section 3)."""
         return min(max(timeout_s + self.abort_grace_s, self.abort_ttl_min_s), self.abort_ttl_max_s)
@@ -283,6 +310,22 @@ class Settings(BaseSettings):
             if entry.get("token"):
                 entry["token"] = "***"
         return data
+
+
+MEMORY_BUDGET_FRACTION = 0.5
+MEMORY_BUDGET_FLOOR = 512 * 1024 * 1024
+MEMORY_BUDGET_CEILING = 16 * 1024 * 1024 * 1024
+
+
+def default_memory_budget(total_ram: int) -> int:
+    """Half of the machine's RAM, at least 512 MiB and at most 16 GiB (never more than the RAM).
+
+    Half leaves room for the OS, the store and other processes; the floor keeps a small VM
+    usable; the ceiling stops a big host from letting one gateway grow without a bound
+    anybody would notice.
+    """
+    budget = int(total_ram * MEMORY_BUDGET_FRACTION)
+    return min(max(budget, MEMORY_BUDGET_FLOOR), MEMORY_BUDGET_CEILING, total_ram)
 
 
 def is_loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from clawgate.agent.replycap import ReplyCap
 from clawgate.agent.tools import Tool, ToolCallContext
 from clawgate.errors import ClawgateError, ProviderError
 from clawgate.providers.backoff import backoff_delay
@@ -78,8 +79,15 @@ async def run_agent(
     max_tool_rounds: int,
     max_retries: int,
     retry: RetryPolicy | None = None,
+    max_reply_bytes: int | None = None,
 ) -> str:
-    """Returns the final assistant text. Raises ProviderError when the provider fails for good."""
+    """Returns the final assistant text. Raises ProviderError when the provider fails for good.
+
+    With `max_reply_bytes`, the text of the whole run (every turn) is cut at that many
+    UTF-8 bytes and ends with `replycap.TRUNCATED_MARKER`; the run then ends at once
+    (pending tool calls are dropped), successfully, with what it had.
+    """
+    cap = ReplyCap(max_reply_bytes)
     messages: list[ChatMessage] = []
     if inp.system_prompt:
         messages.append(ChatMessage(role="system", content=inp.system_prompt))
@@ -92,10 +100,10 @@ async def run_agent(
             messages=messages, model=inp.model, tools=specs, run_id=inp.run_id, session_key=inp.session_key
         )
         calls, turn_text = await _turn_with_retries(
-            provider, request, emit, text, retry or RetryPolicy(max_retries)
+            provider, request, emit, text, retry or RetryPolicy(max_retries), cap
         )
         text += turn_text
-        if not calls:
+        if not calls or cap.truncated:
             return text
         messages.append(ChatMessage(role="assistant", content=turn_text, tool_calls=calls))
         for call in calls:
@@ -107,22 +115,29 @@ async def run_agent(
 
 
 async def _turn_with_retries(
-    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str, retry: RetryPolicy
+    provider: Provider,
+    request: ProviderRequest,
+    emit: Emitter,
+    text_so_far: str,
+    retry: RetryPolicy,
+    cap: ReplyCap,
 ) -> tuple[list[ToolCall], str]:
     attempt = 0
     while True:
+        mark = cap.used
         try:
-            return await _turn(provider, request, emit, text_so_far)
+            return await _turn(provider, request, emit, text_so_far, cap)
         except ProviderError as exc:
             if not exc.retryable or attempt >= retry.max_retries:
                 raise
             attempt += 1
+            cap.rewind(mark)  # the failed attempt's text is not part of the reply
             emit.retrying(exc.message)
             await retry.wait(attempt, exc)
 
 
 async def _turn(
-    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str
+    provider: Provider, request: ProviderRequest, emit: Emitter, text_so_far: str, cap: ReplyCap
 ) -> tuple[list[ToolCall], str]:
     calls: list[ToolCall] = []
     turn_text = ""
@@ -132,9 +147,14 @@ async def _turn(
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                if event.text:
-                    turn_text += event.text
-                    emit.assistant(event.text, text_so_far + turn_text)
+                delta = cap.take(event.text)
+                if delta:
+                    turn_text += delta
+                    emit.assistant(delta, text_so_far + turn_text)
+                if cap.truncated:
+                    # Stop reading: the provider's stream is closed below, so a runaway
+                    # reply costs no more memory or bandwidth than the cap.
+                    break
             elif isinstance(event, ToolCallRequest):
                 calls.append(event.call)
             elif isinstance(event, Finished):

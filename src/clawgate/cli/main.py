@@ -172,12 +172,20 @@ def gateway(
             err.print(f"[red]{problem}[/red]")
         raise typer.Exit(2)
     logs.configure(settings.log_level, json=settings.log_json)
-    from clawgate.server.gateway import Gateway
+    from clawgate.server.fdlimit import FdLimitError, ensure_fd_limit
+    from clawgate.server.gateway import Gateway, StateDirError
     from clawgate.server.serve import serve_forever
 
+    try:
+        # Refused here, before anything opens: a configuration that cannot hold under load.
+        ensure_fd_limit(settings)
+        gateway = Gateway(settings)
+    except (FdLimitError, StateDirError) as exc:
+        err.print(f"[red]refusing to start:[/red] {exc}")
+        raise typer.Exit(2) from None
     _install_uvloop()
     try:
-        code = asyncio.run(serve_forever(Gateway(settings)))
+        code = asyncio.run(serve_forever(gateway))
     except OSError as exc:
         err.print(f"[red]cannot listen on {settings.bind}:{settings.port}:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.clip import clip
-from clawgate.errors import Forbidden, NotFound
+from clawgate.errors import Forbidden, InvalidRequest, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.frames import encode_response
 from clawgate.protocol.schemas import (
     HistoryParams,
     SessionKeyParams,
@@ -16,6 +17,7 @@ from clawgate.protocol.schemas import (
     SessionsPatchParams,
 )
 from clawgate.server.auth import ADMIN, READ, WRITE
+from clawgate.sessions.history import parse_cursor
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection
@@ -23,20 +25,43 @@ if TYPE_CHECKING:
 
 
 async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryParams) -> dict[str, Any]:
-    messages = await gw.sessions.history(SessionKey(params.session_key), params.limit)
-    out = []
-    for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content, "ts": int(m.ts * 1000)}
-        if m.run_id:
-            item["runId"] = m.run_id
-        out.append(item)
-    result: dict[str, Any] = {"sessionKey": params.session_key, "messages": out}
-    # Retention dropped the oldest messages of this transcript (session_max_messages/_bytes).
+    """The newest `limit` messages (oldest first) that fit in one frame under maxPayload.
+
+    `truncated` says the reader is not seeing the whole history: the byte bound shaped the
+    page (fewer messages than asked, or one cut; `nextCursor`, when present, reads the older
+    messages, sessions/history.py), or retention dropped the oldest messages of the
+    transcript (`droppedMessages`, session_max_messages / session_max_bytes).
+    """
+    try:
+        before = parse_cursor(None if params.cursor is None else str(params.cursor))
+    except ValueError:
+        raise InvalidRequest("invalid chat.history cursor", details={"field": "params.cursor"}) from None
+    page = await gw.sessions.history_page(
+        SessionKey(params.session_key),
+        before=before,
+        limit=params.limit,
+        budget=_history_budget(gw.settings.max_payload_bytes, req_id, params.session_key),
+    )
+    out: dict[str, Any] = {
+        "sessionKey": params.session_key,
+        "messages": page.messages,
+        "truncated": page.truncated,
+    }
+    if page.next_cursor is not None:
+        out["nextCursor"] = page.next_cursor
     dropped = await gw.sessions.dropped(SessionKey(params.session_key))
-    result["truncated"] = dropped > 0
     if dropped:
-        result["droppedMessages"] = dropped
-    return result
+        out["truncated"] = True
+        out["droppedMessages"] = dropped
+    return out
+
+
+def _history_budget(max_payload: int, req_id: str, session_key: str) -> int:
+    """Bytes left for the `messages` list once the largest envelope around it is counted."""
+    envelope = encode_response(
+        req_id, {"sessionKey": session_key, "messages": [], "truncated": False, "nextCursor": "9" * 19}
+    )
+    return max_payload - len(envelope) + len(b"[]")
 
 
 async def list_sessions(

@@ -91,6 +91,8 @@ class ChatAbortParams(_Params):
 class HistoryParams(_Params):
     session_key: SessionKeyStr
     limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 200
+    # The `nextCursor` of the previous page (older messages); OpenClaw names it the same.
+    cursor: Annotated[str, msgspec.Meta(max_length=32)] | Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class SessionsListParams(_Params):

@@ -37,5 +37,6 @@ def make_base_provider(settings: Settings, clock: Clock) -> Provider:
             model=settings.openai_model,
             api_key=settings.openai_api_key,
             timeout_s=settings.openai_timeout_s,
+            max_output_bytes=settings.max_reply_bytes,
         )
     raise ValueError(f"unknown provider {settings.provider!r}")

@@ -42,6 +42,10 @@ class _PartialCall:
     arguments: list[str] = field(default_factory=list)
 
 
+# Tool calls buffered in one turn (each index is a new partial call): a bound, far above real use.
+MAX_TOOL_CALLS_PER_TURN = 64
+
+
 def to_openai_message(message: ChatMessage) -> ChatCompletionMessageParam:
     """Convert one ChatMessage to the chat completions wire format."""
     role = message.role
@@ -131,8 +135,18 @@ def _assemble(partials: dict[int, _PartialCall]) -> list[ToolCall]:
 class OpenAIProvider:
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str, timeout_s: float = 120) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str,
+        timeout_s: float = 120,
+        max_output_bytes: int | None = None,
+    ) -> None:
         self.model = model
+        # Text is cut by the agent loop; tool-call arguments are buffered here until the turn
+        # ends, so they get the same bound (and so does the number of calls in one turn).
+        self.max_output_bytes = max_output_bytes
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
@@ -143,6 +157,7 @@ class OpenAIProvider:
         partials: dict[int, _PartialCall] = {}
         finish_reason: str | None = None
         usage: Usage | None = None
+        buffered = 0
         try:
             stream = await self._client.chat.completions.create(
                 model=request.model or self.model,
@@ -162,6 +177,10 @@ class OpenAIProvider:
                     if delta.content:
                         yield TextDelta(delta.content)
                     for frag in delta.tool_calls or ():
+                        if frag.index not in partials and len(partials) >= MAX_TOOL_CALLS_PER_TURN:
+                            raise ProviderError(
+                                f"provider sent more than {MAX_TOOL_CALLS_PER_TURN} tool calls in one turn"
+                            )
                         part = partials.setdefault(frag.index, _PartialCall())
                         if frag.id:
                             part.id = frag.id
@@ -169,6 +188,12 @@ class OpenAIProvider:
                             if frag.function.name and not part.name:
                                 part.name = frag.function.name
                             if frag.function.arguments:
+                                buffered += len(frag.function.arguments.encode("utf-8", "surrogatepass"))
+                                if self.max_output_bytes is not None and buffered > self.max_output_bytes:
+                                    raise ProviderError(
+                                        "provider tool-call arguments exceed maxReplyBytes "
+                                        f"({self.max_output_bytes} bytes)"
+                                    )
                                 part.arguments.append(frag.function.arguments)
                     if choice.finish_reason:
                         finish_reason = choice.finish_reason

@@ -3,8 +3,8 @@
 Records and their lives (DESIGN.md section 3):
   - `runs_active`  (Run, per run):  accepted -> ended; deadline = timeout + grace, clamped,
                                    so even a run whose end is lost cannot stay forever.
-  - `run_results`  (RunRecord):     ended -> run_result_ttl_s (max run_result_max), for
-                                   `agent.wait` and idempotent retries.
+  - `run_results`  (RunRecord):     ended -> run_result_ttl_s (max run_result_max entries and
+                                   run_result_max_bytes), for `agent.wait` and idempotent retries.
   - `session_lanes`, `lane_workers`: exist only while a session has work.
   - run contexts and watchers live in the event bus and end with the run.
 A run is durable (in the store) before it is acknowledged as accepted, and its
@@ -38,6 +38,7 @@ from clawgate.settings import Settings
 from clawgate.state.clock import Clock, Timer
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
+from clawgate.state.weigh import record_bytes
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord
 
@@ -113,7 +114,13 @@ class RunService:
             on_expire=self._on_active_expired,
         )
         self.results: TTLMap[RunId, RunRecord] = TTLMap(
-            "run_results", clock, ttl_s=settings.run_result_ttl_s, max_size=settings.run_result_max
+            "run_results",
+            clock,
+            ttl_s=settings.run_result_ttl_s,
+            max_size=settings.run_result_max,
+            # Entries alone do not bound memory: each result holds a reply of up to maxReplyBytes.
+            max_bytes=settings.run_result_max_bytes,
+            weigh=record_bytes,
         )
         registry.register(self.active, per_run=True)
         registry.register(self.results)
@@ -400,6 +407,7 @@ class RunService:
                         self.clock.sleep,
                         self.provider_retries,
                     ),
+                    max_reply_bytes=self.settings.max_reply_bytes,
                 )
             except ProviderError as exc:
                 rec.usage = self._usage(rec, emitter)

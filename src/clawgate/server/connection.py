@@ -23,6 +23,7 @@ from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
 from clawgate.server.origin import BROWSER_SCOPE_KEY
+from clawgate.server.protocols import SLOT_SCOPE_KEY
 from clawgate.server.ratelimit import TokenBucket
 from clawgate.server.sendbuffer import SendBuffer
 from clawgate.state.clock import Timer
@@ -243,6 +244,9 @@ class Connection:
             return False
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        slot = self.ws.scope.get(SLOT_SCOPE_KEY)
+        if slot is not None:
+            self.gw.sockets.move(slot, "open")  # no longer a pending socket of its address
         self.respond(req_id, hello)
         return True
 

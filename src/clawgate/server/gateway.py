@@ -38,6 +38,8 @@ from clawgate.server.authlimit import AuthFailureLimiter, peer_key
 from clawgate.server.connection import Connection
 from clawgate.server.credentials import load_credentials
 from clawgate.server.peerlog import PeerLog
+from clawgate.server.sockets import SocketLedger, max_sockets
+from clawgate.server.statedir import StateDirError, check_state_dir
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings, is_loopback
 from clawgate.state.clock import Clock, SystemClock
@@ -138,7 +140,11 @@ class Gateway:
             max_session_subscriptions=settings.max_session_subscriptions,
         )
         self.sessions = SessionService(
-            self.store, self.clock, self.registry, cache_max=settings.session_cache_max
+            self.store,
+            self.clock,
+            self.registry,
+            cache_max=settings.session_cache_max,
+            cache_max_bytes=settings.session_cache_max_bytes,
         )
         self.runs = RunService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider
@@ -171,7 +177,7 @@ class Gateway:
         self.admission = Admission(
             self.registry,
             max_tracked_runs=settings.max_tracked_runs,
-            memory_budget_bytes=settings.memory_budget_bytes,
+            memory_budget_bytes=settings.effective_memory_budget_bytes(),
         )
         self.admission.disk_reason = self.disk.reason
         self.subagents.admission_check = self.admission.check
@@ -200,6 +206,15 @@ class Gateway:
         self.started_at = time.monotonic()
         self.server_id = uuid.uuid4().hex[:8]
         self.pending_handshakes = 0
+        # Every accepted socket, before and after it becomes a connection (server/protocols.py).
+        self.sockets = SocketLedger(
+            max_sockets=max_sockets(settings),
+            max_pending_per_addr=settings.max_pending_handshakes_per_addr,
+        )
+        # Keyed by peer address; an entry lives while that address has a pending socket.
+        self.registry.add(
+            "pending_addresses", self.sockets.addresses, ttl_s=None, max_size=max_sockets(settings)
+        )
         self.slow_consumers = 0
         self.internal_errors = 0
         self.started = False
@@ -302,7 +317,10 @@ class Gateway:
             return "gateway stopping"
         if len(self.connections) >= self.settings.max_connections:
             return "too many connections"
-        if self.pending_handshakes >= self.settings.max_pending_handshakes:
+        # Sockets still before `connect` count whatever they reached (an HTTP head included);
+        # the one asking is one of them.
+        pending = max(self.pending_handshakes, self.sockets.pending - 1)
+        if pending >= self.settings.max_pending_handshakes:
             return "too many pending handshakes"
         return None
 
@@ -434,7 +452,12 @@ class Gateway:
             },
             "state": self.registry.sizes(),
             "stored": stored,
-            "memory": {"rssBytes": self.admission.sample()},
+            "memory": {
+                "rssBytes": self.admission.sample(),
+                "budgetBytes": self.admission.memory_budget_bytes,
+                "runResultBytes": self.runs.results.bytes,
+                "sessionCacheBytes": self.sessions.cache.bytes,
+            },
             "disk": await self._disk_status(),
             "store": {"kind": self.store.kind},
             "cluster": self.cluster.describe() if self.cluster is not None else None,
@@ -508,10 +531,8 @@ class Gateway:
 
 
 def prepare_state_dir(settings: Settings) -> None:
-    path = settings.state_path
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(OSError):
-        path.chmod(0o700)
+    """Create the state dir, refuse one that is not safe to use, tighten modes (server/statedir.py)."""
+    check_state_dir(settings.state_path, store_is_sqlite=settings.store_kind == "sqlite")
 
 
-__all__ = ["Forbidden", "Gateway", "Unavailable"]
+__all__ = ["Forbidden", "Gateway", "StateDirError", "Unavailable"]

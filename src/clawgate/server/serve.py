@@ -12,18 +12,22 @@ import uvicorn
 
 from clawgate.server.app import create_app
 from clawgate.server.credentials import exposure_problems
+from clawgate.server.fdlimit import ensure_fd_limit
 from clawgate.server.gateway import Gateway
+from clawgate.server.protocols import guarded_protocols
 
 
 def uvicorn_config(gateway: Gateway, app: Any, sock: socket.socket | None = None) -> uvicorn.Config:
     s = gateway.settings
+    # h11 and websockets-sansio, with the socket ledger, header timeout and pong accounting.
+    http, ws = guarded_protocols(gateway)
     return uvicorn.Config(
         app,
         host=s.bind,
         port=s.port,
-        ws="websockets-sansio",
+        ws=ws,
         loop="none",
-        http="h11",
+        http=http,
         lifespan="off",
         log_level="warning",
         access_log=False,
@@ -72,6 +76,7 @@ class RunningGateway:
             # Without a token the gateway only binds loopback, and off loopback tokens must be
             # strong, however it is started.
             raise RuntimeError("; ".join(problems))
+        ensure_fd_limit(settings)
         # Bind before starting anything: a busy port must not leave a started gateway behind.
         sock = _listen_socket(settings.bind, settings.port)
         self.port = sock.getsockname()[1]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 
 from clawgate.ids import SessionKey
+from clawgate.sessions.history import HistoryPage, read_page
 from clawgate.sessions.keys import agent_id_of, kind_of
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
+from clawgate.state.weigh import record_bytes
 from clawgate.store.base import Store
 from clawgate.store.records import SessionMeta, TranscriptMessage
 
@@ -16,10 +18,24 @@ WRITTEN_MIN = 10_000
 
 
 class SessionService:
-    def __init__(self, store: Store, clock: Clock, registry: StateRegistry, *, cache_max: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        cache_max: int,
+        cache_max_bytes: int | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
-        self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
+        self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap(
+            "session_cache",
+            clock,
+            max_size=cache_max,
+            max_bytes=cache_max_bytes,
+            weigh=record_bytes if cache_max_bytes is not None else None,
+        )
         registry.register(self.cache)
         # Sessions whose transcript grew since the last retention pass: only these can have
         # passed a transcript bound. Bounded; past the bound the pass scans the store instead.
@@ -119,3 +135,9 @@ class SessionService:
     async def dropped(self, key: SessionKey) -> int:
         """Messages retention dropped from this transcript (chat.history says it was truncated)."""
         return await self.store.transcript_dropped(key)
+
+    async def history_page(
+        self, key: SessionKey, *, before: int | None, limit: int, budget: int
+    ) -> HistoryPage:
+        """One `chat.history` page: at most `limit` messages whose JSON takes at most `budget` bytes."""
+        return await read_page(self.store, key, before=before, limit=limit, budget=budget)

@@ -8,6 +8,11 @@ happens lazily on read and in `sweep()`, which pops only expired heap items
 Why a heap with lazy re-push: `touch()` (e.g. a run context emitting an event)
 only moves the entry's deadline; the heap item is re-pushed when it surfaces,
 so each live entry owns at most one heap item and the heap stays O(n).
+
+A map may also be bounded in bytes (`max_bytes` with a `weigh` function): the
+entry count alone does not bound memory when values are texts of any length.
+The weight is taken when an entry is set; the oldest entries are evicted until
+the total is under the bound again (the newest entry always stays).
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ _INF = float("inf")
 
 
 class _Entry(Generic[V]):
-    __slots__ = ("expires_at", "heap_at", "token", "value")
+    __slots__ = ("expires_at", "heap_at", "token", "value", "weight")
 
-    def __init__(self, value: V, expires_at: float) -> None:
+    def __init__(self, value: V, expires_at: float, weight: int = 0) -> None:
         self.value = value
         self.expires_at = expires_at
         self.heap_at = _INF  # deadline of this entry's live heap item (inf: none)
         self.token = 0
+        self.weight = weight
 
 
 class TTLMap(Generic[K, V]):
@@ -48,9 +54,13 @@ class TTLMap(Generic[K, V]):
         max_size: int | None = None,
         on_expire: Callable[[K, V, str], None] | None = None,
         lru: bool = True,
+        max_bytes: int | None = None,
+        weigh: Callable[[V], int] | None = None,
     ) -> None:
         if ttl_s is None and max_size is None:
             raise ValueError(f"{name}: a registered structure needs a TTL or a max size")
+        if (max_bytes is None) != (weigh is None):
+            raise ValueError(f"{name}: max_bytes and weigh go together")
         self.name = name
         self.ttl_s = ttl_s
         self.max_size = max_size
@@ -60,6 +70,9 @@ class TTLMap(Generic[K, V]):
         self._tokens = itertools.count(1)
         self._on_expire = on_expire
         self._lru = lru
+        self.max_bytes = max_bytes
+        self._weigh = weigh
+        self.bytes = 0  # sum of the weights of the entries held
         self.evicted_total = 0
         self.expired_total = 0
 
@@ -99,17 +112,24 @@ class TTLMap(Generic[K, V]):
         """Insert or replace; the entry's deadline is now + ttl (per-entry TTL overrides the default)."""
         ttl = self.ttl_s if ttl_s is None else ttl_s
         expires_at = _INF if ttl is None else self._clock.time() + ttl
+        weight = self._weigh(value) if self._weigh is not None else 0
         entry = self._data.get(key)
         if entry is None:
-            entry = _Entry(value, expires_at)
+            entry = _Entry(value, expires_at, weight)
             self._data[key] = entry
+            self.bytes += weight
             if self.max_size is not None and len(self._data) > self.max_size:
                 self._evict_oldest()
         else:
             entry.value = value
             entry.expires_at = expires_at
+            self.bytes += weight - entry.weight
+            entry.weight = weight
             if self._lru:
                 self._data.move_to_end(key)
+        if self.max_bytes is not None:
+            while self.bytes > self.max_bytes and len(self._data) > 1:
+                self._evict_oldest()
         self._schedule(key, entry)
 
     __setitem__ = set
@@ -130,6 +150,7 @@ class TTLMap(Generic[K, V]):
         entry = self._data.pop(key, None)
         if entry is None:
             return default
+        self.bytes -= entry.weight
         entry.token = 0  # orphan its heap item
         if len(self._heap) > 2 * len(self._data) + 1024:
             self._compact_heap()
@@ -141,6 +162,7 @@ class TTLMap(Generic[K, V]):
     def clear(self) -> None:
         self._data.clear()
         self._heap.clear()
+        self.bytes = 0
 
     def keys(self) -> Iterator[K]:
         return iter(list(self._data.keys()))
@@ -202,7 +224,8 @@ class TTLMap(Generic[K, V]):
             heapq.heapify(self._heap)
 
     def _expire(self, key: K, entry: _Entry[V]) -> None:
-        self._data.pop(key, None)
+        if self._data.pop(key, None) is not None:
+            self.bytes -= entry.weight
         entry.token = 0
         self.expired_total += 1
         if self._on_expire is not None:
@@ -210,6 +233,7 @@ class TTLMap(Generic[K, V]):
 
     def _evict_oldest(self) -> None:
         key, entry = self._data.popitem(last=False)
+        self.bytes -= entry.weight
         entry.token = 0
         self.evicted_total += 1
         if self._on_expire is not None:

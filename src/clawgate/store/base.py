@@ -150,6 +150,17 @@ class Store(RetentionStore):
     async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
         """The last `limit` messages, oldest first."""
 
+    @abstractmethod
+    async def history_before(
+        self, session_key: str, before: int | None, limit: int, clip_chars: int
+    ) -> list[tuple[int, TranscriptMessage]]:
+        """Up to `limit` messages older than position `before` (None: the newest), newest first.
+
+        Each comes with its position: passing it back as `before` continues with older
+        messages. A content longer than `clip_chars` characters is returned cut to
+        `clip_chars + 1`, so a caller can tell it was longer without reading it whole.
+        """
+
     # -- runs --------------------------------------------------------------------------
     @abstractmethod
     def put_run(self, rec: RunRecord) -> Awaitable[None]: ...

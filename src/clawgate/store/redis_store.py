@@ -598,6 +598,26 @@ class RedisStore(Store):
         raw = await self._submit([("LRANGE", self.keys.messages(session_key), -limit, -1)], _first)
         return [_msg_dec.decode(r) for r in raw]
 
+    async def history_before(
+        self, session_key: str, before: int | None, limit: int, clip_chars: int
+    ) -> list[tuple[int, TranscriptMessage]]:
+        # The list is trimmed from its head, so a position counts from the tail: the number of
+        # newer messages. Messages appended between two pages shift it, so a later page may
+        # repeat a message; it never skips one.
+        skip = before or 0
+        if limit <= 0:
+            return []
+        raw = await self._submit(
+            [("LRANGE", self.keys.messages(session_key), -(skip + limit), -(skip + 1))], _first
+        )
+        out: list[tuple[int, TranscriptMessage]] = []
+        for offset, item in enumerate(reversed(raw)):
+            msg = _msg_dec.decode(item)
+            if len(msg.content) > clip_chars:
+                msg.content = msg.content[: clip_chars + 1]
+            out.append((skip + offset + 1, msg))
+        return out
+
     # -- runs ----------------------------------------------------------------------------------------
     def _run_cmds(self, rec: RunRecord) -> list[Cmd]:
         """The commands that store a run record with its index entries."""

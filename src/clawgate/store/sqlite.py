@@ -330,6 +330,23 @@ class SqliteStore(Store):
             for r in reversed(rows)
         ]
 
+    async def history_before(
+        self, session_key: str, before: int | None, limit: int, clip_chars: int
+    ) -> list[tuple[int, TranscriptMessage]]:
+        # Positions are row ids: stable while the transcript grows, so pages never overlap.
+        # `substr` keeps a huge message from being read whole (SQLite counts characters).
+        rows = await self._submit(
+            lambda c: c.execute(
+                "SELECT id, session_key, role, substr(content, 1, ?), ts, run_id FROM messages "
+                "WHERE session_key=? AND id < ? ORDER BY id DESC LIMIT ?",
+                (clip_chars + 1, session_key, before if before is not None else 2**63 - 1, limit),
+            ).fetchall()
+        )
+        return [
+            (r[0], TranscriptMessage(session_key=r[1], role=r[2], content=r[3], ts=r[4], run_id=r[5]))
+            for r in rows
+        ]
+
     # -- runs ---------------------------------------------------------------------------------------
     def put_run(self, rec: RunRecord) -> Awaitable[None]:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))

@@ -32,7 +32,7 @@ import structlog
 
 from clawgate.agent.tools import SESSIONS_SPAWN_SPEC, Tool, ToolCallContext
 from clawgate.clip import clip
-from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError
+from clawgate.errors import ClawgateError, Forbidden, InvalidRequest, StoreError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.schemas import SpawnParams
@@ -361,7 +361,9 @@ class SubagentService:
                 # The key names a spawn that was refused or is already swept: this one goes ahead.
                 self.spawn_keys.set(key, run_id)
         depth = await self.depth_of(requester) + 1
-        files = attachments.prepare(params.attachments or [], self.settings.attachments_max_bytes)
+        files = attachments.prepare(
+            params.attachments or [], self.settings.attachments_max_bytes, self.settings.attachments_max_files
+        )
         # From here to `_track` nothing awaits: the limits and the reservation of the slot are
         # one step, so two concurrent spawns cannot both pass them.
         if self.admission_check is not None:
@@ -400,17 +402,12 @@ class SubagentService:
         )
         message = params.task
         if files:
-            try:
-                rec.attachments_dir = str(
-                    attachments.write(self.attachments_root, run_id, files, owner=child)
-                )
-            except BaseException:
-                attachments.remove(str(self.attachments_root / run_id))
-                raise
             message += "\n\nAttachments: " + ", ".join(name for name, _ in files)
         self._track(rec)
         self.spawns_in_flight += 1
         try:
+            if files:
+                await self._write_attachments(rec, child, files)
             await self.store.put_subagent(rec)
             # The announce only lands in an existing session (a deleted one is never
             # re-created), so the requester's session exists from the spawn on.
@@ -444,6 +441,26 @@ class SubagentService:
         # Before any await: the child cannot have started yet, so `spawned` precedes `ended`.
         self._event(rec, "spawned")
         return _accepted(rec)
+
+    async def _write_attachments(
+        self, rec: SubagentRecord, child: str, files: list[tuple[str, bytes]]
+    ) -> None:
+        run_id = rec.run_id
+        try:
+            # Off the event loop: file creation is blocking I/O, and slow on a busy disk. After
+            # `_track`, so the spawn's limits and slot reservation stay one synchronous step.
+            written = await asyncio.to_thread(
+                attachments.write, self.attachments_root, run_id, files, owner=child
+            )
+        except OSError as exc:
+            # E.g. ELOOP: a link planted in the state dir, which is not followed.
+            attachments.remove(str(self.attachments_root / run_id))
+            log.error("cannot write attachments", run_id=run_id, error=exc.strerror)
+            raise Unavailable(f"cannot store attachments: {exc.strerror}", retry_after_ms=1000) from None
+        except BaseException:
+            attachments.remove(str(self.attachments_root / run_id))
+            raise
+        rec.attachments_dir = str(written)
 
     async def _tool_spawn(self, ctx: ToolCallContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
