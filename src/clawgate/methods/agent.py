@@ -65,7 +65,7 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
         # A retry of a run that ended, or that another process executes.
         gw.runs.listen_final(RunId(rec.run_id), rec, lambda final: conn.respond(req_id, final_payload(final)))
         return DEFERRED
-    run.listeners.append(lambda final: conn.respond(req_id, final_payload(final)))
+    gw.runs.follow(run, lambda final: conn.respond(req_id, final_payload(final)))
     return DEFERRED
 
 

@@ -122,8 +122,10 @@ class Cluster:
 
     async def _reconcile_loop(self) -> None:
         """Pub/sub is at-most-once: a process that dies right after finishing a run may never
-        publish its "done". Proxies (runs accepted here, executed elsewhere) are therefore
-        checked against the store now and then, so their waiters always get the end."""
+        publish its "done", and a subscriber that reconnects misses what was published
+        meanwhile. Proxies (runs accepted here, executed elsewhere) and remote waiters
+        (`agent.wait` or an `agent` retry here for a run executed elsewhere) are therefore
+        checked against the store now and then, so every waiter gets the end."""
         while True:
             await asyncio.sleep(self.settings.cluster_claim_idle_s)
             try:
@@ -141,11 +143,18 @@ class Cluster:
             if rec is not None and rec.is_final:
                 self._on_done(_enc.encode(rec))
                 settled += 1
+        for run_id in list(self.remote_waiters.keys()):
+            rec = await self.store.get_run(run_id)
+            if rec is not None and rec.is_final and run_id in self.remote_waiters:
+                self._on_done(_enc.encode(rec))
+                settled += 1
         return settled
 
     async def close(self) -> None:
         await self.fanout.stop()
-        await self.redis.aclose()
+        # The client was given its pool, so it does not close it unless told: without this the
+        # pool's connections stay open until garbage collection.
+        await self.redis.aclose(close_connection_pool=True)
 
     def describe(self) -> dict[str, object]:
         d = self.dispatcher

@@ -211,6 +211,15 @@ class RunService:
         self.results.set(RunId(rec.run_id), rec)
         self._settle(run)
 
+    def follow(self, run: Run, listener: FinalListener) -> None:
+        """Call `listener` with the end of `run`, as returned by `submit`. On Redis the run can
+        end in another process, and its end be settled here, while `submit` still awaits the
+        push: a listener added after that is called at once instead of never."""
+        if run.record.is_final and self.active.get(RunId(run.record.run_id)) is not run:
+            listener(run.record)
+        else:
+            run.listeners.append(listener)
+
     def listen_final(self, run_id: RunId, rec: RunRecord, listener: FinalListener) -> bool:
         """Call `listener` once the run ends, wherever it runs. False if it cannot be followed."""
         run = self.active.get(run_id)
