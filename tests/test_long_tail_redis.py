@@ -200,7 +200,10 @@ async def test_paused_process_runs_are_taken_over_and_it_cannot_end_them(procs: 
     assert len(interrupted) + outcomes.count(("ok", None)) == n, outcomes
     # The runs B was executing when it stopped were taken over and ended as interrupted.
     assert len(interrupted) >= 1, outcomes
-    assert cluster_a["recovered"] >= len(interrupted) and cluster_a["leasesLost"] == 0
+    # Reported as orphans by a live holder: A, or B itself once continued, when A's slots
+    # were all busy with its own sessions (a stopped process holds nothing after its lease).
+    assert cluster_a["orphans"] + cluster_b["orphans"] >= len(interrupted)
+    assert cluster_a["leasesLost"] == 0
     assert cluster_b["leasesLost"] >= len(interrupted)
     log_b = procs.log(1)
     assert "lease lost" in log_b

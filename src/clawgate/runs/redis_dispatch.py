@@ -602,8 +602,12 @@ class RedisDispatcher:
                         args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
                     )
                 )
-                if int(step[0]) != 2:
-                    return  # 1: queue empty, lock released; 0: lease lost
+                if int(step[0]) == 0:
+                    if not st.lost:
+                        self._lose(st)  # found out here before the renewer did
+                    return
+                if int(step[0]) == 1:
+                    return  # queue empty, lock released
                 st.last_renewed = time.monotonic()
                 run_id = _s(step[1])
                 if not await self._run_one(st, run_id):
