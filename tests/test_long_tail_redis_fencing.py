@@ -164,3 +164,48 @@ async def test_a_holder_that_lost_its_lease_leaves_its_run_for_the_next_one(
             await d.kill()
         for c in clients:
             await c.aclose()
+
+
+async def test_an_orphan_whose_report_fails_is_reported_again_without_a_new_push(
+    redis_url: str, admin: tuple[aioredis.Redis, str]
+) -> None:
+    redis, prefix = admin
+    session = "agent:main:retry-orphan"
+    started: list[str] = []
+    reports: list[str] = []
+    clients = [aioredis.from_url(redis_url, socket_timeout=10) for _ in range(2)]
+
+    async def execute(run_id: str, key: str) -> None:
+        started.append(run_id)
+        await asyncio.Event().wait()  # still executing when its process dies
+
+    async def on_orphan(run_id: str, key: str) -> None:
+        reports.append(run_id)
+        if len(reports) == 1:
+            raise RuntimeError("store unavailable")  # a transient failure of the first report
+
+    def make(name: str, client: aioredis.Redis) -> RedisDispatcher:
+        return RedisDispatcher(
+            client, prefix=prefix, consumer=f"{name}-{uuid.uuid4().hex[:6]}",
+            execute=execute, on_orphan=on_orphan, lease_s=2, claim_idle_s=0.4,
+        )  # fmt: skip
+
+    a, b = make("a", clients[0]), make("b", clients[1])
+    try:
+        a.start()
+        await a.push("r0", session)
+        await until(lambda: started == ["r0"], what="A executing r0")
+        await a.kill()
+        b.start()
+        # The first report raises; the session is handed off, and the report is retried
+        # although nothing else is ever pushed to this session.
+        await until(lambda: len(reports) >= 2, what="the orphan reported again")
+        await until(lambda: b.orphans == 1, what="the orphan dropped")
+        assert await redis.lrange(f"{prefix}:qp:{session}", 0, -1) == []
+        await until(lambda: b.serving == 0, what="B's handler done")
+        await b.stop()
+    finally:
+        for d in (a, b):
+            await d.kill()
+        for c in clients:
+            await c.aclose()
