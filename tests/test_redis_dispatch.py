@@ -158,10 +158,11 @@ async def test_three_dispatchers_run_each_run_once_in_order_without_overlap(env:
 
     for d in ds:
         await d.stop()
-    # Everything drained and released: only the ready stream is left, and it expires.
+    # Everything drained and released: only the ready stream and the lease token counter are
+    # left, and both expire.
     ttls = await env.ttls()
-    assert list(ttls) == [f"{env.prefix}:ready"]
-    assert 0 < ttls[f"{env.prefix}:ready"] <= 7 * 86400 * 1000
+    assert sorted(ttls) == [f"{env.prefix}:fence", f"{env.prefix}:ready"]
+    assert all(0 < ttl <= 7 * 86400 * 1000 for ttl in ttls.values())
     # Graceful stop left the consumer group and acked everything.
     assert await env.admin.xinfo_consumers(f"{env.prefix}:ready", GROUP) == []
     assert (await env.admin.xpending(f"{env.prefix}:ready", GROUP))["pending"] == 0
@@ -202,6 +203,7 @@ async def test_every_key_expires_while_a_session_is_busy(env: Env) -> None:
     assert sorted(ttls) == sorted(
         [
             f"{p}:active",
+            f"{p}:fence",
             f"{p}:lock:agent:main:busy",
             f"{p}:q:agent:main:busy",
             f"{p}:qp:agent:main:busy",
@@ -217,7 +219,7 @@ async def test_every_key_expires_while_a_session_is_busy(env: Env) -> None:
     await until(lambda: len(env.executed) == 3, what="three runs")
     assert env.runs_of("agent:main:busy") == ["r0", "r1", "r2"]
     await until(lambda: d.serving == 0, what="handler done")
-    assert await env.keys() == [f"{p}:ready"]
+    assert await env.keys() == [f"{p}:fence", f"{p}:ready"]
     await d.stop()
 
 
@@ -266,7 +268,8 @@ async def test_expired_lease_alone_brings_the_session_back(env: Env) -> None:
     assert env.orphaned == [("b", s, "only")]
     assert (b.recovered, b.claimed, b.executed) == (1, 0, 0)
     await until(lambda: b.serving == 0, what="handler done")
-    assert await env.keys() == [f"{env.prefix}:ready"]  # lock, qp and lease index all gone
+    # lock, qp and lease index all gone
+    assert await env.keys() == [f"{env.prefix}:fence", f"{env.prefix}:ready"]
     await b.stop()
 
 

@@ -39,7 +39,7 @@ from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
-from clawgate.store.base import Store
+from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.subagents.service import SubagentService
 
@@ -126,8 +126,10 @@ class Cluster:
 
     async def _reconcile_loop(self) -> None:
         """Pub/sub is at-most-once: a process that dies right after finishing a run may never
-        publish its "done". Proxies (runs accepted here, executed elsewhere) are therefore
-        checked against the store now and then, so their waiters always get the end."""
+        publish its "done", and a subscriber that reconnects misses what was published
+        meanwhile. Proxies (runs accepted here, executed elsewhere) and remote waiters
+        (`agent.wait` or an `agent` retry here for a run executed elsewhere) are therefore
+        checked against the store now and then, so every waiter gets the end."""
         while True:
             await asyncio.sleep(self.settings.cluster_claim_idle_s)
             try:
@@ -145,11 +147,18 @@ class Cluster:
             if rec is not None and rec.is_final:
                 self._on_done(_enc.encode(rec))
                 settled += 1
+        for run_id in list(self.remote_waiters.keys()):
+            rec = await self.store.get_run(run_id)
+            if rec is not None and rec.is_final and run_id in self.remote_waiters:
+                self._on_done(_enc.encode(rec))
+                settled += 1
         return settled
 
     async def close(self) -> None:
         await self.fanout.stop()
-        await self.redis.aclose()
+        # The client was given its pool, so it does not close it unless told: without this the
+        # pool's connections stay open until garbage collection.
+        await self.redis.aclose(close_connection_pool=True)
 
     def describe(self) -> dict[str, object]:
         d = self.dispatcher
@@ -161,6 +170,8 @@ class Cluster:
             "orphans": d.orphans,
             "claimed": d.claimed,
             "recovered": d.recovered,
+            "leasesLost": d.leases_lost,
+            "endsRefused": self.runs.ends_refused,
             "eventsPublished": self.fanout.published,
             "eventsDropped": self.fanout.dropped,
         }
@@ -176,24 +187,41 @@ class Cluster:
         self.fanout.publish_done(_enc.encode(rec))
 
     # -- executing a run from the shared queue ----------------------------------------------------
+    def _fence(self, session_key: str) -> Fence | None:
+        lease = self.dispatcher.lease(session_key)
+        return Fence(*lease) if lease is not None else None
+
     async def _execute(self, run_id: str, session_key: str) -> None:
+        # Read first: the lease is this handler's from the moment it took the run.
+        fence = self._fence(session_key)
+        if fence is None:
+            return  # lease lost already: the run stays in the processing list for the next holder
+        rec = await self.store.get_run(run_id)
         run = self.runs.active.get(RunId(run_id))
+        if rec is not None and rec.is_final:
+            # Aborted while queued, or ended as an orphan by another process (this one may
+            # have been paused): that end is the run's end here too.
+            self.runs.settle_remote(rec)
+            return
         if run is None:
-            rec = await self.store.get_run(run_id)
-            if rec is None or rec.is_final:
-                return  # aborted while queued, or finalized as an orphan already
+            if rec is None:
+                return  # its record expired: nothing to run
             if rec.kind == "subagent":
                 await self.subagents.adopt(run_id)
             run = self.runs.adopt(rec)
+        run.fence = fence
         await self.runs.execute(run)
 
     async def _orphan(self, run_id: str, session_key: str) -> None:
+        fence = self._fence(session_key)
+        if fence is None:
+            return  # lease lost: the next holder reports it (the dispatcher keeps it in qp)
         rec = await self.store.get_run(run_id)
         if rec is None or rec.is_final:
             return
         if rec.kind == "subagent":
             await self.subagents.adopt(run_id)
-        await self.runs.finalize_interrupted(rec)
+        await self.runs.finalize_interrupted(rec, fence)
 
     # -- inbound -------------------------------------------------------------------------------------
     def _on_event(self, run_id: str | None, session_key: str, frame: bytes) -> None:

@@ -22,7 +22,8 @@ its grace period): the gateway finalizes it as error "interrupted by gateway res
 It may be called more than once for one run, and for a run whose execution did end if
 the executing process lost Redis right after, so it must be idempotent ("finalize
 unless already final"). If it raises, the run stays in the processing list and the
-next holder of the session reports it again.
+session is handed off, so a holder reports it again. Both callbacks should end runs
+with a write fenced by ``lease(session_key)`` (see Fencing below), read when they start.
 
 Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``)::
 
@@ -30,7 +31,9 @@ Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``)::
                               push and, while a holder drains it, on every step and renewal
     P:qp:{session}    LIST    the run being executed (at most one, plus orphans whose
                               report failed); same expiry, refreshed on every step and renewal
-    P:lock:{session}  STRING  lease: a random token, PX lease_s, renewed every lease_s/3
+    P:lock:{session}  STRING  lease: its token, PX lease_s, renewed every lease_s/3
+    P:fence           STRING  counter: each lease's token is its next value (INCR), so tokens
+                              only increase; expires INDEX_TTL_S, refreshed on every acquire
     P:active          ZSET    session -> lease deadline (ms, Redis clock) of every held lock;
                               expires INDEX_TTL_S (7 days), refreshed on every write
     P:ready           STREAM  "session S may have work" (field ``session``), consumer group
@@ -48,7 +51,9 @@ How it works:
   release (below), so a push that raced with a failed attempt is always seen by the
   holder or finds the lock free for the next message.
 - The new holder first reports whatever ``qp`` holds (the run a dead holder was
-  executing) to ``on_orphan``, then loops: one script LREMs the finished run from
+  executing) to ``on_orphan`` and drops each reported run from ``qp`` (if a report
+  raises, it hands the session off after a pause rather than release it with an
+  unreported orphan in ``qp``), then loops: one script LREMs the finished run from
   ``qp``, checks the token, and LMOVEs the head of ``q`` to ``qp``, or, when ``q`` is
   empty, deletes the lock and the ``active`` entry in the same step. A push either
   happened before that step (the run is moved) or after it (the lock is free when its
@@ -58,6 +63,13 @@ How it works:
   for lease_s) cancels the execution it is running and leaves the run in ``qp``: the
   new holder has reported it (or will) as an orphan. This is what keeps "one run at a
   time per session" when a process stalls instead of dying.
+- Fencing: a process can be paused (a VM pause, a long GC, a stuck disk) past its lease
+  and resume believing it still holds it. So nothing a holder does to a session's runs
+  relies on its own belief: every step that touches ``qp`` (take the next run, drop a
+  finished run or a reported orphan, release) checks the token in the same script, and
+  ``lease(session)`` gives the executor the (lock key, token) pair that the store checks
+  atomically when it writes the run's end (``Store.end_run``). A holder that lost its
+  lease can neither end its run nor remove it from ``qp``; the next holder reports it.
 - Recovery, by a second loop every claim_idle_s/2 in every process:
   * a session in ``active`` whose deadline passed belongs to a dead holder: the loop
     tries its lock (counted in ``recovered``), reports the orphan and drains the queue;
@@ -88,10 +100,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -138,6 +149,9 @@ class DispatchKeys:
     def ready(self) -> str:
         return f"{self.p}:ready"
 
+    def fence(self) -> str:
+        return f"{self.p}:fence"
+
 
 # -- Lua --------------------------------------------------------------------------------------------
 
@@ -149,27 +163,34 @@ end
 """
 
 # Try the lock and ack the ready messages that led here (either way: see the module doc).
-# KEYS: lock, qp, active, ready; ARGV: token, lease_ms, session, index_ttl_s, group, msg ids...
-# Returns nil when the lock is held by someone else, else the orphans left in qp.
+# The lease token is the next value of the fence counter, so tokens only ever increase.
+# KEYS: lock, qp, active, ready, fence; ARGV: lease_ms, session, index_ttl_s, group, msg ids...
+# Returns nil when the lock is held by someone else, else {token, orphans left in qp...}.
 _ACQUIRE = (
     _NOW_MS
     + """
-if #ARGV > 5 then redis.call('XACK', KEYS[4], ARGV[5], unpack(ARGV, 6)) end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
-redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[2]), ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return redis.call('LRANGE', KEYS[2], 0, -1)
+if #ARGV > 4 then redis.call('XACK', KEYS[4], ARGV[4], unpack(ARGV, 5)) end
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[5])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[1]), ARGV[2])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+local out = redis.call('LRANGE', KEYS[2], 0, -1)
+table.insert(out, 1, tostring(token))
+return out
 """
 )
 
-# Finish a run and take the next one, or release the lock when the queue is empty.
+# Finish a run and take the next one, or release the lock when the queue is empty. Only the
+# lease holder touches qp: a holder that lost its lease leaves its run there for the next one.
 # KEYS: lock, q, qp, active; ARGV: token, finished run id or '', lease_ms, session, list_ttl_s, index_ttl_s
 # Returns {0} lock lost, {1} released (queue empty), {2, run_id} run moved to qp.
 _NEXT = (
     _NOW_MS
     + """
-if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
+if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
 local r = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
 if not r then
   redis.call('DEL', KEYS[1])
@@ -189,8 +210,8 @@ return {2, r}
 # KEYS: lock, q, qp, active, ready; ARGV: token, finished run id or '', session, maxlen, index_ttl_s
 # Returns 0 when the lock was not ours, 1 released, 2 released and handed off.
 _RELEASE = """
-if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[3])
 if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then return 1 end
@@ -215,6 +236,14 @@ redis.call('EXPIRE', KEYS[4], ARGV[4])
 return 1
 """
 )
+
+# An orphan has been reported (it has an end): drop it from qp, if the lease is still ours.
+# KEYS: lock, qp; ARGV: token, run id. Returns 1 dropped, 0 lease lost.
+_DROP_ORPHAN = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('LREM', KEYS[2], 1, ARGV[2])
+return 1
+"""
 
 # Sessions whose lease deadline passed (by Redis' clock, so hosts' clocks do not matter).
 # KEYS: active; ARGV: limit
@@ -293,6 +322,7 @@ class RedisDispatcher:
         self._next = redis.register_script(_NEXT)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
+        self._drop_orphan = redis.register_script(_DROP_ORPHAN)
         self._stale = redis.register_script(_STALE)
         self._reap = redis.register_script(_REAP)
         self._sessions: dict[str, _Session] = {}
@@ -337,6 +367,14 @@ class RedisDispatcher:
         self._renewer = asyncio.create_task(
             self._guard("renew", self._renew_loop), name="clawgate-dispatch-renew"
         )
+
+    def lease(self, session_key: str) -> tuple[str, str] | None:
+        """(lock key, token) of the lease this process holds on a session, None if none. A
+        write fenced by it is valid only while the lock still holds the token."""
+        st = self._sessions.get(session_key)
+        if st is None or st.token is None or st.lost:
+            return None
+        return self.keys.lock(session_key), st.token
 
     @property
     def serving(self) -> int:
@@ -532,18 +570,27 @@ class RedisDispatcher:
 
     async def _hold_and_drain(self, st: _Session, ids: list[str]) -> None:
         k, s = self.keys, st.key
-        token = secrets.token_hex(16)
-        orphans = await _c(
+        got = await _c(
             self._acquire(
-                keys=[k.lock(s), k.processing(s), k.active(), k.ready()],
-                args=[token, self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
+                keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence()],
+                args=[self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
             )
         )
-        if orphans is None:
+        if got is None:
             return  # held elsewhere: that holder drains the queue
+        token = _s(got[0])
         st.token, st.lost, st.last_renewed = token, False, time.monotonic()
         try:
-            await self._report_orphans(st, [_s(r) for r in orphans])
+            reported = await self._report_orphans(st, [_s(r) for r in got[1:]])
+            if reported == "lost":
+                return  # the next holder reports what is left
+            if reported == "failed":
+                # An orphan without an end must not sit in qp behind a released lock (nothing
+                # would look at it again before the next push): pause, then hand the session
+                # off with its work, so a holder (this process or another) retries the report.
+                await asyncio.sleep(RETRY_S)
+                await self._release_lock(st, "")
+                return
             done = ""
             while True:
                 if self._stopping:
@@ -555,8 +602,12 @@ class RedisDispatcher:
                         args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
                     )
                 )
-                if int(step[0]) != 2:
-                    return  # 1: queue empty, lock released; 0: lease lost
+                if int(step[0]) == 0:
+                    if not st.lost:
+                        self._lose(st)  # found out here before the renewer did
+                    return
+                if int(step[0]) == 1:
+                    return  # queue empty, lock released
                 st.last_renewed = time.monotonic()
                 run_id = _s(step[1])
                 if not await self._run_one(st, run_id):
@@ -590,15 +641,29 @@ class RedisDispatcher:
             self.execute_errors += 1
             log.exception("dispatch: execute raised", run_id=run_id, session=session)
 
-    async def _report_orphans(self, st: _Session, orphans: list[str]) -> None:
+    async def _report_orphans(self, st: _Session, orphans: list[str]) -> Literal["ok", "failed", "lost"]:
+        """Report each orphan, then drop it from qp (only while the lease is ours). "lost":
+        the lease went meanwhile; "failed": a report raised. Either way the orphans not
+        dropped stay in qp for the next holder."""
+        k, token = self.keys, st.token
+        assert token is not None
+        outcome: Literal["ok", "failed", "lost"] = "ok"
         for run_id in orphans:
             try:
                 await self.on_orphan(run_id, st.key)
             except Exception:
                 log.exception("dispatch: on_orphan raised; the next holder retries", run_id=run_id)
+                outcome = "failed"
                 continue
+            dropped = await _c(
+                self._drop_orphan(keys=[k.lock(st.key), k.processing(st.key)], args=[token, run_id])
+            )
+            if not int(dropped):
+                if not st.lost:
+                    self._lose(st)
+                return "lost"
             self.orphans += 1
-            await _c(self.redis.lrem(self.keys.processing(st.key), 1, run_id))
+        return outcome
 
     async def _release_lock(self, st: _Session, done: str) -> None:
         k, s = self.keys, st.key

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 
 from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
@@ -39,7 +40,7 @@ from clawgate.state.clock import Clock, Timer
 from clawgate.state.registry import StateRegistry
 from clawgate.state.ttlmap import TTLMap
 from clawgate.state.weigh import record_bytes
-from clawgate.store.base import Store
+from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 
 log = structlog.get_logger("clawgate.runs")
@@ -56,7 +57,7 @@ StartHook = Callable[[RunRecord], None]
 class Run:
     """A run while it is tracked in memory (queued or running)."""
 
-    __slots__ = ("cancel_reason", "listeners", "record", "task", "timer", "waiting")
+    __slots__ = ("cancel_reason", "fence", "listeners", "record", "task", "timer", "waiting")
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
@@ -68,6 +69,9 @@ class Run:
         # Out of its session lane but waiting for a slot of the global (or subagent) lane:
         # still queued as far as status and admission are concerned.
         self.waiting = False
+        # Set when executed from the shared Redis queue: the session lease the end write
+        # depends on (a process that lost it can no longer end the run).
+        self.fence: Fence | None = None
 
 
 @dataclass
@@ -163,6 +167,9 @@ class RunService:
         self.task_errors = 0
         # Turn retries by failure kind: keyed by ProviderError.kind, a fixed set (like `totals`).
         self.provider_retries: Counter[str] = Counter()
+        # Ends this process tried to write and the store refused: the run already had an end,
+        # or this process had lost the run's lease (runs/cluster.py). Logged, never raised.
+        self.ends_refused = 0
         # Scale-out hooks, set by runs/cluster.py when the store is Redis: accepted runs go to
         # the shared queue instead of the local lanes; aborts and final answers cross processes.
         self.dispatch: Callable[[Run], Awaitable[None]] | None = None
@@ -277,9 +284,10 @@ class RunService:
         """Arrange for `listener` to get the run's final record, wherever the run executes.
 
         Returns the final record instead when the run has already ended (the caller answers
-        at once, after its own accepted response). Raises FORBIDDEN / UNAVAILABLE when a
-        waiter cap is reached, before anything is registered. The listener is owned by
-        `owner`: it goes when that connection closes.
+        at once, after its own accepted response): also when, on Redis, the run ended in
+        another process and was settled here while `submit` still awaited the push. Raises
+        FORBIDDEN / UNAVAILABLE when a waiter cap is reached, before anything is registered.
+        The listener is owned by `owner`: it goes when that connection closes.
         """
         run = run if run is not None else self.active.get(RunId(rec.run_id))
         if run is not None:
@@ -423,8 +431,6 @@ class RunService:
                 log.exception("run failed", run_id=rec.run_id)
                 await self._finish(run, "error", f"{type(exc).__name__}: {exc}", emitter.text or None)
                 return
-            if text:
-                self.sessions.append(key, "assistant", text, rec.run_id)
             rec.usage = self._usage(rec, emitter)
             await self._finish(run, "ok", None, text)
         finally:
@@ -449,8 +455,10 @@ class RunService:
         rec = run.record
         if rec.is_final:
             return
-        run_id, key = RunId(rec.run_id), SessionKey(rec.session_key)
+        before = msgspec.structs.replace(rec)
+        key = SessionKey(rec.session_key)
         now = self.clock.time()
+        # Final at once (before the first await), so no second end starts in this process.
         rec.status = status  # type: ignore[assignment]
         rec.ended_at = now
         rec.error = error
@@ -459,28 +467,76 @@ class RunService:
             rec.duration_ms = int((now - rec.started_at) * 1000)
         if run.timer is not None:
             run.timer.cancel()
+        stored, cancelled = await self._write_end(run)
+        if stored is not rec:
+            self._end_refused(run, before, stored)
+        else:
+            await self._ended(run, key, now, text)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _write_end(self, run: Run) -> tuple[RunRecord | None, bool]:
+        """Write the end (fenced when the run came from the shared queue). A cancellation
+        meanwhile (a lost lease, shutdown) does not cut the end in half: the write is awaited
+        to its outcome and the end completed; (stored end, cancelled) tells the caller."""
+        rec = run.record
+        write = asyncio.ensure_future(self.store.end_run(rec, run.fence))
+        cancelled = False
+        while True:
+            try:
+                return await asyncio.shield(write), cancelled
+            except asyncio.CancelledError:
+                if write.cancelled():
+                    raise
+                cancelled = True
+            except Exception:
+                # The run still ends here (waiters, events, hooks): better than no end at all.
+                log.exception("could not persist run end", run_id=rec.run_id)
+                return rec, cancelled
+
+    async def _ended(self, run: Run, key: SessionKey, now: float, text: str | None) -> None:
+        """The end is durable and it is this one: tell everyone."""
+        rec = run.record
+        run_id = RunId(rec.run_id)
+        if rec.status == "ok" and text:
+            self.sessions.append(key, "assistant", text, rec.run_id)
         self._emit_end(rec, run_id, key, now)
         self.bus.clear_run(run_id)
-        self.totals[status] = self.totals.get(status, 0) + 1
+        self.totals[rec.status] = self.totals.get(rec.status, 0) + 1
         if rec.duration_ms is not None:
             self.latency.observe(rec.duration_ms / 1000)
-        self.active.pop(run_id)
+        if self.active.get(run_id) is run:
+            self.active.pop(run_id)
         self.results.set(run_id, rec)
-        # End hooks are called before the first await: what they start (the subagent
-        # pipeline) must exist the moment the run leaves `runs_active`, or an observer could
-        # see no run and no pipeline while the end is still being processed. Their writes
-        # queue behind the run's own end record, so durable order is unchanged.
+        # End hooks are called in the same step as the run leaves `runs_active`: what they
+        # start (the subagent pipeline) must exist the moment it does, or an observer could
+        # see no run and no pipeline while the end is still being processed.
         pending = self._call_end_hooks(rec)
-        try:
-            await self.store.put_run(rec)
-        except Exception:
-            log.exception("could not persist run end", run_id=rec.run_id)
         self._settle(run)
         for result in pending:
             try:
                 await result
             except Exception:
                 log.exception("run end hook failed", run_id=rec.run_id)
+
+    def _end_refused(self, run: Run, before: RunRecord, stored: RunRecord | None) -> None:
+        """The store kept another end, or this process lost the run's lease: no events, no
+        hooks from here. Waiters here get the run's real end, now or when it is written."""
+        run_id = RunId(before.run_id)
+        self.ends_refused += 1
+        self.bus.clear_run(run_id)
+        if stored is not None:
+            log.info("run end refused: the run already has an end", run_id=run_id, status=stored.status)
+            run.record = stored
+            if self.active.get(run_id) is run:
+                self.active.pop(run_id)
+            self.results.set(run_id, stored)
+            self._settle(run)
+            return
+        log.warning("run end refused: this process lost the run's lease", run_id=run_id)
+        # Tracked as a run executed elsewhere from now on: the lease holder ends it, and that
+        # end reaches this process's waiters (the "done" message, or the store reconcile).
+        run.record = before
 
     def _call_end_hooks(self, rec: RunRecord) -> list[Awaitable[None]]:
         pending: list[Awaitable[None]] = []
@@ -633,23 +689,19 @@ class RunService:
         finally:
             self.waiters.release(owner, handle)
 
-    async def finalize_interrupted(self, rec: RunRecord) -> None:
-        """End a run whose executing process died: error "interrupted by gateway restart"."""
+    async def finalize_interrupted(self, rec: RunRecord, fence: Fence | None = None) -> None:
+        """End a run whose executing process died or lost its lease: error "interrupted by
+        gateway restart", through the normal end path (fenced by `fence`): the end record,
+        the lifecycle events, this process's waiters and the end hooks."""
         if rec.is_final:
             return
-        rec.status = "error"
-        rec.error = INTERRUPTED
-        rec.ended_at = self.clock.time()
-        self.results.set(RunId(rec.run_id), rec)
-        self.active.pop(RunId(rec.run_id))
-        await self.store.put_run(rec)
-        for hook in self.end_hooks:
-            try:
-                result = hook(rec)
-                if result is not None:
-                    await result
-            except Exception:
-                log.exception("run end hook failed", run_id=rec.run_id)
+        run = self.active.get(RunId(rec.run_id))
+        if run is None or run.task is not None or run.record.is_final:
+            run = Run(rec)
+        else:
+            run.record = rec  # accepted here, executed elsewhere: its waiters are on this Run
+        run.fence = fence
+        await self._finish(run, "error", INTERRUPTED, None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def restore(self) -> tuple[int, int]:

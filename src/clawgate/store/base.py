@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -90,6 +91,16 @@ class RetentionStore(ABC):
         return 0
 
 
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """A lease a write depends on: the write is valid only while the key `key` (in the
+    same Redis) holds `token`. Runs executed from the shared Redis queue carry the lease
+    of their session, so a process that lost it can no longer end them."""
+
+    key: str
+    token: str
+
+
 class Store(RetentionStore):
     kind: str = "abstract"
     # Undecodable subagent rows moved aside by the reads that met them (status, metrics).
@@ -164,6 +175,18 @@ class Store(RetentionStore):
     # -- runs --------------------------------------------------------------------------
     @abstractmethod
     def put_run(self, rec: RunRecord) -> Awaitable[None]: ...
+
+    async def end_run(self, rec: RunRecord, fence: Fence | None = None) -> RunRecord | None:
+        """Durably record the end of a run (`rec` is final), unless the run already has an end
+        or `fence` no longer holds. Returns the run's end as stored: `rec` itself when it was
+        written, the end another writer stored first, or None when the fence is gone and the
+        run has no end yet (a live process holding the lease will end it).
+
+        A single-process store has no competing writers (the run service ends a run once):
+        it writes and returns `rec`.
+        """
+        await self.put_run(rec)
+        return rec
 
     @abstractmethod
     async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:

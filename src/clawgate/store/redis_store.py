@@ -15,6 +15,7 @@ Key layout (``P`` is the prefix; all names are built by ``Keys`` below):
     P:sessions                   ZSET   session key -> updated_at (list_sessions)
     P:sessions:expiry            ZSET   session key -> expiry deadline (ms); trims P:sessions
     P:run:{run_id}               STRING RunRecord JSON; open runs 2 days, finished runs run_result_ttl_s
+                                        once final, never rewritten (see end_run)
     P:runs:open                  SET    ids of queued/running runs (unfinished_runs)
     P:runs:ended                 ZSET   run id -> ended_at (sweep_runs), capped in size
     P:runs:all                   ZSET   run id -> record expiry deadline (ms) (count_runs)
@@ -30,6 +31,12 @@ Key layout (``P`` is the prefix; all names are built by ``Keys`` below):
 
 Index entries pointing at records that expired natively are dropped lazily by the
 reads that meet them; the deadline-scored zsets are trimmed on write.
+
+A run has exactly one end: `end_run` writes a final record in one script that checks the
+stored record is not final yet and, for a run executed from the shared queue, that the
+writer still holds its session's lease (the fence: the lock key holds the writer's token).
+A process paused past its lease can therefore no longer end a run that another process has
+taken over, and an open record ("running") never replaces an end.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
-from clawgate.store.base import SessionStamp, Store
+from clawgate.store.base import Fence, SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
@@ -301,6 +308,24 @@ redis.call('LTRIM', KEYS[1], -keep, -1)
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], 'dropped', drop) end
 return drop
 """
+# Writes a run record unless the stored one is final (a run has exactly one end: neither a
+# second end nor a late "running" may replace it) or the fence is gone (KEYS[2], when given,
+# no longer holds the token: the writer lost the lease of the run's session).
+# KEYS: run key [, fence key]; ARGV: fence token or '', JSON list of commands (the put_run commands)
+# Returns {0} written, {1, stored} the stored record is final, {2[, stored]} fenced out.
+_WRITE_RUN = """
+local raw = redis.call('GET', KEYS[1])
+if raw then
+  local ok, rec = pcall(cjson.decode, raw)
+  if ok and type(rec) == 'table' and (%s) then return {1, raw} end
+end
+if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  if raw then return {2, raw} end
+  return {2}
+end
+for _, c in ipairs(cjson.decode(ARGV[2])) do redis.call(unpack(c)) end
+return {0}
+""".replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
 # -- codecs --------------------------------------------------------------------------------------------
 
@@ -648,7 +673,25 @@ class RedisStore(Store):
         return cmds
 
     def put_run(self, rec: RunRecord) -> Awaitable[None]:
-        return self._write(self._run_cmds(rec))
+        if rec.status in FINAL_STATUSES:
+            return self._write(self._run_cmds(rec))
+        # An open record (e.g. "running") never replaces an end another process wrote first.
+        return self._write([self._write_run_cmd(rec, None)])
+
+    def _write_run_cmd(self, rec: RunRecord, fence: Fence | None) -> Cmd:
+        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
+        keys = [self.keys.run(rec.run_id)] if fence is None else [self.keys.run(rec.run_id), fence.key]
+        token = "" if fence is None else fence.token
+        return ("EVAL", _WRITE_RUN, len(keys), *keys, token, script_cmds)
+
+    async def end_run(self, rec: RunRecord, fence: Fence | None = None) -> RunRecord | None:
+        # One script: the "no end yet" check, the fence check and the write are atomic.
+        reply = await self._submit([self._write_run_cmd(rec, fence)], _first)
+        code = int(reply[0])
+        if code == 0:
+            return rec
+        stored = _run_dec.decode(reply[1]) if len(reply) > 1 else None
+        return stored if stored is not None and stored.is_final else None
 
     async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
         # One script: the existence check and the insert (record plus index entries) are atomic.
