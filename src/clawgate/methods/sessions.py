@@ -1,14 +1,28 @@
-"""`chat.history`, `sessions.list`, `sessions.patch`, `sessions.reset`, `sessions.delete`."""
+"""`chat.history`, `sessions.list`, `sessions.patch`, `sessions.reset`, `sessions.delete`,
+and for OpenClaw's interactive clients `sessions.subscribe`, `sessions.describe`,
+`sessions.create` and `sessions.resolve`."""
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
 
-from clawgate.errors import Forbidden, NotFound
+from clawgate.errors import Forbidden, InvalidRequest, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
-from clawgate.protocol.schemas import HistoryParams, SessionKeyParams, SessionsListParams, SessionsPatchParams
+from clawgate.protocol.schemas import (
+    EmptyParams,
+    HistoryParams,
+    SessionKeyParams,
+    SessionsCreateParams,
+    SessionsDescribeParams,
+    SessionsListParams,
+    SessionsPatchParams,
+    SessionsResolveParams,
+)
 from clawgate.server.auth import READ, WRITE
+from clawgate.sessions.keys import is_valid, qualify
+from clawgate.sessions.view import session_row, transcript_identity
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection
@@ -22,15 +36,29 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
         item: dict[str, Any] = {"role": m.role, "content": m.content, "ts": int(m.ts * 1000)}
         if m.run_id:
             item["runId"] = m.run_id
+        identity = transcript_identity(m)
+        if identity is not None:
+            item["__openclaw"] = identity
         out.append(item)
-    return {"sessionKey": params.session_key, "messages": out}
+    result: dict[str, Any] = {"sessionKey": params.session_key, "messages": out}
+    meta = await gw.sessions.get(SessionKey(params.session_key))
+    if meta is not None:
+        result["sessionId"] = meta.session_id
+    result["defaults"] = gw.model_defaults.to_wire()
+    return result
 
 
 async def list_sessions(
     gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
 ) -> dict[str, Any]:
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
-    metas = await gw.store.list_sessions(limit=params.limit, updated_since=since, prefix=params.prefix)
+    prefix = params.prefix
+    if params.agent_id is not None:
+        agent_prefix = f"agent:{params.agent_id}:"
+        if prefix is not None and not prefix.startswith(agent_prefix) and not agent_prefix.startswith(prefix):
+            return {"sessions": [], "count": 0, "defaults": gw.model_defaults.to_wire()}
+        prefix = prefix if prefix is not None and len(prefix) > len(agent_prefix) else agent_prefix
+    metas = await gw.store.list_sessions(limit=params.limit, updated_since=since, prefix=prefix)
     sessions = []
     for m in metas:
         item: dict[str, Any] = {
@@ -45,7 +73,7 @@ async def list_sessions(
         if m.model:
             item["model"] = m.model
         sessions.append(item)
-    return {"sessions": sessions, "count": len(sessions)}
+    return {"sessions": sessions, "count": len(sessions), "defaults": gw.model_defaults.to_wire()}
 
 
 async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
@@ -81,10 +109,75 @@ async def delete(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyP
     return {"ok": True, "key": params.key, "deleted": existed}
 
 
+def _key(raw: str, agent_id: str | None) -> SessionKey:
+    key = qualify(raw, agent_id)
+    if not is_valid(key):
+        raise InvalidRequest(f"invalid session key: {raw}", details={"field": "params.key"})
+    return key
+
+
+async def subscribe_sessions(
+    gw: Gateway, conn: Connection, req_id: str, params: EmptyParams
+) -> dict[str, Any]:
+    """Every session-level event from now on (`sessions.changed`, `session.message`)."""
+    gw.bus.subscribe_session_events(conn.conn_id)
+    return {"subscribed": True}
+
+
+async def describe(
+    gw: Gateway, conn: Connection, req_id: str, params: SessionsDescribeParams
+) -> dict[str, Any]:
+    meta = await gw.sessions.get(_key(params.key, params.agent_id))
+    return {"session": session_row(meta, gw.model_defaults) if meta is not None else None}
+
+
+async def create(gw: Gateway, conn: Connection, req_id: str, params: SessionsCreateParams) -> dict[str, Any]:
+    """Create a session, or adopt the one that has this key already (as OpenClaw does)."""
+    key = _key(params.key or str(uuid.uuid4()), params.agent_id)
+    meta = await gw.sessions.get(key)
+    if meta is None:
+        meta = await gw.sessions.touch(key, known_new=True, label=params.label)
+        if params.model is not None:
+            meta = await gw.sessions.patch(key, label=None, model=params.model)
+    return {
+        "ok": True,
+        "key": key,
+        "sessionId": meta.session_id,
+        "entry": session_row(meta, gw.model_defaults),
+    }
+
+
+async def resolve(
+    gw: Gateway, conn: Connection, req_id: str, params: SessionsResolveParams
+) -> dict[str, Any]:
+    """The key of a session given by key, session id or label; `{ok: false}` when none matches."""
+    if params.key is not None:
+        key = _key(params.key, params.agent_id)
+        return {"ok": True, "key": key} if await gw.sessions.get(key) is not None else {"ok": False}
+    prefix = f"agent:{params.agent_id}:" if params.agent_id else None
+    # Bounded scan of the most recently updated sessions: labels and ids are not indexed.
+    metas = await gw.store.list_sessions(limit=RESOLVE_SCAN_LIMIT, updated_since=None, prefix=prefix)
+    matches = [
+        m.key
+        for m in metas
+        if (params.session_id is not None and m.session_id == params.session_id)
+        or (params.label is not None and m.label == params.label)
+    ]
+    if len(matches) == 1:
+        return {"ok": True, "key": matches[0]}
+    return {"ok": False, "candidates": matches} if matches else {"ok": False}
+
+
+RESOLVE_SCAN_LIMIT = 10_000
+
 METHODS = [
     MethodSpec("chat.history", HistoryParams, READ, history),
     MethodSpec("sessions.list", SessionsListParams, READ, list_sessions),
     MethodSpec("sessions.patch", SessionsPatchParams, WRITE, patch),
     MethodSpec("sessions.reset", SessionKeyParams, WRITE, reset),
     MethodSpec("sessions.delete", SessionKeyParams, WRITE, delete),
+    MethodSpec("sessions.subscribe", EmptyParams, READ, subscribe_sessions),
+    MethodSpec("sessions.describe", SessionsDescribeParams, READ, describe),
+    MethodSpec("sessions.create", SessionsCreateParams, WRITE, create),
+    MethodSpec("sessions.resolve", SessionsResolveParams, READ, resolve),
 ]

@@ -31,10 +31,10 @@ class MethodSpec:
 
 
 def build_table() -> dict[str, MethodSpec]:
-    from clawgate.methods import agent, core, sessions, subagents
+    from clawgate.methods import absent, agent, catalog, core, sessions, subagents
 
     table: dict[str, MethodSpec] = {}
-    for module in (core, agent, sessions, subagents):
+    for module in (core, agent, sessions, subagents, catalog, absent):
         for spec in module.METHODS:
             table[spec.name] = spec
     return table

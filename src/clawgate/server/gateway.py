@@ -19,6 +19,7 @@ from clawgate import __version__
 from clawgate.admission import Admission
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unavailable
 from clawgate.events.bus import EventBus
+from clawgate.events.session_events import SessionEventPublisher
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
 from clawgate.protocol.device import signature_token, verify_device_signature
@@ -30,6 +31,7 @@ from clawgate.runs.service import RunService
 from clawgate.server.auth import authorize, require
 from clawgate.server.connection import Connection
 from clawgate.sessions.service import SessionService
+from clawgate.sessions.view import ModelDefaults
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
@@ -42,7 +44,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("clawgate.gateway")
 
-EVENTS = ["connect.challenge", "agent", "chat", "subagent", "tick", "shutdown"]
+EVENTS = [
+    "connect.challenge",
+    "agent",
+    "chat",
+    "subagent",
+    "sessions.changed",
+    "session.message",
+    "tick",
+    "shutdown",
+]
 
 
 def open_store(settings: Settings) -> Store:
@@ -83,8 +94,15 @@ class Gateway:
             max_runs=settings.max_tracked_runs,
             max_connections=settings.max_connections,
         )
+        self.model_defaults = ModelDefaults.from_settings(settings)
+        self.session_events = SessionEventPublisher(self.bus, self.clock, self.model_defaults)
+        self.bus.listeners.append(self.session_events.on_agent_event)
         self.sessions = SessionService(
-            self.store, self.clock, self.registry, cache_max=settings.session_cache_max
+            self.store,
+            self.clock,
+            self.registry,
+            cache_max=settings.session_cache_max,
+            observer=self.session_events,
         )
         self.runs = RunService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Protocol
 
 from clawgate.ids import SessionKey
 from clawgate.sessions.keys import agent_id_of, kind_of
@@ -13,10 +14,27 @@ from clawgate.store.base import Store
 from clawgate.store.records import SessionMeta, TranscriptMessage
 
 
+class SessionObserver(Protocol):
+    """Told about every change to sessions and transcripts (e.g. to publish events)."""
+
+    def session_changed(self, key: SessionKey, reason: str, meta: SessionMeta | None) -> None: ...
+
+    def message_appended(self, message: TranscriptMessage, meta: SessionMeta | None) -> None: ...
+
+
 class SessionService:
-    def __init__(self, store: Store, clock: Clock, registry: StateRegistry, *, cache_max: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        cache_max: int,
+        observer: SessionObserver | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.observer = observer
         self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap("session_cache", clock, max_size=cache_max)
         registry.register(self.cache)
 
@@ -28,6 +46,7 @@ class SessionService:
         meta = self.cache.get(key)
         if meta is None and not known_new:
             meta = await self.store.get_session(key)
+        created = meta is None
         if meta is None:
             meta = SessionMeta(
                 key=key,
@@ -42,6 +61,8 @@ class SessionService:
             meta.updated_at = now
         self.cache.set(key, meta)
         self.store.put_session(meta)
+        if created and self.observer is not None:
+            self.observer.session_changed(key, "new", meta)
         return meta
 
     async def get(self, key: SessionKey) -> SessionMeta | None:
@@ -59,6 +80,8 @@ class SessionService:
         if model is not None:
             meta.model = model
         await self.store.put_session(meta)
+        if self.observer is not None:
+            self.observer.session_changed(key, "patch", meta)
         return meta
 
     async def reset(self, key: SessionKey) -> None:
@@ -68,18 +91,23 @@ class SessionService:
             meta.session_id = new_id
             meta.updated_at = self.clock.time()
         await self.store.reset_session(key, new_id, self.clock.time())
+        if self.observer is not None:
+            self.observer.session_changed(key, "reset", meta)
 
     async def delete(self, key: SessionKey) -> None:
         self.cache.pop(key)
         await self.store.delete_session(key)
+        if self.observer is not None:
+            self.observer.session_changed(key, "delete", None)
 
     def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
         """Append to the transcript; not awaited (the store groups it into a transaction)."""
-        self.store.append_message(
-            TranscriptMessage(
-                session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
-            )
+        message = TranscriptMessage(
+            session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
+        self.store.append_message(message)
+        if self.observer is not None:
+            self.observer.message_appended(message, self.cache.get(key))
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)
