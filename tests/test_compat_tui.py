@@ -168,6 +168,22 @@ class Tui:
                 pytest.fail(f"no line starting {prefix!r} after {timeout}s\n--- screen ---\n{text}")
             time.sleep(0.2)
 
+    def wait_reply(self, reply: str) -> str:
+        """The screen once the answer `reply` is shown and the TUI is idle again.
+
+        The answer is a line of its own (the user's line also holds it, inside the
+        `[[reply:...]]` directive); the status line ends with `| idle` once the run is over.
+        """
+        self.wait_for_line(reply)
+        deadline = time.monotonic() + SCREEN_TIMEOUT_S
+        while True:
+            text = self.screen()
+            if any(ln.strip().endswith("| idle") for ln in text.splitlines()):
+                return text
+            if time.monotonic() > deadline:
+                pytest.fail(f"the TUI is not idle after {SCREEN_TIMEOUT_S}s\n--- screen ---\n{text}")
+            time.sleep(0.2)
+
     def type(self, text: str) -> None:
         # -l: literal text (no key names), then Enter as a key.
         self.tmux("send-keys", "-t", "tui", "-l", text)
@@ -274,7 +290,8 @@ def history(gw: Gateway, key: str) -> list[tuple[str, str]]:
 
 # == the TUI, step by step ========================================================================
 def test_initial_message_round_trip(tui: Tui, gw: Gateway) -> None:
-    tui.wait_for(f"session {FIRST_SESSION}", "hello [[reply:first answer]]", "first answer", "idle")
+    tui.wait_for(f"session {FIRST_SESSION}", "hello [[reply:first answer]]")
+    tui.wait_reply("first answer")
     assert history(gw, FIRST_SESSION) == [
         ("user", "hello [[reply:first answer]]"),
         ("assistant", "first answer"),
@@ -283,7 +300,7 @@ def test_initial_message_round_trip(tui: Tui, gw: Gateway) -> None:
 
 def test_typing_a_second_message(tui: Tui, gw: Gateway) -> None:
     tui.type("and again [[reply:second answer]]")
-    screen = tui.wait_for("second answer", "idle")
+    screen = tui.wait_reply("second answer")
     # Each message once: the live events and the history reload agree on identities.
     lines = [ln.strip() for ln in screen.splitlines()]
     assert lines.count("first answer") == 1
@@ -313,7 +330,7 @@ def test_reset_empties_the_session(tui: Tui, gw: Gateway) -> None:
     assert history(gw, FIRST_SESSION) == []
     assert gw.call("sessions.describe", {"key": FIRST_SESSION})["session"]["sessionId"] != before
     tui.type("after reset [[reply:fresh start]]")
-    tui.wait_for("fresh start", "idle")
+    tui.wait_reply("fresh start")
 
 
 def test_new_session(tui: Tui, gw: Gateway) -> None:
@@ -323,7 +340,7 @@ def test_new_session(tui: Tui, gw: Gateway) -> None:
     key = line.split("new session: ", 1)[1].split()[0]
     assert key != FIRST_SESSION
     tui.type("in the new one [[reply:new session answer]]")
-    screen = tui.wait_for("new session answer", "idle")
+    screen = tui.wait_reply("new session answer")
     assert "fresh start" not in screen
     assert history(gw, key) == [
         ("user", "in the new one [[reply:new session answer]]"),
@@ -333,12 +350,27 @@ def test_new_session(tui: Tui, gw: Gateway) -> None:
 
 def test_switching_sessions(tui: Tui) -> None:
     tui.type(f"/session {FIRST_SESSION}")
-    screen = tui.wait_for(f"session {FIRST_SESSION}", "fresh start")
+    tui.wait_for(f"session {FIRST_SESSION}")
+    screen = tui.wait_for_line("fresh start")
     assert "new session answer" not in screen
     # The picker lists both sessions (sessions.list with agentId).
     tui.type("/sessions")
     tui.wait_for("Filter:", "tui-first")
     tui.key("Escape")
+
+
+def test_runs_other_clients_start_show_up_in_the_session_shown(tui: Tui, gw: Gateway) -> None:
+    # One run elsewhere, then one in the session the TUI shows (both by another client).
+    for key, reply, idem in (
+        ("agent:main:tui-elsewhere", "not for this screen", "ext-1"),
+        (FIRST_SESSION, "from another client", "ext-2"),
+    ):
+        params = {"message": f"[[reply:{reply}]]", "sessionKey": key, "idempotencyKey": idem}
+        assert gw.call("agent", params)["status"] == "accepted"
+        assert gw.call("agent.wait", {"runId": idem, "timeoutMs": 30_000})["status"] == "ok"
+    screen = tui.wait_for_line("from another client")
+    assert "not for this screen" not in "\n".join(ln for ln in screen.splitlines() if "[[reply:" not in ln)
+    assert not any(ln.strip().startswith("not for this screen") for ln in screen.splitlines())
 
 
 def test_model_command(tui: Tui, gw: Gateway) -> None:

@@ -65,18 +65,12 @@ class EventBus:
             "session_subscriptions", clock, max_size=max_connections * 100
         )
         self.all_subs: set[ConnId] = set()
-        # Connections that asked for every session-level event (`sessions.subscribe`): one
-        # entry per connection at most, removed when it goes (`detach`).
-        self.session_event_subs: set[ConnId] = set()
         self.sinks: dict[ConnId, Sink] = {}
         registry.register(self.contexts)
         registry.register(self.watchers)
         registry.register(self.session_subs)
         registry.add("event_sinks", self.sinks.__len__, ttl_s=None, max_size=max_connections)
         registry.add("all_subscribers", self.all_subs.__len__, ttl_s=None, max_size=max_connections)
-        registry.add(
-            "session_event_subscribers", self.session_event_subs.__len__, ttl_s=None, max_size=max_connections
-        )
         self.listeners: list[EventListener] = []
         self.remote: RemotePublisher | None = None
         self.frames_out = 0
@@ -89,7 +83,6 @@ class EventBus:
         """Forget a connection everywhere it could be referenced."""
         self.sinks.pop(conn_id, None)
         self.all_subs.discard(conn_id)
-        self.session_event_subs.discard(conn_id)
         for key in subscribed:
             subs = self.session_subs.get(key)
             if subs is not None:
@@ -106,10 +99,6 @@ class EventBus:
                 self.session_subs.set(key, {conn_id})
             else:
                 subs.add(conn_id)
-
-    def subscribe_session_events(self, conn_id: ConnId) -> None:
-        """Send `conn_id` every session-level event (no run id), of every session."""
-        self.session_event_subs.add(conn_id)
 
     def watch(self, run_id: RunId, conn_id: ConnId, *, ttl_s: float | None = None) -> None:
         """Send the run's events to `conn_id` until the run ends (`ttl_s`: backstop, default idle TTL)."""
@@ -188,14 +177,8 @@ class EventBus:
             self.remote(session_key, run_id, frame)
 
     def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
-        """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers.
-
-        Session-level events (no run id) also go to the session-event subscribers. Frames
-        from other processes arrive here too, so those subscribers see the whole cluster.
-        """
+        """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers."""
         targets: set[ConnId] = set(self.all_subs)
-        if run_id is None:
-            targets |= self.session_event_subs
         if run_id is not None:
             watchers = self.watchers.get(run_id)
             if watchers:

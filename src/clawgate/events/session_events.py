@@ -3,8 +3,9 @@
 The session service tells this publisher about every created, patched, reset or deleted
 session and every appended transcript message; the event bus tells it about run
 lifecycles. Each becomes one event frame published on the bus without a run id, so it
-reaches the connections that called `sessions.subscribe` (every session), the
-subscribers of that session, and `all` subscribers. Nothing is stored here.
+reaches the subscribers of that session and the `all` subscribers (which is what
+`sessions.subscribe` makes a connection), in every process of a cluster. Nothing is
+stored here.
 """
 
 from __future__ import annotations

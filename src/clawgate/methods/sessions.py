@@ -119,8 +119,11 @@ def _key(raw: str, agent_id: str | None) -> SessionKey:
 async def subscribe_sessions(
     gw: Gateway, conn: Connection, req_id: str, params: EmptyParams
 ) -> dict[str, Any]:
-    """Every session-level event from now on (`sessions.changed`, `session.message`)."""
-    gw.bus.subscribe_session_events(conn.conn_id)
+    """Every session's events from now on, as OpenClaw broadcasts them to its operators: the
+    runs' `agent` / `chat` streams, `sessions.changed` and `session.message`. It is the
+    bus's `all` subscription (`events.subscribe {all: true}`): one entry per connection,
+    dropped with the connection."""
+    gw.bus.subscribe(conn.conn_id, [], all_sessions=True)
     return {"subscribed": True}
 
 
