@@ -48,6 +48,7 @@ from test_compat_openclaw import (
     _free_port,
     _isolated_env,
     _wait_ready,
+    openclaw_validate,
 )
 
 pytestmark = pytest.mark.compat
@@ -422,6 +423,29 @@ def _hello_methods(url: str) -> list[str]:
         ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": hello}))
         methods: list[str] = json.loads(ws.recv(timeout=10))["payload"]["features"]["methods"]
         return [*methods, "connect"]
+
+
+# == the answers, checked with OpenClaw's own schemas =============================================
+def test_openclaw_schemas_accept_the_new_answers(gw: Gateway) -> None:
+    created = gw.call("sessions.create", {"key": "schema-check", "agentId": "main", "label": "schema"})
+    checks: list[tuple[str, str, Any]] = [
+        ("agents.list", "AgentsListResultSchema", gw.call("agents.list", {})),
+        ("commands.list", "CommandsListResultSchema", gw.call("commands.list", {"agentId": "main"})),
+        ("question.list", "QuestionListResultSchema", gw.call("question.list", {})),
+        ("sessions.create", "SessionsCreateResultSchema", created),
+        (
+            "sessions.resolve ok",
+            "SessionsResolveResultSchema",
+            gw.call("sessions.resolve", {"label": "schema"}),
+        ),
+        (
+            "sessions.resolve missing",
+            "SessionsResolveResultSchema",
+            gw.call("sessions.resolve", {"label": "no"}),
+        ),
+    ]
+    rejected = [r for r in openclaw_validate(checks) if not r["ok"]]
+    assert rejected == []
 
 
 # == `openclaw agent` through a remote-mode config ================================================

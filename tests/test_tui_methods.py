@@ -168,16 +168,21 @@ async def test_describe_create_and_resolve(gateway: RunningGateway, client: Clie
     assert again["sessionId"] == created["sessionId"]
     assert len(events.payloads("sessions.changed", reason="new")) == 1
 
-    assert await client.call("sessions.resolve", {"key": key}) == {"ok": True, "key": key}
-    assert await client.call("sessions.resolve", {"label": "work"}) == {"ok": True, "key": key}
-    by_id = await client.call("sessions.resolve", {"sessionId": created["sessionId"]})
-    assert by_id == {"ok": True, "key": key}
+    found = {"ok": True, "key": key, "agentId": "main"}
+    assert await client.call("sessions.resolve", {"key": key}) == found
+    assert await client.call("sessions.resolve", {"label": "work"}) == found
+    assert await client.call("sessions.resolve", {"sessionId": created["sessionId"]}) == found
     assert await client.call("sessions.resolve", {"key": "agent:main:nope"}) == {"ok": False}
     assert await client.call("sessions.resolve", {"label": "nope"}) == {"ok": False}
 
     # A key without an agent gets one; an id of its own when none is given.
-    other = await client.call("sessions.create", {"agentId": "beta"})
+    other = await client.call("sessions.create", {"agentId": "beta", "label": "work"})
     assert other["key"].startswith("agent:beta:")
+    # Two sessions with that label: not resolved, both named.
+    assert await client.call("sessions.resolve", {"label": "work"}) == {
+        "ok": False,
+        "candidates": [{"key": other["key"], "agentId": "beta"}, {"key": key, "agentId": "main"}],
+    }
     with pytest.raises(ClientError) as info:
         await client.call("sessions.create", {"key": "bad key!"})
     assert info.value.code == "INVALID_REQUEST"

@@ -21,7 +21,7 @@ from clawgate.protocol.schemas import (
     SessionsResolveParams,
 )
 from clawgate.server.auth import READ, WRITE
-from clawgate.sessions.keys import is_valid, qualify
+from clawgate.sessions.keys import agent_id_of, is_valid, qualify
 from clawgate.sessions.view import session_row, transcript_identity
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ async def resolve(
     """The key of a session given by key, session id or label; `{ok: false}` when none matches."""
     if params.key is not None:
         key = _key(params.key, params.agent_id)
-        return {"ok": True, "key": key} if await gw.sessions.get(key) is not None else {"ok": False}
+        return _resolved(key) if await gw.sessions.get(key) is not None else {"ok": False}
     prefix = f"agent:{params.agent_id}:" if params.agent_id else None
     # Bounded scan of the most recently updated sessions: labels and ids are not indexed.
     metas = await gw.store.list_sessions(limit=RESOLVE_SCAN_LIMIT, updated_since=None, prefix=prefix)
@@ -167,11 +167,22 @@ async def resolve(
         or (params.label is not None and m.label == params.label)
     ]
     if len(matches) == 1:
-        return {"ok": True, "key": matches[0]}
-    return {"ok": False, "candidates": matches} if matches else {"ok": False}
+        return _resolved(matches[0])
+    if not matches:
+        return {"ok": False}
+    return {"ok": False, "candidates": [_candidate(k) for k in matches[:RESOLVE_MAX_CANDIDATES]]}
+
+
+def _candidate(key: str) -> dict[str, Any]:
+    return {"key": key, "agentId": agent_id_of(key)}
+
+
+def _resolved(key: str) -> dict[str, Any]:
+    return {"ok": True, **_candidate(key)}
 
 
 RESOLVE_SCAN_LIMIT = 10_000
+RESOLVE_MAX_CANDIDATES = 10  # OpenClaw's bound
 
 METHODS = [
     MethodSpec("chat.history", HistoryParams, READ, history),
