@@ -286,3 +286,14 @@ async def test_absent_features_answer_empty(client: Client) -> None:
         with pytest.raises(ClientError) as info:
             await client.call(method, params)
         assert info.value.code == "NOT_FOUND", method
+
+
+def test_list_prefix_combines_prefix_and_agent() -> None:
+    from clawgate.methods.sessions import NOTHING, list_prefix
+
+    assert list_prefix(None, None) is None
+    assert list_prefix("agent:a", None) == "agent:a"
+    assert list_prefix(None, "main") == "agent:main:"
+    assert list_prefix("agent:", "main") == "agent:main:"
+    assert list_prefix("agent:main:x", "main") == "agent:main:x"
+    assert list_prefix("agent:beta:", "main") == NOTHING

@@ -48,16 +48,26 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
     return result
 
 
+NOTHING = "\x00"  # a prefix no session key has
+
+
+def list_prefix(prefix: str | None, agent_id: str | None) -> str | None:
+    """The one key prefix meaning "starts with `prefix` and belongs to `agent_id`"."""
+    if agent_id is None:
+        return prefix
+    agent_prefix = f"agent:{agent_id}:"
+    if prefix is None or agent_prefix.startswith(prefix):
+        return agent_prefix
+    return prefix if prefix.startswith(agent_prefix) else NOTHING
+
+
 async def list_sessions(
     gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
 ) -> dict[str, Any]:
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
-    prefix = params.prefix
-    if params.agent_id is not None:
-        agent_prefix = f"agent:{params.agent_id}:"
-        if prefix is not None and not prefix.startswith(agent_prefix) and not agent_prefix.startswith(prefix):
-            return {"sessions": [], "count": 0, "defaults": gw.model_defaults.to_wire()}
-        prefix = prefix if prefix is not None and len(prefix) > len(agent_prefix) else agent_prefix
+    prefix = list_prefix(params.prefix, params.agent_id)
+    if prefix == NOTHING:
+        return {"sessions": [], "count": 0, "defaults": gw.model_defaults.to_wire()}
     metas = await gw.store.list_sessions(limit=params.limit, updated_since=since, prefix=prefix)
     sessions = []
     for m in metas:
