@@ -297,3 +297,16 @@ def test_list_prefix_combines_prefix_and_agent() -> None:
     assert list_prefix("agent:", "main") == "agent:main:"
     assert list_prefix("agent:main:x", "main") == "agent:main:x"
     assert list_prefix("agent:beta:", "main") == NOTHING
+
+
+async def test_patch_model_null_returns_to_the_default_model(client: Client) -> None:
+    # `/model default` in OpenClaw's TUI sends `model: null`.
+    key = "agent:main:model-default"
+    await client.call("sessions.create", {"key": key})
+    await client.call("sessions.patch", {"key": key, "model": "picked"})
+    assert (await client.call("sessions.describe", {"key": key}))["session"]["model"] == "picked"
+    await client.call("sessions.patch", {"key": key, "label": "kept"})  # no `model`: unchanged
+    assert (await client.call("sessions.describe", {"key": key}))["session"]["model"] == "picked"
+    await client.call("sessions.patch", {"key": key, "model": None})
+    session = (await client.call("sessions.describe", {"key": key}))["session"]
+    assert (session["model"], session["label"]) == ("scripted", "kept")

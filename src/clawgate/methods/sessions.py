@@ -87,7 +87,10 @@ async def list_sessions(
 
 
 async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
-    await gw.sessions.patch(SessionKey(params.key), label=params.label, model=params.model)
+    model = params.model if isinstance(params.model, str) else None
+    await gw.sessions.patch(
+        SessionKey(params.key), label=params.label, model=model, clear_model=params.model is None
+    )
     return {"ok": True, "key": params.key}
 
 

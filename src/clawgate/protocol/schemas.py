@@ -103,7 +103,8 @@ class SessionsListParams(_Params):
 class SessionsPatchParams(_Params):
     key: SessionKeyStr
     label: Label | None = None
-    model: ModelName | None = None
+    # Absent: unchanged; null: back to the gateway's default model (OpenClaw's `/model default`).
+    model: ModelName | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class SessionKeyParams(_Params):

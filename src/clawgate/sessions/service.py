@@ -73,12 +73,17 @@ class SessionService:
                 self.cache.set(key, meta)
         return meta
 
-    async def patch(self, key: SessionKey, *, label: str | None, model: str | None) -> SessionMeta:
+    async def patch(
+        self, key: SessionKey, *, label: str | None, model: str | None, clear_model: bool = False
+    ) -> SessionMeta:
+        """Set what is not None; `clear_model` returns the session to the default model."""
         meta = await self.touch(key)
         if label is not None:
             meta.label = label
         if model is not None:
             meta.model = model
+        elif clear_model:
+            meta.model = None
         await self.store.put_session(meta)
         if self.observer is not None:
             self.observer.session_changed(key, "patch", meta)
