@@ -310,3 +310,21 @@ async def test_patch_model_null_returns_to_the_default_model(client: Client) -> 
     await client.call("sessions.patch", {"key": key, "model": None})
     session = (await client.call("sessions.describe", {"key": key}))["session"]
     assert (session["model"], session["label"]) == ("scripted", "kept")
+
+
+async def test_a_subscriber_of_one_session_gets_its_session_events_only(
+    gateway: RunningGateway, client: Client
+) -> None:
+    async with Client(gateway.url, max_reconnect_attempts=0) as watcher:
+        events = Recorder(watcher)
+        await watcher.subscribe(["agent:main:mine"])
+        await client.run_agent("[[reply:other]]", session_key="agent:main:other", idempotency_key="s-1")
+        await client.run_agent("[[reply:mine]]", session_key="agent:main:mine", idempotency_key="s-2")
+        await events.until(lambda: bool(events.payloads("sessions.changed", phase="end")), "run end")
+        keys = {
+            f["payload"]["sessionKey"]
+            for f in events.frames
+            if f["event"] in ("sessions.changed", "session.message")
+        }
+        assert keys == {"agent:main:mine"}
+        assert len(events.payloads("session.message")) == 2

@@ -32,6 +32,8 @@ class SessionEventPublisher:
 
     def session_changed(self, key: SessionKey, reason: str, meta: SessionMeta | None) -> None:
         """`reason`: "new", "patch", "reset" or "delete" (OpenClaw's names)."""
+        if not self._wanted(key):
+            return
         payload = self._base(key)
         payload["reason"] = reason
         if meta is not None:
@@ -42,6 +44,8 @@ class SessionEventPublisher:
 
     def message_appended(self, message: TranscriptMessage, meta: SessionMeta | None) -> None:
         key = SessionKey(message.session_key)
+        if not self._wanted(key):
+            return
         payload = self._base(key)
         payload["message"] = chat_message(message)
         mid = message_id(message)
@@ -57,7 +61,7 @@ class SessionEventPublisher:
     def on_agent_event(self, run_id: RunId, key: SessionKey, stream: str, data: dict[str, Any]) -> None:
         """A run started or ended in a session (an `EventBus` listener)."""
         phase = data.get("phase")
-        if stream != "lifecycle" or phase not in LIFECYCLE_PHASES:
+        if stream != "lifecycle" or phase not in LIFECYCLE_PHASES or not self._wanted(key):
             return
         payload = self._base(key)
         payload["phase"] = phase
@@ -69,6 +73,12 @@ class SessionEventPublisher:
         # the lifecycle end, in the same call), as OpenClaw publishes it once the transcript is
         # persisted: a client that reloads the history on it then finds the final answer.
         asyncio.get_running_loop().call_soon(self._publish, key, "sessions.changed", payload)
+
+    def _wanted(self, key: SessionKey) -> bool:
+        """Anyone to tell? Without a listener here or other processes, skip the encoding (the
+        run path calls this for every message); with other processes, they may have some."""
+        bus = self.bus
+        return bool(bus.remote is not None or bus.all_subs or bus.session_subs.get(key))
 
     def _base(self, key: SessionKey) -> dict[str, Any]:
         return {"sessionKey": key, "agentId": agent_id_of(key), "ts": ms(self.clock.time())}
