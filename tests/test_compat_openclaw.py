@@ -318,16 +318,16 @@ def test_failed_run_is_printed_as_a_final_with_status_error(openclaw: OpenClaw) 
 
 
 def test_unknown_method_is_invalid_request_naming_it(openclaw: OpenClaw) -> None:
-    # `config.get` is a real OpenClaw method that clawgate does not implement.
-    res = openclaw.call("config.get")
+    # `node.list` is a real OpenClaw method that clawgate does not implement.
+    res = openclaw.call("node.list")
     assert res.code == 1
     assert res.out == {
         "ok": False,
         "error": {
             "type": "gateway_request_error",
             "code": "INVALID_REQUEST",
-            "message": "unknown method: config.get",
-            "details": {"method": "config.get"},
+            "message": "unknown method: node.list",
+            "details": {"method": "node.list"},
             "retryable": False,
         },
     }
@@ -489,7 +489,7 @@ def test_openclaw_schemas_accept_clawgate_frames(gateway_url: str) -> None:
         challenge = s.recv()
         hello = s.call("connect", connect_params)
         assert hello["ok"] is True, hello
-        unknown = s.call("config.get", {})
+        unknown = s.call("node.list", {})
         assert unknown["ok"] is False
 
         chunked = str(uuid.uuid4())

@@ -99,12 +99,14 @@ class SessionsListParams(_Params):
     limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     active_minutes: Annotated[float, msgspec.Meta(gt=0)] | None = None
     prefix: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    agent_id: AgentIdStr | None = None  # only that agent's sessions (`agent:<id>:...`)
 
 
 class SessionsPatchParams(_Params):
     key: SessionKeyStr
     label: Label | None = None
-    model: ModelName | None = None
+    # Absent: unchanged; null: back to the gateway's default model (OpenClaw's `/model default`).
+    model: ModelName | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class SessionKeyParams(_Params):
@@ -138,6 +140,41 @@ class SubagentsListParams(_Params):
 class SubscribeParams(_Params):
     session_keys: Annotated[list[SessionKeyStr], msgspec.Meta(max_length=1000)] | None = None
     all: bool = False
+
+
+# --- the session and catalog methods of OpenClaw's interactive clients -------------------
+# A key as OpenClaw clients send it: a full `agent:<id>:<rest>` key, or just `<rest>`,
+# which belongs to `agentId` (default `main`); see `clawgate.sessions.keys.qualify`.
+LooseSessionKey = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class SessionsDescribeParams(_Params):
+    key: LooseSessionKey
+    agent_id: AgentIdStr | None = None
+
+
+class SessionsCreateParams(_Params):
+    key: LooseSessionKey | None = None
+    agent_id: AgentIdStr | None = None
+    label: Label | None = None
+    model: ModelName | None = None
+
+
+class SessionsResolveParams(_Params):
+    key: LooseSessionKey | None = None
+    session_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)] | None = None
+    label: Label | None = None
+    agent_id: AgentIdStr | None = None
+
+
+class IdParams(_Params):
+    """`question.get` / `question.resolve` / `plugin.approval.resolve`: one record id."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class ArtifactParams(_Params):
+    artifact_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
 def to_wire(obj: msgspec.Struct) -> Any:

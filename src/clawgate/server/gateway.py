@@ -23,6 +23,7 @@ from clawgate.automation.usage import UsageLedger
 from clawgate.clip import clip
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unauthorized, Unavailable
 from clawgate.events.bus import EventBus
+from clawgate.events.session_events import SessionEventPublisher
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
 from clawgate.protocol.device import signature_token, verify_device_signature
@@ -41,6 +42,7 @@ from clawgate.server.peerlog import PeerLog
 from clawgate.server.sockets import SocketLedger, max_sockets
 from clawgate.server.statedir import StateDirError, check_state_dir
 from clawgate.sessions.service import SessionService
+from clawgate.sessions.view import ModelDefaults
 from clawgate.settings import Settings, is_loopback
 from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
@@ -58,7 +60,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("clawgate.gateway")
 
-EVENTS = ["connect.challenge", "agent", "chat", "subagent", "tick", "shutdown"]
+EVENTS = [
+    "connect.challenge",
+    "agent",
+    "chat",
+    "subagent",
+    "sessions.changed",
+    "session.message",
+    "tick",
+    "shutdown",
+]
 
 
 def open_cron_store(settings: Settings, store: Store) -> CronStore:
@@ -139,12 +150,16 @@ class Gateway:
             max_connections=settings.max_connections,
             max_session_subscriptions=settings.max_session_subscriptions,
         )
+        self.model_defaults = ModelDefaults.from_settings(settings)
+        self.session_events = SessionEventPublisher(self.bus, self.clock, self.model_defaults)
+        self.bus.listeners.append(self.session_events.on_agent_event)
         self.sessions = SessionService(
             self.store,
             self.clock,
             self.registry,
             cache_max=settings.session_cache_max,
             cache_max_bytes=settings.session_cache_max_bytes,
+            observer=self.session_events,
         )
         self.runs = RunService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from clawgate.sessions.view import transcript_identity
 from clawgate.store.base import Store
 from clawgate.store.records import TranscriptMessage
 
@@ -41,6 +42,9 @@ def item_for(msg: TranscriptMessage, content: str | None = None) -> dict[str, An
     }
     if msg.run_id:
         item["runId"] = msg.run_id
+    identity = transcript_identity(msg)
+    if identity is not None:
+        item["__openclaw"] = identity  # OpenClaw's clients match reloaded messages by it
     return item
 
 

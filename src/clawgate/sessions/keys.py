@@ -37,3 +37,11 @@ def kind_of(key: str) -> str:
     if key.endswith(":main"):
         return "main"
     return "other"
+
+
+def qualify(raw: str, agent_id: str | None = None) -> SessionKey:
+    """A full key from what OpenClaw clients send: `agent:<id>:<rest>` as is, else `<rest>`
+    of `agent_id` (default `main`). The result may still be invalid: check `is_valid`."""
+    if raw.startswith("agent:"):
+        return SessionKey(raw)
+    return SessionKey(f"agent:{agent_id or 'main'}:{raw}")

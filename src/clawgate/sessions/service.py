@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Protocol
 
 from clawgate.ids import SessionKey
 from clawgate.sessions.history import HistoryPage, read_page
@@ -17,6 +18,14 @@ from clawgate.store.records import SessionMeta, TranscriptMessage
 WRITTEN_MIN = 10_000
 
 
+class SessionObserver(Protocol):
+    """Told about every change to sessions and transcripts (e.g. to publish events)."""
+
+    def session_changed(self, key: SessionKey, reason: str, meta: SessionMeta | None) -> None: ...
+
+    def message_appended(self, message: TranscriptMessage, meta: SessionMeta | None) -> None: ...
+
+
 class SessionService:
     def __init__(
         self,
@@ -25,10 +34,12 @@ class SessionService:
         registry: StateRegistry,
         *,
         cache_max: int,
+        observer: SessionObserver | None = None,
         cache_max_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
+        self.observer = observer
         self.cache: TTLMap[SessionKey, SessionMeta] = TTLMap(
             "session_cache",
             clock,
@@ -54,6 +65,7 @@ class SessionService:
         meta = self.cache.get(key)
         if meta is None and not known_new:
             meta = await self.store.get_session(key)
+        created = meta is None
         if meta is None:
             meta = SessionMeta(
                 key=key,
@@ -70,6 +82,8 @@ class SessionService:
             meta.depth = max(meta.depth, depth)
         self.cache.set(key, meta)
         self.store.put_session(meta)
+        if created and self.observer is not None:
+            self.observer.session_changed(key, "new", meta)
         return meta
 
     async def get(self, key: SessionKey) -> SessionMeta | None:
@@ -80,13 +94,20 @@ class SessionService:
                 self.cache.set(key, meta)
         return meta
 
-    async def patch(self, key: SessionKey, *, label: str | None, model: str | None) -> SessionMeta:
+    async def patch(
+        self, key: SessionKey, *, label: str | None, model: str | None, clear_model: bool = False
+    ) -> SessionMeta:
+        """Set what is not None; `clear_model` returns the session to the default model."""
         meta = await self.touch(key)
         if label is not None:
             meta.label = label
         if model is not None:
             meta.model = model
+        elif clear_model:
+            meta.model = None
         await self.store.put_session(meta)
+        if self.observer is not None:
+            self.observer.session_changed(key, "patch", meta)
         return meta
 
     async def reset(self, key: SessionKey) -> None:
@@ -96,10 +117,14 @@ class SessionService:
             meta.session_id = new_id
             meta.updated_at = self.clock.time()
         await self.store.reset_session(key, new_id, self.clock.time())
+        if self.observer is not None:
+            self.observer.session_changed(key, "reset", meta)
 
     async def delete(self, key: SessionKey) -> None:
         self.cache.pop(key)
         await self.store.delete_session(key)
+        if self.observer is not None:
+            self.observer.session_changed(key, "delete", None)
 
     def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
         """Append to the transcript; not awaited (the store groups it into a transaction)."""
@@ -107,11 +132,12 @@ class SessionService:
             self.written.add(key)
         elif key not in self.written:
             self.written_overflow = True
-        self.store.append_message(
-            TranscriptMessage(
-                session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
-            )
+        message = TranscriptMessage(
+            session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
+        self.store.append_message(message)
+        if self.observer is not None:
+            self.observer.message_appended(message, self.cache.get(key))
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)
