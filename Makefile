@@ -48,8 +48,10 @@ export CLAWGATE_COMPAT ?= 1
 compat-setup:
 	@if [ "$(CLAWGATE_COMPAT)" = "1" ]; then bash scripts/compat-setup.sh >/dev/null; fi
 
+## asyncio debug mode is on for the suite (any non-empty PYTHONASYNCIODEBUG turns it on):
+## never-awaited coroutines and slow callbacks show up as failures or log lines.
 test: venv redis lint compat-setup
-	PYTHONASYNCIODEBUG=$${PYTHONASYNCIODEBUG:-0} $(BIN)/pytest -q -p no:cacheprovider
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q -p no:cacheprovider
 
 bench: venv
 	$(BIN)/python benchmarks/runs_throughput.py

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -72,18 +73,20 @@ class Cluster:
         self.urls.append(f"ws://127.0.0.1:{port}/")
         return len(self.procs) - 1
 
-    async def ready(self) -> None:
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        # Generous: three gateways importing at once on a loaded 2-core machine take seconds each.
         for url, proc in zip(self.urls, self.procs, strict=True):
-            for _ in range(200):
+            deadline = time.monotonic() + timeout_s
+            while True:
                 assert proc.poll() is None, f"gateway exited: {proc.returncode}"
                 try:
                     async with Client(url, max_reconnect_attempts=0) as c:
                         await c.call("health")
                     break
                 except (ClientError, OSError):
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{url} never became healthy") from None
                     await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"{url} never became healthy")
 
     def stop(self) -> None:
         for proc in self.procs:
