@@ -1,4 +1,4 @@
-"""Throughput of completed agent runs through one gateway process (DESIGN.md section 8).
+"""Throughput of completed agent runs through one gateway process (docs/benchmarks.md).
 
 Starts ONE gateway as a separate process (scripted provider, SQLite store in a
 temporary state dir, a free port), waits for /healthz, then drives N `agent`

@@ -1,4 +1,4 @@
-"""Bounded by construction (DESIGN.md section 4): audits, admission control, a CI-sized soak.
+"""Bounded by construction (docs/design.md, bounded by construction): audits, admission control, a CI-sized soak.
 
 These are the regression tests for the reference gateway's OOM: every structure
 keyed by a run, session, connection or request must be registered, and must be
@@ -172,7 +172,7 @@ async def test_mixed_workload_returns_every_structure_to_baseline(
     baseline_state = gw.registry.sizes()
     baseline_containers = container_sizes(gw)
     await _mixed_workload(rg, clock)
-    # Past every TTL of DESIGN.md section 3 (archive 60 min is the longest), sweeping as we go.
+    # Past every TTL of docs/design.md, record lives (archive 60 min is the longest), sweeping as we go.
     for _ in range(4):
         await clock.advance_async(gw.settings.subagent_archive_after_s / 2 + 1)
         await gw.maintenance.run_once()

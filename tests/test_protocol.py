@@ -318,7 +318,7 @@ async def test_connection_counts_return_to_zero(gateway: RunningGateway) -> None
 # -- errors after the handshake: answered, connection stays open ---------------------------------
 async def test_malformed_json_gets_an_error_and_stays_open(gateway: RunningGateway) -> None:
     async with await connected(gateway.url) as ws:
-        # A truncated frame whose leading `id` is readable gets it echoed (PROTOCOL.md).
+        # A truncated frame whose leading `id` is readable gets it echoed (docs/protocol.md).
         for text, echo in [
             ("{not json", None),
             ('{"type": "req", "id": "x"', "x"),

@@ -1,6 +1,6 @@
 """The subagent registry end to end: a real gateway over WebSocket, real SQLite, a FakeClock.
 
-Each test names the DESIGN.md section 1 rule it guards. The helpers here
+Each test names the docs/design.md rule it guards. The helpers here
 (`assert_partial`, `wait_for`, ...) are shared with the other subagent test files.
 """
 
@@ -24,7 +24,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.subagents.hooks import RecordingHook, SubagentEnded
 from conftest import GatewayFactory, settle
 
-# Every in-memory structure of the subagent registry (DESIGN.md section 4).
+# Every in-memory structure of the subagent registry (docs/design.md, bounded by construction).
 SUBAGENT_STRUCTURES = (
     "subagent_runs",
     "subagent_children",

@@ -4,7 +4,7 @@ Sources, lowest to highest priority: defaults, an optional TOML file
 (`--config`), environment variables `CLAWGATE_<NAME>`, CLI flags. Every
 duration is in seconds (floats allowed, so tests and benchmarks can compress
 TTLs) and is named with its unit. The TTLs here are the single documented
-place for all expiry rules (DESIGN.md section 1, rule 9).
+place for all expiry rules (docs/design.md, rule 9).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     handshake_timeout_s: float = Field(10.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
 
-    # --- TTLs (DESIGN.md section 3) ----------------------------------------------
+    # --- TTLs (docs/design.md, record lives) ----------------------------------------------
     run_context_idle_ttl_s: float = Field(1800.0, gt=0)
     run_result_ttl_s: float = Field(600.0, gt=0)
     run_retention_s: float = Field(86400.0, gt=0, description="finished run records kept in the store")
@@ -298,7 +298,7 @@ class Settings(BaseSettings):
         return default_memory_budget(int(psutil.virtual_memory().total))
 
     def abort_ttl_s(self, timeout_s: float) -> float:
-        """How long an abort handle may live: timeout + grace, clamped (DESIGN.md section 3)."""
+        """How long an abort handle may live: timeout + grace, clamped (docs/design.md, record lives)."""
         return min(max(timeout_s + self.abort_grace_s, self.abort_ttl_min_s), self.abort_ttl_max_s)
 
     def redacted(self) -> dict[str, Any]:

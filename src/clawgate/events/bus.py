@@ -2,7 +2,7 @@
 
 The reference gateway kept `runContextById` and `seqByRun` as two maps and
 removed them only on a clean lifecycle end; a missed end leaked both, and even
-the clean path forgot the counters (DESIGN.md section 1, rules 2 and 3). Here
+the clean path forgot the counters (docs/design.md, rules 2 and 3). Here
 the sequence counter is a field of the context, so the two cannot outlive each
 other, and the context map is a TTLMap whose deadline every emitted event
 pushes forward: a context idle for `run_context_idle_ttl_s` is swept, a run

@@ -1,5 +1,5 @@
 """Cross-process delivery of event frames, run-finished notifications and abort
-requests through Redis pub/sub (DESIGN.md section 5: a client on process A follows and
+requests through Redis pub/sub (docs/design.md, persistence and scale-out: a client on process A follows and
 `agent.wait`s a run executed by process B).
 
 Interface (wired into the gateway by the event bus and the run service)::

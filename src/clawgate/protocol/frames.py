@@ -1,4 +1,4 @@
-"""Frame shapes and the pure decode/encode functions of the wire protocol (PROTOCOL.md).
+"""Frame shapes and the pure decode/encode functions of the wire protocol (docs/protocol.md).
 
 Decoding never raises anything but `InvalidRequest`, whose details name the
 field at fault; it never touches a socket, so it is fuzzed directly.

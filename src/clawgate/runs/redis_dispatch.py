@@ -1,7 +1,7 @@
 """Per-session FIFO run queues shared by several gateway processes, on Redis.
 
 Any process may execute any run, one run at a time per session across all processes,
-in push order, and nothing is lost when a process dies (DESIGN.md section 5).
+in push order, and nothing is lost when a process dies (docs/design.md, persistence and scale-out).
 
 Interface (wired into the gateway by the run service)::
 

@@ -1,6 +1,6 @@
 """The run service: accept, queue, execute, time out, abort, finish, remember results.
 
-Records and their lives (DESIGN.md section 3):
+Records and their lives (docs/design.md, record lives):
   - `runs_active`  (Run, per run):  accepted -> ended; deadline = timeout + grace, clamped,
                                    so even a run whose end is lost cannot stay forever.
   - `run_results`  (RunRecord):     ended -> run_result_ttl_s (max run_result_max entries and

@@ -1,6 +1,6 @@
 """The one maintenance scheduler: runs every registered sweep on an interval.
 
-Rules it keeps (DESIGN.md section 1, rules 5 and 6): it starts with the gateway,
+Rules it keeps (docs/design.md, rules 5 and 6): it starts with the gateway,
 unconditionally, whatever the workload (the reference gateway started its
 sweeper only when some record had an archive time, so session-mode runs were
 never swept); a sweep that raises is logged with its name and counted, and the

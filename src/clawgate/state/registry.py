@@ -2,7 +2,7 @@
 
 A structure registers with a name, its TTL and its bound; `status`, `/metrics`,
 admission control and the leak tests read sizes from here. Nothing keyed by a
-run, session, connection or request lives outside it (DESIGN.md section 4).
+run, session, connection or request lives outside it (docs/design.md, bounded by construction).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TTLMap: a dict with a TTL per entry and an optional size bound with LRU eviction.
 
 Every in-memory structure keyed by a run, session, connection or request is one
-of these (DESIGN.md section 4). get/set/touch/pop are O(1) amortised; expiry
+of these (docs/design.md, bounded by construction). get/set/touch/pop are O(1) amortised; expiry
 happens lazily on read and in `sweep()`, which pops only expired heap items
 (O(k log n) for k expired entries), so a sweep over a large, healthy map is cheap.
 

@@ -1,6 +1,6 @@
 """The registry's decisions, as pure functions of a record and the time (tested without a loop).
 
-These encode DESIGN.md section 1:
+These encode docs/design.md (the rules):
   rule 1  a finished session-mode record dies `subagent_session_ttl_s` after its
           cleanup *completed*, not after it ended, so deferred cleanup is never cut short;
   rule 7  the ended notification is reported once; the sweep reports `swept` only

@@ -4,7 +4,7 @@ In memory, only records in flight (spawned -> cleanup completed and ended
 reported) are held, in bounded registered structures; a finished record lives
 in the store until its `expires_at`, where an indexed sweep removes it. So a
 batch of 100,000 session-mode spawns holds nothing in memory once cleaned up,
-and the store holds each record for exactly one TTL (DESIGN.md sections 1, 3).
+and the store holds each record for exactly one TTL (docs/design.md: the leak, record lives).
 
 Pipeline after a child run ends (each step idempotent, persisted, resumable
 after a restart): [pending error grace] -> ended (outcome, frozen result) ->
