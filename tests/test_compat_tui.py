@@ -268,7 +268,13 @@ class Gateway:
     def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         with connect(self.url, open_timeout=10) as ws:
             ws.recv(timeout=10)  # connect.challenge
-            hello = {"minProtocol": 4, "maxProtocol": 4, "auth": {"token": TOKEN}}
+            # Omitted scopes mean read only: this helper starts runs and patches sessions.
+            hello = {
+                "minProtocol": 4,
+                "maxProtocol": 4,
+                "auth": {"token": TOKEN},
+                "scopes": ["operator.read", "operator.write"],
+            }
             ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": hello}))
             assert json.loads(ws.recv(timeout=10))["ok"] is True
             ws.send(json.dumps({"type": "req", "id": "q", "method": method, "params": params}))

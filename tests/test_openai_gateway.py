@@ -184,5 +184,6 @@ async def test_usage_totals_match_the_provider_reports_exactly(openai_gw: Setup)
         "input": prompt,
         "output": completion,
         "total": prompt + completion,
+        "model": "stub-model",
     }
     assert openai_gw.behaviour.requests[0]["stream_options"] == {"include_usage": True}
