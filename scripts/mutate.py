@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -341,7 +342,9 @@ def module_name(path: str) -> str:
     return ".".join(parts)
 
 
-def _child(pytest_args: list[str], module: str | None, source: str | None, log: Path | None) -> None:
+def _child(
+    pytest_args: list[str], module: str | None, source: str | None, log: Path | None, test_timeout_s: float
+) -> None:
     """Runs in the forked child: never returns."""
     code = 3
     patched = module is None
@@ -356,7 +359,10 @@ def _child(pytest_args: list[str], module: str | None, source: str | None, log: 
 
         # Third-party packages imported before pytest (see PREIMPORT) cannot be assertion-rewritten: fine.
         quiet = ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
-        code = int(pytest.main([*pytest_args, "-x", "-q", "-p", "no:cacheprovider", *quiet]))
+        # A per-test timeout turns a mutant that hangs (a loop that never ends, a stop() that never
+        # returns) into a failed test in seconds rather than a killed run after the whole budget.
+        limit = ["--timeout", str(test_timeout_s)]
+        code = int(pytest.main([*pytest_args, "-x", "-q", "-p", "no:cacheprovider", *quiet, *limit]))
     except BaseException:
         import traceback
 
@@ -379,6 +385,7 @@ class Job:
     module: str
     pytest_args: list[str]
     timeout_s: float
+    test_timeout_s: float
     mutant: Mutant | None = None  # None: the baseline run of the unmutated module
     source: str | None = None
     log: Path | None = None
@@ -400,7 +407,13 @@ def run_jobs(jobs: list[Job], workers: int, progress: bool) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _child(job.pytest_args, job.module if job.mutant else None, job.source, job.log)
+                _child(
+                    job.pytest_args,
+                    job.module if job.mutant else None,
+                    job.source,
+                    job.log,
+                    job.test_timeout_s,
+                )
             job.pid = pid
             running[pid] = job
         pid, status = os.waitpid(-1, os.WNOHANG)
@@ -441,6 +454,17 @@ def preimport(project_modules: list[str]) -> None:
         importlib.import_module(name)
 
 
+def changed_files(rev: str) -> set[str] | None:
+    """Repo-relative paths that differ between `rev` and HEAD; None when `rev` is unknown."""
+    try:
+        out = subprocess.run(
+            ["git", "diff", "--name-only", rev, "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return set(out.stdout.split())
+
+
 def load_config(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         return tomllib.load(f)
@@ -454,8 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / ".mutation" / "results.json")
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--show", metavar="KEY_OR_INDEX", help="print the mutated source of one mutant")
+    parser.add_argument("--logs", action="store_true", help="keep each mutant's pytest output in .mutation/")
     parser.add_argument(
-        "--logs", action="store_true", help="keep each survivor's pytest output in .mutation/"
+        "--changed-since",
+        metavar="REV",
+        help="only modules whose source or mapped test files differ between REV and HEAD (for CI)",
     )
     args = parser.parse_args(argv)
 
@@ -463,10 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     settings = config.get("settings", {})
     workers = max(1, args.jobs or int(settings.get("jobs", 2)))
     threshold = float(settings.get("threshold", 90))
+    test_timeout = float(settings.get("test_timeout_s", 15))
     modules = [m for m in config["module"] if not args.module or any(s in m["path"] for s in args.module)]
     if not modules:
         print("no module matches", file=sys.stderr)
         return 2
+    if args.changed_since:
+        changed = changed_files(args.changed_since)
+        if changed is None:
+            print(f"mutation: cannot diff against {args.changed_since}: skipped", file=sys.stderr)
+            return 0
+        modules = [m for m in modules if {m["path"], *m["tests"]} & changed]
+        if not modules:
+            print(f"mutation: no core module or its tests changed since {args.changed_since}: skipped")
+            return 0
 
     sources = {m["path"]: (ROOT / m["path"]).read_text() for m in modules}
     mutants = {m["path"]: enumerate_mutants(m["path"], sources[m["path"]]) for m in modules}
@@ -489,7 +526,13 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.json.parent
     log_dir.mkdir(parents=True, exist_ok=True)
     baselines = [
-        Job(m["path"], list(m["tests"]), timeout_s=600, log=log_dir / f"{Path(m['path']).stem}-baseline.log")
+        Job(
+            m["path"],
+            list(m["tests"]),
+            timeout_s=600,
+            test_timeout_s=test_timeout,
+            log=log_dir / f"{Path(m['path']).stem}-baseline.log",
+        )
         for m in modules
     ]
     run_jobs(baselines, workers, progress=False)
@@ -509,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         for mu in mutants[m["path"]]:
             log = log_dir / f"{Path(m['path']).stem}-{mu.index}.log" if args.logs else None
             source = mutated_source(m["path"], sources[m["path"]], mu.index)
-            jobs.append(Job(m["path"], list(m["tests"]), timeouts[m["path"]], mu, source, log))
+            jobs.append(Job(m["path"], list(m["tests"]), timeouts[m["path"]], test_timeout, mu, source, log))
     print(f"{len(jobs)} mutants over {len(modules)} modules, {workers} at a time", file=sys.stderr)
     run_jobs(jobs, workers, progress=True)
 

@@ -182,3 +182,38 @@ async def test_run_once_ticks_serialise(clock: FakeClock) -> None:
     assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [{"s": 1}, {"s": 1}]
     assert overlap == []
     assert maint.ticks == 2
+
+
+class _RegistryFailingOnce(StateRegistry):
+    """A registry whose sweep list cannot be read on the first tick: a fault outside any sweep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    @property
+    def sweeps(self) -> dict[str, Any]:
+        self.reads += 1
+        if self.reads == 1:
+            raise RuntimeError("registry unreadable")
+        return super().sweeps
+
+
+async def test_a_tick_that_fails_outside_any_sweep_is_logged_and_the_loop_goes_on(
+    clock: FakeClock, logs: list[dict[str, Any]]
+) -> None:
+    reg = _RegistryFailingOnce()
+    reg.add_sweep("s", lambda: 2)
+    maint = Maintenance(reg, clock, 10)
+    maint.start()
+    try:
+        await asyncio.sleep(0)
+        await clock.advance_async(10)
+        assert maint.running
+        assert [e["event"] for e in logs] == ["maintenance tick failed"]
+        assert logs[0]["log_level"] == "error"
+        await clock.advance_async(10)
+        assert maint.last_removed == {"s": 2}
+        assert maint.ticks == 2
+    finally:
+        await maint.stop()
