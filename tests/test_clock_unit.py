@@ -51,11 +51,43 @@ async def test_sleep_wakes_exactly_at_its_deadline(clock: FakeClock) -> None:
     assert clock.pending_sleepers == 0
 
 
-async def test_sleep_of_zero_or_less_does_not_wait_for_the_clock(clock: FakeClock) -> None:
+async def test_sleep_of_zero_or_less_only_yields(clock: FakeClock) -> None:
     for delay in (0, -1):
-        await asyncio.wait_for(clock.sleep(delay), 5)
+        sleeper = asyncio.create_task(clock.sleep(delay))
+        for _ in range(3):  # a few loop iterations, no clock advance and no real time waited
+            await asyncio.sleep(0)
+        assert sleeper.done()
     assert clock.pending_sleepers == 0
     assert clock._sleepers == []
+
+
+async def test_a_zero_sleep_lets_other_ready_tasks_run_first(clock: FakeClock) -> None:
+    order: list[str] = []
+
+    async def other() -> None:
+        order.append("other")
+
+    task = asyncio.create_task(other())
+    await clock.sleep(0)
+    order.append("after the sleep")
+    assert order == ["other", "after the sleep"]
+    await task
+
+
+async def test_advance_async_drops_float_noise_below_1e_12(clock: FakeClock) -> None:
+    m0 = clock.monotonic()  # fine enough to see 1e-12 (time() is not, at its epoch offset)
+    await clock.advance_async(1e-12)
+    assert clock.monotonic() == m0
+    await clock.advance_async(2e-12)
+    assert clock.monotonic() == m0 + 2e-12
+
+
+async def test_a_negative_delay_is_now_not_before_now(clock: FakeClock) -> None:
+    fired: list[str] = []
+    clock.call_later(0, lambda: fired.append("zero"))
+    clock.call_later(-5, lambda: fired.append("negative"))  # due now, so after the earlier "now"
+    clock.advance(0)
+    assert fired == ["zero", "negative"]
 
 
 async def test_a_cancelled_sleep_is_skipped_when_its_deadline_passes(clock: FakeClock) -> None:
@@ -113,6 +145,17 @@ async def test_few_cancelled_timers_are_kept_until_more_than_64(clock: FakeClock
     assert len(clock._sleepers) == 65  # 64 cancelled, more than half, but not more than 64
     timers[64].cancel()
     assert clock._sleepers == []
+
+
+async def test_cancelled_count_drops_by_one_per_cancelled_timer_passed(clock: FakeClock) -> None:
+    timers = [clock.call_later(i + 1, lambda: None) for i in range(60)]
+    for t in timers:
+        t.cancel()
+    assert clock._cancelled == 60
+    clock.advance(30)
+    assert clock._cancelled == 30
+    clock.advance(30)
+    assert clock._cancelled == 0
 
 
 async def test_cancelled_count_drops_as_cancelled_timers_pass(clock: FakeClock) -> None:

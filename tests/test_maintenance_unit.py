@@ -100,17 +100,50 @@ async def test_stop_while_an_async_sweep_runs_cancels_it_and_waits_for_the_loop(
     task = maint._task
     assert task is not None
     assert maint.running
-    # A bounded wait: a scheduler that swallowed the cancellation would never end.
-    await asyncio.wait_for(maint.stop(), 5)
-    assert task.done()  # stop() returned only once the loop had ended
+    # What had happened when stop() returned: the loop had ended and the sweep had unwound.
+    at_return: list[tuple[bool, list[str]]] = []
+    stopper = asyncio.create_task(maint.stop())
+    stopper.add_done_callback(lambda _: at_return.append((task.done(), list(cancelled))))
+    # A bounded wait that does not cancel stop(): a loop that swallowed the cancellation never ends.
+    await asyncio.wait({stopper}, timeout=5)
+    if not stopper.done():
+        task.cancel()
+        stopper.cancel()
+        pytest.fail("stop() did not return: the loop swallowed its cancellation")
+    assert at_return == [(True, ["slow"])]
     assert task.cancelled()
-    assert cancelled == ["slow"]
     assert ran_after == []  # the tick was abandoned, not finished
     assert maint.errors == {}  # a cancellation is not a sweep failure
     assert not maint.running
     await clock.advance_async(100)
     assert cancelled == ["slow"]
     assert maint.ticks == 1
+
+
+async def test_stop_returns_only_once_the_running_sweep_has_unwound(clock: FakeClock) -> None:
+    reg = StateRegistry()
+    entered = asyncio.Event()
+    unwound: list[str] = []
+
+    async def slow_sweep() -> int:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            unwound.append("slow")
+        return 1
+
+    reg.add_sweep("slow", slow_sweep)
+    maint = Maintenance(reg, clock, 10)
+    maint.start()
+    await asyncio.sleep(0)
+    await clock.advance_async(10)
+    await asyncio.wait_for(entered.wait(), 5)
+    task = maint._task
+    assert task is not None
+    await maint.stop()
+    assert unwound == ["slow"]
+    assert task.done()
 
 
 async def test_stop_while_sleeping_between_ticks(clock: FakeClock) -> None:
@@ -133,6 +166,7 @@ async def test_stop_while_sleeping_between_ticks(clock: FakeClock) -> None:
 
 async def test_running_reflects_the_task(clock: FakeClock) -> None:
     maint = Maintenance(StateRegistry(), clock, 10)
+    assert (maint.ticks, maint.errors, maint.last_removed) == (0, {}, {})  # readable before any tick
     assert not maint.running
     maint.start()
     assert maint.running
