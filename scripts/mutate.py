@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             **counts,
             "tests": m["tests"],
             "survivors": [asdict(mu) for mu in survivors],
-            "equivalent": [
+            "equivalent_mutants": [
                 asdict(mu) | {"why": equivalent[mu.key]} for mu in items if mu.status == "equivalent"
             ],
             "stale_equivalents": stale,
