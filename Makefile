@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 REDIS_PORT ?= 6379
 export CLAWGATE_TEST_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 
-.PHONY: demo test lint fmt bench soak compat compat-setup redis clean venv
+.PHONY: demo test lint fmt bench soak compat compat-setup redis clean venv mutation
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ compat-setup:
 ## never-awaited coroutines and slow callbacks show up as failures or log lines.
 test: venv redis lint compat-setup
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q -p no:cacheprovider
+
+## Mutation testing of the bounded-state core against its unit tests (slow: not part of `test`).
+## MUTATION_ARGS="--module ttlmap" limits it to one module; see docs/mutation.md.
+mutation: venv
+	$(BIN)/python scripts/mutate.py $(MUTATION_ARGS)
 
 bench: venv
 	$(BIN)/python benchmarks/runs_throughput.py

@@ -152,20 +152,42 @@ def check_decode(data: str | bytes, max_bytes: int = MAX_PAYLOAD) -> RequestFram
     return frame
 
 
+_NOT_JSON = object()
+
+
+def check_probe(data: str | bytes) -> None:
+    """The echoed id: a JSON object's string `id` (at most 256 characters), else nothing; for
+    input that is not JSON, at most a plain string of 1 to 256 characters read from the input."""
+    echoed = probe_id(data)
+    try:
+        decoded: Any = msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeError):
+        decoded = _NOT_JSON
+    if decoded is _NOT_JSON:
+        if echoed is not None:
+            text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+            assert 1 <= len(echoed) <= 256
+            assert f'"{echoed}"' in text[:4096]
+    elif isinstance(decoded, dict):
+        req_id = decoded.get("id")
+        assert echoed == (req_id if isinstance(req_id, str) and len(req_id) <= 256 else None)
+    else:
+        assert echoed is None
+
+
 @settings(max_examples=600, deadline=None)
 @given(text_frames)
 def test_decode_request_raises_only_invalid_request(data: str) -> None:
     check_decode(data)
     check_decode(data.encode("utf-8"))
-    echoed = probe_id(data)
-    assert echoed is None or isinstance(echoed, str)
+    check_probe(data)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=500))
 def test_decode_request_on_raw_bytes(data: bytes) -> None:
     check_decode(data)
-    assert probe_id(data) is None or isinstance(probe_id(data), str)
+    check_probe(data)
 
 
 @settings(max_examples=200, deadline=None)

@@ -135,9 +135,16 @@ class TTLMap(Generic[K, V]):
     __setitem__ = set
 
     def touch(self, key: K, ttl_s: float | None = None) -> bool:
-        """Push an entry's deadline to now + ttl. Returns False if the key is absent."""
+        """Push an entry's deadline to now + ttl. Returns False if the key is absent.
+
+        An entry already past its deadline (not yet swept) is expired here, as `get` and `in`
+        would do, and stays gone: a touch never brings an expired entry back.
+        """
         entry = self._data.get(key)
         if entry is None:
+            return False
+        if entry.expires_at <= self._clock.time():
+            self._expire(key, entry)
             return False
         ttl = self.ttl_s if ttl_s is None else ttl_s
         entry.expires_at = _INF if ttl is None else self._clock.time() + ttl
