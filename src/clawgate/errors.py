@@ -7,10 +7,13 @@
     ├── Forbidden                  FORBIDDEN: a scope or a limit refuses the request
     ├── NotFound                   NOT_FOUND: unknown or expired run / session
     ├── Unavailable                UNAVAILABLE: overloaded or shutting down (retryable)
+    │   ├── StoreError             the store failed (UNAVAILABLE on the wire, retryable)
+    │   └── TooManyAttempts        HTTP API: too many failed authentications (429, Retry-After)
     ├── AgentTimeout               AGENT_TIMEOUT
     ├── Internal                   INTERNAL: a bug; logged with a correlation id
-    ├── StoreError                 the store failed (maps to UNAVAILABLE on the wire)
-    └── ProviderError              the LLM provider failed (ends the run as `error`)
+    ├── RunFailed                  HTTP API (OpenAI routes): the run ended error/timeout/aborted (502)
+    └── ProviderError              the LLM provider failed (ends the run as `error`; `kind` names
+                                   the failure for retries, counters and the circuit breaker)
 
 Every protocol-facing error knows its wire code and whether it is retryable, so
 one place (`to_error_shape`) maps exceptions to error frames.
@@ -86,6 +89,17 @@ class Internal(ClawgateError):
 
 class StoreError(Unavailable):
     pass
+
+
+class TooManyAttempts(Unavailable):
+    """Too many failed HTTP authentications from one address: 429 with Retry-After."""
+
+
+class RunFailed(ClawgateError):
+    """An OpenAI-compatible request whose run ended error / timeout / aborted: an upstream
+    failure for that client (502), with the run's status and error."""
+
+    code = "RUN_FAILED"
 
 
 class ProviderError(ClawgateError):

@@ -17,7 +17,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unauthorized
+from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, TooManyAttempts, Unauthorized
 from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.frames import decode_params
 from clawgate.runs.service import Run, SubmitRequest
@@ -42,13 +42,6 @@ HTTP_STATUS = {
     "INTERNAL": 500,
 }
 TOO_MANY = 429
-
-
-class TooManyAttempts(ClawgateError):
-    """Too many failed HTTP auth attempts from one address (429 with Retry-After)."""
-
-    code = "UNAVAILABLE"
-    retryable = True
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from clawgate.errors import AgentTimeout, InvalidRequest, NotFound
+from clawgate.errors import AgentTimeout, InvalidRequest, NotFound, RunFailed
 from clawgate.ids import RunId, SessionKey
 from clawgate.server.auth import READ, WRITE
 from clawgate.server.gateway import Gateway
@@ -128,7 +128,10 @@ class OpenAIApi:
             raise AgentTimeout(f"run {run_id} did not finish in time")
         if final.status != "ok":
             # A failed run is an upstream failure for an OpenAI client: 502 with the reason.
-            raise RunFailed(final)
+            raise RunFailed(
+                f"run {final.run_id} ended {final.status}: {final.error or final.status}",
+                details={"runId": final.run_id, "status": final.status},
+            )
         return final
 
     def _stream(
@@ -337,18 +340,6 @@ class OpenAIApi:
             )
 
         return self._stream(request, run_id, rec, frames())
-
-
-class RunFailed(InvalidRequest):
-    """A run ended in error / timeout / abort: an upstream failure for an OpenAI client (502)."""
-
-    code = "RUN_FAILED"
-
-    def __init__(self, rec: RunRecord) -> None:
-        super().__init__(
-            f"run {rec.run_id} ended {rec.status}: {rec.error or rec.status}",
-            details={"runId": rec.run_id, "status": rec.status},
-        )
 
 
 def _system_text(parts: list[Content | None]) -> str | None:
