@@ -23,6 +23,7 @@ from clawgate.retention import policy
 from clawgate.server.gateway import Gateway
 from clawgate.state.clock import FakeClock
 from clawgate.store.sqlite import SCHEMA, SqliteStore
+from clawgate.store.trim import transcript_keep
 from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, log_files
 from conftest import GatewayFactory, settle
 
@@ -404,11 +405,11 @@ async def test_retained_attachments_of_a_run_mode_child_go_with_its_archived_ses
 
 
 def test_transcript_keep_counts_messages_and_bytes_newest_first() -> None:
-    assert policy.transcript_keep([10, 10, 10], max_messages=5, max_bytes=100) == 3
-    assert policy.transcript_keep([10, 10, 10], max_messages=2, max_bytes=100) == 2
-    assert policy.transcript_keep([40, 40, 40], max_messages=5, max_bytes=100) == 2
-    assert policy.transcript_keep([500, 1], max_messages=5, max_bytes=100) == 1  # the newest stays
-    assert policy.transcript_keep([], max_messages=5, max_bytes=100) == 0
+    assert transcript_keep([10, 10, 10], max_messages=5, max_bytes=100) == 3
+    assert transcript_keep([10, 10, 10], max_messages=2, max_bytes=100) == 2
+    assert transcript_keep([40, 40, 40], max_messages=5, max_bytes=100) == 2
+    assert transcript_keep([500, 1], max_messages=5, max_bytes=100) == 1  # the newest stays
+    assert transcript_keep([], max_messages=5, max_bytes=100) == 0
 
 
 def test_deletable_skips_protected_and_respects_the_limit() -> None:

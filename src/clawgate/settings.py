@@ -18,6 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from clawgate.protocol.constants import SCOPE_NAMES
+
 DEFAULT_PORT = 18789
 
 
@@ -26,9 +28,6 @@ class ModelPrice(BaseModel):
 
     input_per_mtok: float = Field(ge=0)
     output_per_mtok: float = Field(ge=0)
-
-
-SCOPE_NAMES = ("operator.read", "operator.write", "operator.admin")
 
 
 class NamedToken(BaseModel):

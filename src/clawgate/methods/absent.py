@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from clawgate.errors import NotFound
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import ArtifactParams, EmptyParams, IdParams
-from clawgate.server.auth import READ, WRITE
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 from clawgate.ids import MAIN_SESSION, RunId, SessionKey
 from clawgate.methods.table import DEFERRED, Deferred, MethodSpec
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AbortParams, AgentParams, ChatAbortParams, ChatSendParams, WaitParams
 from clawgate.runs.service import SubmitRequest
-from clawgate.server.auth import READ, WRITE
 from clawgate.sessions.keys import agent_id_of
 from clawgate.store.records import RunRecord
 

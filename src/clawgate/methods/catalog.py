@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import READ
 from clawgate.protocol.schemas import EmptyParams
-from clawgate.server.auth import READ
 from clawgate.settings import Settings
 
 if TYPE_CHECKING:

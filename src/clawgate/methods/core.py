@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 from clawgate.errors import Forbidden
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import READ
 from clawgate.protocol.schemas import EmptyParams, SubscribeParams
-from clawgate.server.auth import READ
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AgentIdStr, SessionKeyStr
-from clawgate.server.auth import READ, WRITE
 from clawgate.store.cron_records import CronJob, CronPayload, CronSchedule
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ from clawgate.clip import clip
 from clawgate.errors import Forbidden, InvalidRequest, NotFound
 from clawgate.ids import SessionKey
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import ADMIN, READ, WRITE
 from clawgate.protocol.frames import encode_response
 from clawgate.protocol.schemas import (
     EmptyParams,
@@ -23,7 +24,6 @@ from clawgate.protocol.schemas import (
     SessionsPatchParams,
     SessionsResolveParams,
 )
-from clawgate.server.auth import ADMIN, READ, WRITE
 from clawgate.sessions.history import parse_cursor
 from clawgate.sessions.keys import agent_id_of, is_valid, qualify
 from clawgate.sessions.view import session_row

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.methods.table import MethodSpec
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import SpawnParams, SubagentsListParams
-from clawgate.server.auth import READ, WRITE
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection

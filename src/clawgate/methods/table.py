@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clawgate.server.auth import READ, WRITE
+from clawgate.protocol.constants import READ, WRITE
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from clawgate.methods.table import MethodSpec
-from clawgate.server.auth import READ
+from clawgate.protocol.constants import READ
 
 if TYPE_CHECKING:
     from clawgate.server.connection import Connection

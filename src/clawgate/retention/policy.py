@@ -9,7 +9,7 @@ their answers; the store methods only move data.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # The rule names reported by `sessions.cleanup`, `status` and
@@ -60,25 +60,6 @@ def deletable(candidates: Iterable[SessionStamp], protected: set[str], limit: in
         if stamp[0] not in protected:
             out.append(stamp)
     return out
-
-
-def transcript_keep(sizes_newest_first: Sequence[int], max_messages: int, max_bytes: int) -> int:
-    """How many of the newest messages a transcript keeps (`sizes` in bytes, newest first).
-
-    The newest message is always kept, even when it alone is over `max_bytes`: a
-    conversation never loses its last turn, and one message is bounded by the
-    payload limit and the provider's answer anyway.
-    """
-    kept = 0
-    total = 0
-    for size in sizes_newest_first:
-        if kept >= max_messages:
-            break
-        if kept >= 1 and total + size > max_bytes:
-            break
-        kept += 1
-        total += size
-    return kept
 
 
 def disk_verdict(

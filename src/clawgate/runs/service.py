@@ -25,13 +25,13 @@ import structlog
 
 from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
 from clawgate.agent.tools import Tool
-from clawgate.automation.usage import with_cost
 from clawgate.clip import clip
 from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
+from clawgate.providers.pricing import with_cost
 from clawgate.runs.lanes import Lanes
 from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService

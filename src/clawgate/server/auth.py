@@ -6,15 +6,13 @@ from dataclasses import dataclass
 
 from clawgate.clip import clip
 from clawgate.errors import Forbidden, InvalidRequest, Unauthorized
+from clawgate.protocol.constants import READ, SCOPE_NAMES, SCOPE_RANK
 from clawgate.protocol.schemas import ConnectParams
 from clawgate.server.credentials import ALL_SCOPES as EVERY_SCOPE
 from clawgate.server.credentials import Credentials
-from clawgate.settings import SCOPE_NAMES
 
 SUPPORTED_PROTOCOLS = (3, 4)
-READ, WRITE, ADMIN = SCOPE_NAMES
-SCOPE_RANK = {READ: 1, WRITE: 2, ADMIN: 3}
-ALL_SCOPES = (READ, WRITE, ADMIN)
+ALL_SCOPES = SCOPE_NAMES
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from clawgate.settings import SCOPE_NAMES, Settings, is_loopback
+from clawgate.protocol.constants import SCOPE_NAMES
+from clawgate.settings import Settings, is_loopback
 
 ALL_SCOPES = frozenset(SCOPE_NAMES)
 # A token guessed at 10 tries a minute per address is safe only if it is long; 16 characters

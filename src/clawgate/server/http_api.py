@@ -31,8 +31,8 @@ from starlette.routing import BaseRoute, Route
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, NotFound
 from clawgate.ids import RunId, SessionKey
 from clawgate.methods.agent import accepted_payload, final_payload
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import SESSION_KEY_PATTERN
-from clawgate.server.auth import READ, WRITE
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_common import (
     HttpAuth,

@@ -19,9 +19,10 @@ from starlette.responses import JSONResponse
 
 from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, TooManyAttempts, Unauthorized
 from clawgate.ids import RunId, SessionKey
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.frames import decode_params
 from clawgate.runs.service import Run, SubmitRequest
-from clawgate.server.auth import READ, WRITE, Grant, check_token, require
+from clawgate.server.auth import Grant, check_token, require
 from clawgate.server.authlimit import peer_key
 from clawgate.server.gateway import Gateway
 from clawgate.sessions.keys import agent_id_of

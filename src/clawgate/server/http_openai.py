@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute, Route
 
 from clawgate.errors import AgentTimeout, InvalidRequest, NotFound, RunFailed
 from clawgate.ids import RunId, SessionKey
-from clawgate.server.auth import READ, WRITE
+from clawgate.protocol.constants import READ, WRITE
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_api import follow, guarded, json, parse_session_key, wait_final
 from clawgate.server.http_common import HttpAuth, RunStart, new_run_id, read_json, start_run

@@ -24,12 +24,12 @@ import msgspec
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.retention.policy import transcript_keep
 from clawgate.store.base import SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
+from clawgate.store.trim import transcript_keep
 
 log = structlog.get_logger("clawgate.store.sqlite")
 T = TypeVar("T")
