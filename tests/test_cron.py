@@ -5,7 +5,6 @@ per occurrence with two gateways on Redis."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from clawgate.store.cron_records import CronSchedule
 from conftest import GatewayFactory, settle, unique_prefix
+from helpers import wait_until
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -95,13 +95,6 @@ def test_validation_names_the_field_and_backoff_ladder() -> None:
 
 
 # -- a live gateway on the fake clock ------------------------------------------------------------
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def tick(clock: FakeClock, gw: RunningGateway, seconds: float, *, settled: bool = True) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,15 +18,7 @@ from clawgate.client import Client, ClientError
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
+from helpers import wait_until
 
 
 class RawConn:

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clawgate.client import Client, ClientError
 from clawgate.server.serve import RunningGateway
 from conftest import GatewayFactory, settle
+from helpers import wait_until
 
 
 async def scrape(rg: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -32,14 +33,6 @@ def state(samples: dict[Any, float], structure: str) -> float:
 
 def runs_total(samples: dict[Any, float], status: str) -> float:
     return samples[("clawgate_runs_total", (("status", status),))]
-
-
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_healthz(gateway: RunningGateway) -> None:

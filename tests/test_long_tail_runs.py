@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,15 +24,7 @@ from clawgate.runs.lanes import Lanes
 from clawgate.state.clock import FakeClock
 from clawgate.state.registry import StateRegistry
 from conftest import GatewayFactory, settle
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
+from helpers import wait_until
 
 
 def events_of(frames: list[dict[str, Any]], event: str, run_id: str) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,16 +14,8 @@ from clawgate.client import Client
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
+from helpers import wait_until
 from openai_stub import StubBehaviour, run_stub
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 class Setup:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from clawgate.server.sendbuffer import SendBuffer
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
+from helpers import wait_until
 
 READ, WRITE, ADMIN = "operator.read", "operator.write", "operator.admin"
 
@@ -60,14 +60,6 @@ async def wait_closed(ws: ClientConnection, timeout: float = 5.0) -> int | None:
         while True:
             await asyncio.wait_for(ws.recv(), max(0.01, deadline - loop.time()))
     return ws.close_code
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def connect_params(**over: Any) -> dict[str, Any]:

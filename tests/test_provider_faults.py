@@ -5,7 +5,6 @@ each fault; the OpenAI provider meets them from a local OpenAI-compatible server
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,16 +16,8 @@ from clawgate.runs.service import PARTIAL_MARK
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
+from helpers import wait_until
 from openai_stub import StubBehaviour, run_stub
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 # -- pure parts ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle
+from helpers import wait_until
 
 # The in-memory structures keyed by run (or by the session lane a run occupies). After a
 # batch has ended and its results' TTL has passed, each must be back to its baseline.
@@ -34,15 +34,6 @@ RUN_KEYED = (
     "session_lanes",  # Lanes: per-session FIFO, only while the session has work
     "lane_workers",  # Lanes: one worker task per non-empty lane
 )
-
-
-async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def quiet(rounds: int = 20) -> None:
