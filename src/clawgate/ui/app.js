@@ -362,7 +362,7 @@ function sessionsPage(root) {
 function subagentsPage(root) {
   const tree = h("div", { class: "tree", id: "subagent-tree" });
   root.append(h("h1", {}, "Subagents"), tree);
-  const phases = new Map(); // runId -> latest phase seen in events
+  const phases = new Map(); // runId -> the phases seen in events, in order
   let runs = [];
   let pending = null;
 
@@ -385,7 +385,7 @@ function subagentsPage(root) {
       seen.add(key);
       return h("ul", {}, kids.map((r) => h("li", { "data-run": r.runId },
         h("code", {}, r.childSessionKey), r.label ? ` ${r.label}` : "",
-        h("span", { class: "phase" }, phases.get(r.runId) || r.status),
+        h("span", { class: "phase" }, (phases.get(r.runId) || [r.status]).join(" → ")),
         node(r.childSessionKey, seen))));
     };
     const roots = [...byRequester.keys()].filter((k) => !children.has(k));
@@ -395,7 +395,10 @@ function subagentsPage(root) {
 
   function onLiveEvent(name, p) {
     if (name !== "subagent") return;
-    phases.set(p.runId, p.phase + (p.outcome ? ` (${p.outcome})` : ""));
+    const seen = phases.get(p.runId) || [];
+    seen.push(p.phase + (p.outcome ? ` (${p.outcome})` : ""));
+    phases.set(p.runId, seen.slice(-6));
+    if (phases.size > 1000) phases.delete(phases.keys().next().value); // bounded, oldest first
     // A spawn or an end changes the tree: read it again, at most once a second.
     if (!pending) pending = setTimeout(() => { pending = null; load(); }, 300);
     render();
@@ -421,8 +424,7 @@ function batchesPage(root) {
     const failed = res.runs.filter((r) => ["error", "timeout", "aborted"].includes(r.status));
     body.replaceChildren(
       h("p", {}, `${done} of ${total} finished`, res.cursor ? " (more runs beyond this page)" : ""),
-      h("div", { class: "bar", role: "progressbar", "aria-valuenow": done, "aria-valuemax": total || 1 },
-        h("span", { style: `width:${total ? (100 * done) / total : 0}%` })),
+      h("progress", { value: done, max: total || 1, "aria-label": "finished runs" }),
       table(["status", "runs"], Object.entries(counts)),
       h("h2", {}, "Failures"),
       failed.length ? table(["run", "status", "error"], failed.map((r) => [r.runId, statusCell(r.status), r.error || ""])) : h("p", { class: "muted" }, "None."));

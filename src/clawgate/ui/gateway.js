@@ -43,6 +43,7 @@ export class Gateway {
       const ws = new WebSocket(socketUrl());
       this.ws = ws;
       let settled = false;
+      let connected = false; // this socket completed the handshake
       const fail = (err) => { if (!settled) { settled = true; reject(err); } };
       ws.onmessage = (msg) => {
         let frame;
@@ -57,6 +58,7 @@ export class Gateway {
         } else if (frame.type === "res" && frame.id === "connect") {
           if (frame.ok) {
             settled = true;
+            connected = true;
             this.scopes = frame.payload?.auth?.scopes || scopes;
             this.retryMs = 500;
             this.onState("connected");
@@ -84,7 +86,7 @@ export class Gateway {
       ws.onclose = (ev) => {
         for (const waiter of this.pending.values()) waiter.reject(new GatewayError({ code: "UNAVAILABLE", message: "connection closed" }));
         this.pending.clear();
-        if (!settled) {
+        if (!connected) {
           fail(new GatewayError({ code: "UNAVAILABLE", message: ev.reason || `connection closed (${ev.code})` }));
           return;
         }
