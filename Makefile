@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 REDIS_PORT ?= 6379
 export CLAWGATE_TEST_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 
-.PHONY: demo test lint fmt bench soak compat redis clean venv
+.PHONY: demo test lint fmt bench soak compat redis browser clean venv
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,11 @@ fmt: venv
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-test: venv redis lint
+## Debian's chromium for the dashboard's browser tests (installed when missing and run as root).
+browser:
+	bash scripts/browser-setup.sh
+
+test: venv redis browser lint
 	PYTHONASYNCIODEBUG=$${PYTHONASYNCIODEBUG:-0} $(BIN)/pytest -q -p no:cacheprovider
 
 bench: venv

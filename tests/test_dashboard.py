@@ -140,6 +140,7 @@ def test_a_run_appears_live_streams_its_text_and_shows_its_result(tab: Tab, admi
     expect(text).to_contain_text("word", timeout=WAIT_MS)
     partial = text.inner_text()
     assert partial != words and words.startswith(partial.strip()), partial
+    assert "null" not in tab.page.locator("#run-detail").inner_text()  # absent fields leave no trace
     tab.shot("run-streaming")
     # ... then all of it, and the final record with its status and result.
     expect(text).to_have_text(words, timeout=WAIT_MS)

@@ -33,6 +33,11 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// Replace an element's children, leaving out the absent ones (null, undefined, false).
+function fill(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+}
+
 const fmtBytes = (n) => {
   if (n === null || n === undefined) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -272,7 +277,7 @@ function runsPage(root) {
   function renderDetail() {
     if (!selected) return;
     const r = selected.run;
-    detail.replaceChildren(
+    fill(detail, 
       h("h2", {}, r.runId),
       h("p", {}, "session ", h("code", {}, r.sessionKey), " · status ", h("b", { id: "run-status" }, statusCell(r.status))),
       h("p", { class: "muted" }, r.message || ""),
@@ -334,7 +339,7 @@ function sessionsPage(root) {
     const actions = admin ? h("p", {},
       h("button", { type: "button", id: "session-reset", onclick: () => act("sessions.reset", key) }, "Reset"), " ",
       h("button", { type: "button", id: "session-delete", class: "danger", onclick: (e) => confirmDelete(e.target, key) }, "Delete")) : null;
-    detail.replaceChildren(h("h2", {}, key), actions,
+    fill(detail, h("h2", {}, key), actions,
       res.truncated ? h("p", { class: "muted" }, `${res.droppedMessages} older messages were dropped by retention`) : null,
       ...res.messages.map((m) => h("div", { class: "msg" }, h("span", { class: "role" }, m.role), h("span", { class: "muted" }, fmtTime(m.ts)), h("div", {}, m.content))),
       res.messages.length ? null : h("p", { class: "muted" }, "No messages."));
@@ -350,7 +355,7 @@ function sessionsPage(root) {
   async function act(method, key) {
     try { await call(method, { key }); } catch { return; }
     showError(null);
-    if (method === "sessions.delete") detail.replaceChildren(h("p", { class: "muted" }, `Deleted ${key}.`));
+    if (method === "sessions.delete") fill(detail, h("p", { class: "muted" }, `Deleted ${key}.`));
     else show(key);
     load();
   }
