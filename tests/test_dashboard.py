@@ -201,8 +201,9 @@ def test_a_subagent_spawn_appears_in_the_tree(tab: Tab, admin: SyncClient) -> No
 
 @pytest.mark.parametrize("width", [1280, 390])
 def test_no_console_errors_on_any_page(tab: Tab, admin: SyncClient, width: int) -> None:
-    admin.run_agent("[[error:model exploded]] fail", idempotency_key=f"batch:bad-{width}")
-    admin.run_agent("fine", idempotency_key=f"batch:good-{width}")
+    label = f"batch:nightly-{width}"
+    admin.run_agent("[[error:model exploded]] fail", idempotency_key=f"batch:bad-{width}", label=label)
+    admin.run_agent("fine", idempotency_key=f"batch:good-{width}", label=label)
     admin.call(
         "cron.add",
         {"name": f"nightly-{width}", "schedule": {"kind": "every", "everyMs": 3_600_000}, "message": "tick"},
@@ -216,7 +217,7 @@ def test_no_console_errors_on_any_page(tab: Tab, admin: SyncClient, width: int) 
             "agent:", timeout=WAIT_MS
         ),
         "subagents": lambda: expect(tab.page.locator("#subagent-tree")).to_be_visible(),
-        "batches": lambda: expect(tab.page.locator("#batches")).to_contain_text(
+        "batches": lambda: expect(tab.page.locator("#batches section", has_text=label)).to_contain_text(
             "model exploded", timeout=WAIT_MS
         ),
         "cron": lambda: expect(tab.page.locator("#cron")).to_contain_text(

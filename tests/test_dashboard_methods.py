@@ -214,3 +214,39 @@ async def test_ui_refuses_a_foreign_origin_and_a_rebound_host(start_gateway: Gat
             403,
             421,
         )
+
+
+# -- run labels (the batch a run belongs to) --------------------------------------------------------------
+
+
+async def test_a_run_keeps_its_label_and_runs_list_filters_by_it(
+    client: Client, gateway: RunningGateway
+) -> None:
+    for run_id, label in (("a1", "batch:nightly"), ("a2", "batch:weekly"), ("a3", None)):
+        params = {"message": "hi", "idempotencyKey": run_id, **({"label": label} if label else {})}
+        await client.call_final("agent", params)
+    await settle(gateway.gateway)
+    labelled = await _all_pages(client, label="batch:nightly")
+    assert [(r["runId"], r["label"]) for r in labelled] == [("a1", "batch:nightly")]
+    unlabelled = next(r for r in await _all_pages(client) if r["runId"] == "a3")
+    assert "label" not in unlabelled
+
+
+async def test_clawgate_batch_labels_its_runs_with_the_tasks_file(
+    gateway: RunningGateway, tmp_path: Path
+) -> None:
+    import io
+    import json
+
+    from rich.console import Console
+
+    from clawgate.cli.batch import BatchOptions, run_batch
+
+    tasks = tmp_path / "nightly.jsonl"
+    tasks.write_text("".join(json.dumps({"id": f"t{i}", "message": f"task {i}"}) + "\n" for i in range(3)))
+    opts = BatchOptions(concurrency=2, connections=1, progress=False)
+    summary = await run_batch(tasks, url=gateway.url, options=opts, console=Console(file=io.StringIO()))
+    assert summary.ok == 3
+    async with Client(gateway.url, max_reconnect_attempts=0) as c:
+        runs = await _all_pages(c, label="batch:nightly")
+    assert sorted(r["runId"] for r in runs) == ["batch:t0", "batch:t1", "batch:t2"]

@@ -45,6 +45,7 @@ def run_summary(rec: RunRecord) -> dict[str, Any]:
         "result": clip(rec.result_text, RESULT_CHARS) if rec.result_text else None,
         "model": rec.model,
         "usage": rec.usage,
+        "label": rec.label,
     }
     out.update({k: v for k, v in optional.items() if v is not None})
     return out
@@ -57,6 +58,7 @@ async def list_runs(gw: Gateway, conn: Connection, req_id: str, params: RunsList
         status=params.status,
         session_key=params.session_key,
         run_id_prefix=params.run_id_prefix,
+        label=params.label,
         scan=SCAN_PER_PAGE,
     )
     page = await gw.store.page_runs(query)

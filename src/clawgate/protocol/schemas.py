@@ -159,3 +159,4 @@ class RunsListParams(_Params):
     status: RunsListStatus | None = None
     session_key: SessionKeyStr | None = None
     run_id_prefix: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    label: Label | None = None

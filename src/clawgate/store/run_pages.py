@@ -24,12 +24,15 @@ class RunsPageQuery:
     status: str | None = None
     session_key: str | None = None
     run_id_prefix: str | None = None
+    label: str | None = None
     scan: int = 1000  # records examined per page at most
 
     def matches(self, rec: RunRecord) -> bool:
         if self.session_key is not None and rec.session_key != self.session_key:
             return False
         if self.run_id_prefix and not rec.run_id.startswith(self.run_id_prefix):
+            return False
+        if self.label is not None and rec.label != self.label:
             return False
         if self.status is None:
             return True

@@ -75,6 +75,7 @@ function setConn(state) {
 // Sign-in
 
 function showLogin(message) {
+  clearInterval(statusTimer);
   if (gw) { gw.close(); gw = null; }
   closeLive();
   stopPage();
@@ -216,7 +217,7 @@ function table(headers, rows, onRow) {
   const body = h("tbody");
   for (const row of rows) {
     const cells = Array.isArray(row) ? row : row.cells;
-    const tr = h("tr", {}, cells.map((c) => h("td", {}, c)));
+    const tr = h("tr", { "data-key": row.key }, cells.map((c) => h("td", {}, c)));
     if (onRow) {
       tr.className = "clickable";
       tr.tabIndex = 0;
@@ -233,12 +234,13 @@ function runsPage(root) {
     ["", "active", "queued", "running", "finished", "ok", "error", "timeout", "aborted"].map((v) => h("option", { value: v }, v || "any")));
   const session = h("input", { id: "f-session", placeholder: "agent:main:main", size: 24 });
   const prefix = h("input", { id: "f-prefix", placeholder: "batch:", size: 12 });
+  const label = h("input", { id: "f-label", placeholder: "batch:nightly", size: 14 });
   const list = h("div", { id: "runs-table" });
   const pager = h("div", { class: "filters" });
   const detail = h("div", { class: "panel", id: "run-detail" }, h("p", { class: "muted" }, "Select a run to follow it."));
   root.append(h("h1", {}, "Runs"),
     h("form", { class: "filters", onsubmit: (e) => { e.preventDefault(); cursors = [null]; load(); } },
-      h("label", {}, "status", status), h("label", {}, "session", session), h("label", {}, "run id prefix", prefix),
+      h("label", {}, "status", status), h("label", {}, "session", session), h("label", {}, "run id prefix", prefix), h("label", {}, "label", label),
       h("button", { type: "submit" }, "Filter")),
     h("div", { class: "split" }, h("div", {}, list, pager), detail));
   let cursors = [null]; // the cursor of each page visited, for "previous"
@@ -252,12 +254,19 @@ function runsPage(root) {
     if (status.value) params.status = status.value;
     if (session.value.trim()) params.sessionKey = session.value.trim();
     if (prefix.value.trim()) params.runIdPrefix = prefix.value.trim();
+    if (label.value.trim()) params.label = label.value.trim();
     let page;
     try { page = await call("runs.list", params); } catch { return; }
+    // The table is drawn again; keep the keyboard focus on the run it was on.
+    const focused = list.contains(document.activeElement) ? document.activeElement.dataset.key : null;
     list.replaceChildren(table(["run", "session", "status", "accepted", "duration"],
-      page.runs.map((r) => ({ run: r, cells: [r.runId, r.sessionKey, statusCell(r.status), fmtTime(r.acceptedAt), r.durationMs != null ? `${r.durationMs} ms` : "–"] })),
+      page.runs.map((r) => ({ run: r, key: r.runId, cells: [r.runId, r.sessionKey, statusCell(r.status), fmtTime(r.acceptedAt), r.durationMs != null ? `${r.durationMs} ms` : "–"] })),
       (row) => select(row.run)));
     if (!page.runs.length) list.append(h("p", { class: "muted" }, "No runs on this page."));
+    for (const tr of list.querySelectorAll("tr[data-key]")) {
+      if (selected && tr.dataset.key === selected.run.runId) tr.setAttribute("aria-selected", "true");
+      if (focused !== null && tr.dataset.key === focused) tr.focus();
+    }
     if (selected) {
       const fresh = page.runs.find((r) => r.runId === selected.run.runId);
       if (fresh) { selected.run = fresh; renderDetail(); }
@@ -417,22 +426,30 @@ function subagentsPage(root) {
 function batchesPage(root) {
   const body = h("div", { id: "batches" });
   root.append(h("h1", {}, "Batches"),
-    h("p", { class: "muted" }, "Runs started by `clawgate batch` (run ids batch:<task>), the latest 200."), body);
+    h("p", { class: "muted" }, "Runs started by clawgate batch (run ids batch:<task>, label batch:<tasks file>), the latest 200."), body);
   let timer = null;
   async function load() {
     let res;
     try { res = await call("runs.list", { runIdPrefix: "batch:", limit: 200 }); } catch { return; }
-    const counts = {};
-    for (const r of res.runs) counts[r.status] = (counts[r.status] || 0) + 1;
-    const total = res.runs.length;
-    const done = total - (counts.queued || 0) - (counts.running || 0);
-    const failed = res.runs.filter((r) => ["error", "timeout", "aborted"].includes(r.status));
-    body.replaceChildren(
-      h("p", {}, `${done} of ${total} finished`, res.cursor ? " (more runs beyond this page)" : ""),
-      h("progress", { value: done, max: total || 1, "aria-label": "finished runs" }),
-      table(["status", "runs"], Object.entries(counts)),
-      h("h2", {}, "Failures"),
-      failed.length ? table(["run", "status", "error"], failed.map((r) => [r.runId, statusCell(r.status), r.error || ""])) : h("p", { class: "muted" }, "None."));
+    const groups = new Map();
+    for (const r of res.runs) {
+      const key = r.label || "(no label)";
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key).push(r);
+    }
+    const sections = [...groups.entries()].map(([name, runs]) => {
+      const counts = {};
+      for (const r of runs) counts[r.status] = (counts[r.status] || 0) + 1;
+      const done = runs.length - (counts.queued || 0) - (counts.running || 0);
+      const failed = runs.filter((r) => ["error", "timeout", "aborted"].includes(r.status));
+      return h("section", { class: "panel" },
+        h("h2", {}, name),
+        h("p", {}, `${done} of ${runs.length} finished · `, Object.entries(counts).map(([k, v]) => `${k} ${v}`).join(", ")),
+        h("progress", { value: done, max: runs.length || 1, "aria-label": `${name}: finished runs` }),
+        failed.length ? table(["failed run", "status", "error"], failed.map((r) => [r.runId, statusCell(r.status), r.error || ""])) : h("p", { class: "muted" }, "No failures."));
+    });
+    fill(body, res.cursor ? h("p", { class: "muted" }, "More batch runs exist beyond these 200.") : null,
+      sections.length ? sections : h("p", { class: "muted" }, "No batch runs."));
   }
   load();
   timer = setInterval(load, 5000);
