@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from clawgate.testing import GatewayProcess
 
 ROOT = Path(__file__).resolve().parent
@@ -53,8 +55,11 @@ def browse(http_url: str, page_name: str, ready_file: Path) -> None:
             page.wait_for_timeout(1000)
 
 
-def one_batch(runs: int, warmup: int, dashboard: str | None, tmp: Path) -> float:
+def one_batch(runs: int, warmup: int, dashboard: str | None, tmp: Path) -> tuple[float, float]:
+    """(runs/s, gateway CPU ms per run) of one batch on a fresh gateway."""
     with GatewayProcess(tmp / f"state-{time.monotonic_ns()}") as gp:
+        assert gp.proc is not None
+        gateway = psutil.Process(gp.proc.pid)
         viewer: subprocess.Popen[bytes] | None = None
         try:
             if dashboard:
@@ -77,6 +82,7 @@ def one_batch(runs: int, warmup: int, dashboard: str | None, tmp: Path) -> float
                         raise SystemExit("the dashboard did not open")
                     time.sleep(0.1)
             out = tmp / f"bench-{time.monotonic_ns()}.json"
+            cpu0 = sum(gateway.cpu_times()[:2])
             subprocess.run(
                 [
                     sys.executable,
@@ -93,7 +99,9 @@ def one_batch(runs: int, warmup: int, dashboard: str | None, tmp: Path) -> float
                 check=True,
                 stdout=subprocess.DEVNULL,
             )
-            return float(json.loads(out.read_text())["runs_per_s"])
+            # CPU per run is steadier than runs/s on a machine shared with other work (warmup included).
+            cpu_ms = (sum(gateway.cpu_times()[:2]) - cpu0) * 1000 / (runs + warmup)
+            return float(json.loads(out.read_text())["runs_per_s"]), cpu_ms
         finally:
             if viewer is not None:
                 viewer.kill()
@@ -106,7 +114,7 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=1_000)
-    parser.add_argument("--reps", type=int, default=2, help="pairs of batches (without, with)")
+    parser.add_argument("--reps", type=int, default=3, help="pairs of batches (without, with)")
     parser.add_argument("--page", default="runs", help="dashboard page kept open (overview, runs, ...)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "dashboard_overhead.json")
     parser.add_argument("--browse", help=argparse.SUPPRESS)
@@ -118,15 +126,19 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-dash-bench-"))
     results: dict[str, list[float]] = {"without": [], "with": []}
+    cpu: dict[str, list[float]] = {"without": [], "with": []}
     for rep in range(args.reps):
         # Alternate the order, so a machine getting busier or quieter does not favour one mode.
         order = ["without", "with"] if rep % 2 == 0 else ["with", "without"]
         for mode in order:
-            rate = one_batch(args.runs, args.warmup, args.page if mode == "with" else None, tmp)
+            rate, cpu_ms = one_batch(args.runs, args.warmup, args.page if mode == "with" else None, tmp)
             results[mode].append(rate)
-            print(f"{mode:>8} dashboard: {rate:8.0f} runs/s", flush=True)
+            cpu[mode].append(cpu_ms)
+            print(f"{mode:>8} dashboard: {rate:8.0f} runs/s, gateway {cpu_ms:.3f} CPU ms/run", flush=True)
     without, with_ = statistics.median(results["without"]), statistics.median(results["with"])
     drop = (without - with_) / without * 100
+    cpu_without, cpu_with = statistics.median(cpu["without"]), statistics.median(cpu["with"])
+    cpu_extra = (cpu_with - cpu_without) / cpu_without * 100
     summary = {
         "runs": args.runs,
         "page": args.page,
@@ -134,6 +146,10 @@ def main() -> int:
         "median_without": round(without, 1),
         "median_with": round(with_, 1),
         "drop_percent": round(drop, 2),
+        "gateway_cpu_ms_per_run": cpu,
+        "median_cpu_ms_per_run_without": round(cpu_without, 4),
+        "median_cpu_ms_per_run_with": round(cpu_with, 4),
+        "cpu_extra_percent": round(cpu_extra, 2),
         "target_drop_percent": 5,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +157,7 @@ def main() -> int:
     print(
         f"median without {without:.0f} runs/s, with the {args.page} page open {with_:.0f} runs/s: drop {drop:+.1f}%"
     )
+    print(f"gateway CPU per run: {cpu_without:.3f} ms without, {cpu_with:.3f} ms with: {cpu_extra:+.1f}%")
     return 0
 
 

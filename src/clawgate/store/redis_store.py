@@ -1064,7 +1064,7 @@ class RedisStore(Store):
         index = k.runs_all() if query.session_key is None else k.runs_by_session(query.session_key)
         start = parse_int_cursor(query.cursor) or 0
         ids = [
-            _s(i) for i in await self._submit([("ZREVRANGE", index, start, start + query.scan - 1)], _first)
+            _s(i) for i in await self._submit([("ZREVRANGE", index, start, start + query.window - 1)], _first)
         ]
         found: list[RunRecord] = []
         for chunk_start in range(0, len(ids), PAGE):
@@ -1076,7 +1076,7 @@ class RedisStore(Store):
                     found.append(rec)
                     if len(found) == query.limit:
                         return RunsPage(found, str(start + chunk_start + n + 1))
-        more = len(ids) == query.scan
+        more = len(ids) == query.window
         return RunsPage(found, str(start + len(ids)) if more else None)
 
 

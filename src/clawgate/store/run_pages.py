@@ -27,6 +27,13 @@ class RunsPageQuery:
     label: str | None = None
     scan: int = 1000  # records examined per page at most
 
+    @property
+    def window(self) -> int:
+        """Records a store reads for this page: `limit` when every record matches (the session
+        filter is the store's own index), else up to `scan`."""
+        filtered = self.status is not None or bool(self.run_id_prefix) or self.label is not None
+        return self.scan if filtered else min(self.scan, self.limit)
+
     def matches(self, rec: RunRecord) -> bool:
         if self.session_key is not None and rec.session_key != self.session_key:
             return False

@@ -651,7 +651,7 @@ class SqliteStore(Store):
                 sql += " AND session_key = ?"
                 args.append(query.session_key)
             sql += " ORDER BY rowid DESC LIMIT ?"
-            args.append(query.scan)
+            args.append(query.window)
             return list(c.execute(sql, args).fetchall())
 
         rows = await self._submit(op)
@@ -663,7 +663,7 @@ class SqliteStore(Store):
                 if len(found) == query.limit:
                     return RunsPage(found, str(rowid))
         # A full scan window may have more behind it; a short one was the end of the table.
-        return RunsPage(found, str(rows[-1][0]) if rows and len(rows) == query.scan else None)
+        return RunsPage(found, str(rows[-1][0]) if rows and len(rows) == query.window else None)
 
 
 _SESSION_COLUMNS = "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth"
