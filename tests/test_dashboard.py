@@ -233,3 +233,44 @@ def test_no_console_errors_on_any_page(tab: Tab, admin: SyncClient, width: int) 
     expect(tab.page.locator(".chart polyline").first).to_be_attached(timeout=WAIT_MS)
     tab.shot(f"overview-{width}-charts")
     assert tab.errors == []
+
+
+def test_gateway_errors_are_shown_as_the_gateway_states_them(tab: Tab, admin: SyncClient) -> None:
+    key = "agent:main:busy"
+    admin.call("chat.send", {"sessionKey": key, "message": "[[stall]]", "idempotencyKey": "busy-run"})
+    try:
+        tab.sign_in(ADMIN_TOKEN)
+        tab.show("sessions")
+        tab.page.locator("#sessions-table tr", has_text=key).click()
+        tab.page.click("#session-reset")
+        expect(tab.page.locator("#error")).to_have_text(
+            f"FORBIDDEN: cannot reset session {key} while a run is active in it", timeout=WAIT_MS
+        )
+        tab.shot("gateway-error")
+    finally:
+        admin.call("agent.abort", {"runId": "busy-run"})
+
+
+def test_the_page_reconnects_by_itself_after_a_gateway_restart(browser: Browser, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = GatewayProcess(state).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        tab = Tab(context.new_page(), first.http_url, tmp_path)
+        tab.sign_in("")  # a gateway without a token, on loopback
+        conn = tab.page.locator("#conn")
+        expect(conn).to_have_text("connected", timeout=WAIT_MS)
+        first.stop()
+        expect(conn).to_have_text("reconnecting", timeout=WAIT_MS)
+        second = GatewayProcess(state, port=first.port).start()
+        try:
+            expect(conn).to_have_text("connected", timeout=WAIT_MS)
+            with SyncClient(second.url, max_reconnect_attempts=0) as c:
+                c.run_agent("after the restart", idempotency_key="after-restart")
+            tab.show("runs")
+            expect(tab.page.locator("#runs-table")).to_contain_text("after-restart", timeout=WAIT_MS)
+        finally:
+            second.kill()
+    finally:
+        context.close()
+        first.kill()
