@@ -1054,8 +1054,6 @@ class RedisStore(Store):
             )
         return total
 
-    # -- helpers ----------------------------------------------------------------------------------------
-
     # -- paged reads (runs.list) -------------------------------------------------------------------
     async def page_runs(self, query: RunsPageQuery) -> RunsPage:
         """By expiry deadline, latest first: runs in flight (long deadline), then finished runs,
@@ -1078,6 +1076,9 @@ class RedisStore(Store):
                         return RunsPage(found, str(start + chunk_start + n + 1))
         more = len(ids) == query.window
         return RunsPage(found, str(start + len(ids)) if more else None)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
 
 
 def _ms(t: float) -> int:
