@@ -278,6 +278,10 @@ function runsPage(root) {
 
   async function select(run) {
     selected = { run, events: [], text: "", tools: [] };
+    for (const tr of list.querySelectorAll("tr[data-key]")) {
+      if (tr.dataset.key === run.runId) tr.setAttribute("aria-selected", "true");
+      else tr.removeAttribute("aria-selected");
+    }
     // Follow the run's session: its events come to this connection from now on.
     try { await call("events.subscribe", { sessionKeys: [run.sessionKey] }); } catch { /* shown */ }
     renderDetail();
