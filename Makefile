@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 REDIS_PORT ?= 6379
 export CLAWGATE_TEST_REDIS_URL ?= redis://127.0.0.1:$(REDIS_PORT)/0
 
-.PHONY: demo test lint fmt bench soak compat compat-setup redis clean venv mutation
+.PHONY: demo test lint fmt bench soak compat compat-setup redis browser clean venv mutation
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -49,9 +49,13 @@ export CLAWGATE_COMPAT ?= 1
 compat-setup:
 	@if [ "$(CLAWGATE_COMPAT)" = "1" ]; then bash scripts/compat-setup.sh >/dev/null; fi
 
+## Debian's chromium for the dashboard's browser tests (installed when missing and run as root).
+browser:
+	bash scripts/browser-setup.sh
+
 ## asyncio debug mode is on for the suite (any non-empty PYTHONASYNCIODEBUG turns it on):
 ## never-awaited coroutines and slow callbacks show up as failures or log lines.
-test: venv redis lint compat-setup
+test: venv redis browser lint compat-setup
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q -p no:cacheprovider
 
 ## Mutation testing of the bounded-state core against its unit tests (slow: not part of `test`).

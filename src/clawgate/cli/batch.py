@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -166,6 +167,12 @@ def default_out_path(tasks_path: Path) -> Path:
     return tasks_path.with_name(f"{stem}.results.jsonl")
 
 
+def batch_label(tasks_path: Path) -> str:
+    """The label of a batch's runs: `batch:` and the tasks file's name without `.jsonl`."""
+    name = tasks_path.name
+    return "batch:" + (name[: -len(".jsonl")] if name.endswith(".jsonl") else name)[:200]
+
+
 def task_run_key(task: Task, retry: int) -> str:
     return f"batch:{task.key}" if retry == 0 else f"batch:{task.key}:retry{retry}"
 
@@ -230,6 +237,8 @@ class BatchOptions:
     progress: bool = True
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
+    # Sent with every `agent` run, so dashboards group a batch's runs (`runs.list label=`).
+    label: str | None = None
 
 
 @dataclass
@@ -536,6 +545,8 @@ class BatchRunner:
             text = await self._history_text(client, session, key) if existing["status"] == "ok" else None
             return _Outcome(key, existing["status"], text, existing.get("error"), usage=existing.get("usage"))
         params: dict[str, Any] = {"message": task.message, "idempotencyKey": key, "sessionKey": session}
+        if self.opts.label:
+            params["label"] = self.opts.label
         if task.timeout is not None:
             params["timeout"] = task.timeout
         sent = time.monotonic()
@@ -636,6 +647,9 @@ async def run_batch(
     tasks, bad = read_tasks(tasks_path)
     for item in bad:
         console.print(f"[yellow]{tasks_path}:{item.line}: skipped: {item.reason}[/yellow]")
+    options = options or BatchOptions()
+    if options.label is None:
+        options = dataclasses.replace(options, label=batch_label(tasks_path))
     runner = BatchRunner(
         url, out_path or default_out_path(tasks_path), token=token, options=options, console=console
     )

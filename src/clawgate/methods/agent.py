@@ -61,6 +61,7 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
             timeout_s=params.timeout,
             extra_system_prompt=params.extra_system_prompt,
             owner=conn.conn_id,
+            label=params.label,
         )
     )
     # Registered before the accepted response, so a waiter cap refuses the request as a whole

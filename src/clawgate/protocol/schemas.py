@@ -185,3 +185,17 @@ class SessionsCleanupParams(_Params):
     """`sessions.cleanup`: run retention now; `dryRun` reports without deleting."""
 
     dry_run: bool = False
+
+
+RunsListStatus = Literal["queued", "running", "ok", "error", "timeout", "aborted", "active", "finished"]
+
+
+class RunsListParams(_Params):
+    """`runs.list`: one bounded page of runs, newest first; `cursor` comes from the previous page."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=200)] = 50
+    cursor: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    status: RunsListStatus | None = None
+    session_key: SessionKeyStr | None = None
+    run_id_prefix: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    label: Label | None = None

@@ -86,6 +86,7 @@ class SubmitRequest:
     extra_system_prompt: str | None = None
     owner: ConnId | None = None
     known_new_session: bool = False
+    label: str | None = None
 
 
 class RunService:
@@ -200,6 +201,7 @@ class RunService:
             timeout_s=req.timeout_s or self.settings.default_run_timeout_s,
             extra_system_prompt=req.extra_system_prompt,
             accepted_at=now,
+            label=req.label,
         )
         if self.dispatch is None and not self.lanes.has_room(req.session_key):
             raise Unavailable(

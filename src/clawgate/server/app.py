@@ -1,4 +1,4 @@
-"""The Starlette app: WebSocket RPC on `/`, `/healthz`, `/readyz`, `/metrics` on the same port."""
+"""The Starlette app: WebSocket RPC on `/`, `/healthz`, `/readyz`, `/metrics` and the `/ui` dashboard on the same port."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from clawgate.server.http_events import RunEventLog
 from clawgate.server.http_openai import OpenAIApi
 from clawgate.server.openapi import build_openapi
 from clawgate.server.origin import OriginHostGuard
+from clawgate.server.ui import ui_routes
 
 
 class RawSendMiddleware:
@@ -102,6 +103,7 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             Route("/openapi.json", openapi),
             *RestApi(gateway, events).routes(),
             *OpenAIApi(gateway, events).routes(),
+            *ui_routes(),
         ],
         # The origin/host guard comes first: it refuses cross-site pages and rebound host names
         # on every entry point, before a WebSocket is upgraded or an endpoint runs.

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
+from clawgate.store.run_pages import RunsPage, RunsPageQuery
 
 log = structlog.get_logger("clawgate.store")
 
@@ -261,6 +262,14 @@ class Store(RetentionStore):
     async def release_subagent(self, run_id: str, owner: str) -> None:
         """Drop `owner`'s lease, if it still holds it."""
         return None
+
+    @abstractmethod
+    async def page_runs(self, query: RunsPageQuery) -> RunsPage:
+        """One bounded page of run records, newest first, and the cursor of the next page.
+
+        A page examines at most `query.scan` records, so a filter that matches little answers
+        quickly with fewer than `limit` runs and a cursor to go on from (None: no more).
+        """
 
 
 def settle_result(fut: asyncio.Future[Any], value: Any) -> None:

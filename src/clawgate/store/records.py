@@ -50,6 +50,8 @@ class RunRecord(msgspec.Struct, kw_only=True):
     result_text: str | None = None
     duration_ms: int | None = None
     usage: dict[str, Any] | None = None  # provider tokens: {input, output, total, model, costUsd?}
+    # What the run belongs to, as its client named it (`clawgate batch`: `batch:<tasks file>`).
+    label: str | None = None
 
     @property
     def is_final(self) -> bool:

@@ -63,6 +63,7 @@ from clawgate.store.records import (
     SubagentRecord,
     TranscriptMessage,
 )
+from clawgate.store.run_pages import RunsPage, RunsPageQuery, parse_int_cursor
 
 log = structlog.get_logger("clawgate.store.redis")
 T = TypeVar("T")
@@ -1116,6 +1117,29 @@ class RedisStore(Store):
             )
         return total
 
+    # -- paged reads (runs.list) -------------------------------------------------------------------
+    async def page_runs(self, query: RunsPageQuery) -> RunsPage:
+        """By expiry deadline, latest first: runs in flight (long deadline), then finished runs,
+        most recently written first. The cursor is the rank to continue from."""
+        k = self.keys
+        index = k.runs_all() if query.session_key is None else k.runs_by_session(query.session_key)
+        start = parse_int_cursor(query.cursor) or 0
+        ids = [
+            _s(i) for i in await self._submit([("ZREVRANGE", index, start, start + query.window - 1)], _first)
+        ]
+        found: list[RunRecord] = []
+        for chunk_start in range(0, len(ids), PAGE):
+            chunk = ids[chunk_start : chunk_start + PAGE]
+            raws = await self._submit([("MGET", *[k.run(i) for i in chunk])], _first)
+            for n, raw in enumerate(raws):
+                rec = _decode_run_or_none(raw)
+                if rec is not None and query.matches(rec):
+                    found.append(rec)
+                    if len(found) == query.limit:
+                        return RunsPage(found, str(start + chunk_start + n + 1))
+        more = len(ids) == query.window
+        return RunsPage(found, str(start + len(ids)) if more else None)
+
 
 # -- helpers ----------------------------------------------------------------------------------------
 
@@ -1183,3 +1207,13 @@ def _stamps(raw: list[Any]) -> list[tuple[str, float]]:
     if raw and not isinstance(raw[0], (list, tuple)):
         raw = list(zip(raw[::2], raw[1::2], strict=True))
     return [(_s(m), float(score)) for m, score in raw]
+
+
+def _decode_run_or_none(raw: bytes | str | None) -> RunRecord | None:
+    """A run record, or None for one that expired or cannot be decoded (a page skips both)."""
+    if raw is None:
+        return None
+    try:
+        return _run_dec.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None

@@ -29,6 +29,7 @@ from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
+from clawgate.store.run_pages import RunsPage, RunsPageQuery, parse_int_cursor
 from clawgate.store.trim import transcript_keep
 
 log = structlog.get_logger("clawgate.store.sqlite")
@@ -654,6 +655,32 @@ class SqliteStore(Store):
             return int(n)
 
         return int(await self._submit(op))
+
+    # -- paged reads (runs.list) -------------------------------------------------------------------
+    async def page_runs(self, query: RunsPageQuery) -> RunsPage:
+        """Newest first by rowid (insertion order); the cursor is the rowid to continue below."""
+        below = parse_int_cursor(query.cursor)
+
+        def op(c: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            sql = "SELECT rowid, data FROM runs WHERE rowid < ?"
+            args: list[object] = [below if below is not None else 2**63 - 1]
+            if query.session_key is not None:
+                sql += " AND session_key = ?"
+                args.append(query.session_key)
+            sql += " ORDER BY rowid DESC LIMIT ?"
+            args.append(query.window)
+            return list(c.execute(sql, args).fetchall())
+
+        rows = await self._submit(op)
+        found: list[RunRecord] = []
+        for rowid, data in rows:
+            rec = _decode_run(data)
+            if rec is not None and query.matches(rec):
+                found.append(rec)
+                if len(found) == query.limit:
+                    return RunsPage(found, str(rowid))
+        # A full scan window may have more behind it; a short one was the end of the table.
+        return RunsPage(found, str(rows[-1][0]) if rows and len(rows) == query.window else None)
 
 
 _SESSION_COLUMNS = "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth"
