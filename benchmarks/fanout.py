@@ -32,7 +32,7 @@ import psutil
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runs_throughput import cpu_s, drive, free_port, start_gateway  # noqa: E402
+from runs_throughput import cpu_s, drive, free_port, start_gateway
 
 ROOT = Path(__file__).resolve().parent
 CONNECT = {
@@ -56,7 +56,9 @@ async def subscribe_and_count(url: str, n: int) -> None:
         await ws.recv()  # challenge
         await ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": CONNECT}))
         await ws.recv()
-        await ws.send(json.dumps({"type": "req", "id": "s", "method": "events.subscribe", "params": {"all": True}}))
+        await ws.send(
+            json.dumps({"type": "req", "id": "s", "method": "events.subscribe", "params": {"all": True}})
+        )
         await ws.recv()
         ready.set()
         try:
@@ -74,13 +76,23 @@ async def subscribe_and_count(url: str, n: int) -> None:
     await stop.wait()
     for t in tasks:
         t.cancel()
-    print(json.dumps({"frames": sum(frames), "dropped": sum(closed), "per_conn_min": min(frames)}), flush=True)
+    print(
+        json.dumps({"frames": sum(frames), "dropped": sum(closed), "per_conn_min": min(frames)}), flush=True
+    )
 
 
 def batch(url: str, runs: int, gw: psutil.Process) -> dict[str, Any]:
     cpu0 = cpu_s(gw)
     samples, wall = asyncio.run(
-        drive(url, runs=runs, concurrency=256, connections=4, sessions=0, message="fan-out run", tag=uuid.uuid4().hex[:8])
+        drive(
+            url,
+            runs=runs,
+            concurrency=256,
+            connections=4,
+            sessions=0,
+            message="fan-out run",
+            tag=uuid.uuid4().hex[:8],
+        )
     )
     cpu = cpu_s(gw) - cpu0
     done = len(samples.final_ms)
@@ -93,7 +105,9 @@ def batch(url: str, runs: int, gw: psutil.Process) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--subscribe", default=None, help=argparse.SUPPRESS)  # subscriber process mode
@@ -117,7 +131,9 @@ def main() -> int:
     gw = psutil.Process(proc.pid)
     url = f"ws://127.0.0.1:{port}/"
     try:
-        asyncio.run(drive(url, runs=1000, concurrency=256, connections=4, sessions=0, message="warm", tag="w"))
+        asyncio.run(
+            drive(url, runs=1000, concurrency=256, connections=4, sessions=0, message="warm", tag="w")
+        )
         plain = batch(url, args.runs, gw)
         sub = subprocess.Popen(
             [sys.executable, __file__, "--subscribe", url, "--subscribers", str(args.subscribers)],
@@ -146,7 +162,9 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"without subscribers  {plain['runs_per_s']:,.1f} runs/s, gateway {plain['gateway_cpu_us_per_run']} us/run")
+    print(
+        f"without subscribers  {plain['runs_per_s']:,.1f} runs/s, gateway {plain['gateway_cpu_us_per_run']} us/run"
+    )
     print(
         f"with {args.subscribers} subscribers {subscribed['runs_per_s']:,.1f} runs/s, "
         f"gateway {subscribed['gateway_cpu_us_per_run']} us/run  (ratio {result['ratio']})"

@@ -217,3 +217,13 @@ def test_lane_keeps_fifo_order_across_the_switch_to_a_deque() -> None:
     while len(lane):
         out.append(lane.popleft())
     assert out == [i for i in range(3 * SMALL_LANE) if i != 5]
+
+
+@pytest.mark.parametrize("length", [0, 1, 125, 126, 65_535, 65_536, 300_000])
+def test_text_frame_matches_websockets_serialization(length: int) -> None:
+    from websockets.frames import Frame, Opcode
+
+    from clawgate.server.framewriter import text_frame
+
+    data = ("\u20ac" * length).encode()[:length]
+    assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False)

@@ -17,14 +17,34 @@ plain ASGI path, one `websocket.send` per frame.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from websockets.protocol import SERVER, State
 
 SendText = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 # Protocol attributes the batched path relies on (uvicorn's WebSocketsSansIOProtocol).
 _NEEDED = ("conn", "transport", "writable", "disconnected", "close_sent", "handshake_complete")
 _SANSIO_CLASS = "WebSocketsSansIOProtocol"
+_FIN_TEXT = 0x81  # FIN bit + opcode 1 (text)
+
+
+def text_frame(data: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 section 5.2), as a server sends it.
+
+    The same bytes `websockets` produces for `send_text` without extensions, built
+    without its per-frame object, checks and buffer.
+    """
+    length = len(data)
+    if length < 126:
+        head = struct.pack("!BB", _FIN_TEXT, length)
+    elif length < 65536:
+        head = struct.pack("!BBH", _FIN_TEXT, 126, length)
+    else:
+        head = struct.pack("!BBQ", _FIN_TEXT, 127, length)
+    return head + data
 
 
 class FrameWriter:
@@ -54,6 +74,18 @@ class FrameWriter:
         if protocol.close_sent:
             return  # uvicorn drops sends after a close the same way
         conn = protocol.conn
+        if (
+            conn.state is State.OPEN
+            and conn.side is SERVER
+            and not conn.extensions
+            and not conn.expect_continuation_frame
+        ):
+            # What `send_text` would queue, framed here: anything the protocol queued itself
+            # (a pong) goes first, as it would have.
+            out = conn.data_to_send()
+            out.extend(text_frame(frame) for frame in frames)
+            protocol.transport.write(b"".join(out))
+            return
         try:
             for frame in frames:
                 conn.send_text(frame)
