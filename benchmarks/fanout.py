@@ -74,6 +74,11 @@ async def subscribe_and_count(url: str, n: int) -> None:
         await ready.wait()
     print("ready", flush=True)
     await stop.wait()
+    # Read what is still in flight (socket buffers, the gateway's send buffers) before counting.
+    last = -1
+    while sum(frames) != last:
+        last = sum(frames)
+        await asyncio.sleep(1.0)
     for t in tasks:
         t.cancel()
     print(
