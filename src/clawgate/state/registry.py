@@ -38,8 +38,9 @@ class StateRegistry:
         self._items: dict[str, Registered] = {}
         self._sweeps: dict[str, Callable[[], object]] = {}
         # The size functions counted against maxTrackedRuns: read on every `agent` request, so
-        # kept apart rather than filtered out of every registered structure each time.
-        self._per_run: list[Callable[[], int]] = []
+        # kept apart rather than filtered out of every registered structure each time. A tuple:
+        # fixed after start-up, one entry per registered structure, not a growing container.
+        self._per_run: tuple[Callable[[], int], ...] = ()
 
     def register(self, structure: Sweepable, *, per_run: bool = False, sweep: bool = True) -> None:
         """Register a TTLMap-like structure; its `sweep` joins the maintenance tick."""
@@ -72,7 +73,7 @@ class StateRegistry:
             raise ValueError(f"state structure {name!r} has neither a TTL nor a bound")
         self._items[name] = Registered(name, size, ttl_s, max_size, per_run)
         if per_run:
-            self._per_run.append(size)
+            self._per_run += (size,)
 
     def add_sweep(self, name: str, fn: Callable[[], object]) -> None:
         """A sweep that is not a plain TTLMap sweep (e.g. the store's subagent archive)."""
