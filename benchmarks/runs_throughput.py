@@ -9,6 +9,17 @@ child pid) before and after, and the CPU both processes used; writes JSON.
 
     .venv/bin/python benchmarks/runs_throughput.py                 # 20,000 runs at 256
     .venv/bin/python benchmarks/runs_throughput.py --runs 5000 --set main_concurrency=64
+    # one connection, 256 in flight, with the bare-echo floor measured in the same run:
+    .venv/bin/python benchmarks/runs_throughput.py --runs 20000 --connections 1 \
+        --set main_concurrency=64 --echo
+    # the same with a py-spy flame graph of the gateway (benchmarks/out/, not in git):
+    .venv/bin/python benchmarks/runs_throughput.py --runs 20000 --connections 1 \
+        --set main_concurrency=64 --profile benchmarks/out/gateway.svg
+    # (a .txt name writes collapsed stacks instead: `python benchmarks/stacks.py FILE` sums them)
+
+`--echo` then starts `benchmarks/echo_server.py` and drives it with the same client,
+concurrency and connections (one `call` per round trip), so the "echo ratio" (runs/s
+over echo round trips/s) and CPU-us per run / per echo come from one invocation.
 
 Target on the 2-core machine: >= 1,000 runs/s, p99 accepted < 20 ms at 256 concurrent.
 """
@@ -152,6 +163,56 @@ async def drive(
     return samples, wall
 
 
+async def drive_echo(url: str, *, calls: int, concurrency: int, connections: int) -> float:
+    """Round trips through the bare echo server with the same client; returns the wall time."""
+    clients = [Client(url, keep_events=False, max_reconnect_attempts=3) for _ in range(connections)]
+    for client in clients:
+        await client.connect()
+    counter = iter(range(calls))
+    params = {"message": "benchmark run", "idempotencyKey": "bench-echo", "sessionKey": "agent:main:x"}
+
+    async def worker(client: Client) -> None:
+        for _ in counter:
+            await client.call("echo", params)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(clients[w % connections]) for w in range(concurrency)))
+    wall = time.perf_counter() - started
+    for client in clients:
+        await client.close()
+    return wall
+
+
+def measure_echo(args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "echo_server.py"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # "ready"
+        server = psutil.Process(proc.pid)
+        url = f"ws://127.0.0.1:{port}/"
+        kw = {"concurrency": args.concurrency, "connections": args.connections}
+        if args.warmup:
+            asyncio.run(drive_echo(url, calls=args.warmup, **kw))
+        cpu0 = cpu_s(server)
+        wall = asyncio.run(drive_echo(url, calls=args.runs, **kw))
+        cpu = cpu_s(server) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return {
+        "round_trips": args.runs,
+        "wall_s": round(wall, 3),
+        "round_trips_per_s": round(args.runs / wall, 1),
+        "server_cpu_s": round(cpu, 2),
+        "server_cpu_us_per_round_trip": round(cpu / args.runs * 1e6, 1),
+    }
+
+
 def summarize(samples: Samples, wall: float, runs: int) -> dict[str, Any]:
     done = len(samples.final_ms)
     return {
@@ -184,6 +245,14 @@ def cpu_s(proc: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
+def main_thread_cpu_s(proc: psutil.Process) -> float:
+    """CPU of the process's main thread (the event loop), apart from the SQLite writer's."""
+    for thread in proc.threads():
+        if thread.id == proc.pid:
+            return float(thread.user_time + thread.system_time)
+    return 0.0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +271,12 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="use this running gateway instead of starting one")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "runs_throughput.json")
     parser.add_argument("--keep-state", action="store_true", help="keep the temporary state dir")
+    parser.add_argument(
+        "--echo", action="store_true", help="also measure the bare echo server with the same client"
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="record a py-spy flame graph of the measured part here"
+    )
     args = parser.parse_args()
 
     try:
@@ -237,7 +312,18 @@ def main() -> int:
                 )
             )
         rss_after_warmup = gw.memory_info().rss if gw else None
+        spy: subprocess.Popen[bytes] | None = None
+        if args.profile is not None and gw is not None:
+            args.profile.parent.mkdir(parents=True, exist_ok=True)
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(gw.pid), "-o", str(args.profile), "--rate", "250", "--gil"]
+                + (["--format", "raw"] if args.profile.suffix == ".txt" else []),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # let py-spy attach before the measured part
         gw_cpu0 = cpu_s(gw) if gw else 0.0
+        gw_main0 = main_thread_cpu_s(gw) if gw else 0.0
         me_cpu0 = cpu_s(me)
         samples, wall = asyncio.run(
             drive(
@@ -251,8 +337,12 @@ def main() -> int:
             )
         )
         gw_cpu = (cpu_s(gw) - gw_cpu0) if gw else None
+        gw_main = (main_thread_cpu_s(gw) - gw_main0) if gw else None
         me_cpu = cpu_s(me) - me_cpu0
         rss_after = gw.memory_info().rss if gw else None
+        if spy is not None:
+            spy.send_signal(2)  # SIGINT: py-spy writes the flame graph and exits
+            spy.wait(timeout=60)
     finally:
         if proc is not None:
             proc.terminate()
@@ -285,7 +375,14 @@ def main() -> int:
                 "client": round(me_cpu, 2),
                 "gateway_util": round(gw_cpu / wall, 2) if gw_cpu is not None and wall else None,
                 "client_util": round(me_cpu / wall, 2) if wall else None,
+                "gateway_us_per_run": round(gw_cpu / len(samples.final_ms) * 1e6, 1)
+                if gw_cpu is not None and samples.final_ms
+                else None,
+                "gateway_loop_thread_us_per_run": round(gw_main / len(samples.final_ms) * 1e6, 1)
+                if gw_main is not None and samples.final_ms
+                else None,
             },
+            "load_avg_at_end": os.getloadavg(),
             "machine": {
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
@@ -294,6 +391,10 @@ def main() -> int:
             "targets": {"runs_per_s": 1000, "p99_accepted_ms": 20},
         }
     )
+    if args.echo:
+        echo = measure_echo(args)
+        result["echo"] = echo
+        result["echo_ratio"] = round(result["runs_per_s"] / echo["round_trips_per_s"], 3)
     result["meets_targets"] = bool(
         result["runs_per_s"] >= 1000 and result["accepted_ms"]["p99"] < 20 and result["errors"] == 0
     )
@@ -318,6 +419,17 @@ def main() -> int:
     print(
         f"cpu         gateway {cpu['gateway']} s ({cpu['gateway_util']}), client {cpu['client']} s ({cpu['client_util']})"
     )
+    print(
+        f"cpu/run     gateway {cpu['gateway_us_per_run']} us "
+        f"(event-loop thread {cpu['gateway_loop_thread_us_per_run']} us)"
+    )
+    print(f"load avg    {os.getloadavg()}")
+    if args.echo:
+        echo = result["echo"]
+        print(
+            f"echo        {echo['round_trips_per_s']:,.1f} round trips/s, server "
+            f"{echo['server_cpu_us_per_round_trip']} us each; echo ratio {result['echo_ratio']}"
+        )
     print(
         f"targets     >= 1000 runs/s and p99 accepted < 20 ms: {'MET' if result['meets_targets'] else 'NOT MET'}"
     )

@@ -18,8 +18,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
-
 from clawgate.store.cron_records import CronSchedule
 
 # Consecutive failures push the next run back by at least this much (OpenClaw's ladder).
@@ -44,6 +42,8 @@ def validate(s: CronSchedule) -> None:
         if s.every_ms is None or s.every_ms < MIN_EVERY_MS:
             raise ScheduleError(f"schedule.everyMs must be at least {MIN_EVERY_MS}", "schedule.everyMs")
     elif s.kind == "cron":
+        from croniter import croniter  # only for cron schedules (with dateutil, slow to import)
+
         if not s.expr or len(s.expr.split()) != 5 or not croniter.is_valid(s.expr):
             raise ScheduleError("schedule.expr must be a five-field cron expression", "schedule.expr")
         _zone(s.tz)
@@ -83,6 +83,8 @@ def next_fire_ms(s: CronSchedule, after_ms: int, *, created_ms: int) -> int | No
         return anchor + ((after_ms - anchor) // every + 1) * every
     zone = _zone(s.tz)
     base = datetime.fromtimestamp(after_ms / 1000, zone)
+    from croniter import croniter
+
     it = croniter(s.expr or "* * * * *", base)
     candidate: datetime = it.get_next(datetime)
     if candidate.replace(tzinfo=None) == base.replace(tzinfo=None):

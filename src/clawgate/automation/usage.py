@@ -9,6 +9,7 @@ aggregate per (agent, model) in the store, kept `usage_retention_days`, and to t
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,13 @@ from clawgate.store.usage_store import UsageRow, UsageStore
 
 
 def day_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return _day_name(int(ts // 86_400))
+
+
+@functools.lru_cache(maxsize=8)
+def _day_name(day: int) -> str:
+    # Every run end asks; the UTC day changes once a day, so the formatting is cached per day.
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%d")
 
 
 class UsageLedger:

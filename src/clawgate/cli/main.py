@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from clawgate import __version__
 from clawgate.settings import DEFAULT_PORT, load_settings
@@ -23,8 +21,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: `clawgate gateway` prints nothing through it when all
+    goes well, and importing rich costs the server start time and several MB of RSS."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+console: Any = _LazyConsole()
+err: Any = _LazyConsole(stderr=True)
 
 DEFAULT_URL = f"ws://127.0.0.1:{DEFAULT_PORT}/"
 UrlOpt = Annotated[str, typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway WebSocket URL.")]
@@ -246,6 +262,8 @@ def status(
     if as_json:
         console.print_json(data=data)
         return
+    from rich.table import Table
+
     summary = Table(title=f"clawgate {data.get('version')} at {url}", show_header=False)
     summary.add_row("uptime", f"{data['uptimeMs'] / 1000:.1f} s")
     summary.add_row("connections", str(data["connections"]))
@@ -296,7 +314,10 @@ def call(
 
 
 def main() -> None:
-    from clawgate.cli import commands_extra  # noqa: F401  (registers batch / bench commands)
+    # `clawgate gateway` needs none of the other commands: registering them imports rich and
+    # the batch / bench / cron modules, which the server process would then carry for nothing.
+    if sys.argv[1:2] != ["gateway"]:
+        from clawgate.cli import commands_extra  # noqa: F401  (registers batch / bench commands)
 
     app()
 

@@ -242,21 +242,31 @@ class EventBus:
             self.remote(session_key, run_id, frame)
 
     def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
-        """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers."""
-        targets: set[ConnId] = set(self.all_subs)
-        if run_id is not None:
-            watchers = self.watchers.get(run_id)
+        """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers.
+
+        The frame is encoded once by the caller; every target gets the same bytes.
+        """
+        watchers = self.watchers.get(run_id) if run_id is not None else None
+        subs = self.session_subs.get(session_key)
+        targets: set[ConnId] | tuple[ConnId, ...]
+        if not self.all_subs and not subs:
+            # The common case (only the run's own requesters): no union set per event. A
+            # copy all the same, so a sink may change the watchers while being sent to.
+            targets = tuple(watchers) if watchers else ()
+        else:
+            targets = set(self.all_subs)
             if watchers:
                 targets |= watchers
-        subs = self.session_subs.get(session_key)
-        if subs:
-            targets |= subs
+            if subs:
+                targets |= subs
         sinks = self.sinks
+        sent = 0
         for conn_id in targets:
             sink = sinks.get(conn_id)
             if sink is not None:
                 sink.send_frame(frame)
-                self.frames_out += 1
+                sent += 1
+        self.frames_out += sent
 
     def broadcast(self, frame: bytes) -> None:
         for sink in list(self.sinks.values()):

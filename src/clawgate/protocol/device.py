@@ -33,10 +33,6 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from clawgate.clip import clip
 from clawgate.errors import InvalidRequest, Unauthorized
 
@@ -152,6 +148,11 @@ def b64url_decode(text: str) -> bytes:
 def public_key_raw(public_key: str) -> bytes:
     """The 32 raw key bytes from a base64(url) raw key or a PEM SPKI Ed25519 key."""
     if "BEGIN" in public_key:
+        # Imported here: `cryptography` costs megabytes of RSS and a good part of the start
+        # time, and a gateway whose clients send no device identity never needs it.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
         key = load_pem_public_key(public_key.encode("ascii"))
         if not isinstance(key, Ed25519PublicKey):
             raise ValueError("not an Ed25519 public key")
@@ -211,6 +212,10 @@ def verify_device_signature(
     """
     if not isinstance(device, Mapping):
         raise InvalidRequest("device must be an object", details={"field": "device"})
+    # Lazily, only when a device proof is checked (see `public_key_raw`).
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     device_id = _field(device, "id", str)
     public_key = _field(device, "publicKey", str)
     signature = _field(device, "signature", str)

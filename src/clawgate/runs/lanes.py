@@ -23,6 +23,39 @@ from clawgate.state.ttlmap import TTLMap
 
 T = TypeVar("T")
 
+# A lane holding at most this many runs is a list; a longer one becomes a deque.
+SMALL_LANE = 16
+
+
+class _Lane(Generic[T]):
+    """One session's FIFO of runs.
+
+    Most lanes hold one run (a session per task): an empty deque costs 760 bytes, a
+    one-item list 64, which is a third of the memory a queued run costs in that layout.
+    A lane that grows past SMALL_LANE becomes a deque, so a long lane still pops in O(1).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, first: T) -> None:
+        self._items: list[T] | deque[T] = [first]
+
+    def append(self, item: T) -> None:
+        items = self._items
+        if isinstance(items, list) and len(items) >= SMALL_LANE:
+            items = self._items = deque(items)
+        items.append(item)
+
+    def popleft(self) -> T:
+        items = self._items
+        return items.pop(0) if isinstance(items, list) else items.popleft()
+
+    def remove(self, item: T) -> None:
+        self._items.remove(item)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 class Lanes(Generic[T]):
     def __init__(
@@ -36,7 +69,7 @@ class Lanes(Generic[T]):
     ) -> None:
         self.max_lanes = max_lanes
         # Never evicts: `push` refuses a new lane first (a lane never outlives its worker).
-        self.lanes: TTLMap[SessionKey, deque[T]] = TTLMap(
+        self.lanes: TTLMap[SessionKey, _Lane[T]] = TTLMap(
             "session_lanes", clock, max_size=max_lanes, lru=False
         )
         registry.register(self.lanes)
@@ -66,7 +99,7 @@ class Lanes(Generic[T]):
                 details={"maxLanes": self.max_lanes},
             )
         self.queued += 1
-        lane = deque([item])
+        lane = _Lane(item)
         self.lanes.set(key, lane)
         task = asyncio.create_task(self._drain(key, lane), name=f"lane:{key}")
         self.workers.add(task)
@@ -84,7 +117,7 @@ class Lanes(Generic[T]):
         self.queued -= 1
         return True
 
-    async def _drain(self, key: SessionKey, lane: deque[T]) -> None:
+    async def _drain(self, key: SessionKey, lane: _Lane[T]) -> None:
         try:
             while lane:
                 item = lane.popleft()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from clawgate.clip import clip
@@ -24,8 +25,12 @@ class Grant:
     credential: str | None = None  # the matching token's name (None without a token)
 
     def allows(self, needed: str) -> bool:
-        rank = SCOPE_RANK[needed]
-        return any(SCOPE_RANK.get(s, 0) >= rank for s in self.scopes)
+        return SCOPE_RANK[needed] <= self.top_rank
+
+    @functools.cached_property
+    def top_rank(self) -> int:
+        """The highest rank among the granted scopes (checked on every request)."""
+        return max((SCOPE_RANK.get(s, 0) for s in self.scopes), default=0)
 
 
 def negotiate(min_protocol: int, max_protocol: int) -> int:

@@ -22,6 +22,7 @@ from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooL
 from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
+from clawgate.server.framewriter import FrameWriter
 from clawgate.server.origin import BROWSER_SCOPE_KEY
 from clawgate.server.protocols import SLOT_SCOPE_KEY
 from clawgate.server.ratelimit import TokenBucket
@@ -40,6 +41,8 @@ CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 1024
 RAW_SEND_SCOPE_KEY = "clawgate.raw_send"
 CLOSE_TASK_WAIT_S = 3.0  # a close is bounded by a 1 s flush and a 1 s close handshake
+# At most this much goes into one transport write (the rest waits for the next one).
+WRITE_BATCH_BYTES = 256 * 1024
 
 
 class Connection:
@@ -75,7 +78,7 @@ class Connection:
         """Queue a frame without awaiting the socket (the event bus calls this)."""
         if self.closed:
             return
-        if not self.buffer.push(frame.decode(), len(frame), writer_blocked=self._sending):
+        if not self.buffer.push(frame, len(frame), writer_blocked=self._sending):
             self.gw.slow_consumers += 1
             self.gw.peer_log.warning(
                 self.peer, "slow consumer disconnected", conn=self.conn_id, limit=self.buffer.max_bytes
@@ -91,15 +94,16 @@ class Connection:
         self.send_frame(encode_error(req_id, exc.to_error_shape()))
 
     async def _write_loop(self) -> None:
-        send = self.ws.send
+        writer = FrameWriter(self.ws.send, self.ws.scope.get(RAW_SEND_SCOPE_KEY))
         buffer = self.buffer
         try:
             while not self.closed:
                 await self._wake.wait()
                 self._wake.clear()
-                while (frame := buffer.pop()) is not None:
+                # Everything queued since the last turn goes out together (one write on uvicorn).
+                while frames := buffer.pop_many(WRITE_BATCH_BYTES):
                     self._sending = True
-                    await send({"type": "websocket.send", "text": frame})
+                    await writer.write([f if isinstance(f, bytes) else f.encode() for f in frames])
                     self._sending = False
         except (WebSocketDisconnect, OSError, RuntimeError):
             self.closed = True

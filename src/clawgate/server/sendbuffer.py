@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 
+# Frames are the UTF-8 bytes the encoder produced (str is accepted too, and kept as given).
+Frame = str | bytes
+
 # A burst queued in one loop turn (e.g. a large reply fanned out as several events) may pass
 # `max_bytes` while the socket is still taking data; this caps it anyway.
 HARD_CEILING_FACTOR = 16
@@ -37,9 +40,9 @@ class SendBuffer:
         )
         self.pending_bytes = 0
         self.overflowed = False
-        self._frames: deque[tuple[str, int]] = deque()
+        self._frames: deque[tuple[Frame, int]] = deque()
 
-    def push(self, frame: str, size: int | None = None, *, writer_blocked: bool = True) -> bool:
+    def push(self, frame: Frame, size: int | None = None, *, writer_blocked: bool = True) -> bool:
         """Queue a frame of `size` bytes (default: its UTF-8 length).
 
         Returns False, marks the buffer overflowed and drops what was queued when
@@ -49,7 +52,7 @@ class SendBuffer:
         if self.overflowed:
             return False
         if size is None:
-            size = len(frame.encode("utf-8", "surrogatepass"))
+            size = len(frame) if isinstance(frame, bytes) else len(frame.encode("utf-8", "surrogatepass"))
         if (writer_blocked and self.pending_bytes > self.max_bytes) or (
             self._frames and self.pending_bytes + size > self.hard_max_bytes
         ):
@@ -61,12 +64,24 @@ class SendBuffer:
         self.pending_bytes += size
         return True
 
-    def pop(self) -> str | None:
+    def pop(self) -> Frame | None:
         if not self._frames:
             return None
         frame, size = self._frames.popleft()
         self.pending_bytes -= size
         return frame
+
+    def pop_many(self, max_bytes: int) -> list[Frame]:
+        """Frames from the front, in order, up to `max_bytes` in all (at least one if any)."""
+        frames = self._frames
+        out: list[Frame] = []
+        taken = 0
+        while frames and (not out or taken + frames[0][1] <= max_bytes):
+            frame, size = frames.popleft()
+            out.append(frame)
+            taken += size
+        self.pending_bytes -= taken
+        return out
 
     def __len__(self) -> int:
         return len(self._frames)

@@ -37,6 +37,10 @@ class StateRegistry:
     def __init__(self) -> None:
         self._items: dict[str, Registered] = {}
         self._sweeps: dict[str, Callable[[], object]] = {}
+        # The size functions counted against maxTrackedRuns: read on every `agent` request, so
+        # kept apart rather than filtered out of every registered structure each time. A tuple:
+        # fixed after start-up, one entry per registered structure, not a growing container.
+        self._per_run: tuple[Callable[[], int], ...] = ()
 
     def register(self, structure: Sweepable, *, per_run: bool = False, sweep: bool = True) -> None:
         """Register a TTLMap-like structure; its `sweep` joins the maintenance tick."""
@@ -68,6 +72,8 @@ class StateRegistry:
         if ttl_s is None and max_size is None:
             raise ValueError(f"state structure {name!r} has neither a TTL nor a bound")
         self._items[name] = Registered(name, size, ttl_s, max_size, per_run)
+        if per_run:
+            self._per_run += (size,)
 
     def add_sweep(self, name: str, fn: Callable[[], object]) -> None:
         """A sweep that is not a plain TTLMap sweep (e.g. the store's subagent archive)."""
@@ -79,7 +85,7 @@ class StateRegistry:
         return {name: item.size() for name, item in self._items.items()}
 
     def tracked_entries(self) -> int:
-        return sum(item.size() for item in self._items.values() if item.per_run)
+        return sum(size() for size in self._per_run)
 
     def describe(self) -> list[Registered]:
         return list(self._items.values())

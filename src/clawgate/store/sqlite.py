@@ -84,7 +84,11 @@ class SqliteStore(Store):
         self.path = path
         self.batch_max = batch_max
         self.synchronous = synchronous
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # Items are lists of ops: every op submitted during one turn of the event loop goes to
+        # the writer as one item (one wake-up of the writer thread, not one per op).
+        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        self._pending: list[_Op] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
         self.commits = 0
@@ -105,6 +109,7 @@ class SqliteStore(Store):
         if self._closed or self._thread is None:
             return
         self._closed = True
+        self._flush()
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -148,7 +153,7 @@ class SqliteStore(Store):
             first = self._queue.get()
             if first is None:
                 break
-            batch = [first]
+            batch = list(first)
             while len(batch) < self.batch_max:
                 try:
                     item = self._queue.get_nowait()
@@ -157,7 +162,7 @@ class SqliteStore(Store):
                 if item is None:
                     stop = True
                     break
-                batch.append(item)
+                batch.extend(item)
             try:
                 results = self._execute(conn, batch)
             except Exception as exc:  # a bug here must not kill the only writer: fail the batch
@@ -214,8 +219,22 @@ class SqliteStore(Store):
         if self._closed:
             fut.set_exception(StoreError("store is closed"))
             return fut
-        self._queue.put((fn, fut, loop))
+        if self._pending_loop is not loop:
+            self._flush()  # another loop's ops (never in one gateway) go first, in order
+            self._pending_loop = loop
+        pending = self._pending
+        pending.append((fn, fut, loop))
+        if len(pending) == 1:
+            # Handed over at the end of this loop turn: a run's accept, its session writes
+            # and its transcript lines, and those of the other runs active in the same turn,
+            # cost the writer thread one wake-up. Awaiting callers still wait for the commit.
+            loop.call_soon(self._flush)
         return fut
+
+    def _flush(self) -> None:
+        ops, self._pending = self._pending, []
+        if ops:
+            self._queue.put(ops)
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run `fn` on the writer thread, in its next transaction (optional features' own tables)."""

@@ -1,0 +1,100 @@
+"""Time from process start to /healthz 200, and idle RSS just after, of a plain gateway.
+
+Starts `python -m clawgate gateway --store sqlite --provider scripted` (fresh state
+dir, free port) `--repeat` times, polls /healthz every 10 ms from the moment the
+process is spawned, and reads the gateway's RSS (psutil) right after the first 200
+and again one second later. Prints the median and the spread; writes JSON.
+
+    .venv/bin/python benchmarks/startup.py --repeat 7
+    # the same against another checkout's sources, for a side-by-side figure:
+    PYTHONPATH=/path/to/other/src .venv/bin/python benchmarks/startup.py --repeat 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def healthy(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
+    try:
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def one(state: Path) -> dict[str, float]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "clawgate", "gateway", "--store", "sqlite", "--provider", "scripted"]
+    cmd += ["--port", str(port), "--state-dir", str(state), "--log-level", "warning"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not healthy(port):
+            if proc.poll() is not None:
+                raise SystemExit(f"gateway exited early (rc {proc.returncode})")
+            if time.perf_counter() - started > 60:
+                raise SystemExit("no /healthz within 60 s")
+            time.sleep(0.01)
+        ready_s = time.perf_counter() - started
+        gw = psutil.Process(proc.pid)
+        rss = gw.memory_info().rss
+        time.sleep(1.0)
+        rss_1s = gw.memory_info().rss
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"healthz_s": ready_s, "rss_mb": rss / 2**20, "rss_1s_mb": rss_1s / 2**20}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "startup.json")
+    args = parser.parse_args()
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="clawgate-start-") as tmp:
+        for i in range(args.repeat):
+            samples.append(one(Path(tmp) / f"s{i}"))
+    summary: dict[str, Any] = {"load_avg": os.getloadavg(), "samples": samples}
+    for key in ("healthz_s", "rss_mb", "rss_1s_mb"):
+        values = [s[key] for s in samples]
+        summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    h, r, r1 = summary["healthz_s"], summary["rss_mb"], summary["rss_1s_mb"]
+    print(f"/healthz 200 after  median {h['median']:.3f} s  (min {h['min']:.3f}, max {h['max']:.3f})")
+    print(f"RSS at first 200    median {r['median']:.1f} MB (min {r['min']:.1f}, max {r['max']:.1f})")
+    print(f"RSS 1 s later       median {r1['median']:.1f} MB")
+    print(f"load avg            {summary['load_avg']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
