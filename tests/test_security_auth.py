@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from clawgate.protocol.device import verify_device_signature
 from clawgate.server.serve import RunningGateway
 from clawgate.settings import Settings, load_settings
 from clawgate.state.clock import FakeClock
+from clawgate.testing import clean_env
 from conftest import GatewayFactory
 
 READ, WRITE, ADMIN = "operator.read", "operator.write", "operator.admin"
@@ -270,7 +270,7 @@ def test_a_non_loopback_bind_refuses_a_weak_token(tmp_path: Path, token: str, me
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(CLAWGATE_TOKEN=token),
+        env=clean_env(CLAWGATE_TOKEN=token),
         check=False,
     )
     assert res.returncode == 2
@@ -299,15 +299,8 @@ def _gateway_logging_to(log_path: Path, port: int, state_dir: Path) -> Iterator[
             [CLAWGATE, "gateway", "--port", str(port), "--state-dir", str(state_dir)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env=_clean_env(CLAWGATE_SHUTDOWN_GRACE_S="1"),
+            env=clean_env(CLAWGATE_SHUTDOWN_GRACE_S="1"),
         )
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_")}
-    env["COLUMNS"] = "200"
-    env.update(extra)
-    return env
 
 
 def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path) -> None:
@@ -316,7 +309,7 @@ def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(),
         check=False,
     )
     assert res.returncode == 0
@@ -330,7 +323,7 @@ def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(),
         check=False,
     )
     assert "readable by other users" in res.stderr
@@ -340,7 +333,7 @@ def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(),
         check=False,
     )
     assert res.returncode == 0, res.stderr
@@ -353,7 +346,7 @@ def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=60,
-        env=_clean_env(),
+        env=clean_env(),
         check=False,
     )
     assert res.returncode == 2
@@ -475,7 +468,7 @@ async def test_cli_asks_for_the_scope_of_the_method_it_calls(
             rg.url,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=_clean_env(CLAWGATE_TOKEN=viewer),
+            env=clean_env(CLAWGATE_TOKEN=viewer),
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         return proc.returncode or 0, out.decode(), err.decode()

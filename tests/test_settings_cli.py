@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from clawgate.settings import Settings, is_loopback, load_settings
+from clawgate.testing import clean_env
 
 CLAWGATE = str(Path(sys.executable).parent / "clawgate")
 
@@ -25,15 +26,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any CLAWGATE_* variable of the machine running the tests."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["COLUMNS"] = "200"  # rich wraps stderr messages at the terminal width
-    env.update(extra)
-    return env
 
 
 def run_cli(

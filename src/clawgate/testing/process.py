@@ -32,8 +32,10 @@ def free_port() -> int:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any CLAWGATE_* variable of the machine running the tests."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_")}
+    """The environment without any CLAWGATE_* variable of the machine running the tests, and
+    without the test run's asyncio debug mode: a CLI under test answers on stderr, where debug
+    mode's slow-callback lines (frequent on a loaded machine) would mix into its JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_") and k != "PYTHONASYNCIODEBUG"}
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "200"  # rich wraps stderr messages at the terminal width
     env.update(extra)
