@@ -62,8 +62,13 @@ async def list_sessions(
 
 
 async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
-    await gw.sessions.patch(SessionKey(params.key), label=params.label, model=params.model)
-    return {"ok": True, "key": params.key}
+    meta = await gw.sessions.patch(
+        SessionKey(params.key), label=params.label, model=params.model, budget_tokens=params.budget_tokens
+    )
+    out: dict[str, Any] = {"ok": True, "key": params.key}
+    if meta.budget_tokens:
+        out["budgetTokens"] = meta.budget_tokens
+    return out
 
 
 def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:

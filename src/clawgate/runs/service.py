@@ -81,6 +81,7 @@ class SubmitRequest:
     extra_system_prompt: str | None = None
     owner: ConnId | None = None
     known_new_session: bool = False
+    webhook: str | None = None
 
 
 class RunService:
@@ -161,6 +162,11 @@ class RunService:
         self.dispatch: Callable[[Run], Awaitable[None]] | None = None
         self.remote_abort: Callable[[str], None] | None = None
         self.remote_listen: Callable[[RunId, FinalListener], Callable[[], None]] | None = None
+        # Writes a run's end record; automation/webhooks.py sets it so a run's webhook delivery
+        # is written in the same transaction as its end.
+        self.end_writer: Callable[[RunRecord], Awaitable[None]] | None = None
+        # Refuses a run before it is accepted (a session past its token budget): raises.
+        self.admit: Callable[[SubmitRequest], Awaitable[None]] | None = None
 
     # -- accept ---------------------------------------------------------------------------
     async def submit(self, req: SubmitRequest) -> tuple[Run | None, RunRecord, bool]:
@@ -186,7 +192,10 @@ class RunService:
             timeout_s=req.timeout_s or self.settings.default_run_timeout_s,
             extra_system_prompt=req.extra_system_prompt,
             accepted_at=now,
+            webhook=req.webhook or self.settings.webhook_url,
         )
+        if self.admit is not None:
+            await self.admit(req)
         if self.dispatch is None and not self.lanes.has_room(req.session_key):
             raise Unavailable(
                 "gateway overloaded: no session lane free",
@@ -464,7 +473,7 @@ class RunService:
         # queue behind the run's own end record, so durable order is unchanged.
         pending = self._call_end_hooks(rec)
         try:
-            await self.store.put_run(rec)
+            await self._write_end(rec)
         except Exception:
             log.exception("could not persist run end", run_id=rec.run_id)
         self._settle(run)
@@ -473,6 +482,9 @@ class RunService:
                 await result
             except Exception:
                 log.exception("run end hook failed", run_id=rec.run_id)
+
+    def _write_end(self, rec: RunRecord) -> Awaitable[None]:
+        return self.end_writer(rec) if self.end_writer is not None else self.store.put_run(rec)
 
     def _call_end_hooks(self, rec: RunRecord) -> list[Awaitable[None]]:
         pending: list[Awaitable[None]] = []
@@ -634,7 +646,7 @@ class RunService:
         rec.ended_at = self.clock.time()
         self.results.set(RunId(rec.run_id), rec)
         self.active.pop(RunId(rec.run_id))
-        await self.store.put_run(rec)
+        await self._write_end(rec)
         for hook in self.end_hooks:
             try:
                 result = hook(rec)
@@ -665,7 +677,7 @@ class RunService:
             rec.error = error
             rec.ended_at = now
             self.results.set(RunId(rec.run_id), rec)
-            await self.store.put_run(rec)
+            await self._write_end(rec)
             interrupted += 1
             for hook in self.end_hooks:
                 try:

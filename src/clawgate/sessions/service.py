@@ -64,12 +64,16 @@ class SessionService:
                 self.cache.set(key, meta)
         return meta
 
-    async def patch(self, key: SessionKey, *, label: str | None, model: str | None) -> SessionMeta:
+    async def patch(
+        self, key: SessionKey, *, label: str | None, model: str | None, budget_tokens: int | None = None
+    ) -> SessionMeta:
         meta = await self.touch(key)
         if label is not None:
             meta.label = label
         if model is not None:
             meta.model = model
+        if budget_tokens is not None:  # 0 removes the budget
+            meta.budget_tokens = budget_tokens
         await self.store.put_session(meta)
         return meta
 

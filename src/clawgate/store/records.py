@@ -23,6 +23,10 @@ class SessionMeta(msgspec.Struct, kw_only=True):
     # Spawn depth of a subagent child session (0: not a child). Kept with the session, so
     # the depth limit still holds for a child whose subagent record has been swept.
     depth: int = 0
+    # Token budget of the session (None: none) and the tokens its runs have used so far,
+    # added at each run's end; past the budget new runs are refused.
+    budget_tokens: int | None = None
+    tokens_used: int = 0
 
 
 class TranscriptMessage(msgspec.Struct, kw_only=True):
@@ -50,6 +54,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     result_text: str | None = None
     duration_ms: int | None = None
     usage: dict[str, Any] | None = None  # provider tokens: {input, output, total, model, costUsd?}
+    webhook: str | None = None  # where the final answer is POSTed (automation/webhooks.py)
 
     @property
     def is_final(self) -> bool:

@@ -198,6 +198,9 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
 return false
 """.replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
+# Runs every command of ARGV[1] (a JSON list of commands): one atomic write of several records.
+_APPLY_ALL = "for _, c in ipairs(cjson.decode(ARGV[1])) do redis.call(unpack(c)) end return 1"
+
 # Replaces a subagent record only if it still exists (a sweep elsewhere may have removed it).
 # KEYS: sub, subs_expiry, subs_live, subs_all, by_requester
 # ARGV: json, deadline_ms, expires_at ('' for none), live ('1'/'0'), idx_deadline_ms, run_id
@@ -490,6 +493,8 @@ class RedisStore(Store):
         ]  # fmt: skip
         if meta.depth:  # only written when known: a touch that re-creates the metadata does not know it
             fields += ["depth", meta.depth]
+        if meta.budget_tokens is not None:  # the same: never dropped by a touch that does not know it
+            fields += ["budget_tokens", meta.budget_tokens]
         drop: list[str] = []
         for name, value in (("label", meta.label), ("model", meta.model)):
             if value is None:
@@ -503,6 +508,11 @@ class RedisStore(Store):
             len(fields) // 2, *fields, *drop,
         )  # fmt: skip
         return self._write([cmd])
+
+    async def add_session_tokens(self, key: str, tokens: int) -> None:
+        """Add to a session's tokens used, only if the session exists (never re-creates it)."""
+        script = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'tokens_used', ARGV[1]) end"
+        await self._submit([("EVAL", script, 1, self.keys.session(key), tokens)], _none)
 
     async def get_session(self, key: str) -> SessionMeta | None:
         h = await self._submit([("HGETALL", self.keys.session(key))], _first)
@@ -629,6 +639,12 @@ class RedisStore(Store):
 
     def put_run(self, rec: RunRecord) -> Awaitable[None]:
         return self._write(self._run_cmds(rec))
+
+    def finish_run_with_webhook(self, rec: RunRecord, delivery_cmds: Sequence[Cmd]) -> Awaitable[None]:
+        """A run's end record and its webhook delivery (automation/webhooks.py) in one script:
+        atomic, and ordered with this process' other writes through the writer queue."""
+        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in [*self._run_cmds(rec), *delivery_cmds]])
+        return self._write([("EVAL", _APPLY_ALL, 0, script_cmds)])
 
     async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
         # One script: the existence check and the insert (record plus index entries) are atomic.
@@ -1087,6 +1103,8 @@ def _session(key: str, h: Any) -> SessionMeta | None:
         label=d.get("label"),
         model=d.get("model"),
         depth=int(d.get("depth", 0)),
+        budget_tokens=int(d["budget_tokens"]) if "budget_tokens" in d else None,
+        tokens_used=int(d.get("tokens_used", 0)),
     )
 
 
