@@ -298,6 +298,7 @@ async def test_run_end_and_delivery_are_one_transaction(tmp_path: Path) -> None:
         await store.close()
 
 
+@pytest.mark.redis
 async def test_redis_each_webhook_is_delivered_by_exactly_one_process(
     start_gateway: GatewayFactory, redis_url: str, receiver: Receiver
 ) -> None:
