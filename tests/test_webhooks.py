@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import random
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from clawgate.automation.webhook_rules import backoff_s, is_private, retry_after_s, secret_key, sign
 from clawgate.client import Client, ClientError
 from clawgate.settings import Settings
 from clawgate.state.clock import FakeClock
@@ -376,3 +378,25 @@ async def test_delivery_survives_sigkill_and_restart(tmp_path: Path) -> None:
     assert len(ok) == n  # nothing delivered twice
     assert all(receiver.attempts(h.id) == 2 for h in ok)  # 500, then 200
     assert all(verify(h) for h in receiver.hits)
+
+
+def test_signature_matches_the_standard_webhooks_example() -> None:
+    # The example of the Standard Webhooks specification (secret, id, timestamp, body, signature).
+    key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    sig = sign(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}')
+    assert sig == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert secret_key("plain") == b"plain"
+
+
+def test_address_and_retry_rules() -> None:
+    for private in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1%eth0",
+                    "::ffff:10.0.0.1", "0.0.0.0", "100.64.0.1", "224.0.0.1"):  # fmt: skip
+        assert is_private(private), private
+    for public in ("8.8.8.8", "2606:4700:4700::1111", "::ffff:1.1.1.1"):
+        assert not is_private(public), public
+    assert retry_after_s("30", 0.0) == 30.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0) == 10.0
+    assert retry_after_s("soon", 0.0) is None and retry_after_s(None, 0.0) is None
+    rng = random.Random(1)
+    delays = [backoff_s(n, 1.0, 10.0, rng) for n in range(1, 8)]
+    assert all(0.5 * min(10.0, 2 ** (n - 1)) <= d <= min(10.0, 2 ** (n - 1)) for n, d in enumerate(delays, 1))
