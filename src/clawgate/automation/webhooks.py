@@ -77,6 +77,9 @@ class WebhookService:
         self.http: httpx.AsyncClient | None = None
         # Attempts in flight, by delivery id: at most `webhook_concurrency` (pump() never starts more).
         self.inflight: dict[str, asyncio.Task[None]] = {}
+        # Deliveries another process holds the claim of (Redis), by id -> when that claim
+        # expires: not tried again before, so a worker does not spin on them. Pruned each pass.
+        self.lost: dict[str, float] = {}
         self.counts: dict[str, int] = {"pending": 0, "dead": 0}
         self.stats: dict[str, int] = {"delivered": 0, "failedAttempts": 0, "deadLettered": 0, "dropped": 0}
         registry.add(
@@ -87,6 +90,12 @@ class WebhookService:
         )
         registry.add(
             "webhook_inflight", self.inflight.__len__, ttl_s=None, max_size=settings.webhook_concurrency
+        )
+        registry.add(
+            "webhook_lost_claims",
+            self.lost.__len__,
+            ttl_s=settings.webhook_claim_s,
+            max_size=settings.webhook_outbox_max,
         )
         registry.add_sweep("webhook_dead_letters", self.sweep)
 
@@ -161,7 +170,8 @@ class WebhookService:
             wait_s = self.settings.webhook_poll_s
             if nxt is not None and (started or nxt > self.clock.time()):
                 wait_s = min(wait_s, max(0.0, nxt - self.clock.time()))
-            # else: everything due is in flight; an attempt ending wakes the loop.
+            # else: everything due is in flight here or claimed elsewhere; an attempt ending
+            # wakes the loop, and `webhook_poll_s` bounds the wait for the others.
             self.wake.clear()
             sleeper = asyncio.ensure_future(self.clock.sleep(wait_s))
             waker = asyncio.ensure_future(self.wake.wait())
@@ -175,9 +185,12 @@ class WebhookService:
         room = self.settings.webhook_concurrency - len(self.inflight)
         if room <= 0:
             return 0
+        now = self.clock.time()
+        for delivery_id in [i for i, until in self.lost.items() if until <= now]:
+            del self.lost[delivery_id]
         started = 0
-        for d in await self.store.due(self.clock.time(), room + len(self.inflight)):
-            if d.id in self.inflight or started >= room:
+        for d in await self.store.due(now, room + len(self.inflight) + len(self.lost)):
+            if d.id in self.inflight or d.id in self.lost or started >= room:
                 continue
             self.inflight[d.id] = asyncio.create_task(self._attempt(d.id), name=f"webhook:{d.id}")
             started += 1
@@ -185,9 +198,14 @@ class WebhookService:
 
     # -- one attempt --------------------------------------------------------------------------------
     async def _attempt(self, delivery_id: str) -> None:
+        claimed = False
         try:
             if not await self.store.claim(delivery_id, self.owner, self.settings.webhook_claim_s):
-                return  # another process is attempting it
+                # Another process is attempting it; if that process dies, its claim expires.
+                if len(self.lost) < self.settings.webhook_outbox_max:
+                    self.lost[delivery_id] = self.clock.time() + self.settings.webhook_claim_s
+                return
+            claimed = True
             try:
                 d = await self.store.get(delivery_id)
                 # Re-read under the claim: delivered, dead or rescheduled by another process meanwhile.
@@ -202,7 +220,8 @@ class WebhookService:
             log.exception("webhook attempt failed", id=delivery_id)
         finally:
             self.inflight.pop(delivery_id, None)
-            self.wake.set()
+            if claimed:  # a slot is free and the outbox changed: look again now
+                self.wake.set()
 
     async def _send(self, d: WebhookDelivery) -> Outcome:
         if not self.private_ok:
