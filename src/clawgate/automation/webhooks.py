@@ -158,7 +158,7 @@ class WebhookService:
 
     async def _loop(self) -> None:
         while True:
-            started, nxt = 0, None
+            started, nxt, failed = 0, None, False
             try:
                 await self.refresh_counts()
                 started = await self.pump()
@@ -166,20 +166,27 @@ class WebhookService:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                failed = True  # looked at again after `webhook_poll_s`
                 log.exception("webhooks: pass failed")
-            wait_s = self.settings.webhook_poll_s
+            # A store of this process alone needs no polling: every new delivery, retry and
+            # finished attempt wakes the loop. A shared one is looked at every `webhook_poll_s`.
+            wait_s: float | None = self.settings.webhook_poll_s if self.store.shared or failed else None
             if nxt is not None and (started or nxt > self.clock.time()):
-                wait_s = min(wait_s, max(0.0, nxt - self.clock.time()))
+                wait_s = min(
+                    wait_s if wait_s is not None else float("inf"), max(0.0, nxt - self.clock.time())
+                )
             # else: everything due is in flight here or claimed elsewhere; an attempt ending
-            # wakes the loop, and `webhook_poll_s` bounds the wait for the others.
+            # wakes the loop.
             self.wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(wait_s))
             waker = asyncio.ensure_future(self.wake.wait())
+            waits: set[asyncio.Future[Any]] = {waker}
+            if wait_s is not None:
+                waits.add(asyncio.ensure_future(self.clock.sleep(wait_s)))
             try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                sleeper.cancel()
-                waker.cancel()
+                for w in waits:
+                    w.cancel()
 
     async def pump(self) -> int:
         room = self.settings.webhook_concurrency - len(self.inflight)

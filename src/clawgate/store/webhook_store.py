@@ -64,6 +64,10 @@ def _decode(raw: bytes | str) -> WebhookDelivery | None:
 
 
 class WebhookStore(ABC):
+    # Other processes add deliveries too (Redis): the worker must look now and then, not only
+    # when this process wakes it.
+    shared: bool = False
+
     @abstractmethod
     async def open(self) -> None: ...
 
@@ -208,6 +212,8 @@ class RedisWebhookStore(WebhookStore):
     P:wh:dead        ZSET   id -> dead_at (dead letters)
     P:wh:claim:{id}  STRING the process attempting it now; SET NX PX (one process delivers)
     """
+
+    shared = True
 
     def __init__(self, store: RedisStore, *, record_ttl_s: float) -> None:
         self.store = store
