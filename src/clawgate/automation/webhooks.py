@@ -158,6 +158,8 @@ class WebhookService:
 
     async def _loop(self) -> None:
         while True:
+            # Cleared before the look, not after: a wake-up during it (an attempt ending) is kept.
+            self.wake.clear()
             started, nxt, failed = 0, None, False
             try:
                 await self.refresh_counts()
@@ -177,7 +179,6 @@ class WebhookService:
                 )
             # else: everything due is in flight here or claimed elsewhere; an attempt ending
             # wakes the loop.
-            self.wake.clear()
             waker = asyncio.ensure_future(self.wake.wait())
             waits: set[asyncio.Future[Any]] = {waker}
             if wait_s is not None:

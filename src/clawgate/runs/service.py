@@ -194,8 +194,6 @@ class RunService:
             accepted_at=now,
             webhook=req.webhook or self.settings.webhook_url,
         )
-        if self.admit is not None:
-            await self.admit(req)
         if self.dispatch is None and not self.lanes.has_room(req.session_key):
             raise Unavailable(
                 "gateway overloaded: no session lane free",
@@ -206,6 +204,9 @@ class RunService:
         # Track before the durable insert so a concurrent retry of the same key joins this run.
         self._track(req.run_id, run)
         try:
+            # After tracking, with no await between the admission checks and `_track`.
+            if self.admit is not None:
+                await self.admit(req)
             prior = await self.store.create_run(record, reuse_after_s=self.settings.dedupe_ttl_s, now=now)
         except BaseException:
             self.active.pop(req.run_id)
