@@ -400,3 +400,38 @@ def test_address_and_retry_rules() -> None:
     rng = random.Random(1)
     delays = [backoff_s(n, 1.0, 10.0, rng) for n in range(1, 8)]
     assert all(0.5 * min(10.0, 2 ** (n - 1)) <= d <= min(10.0, 2 ** (n - 1)) for n, d in enumerate(delays, 1))
+
+
+async def test_cron_job_webhook_gets_each_occurrence(
+    start_gateway: GatewayFactory, clock: FakeClock, receiver: Receiver
+) -> None:
+    gw = await start_gateway(webhook_secret=SECRET)
+    async with Client(gw.url, max_reconnect_attempts=0) as c:
+        with pytest.raises(ClientError) as err:
+            await c.call(
+                "cron.add",
+                {
+                    "name": "bad",
+                    "schedule": {"kind": "every", "everyMs": 60_000},
+                    "message": "x",
+                    "webhook": "ftp://x",
+                },
+            )
+        assert err.value.code == "INVALID_REQUEST"
+        job = (
+            await c.call(
+                "cron.add",
+                {
+                    "name": "hooked",
+                    "schedule": {"kind": "every", "everyMs": 60_000},
+                    "message": "[[reply:tick]]",
+                    "webhook": receiver.url,
+                },
+            )
+        )["job"]
+        assert job["webhook"] == receiver.url
+        await clock.advance_async(60, settle=20)
+        await until(lambda: len(receiver.hits) == 1)
+    body = json.loads(receiver.hits[0].body)
+    assert body["runId"].startswith(f"cron-{job['id']}-") and body["status"] == "ok"
+    assert verify(receiver.hits[0])
