@@ -29,6 +29,8 @@ class Budgets:
         self.refused = 0
 
     async def admit(self, req: SubmitRequest) -> None:
+        if req.known_new_session:  # a session created for this run has no budget yet
+            return
         meta = await self.sessions.get(req.session_key)
         if meta is None or not meta.budget_tokens:
             return
