@@ -179,7 +179,9 @@ async def test_dead_letter_is_listed_retried_by_id_and_expires(
         assert all(d["attempts"] == 2 and d["lastStatus"] == 500 and d["state"] == "dead" for d in dead)
         status = await c.call("status")
         assert status["webhooks"]["dead"] == 2 and status["state"]["webhook_outbox"] == 2
-        assert 'clawgate_state_entries{structure="webhook_outbox"} 2.0' in gw.gateway.render_metrics().decode()
+        assert (
+            'clawgate_state_entries{structure="webhook_outbox"} 2.0' in gw.gateway.render_metrics().decode()
+        )
         # No attempt after a delivery is dead, however long one waits.
         await clock.advance_async(600)
         await quiet()

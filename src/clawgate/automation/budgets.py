@@ -49,11 +49,13 @@ class Budgets:
             },
         )
 
-    async def on_run_end(self, rec: RunRecord) -> None:
+    def on_run_end(self, rec: RunRecord) -> None:
         tokens = int((rec.usage or {}).get("total") or 0)
         if tokens <= 0:
             return
-        await self.store.add_session_tokens(rec.session_key, tokens)
+        # Not awaited (the lane goes on): the write is queued behind the run's end record, and
+        # the next run's check reads through the same queue, so it sees it.
+        self.store.add_session_tokens(rec.session_key, tokens)
         meta = self.sessions.cache.get(SessionKey(rec.session_key))
         if meta is not None:
             meta.tokens_used += tokens

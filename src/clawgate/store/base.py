@@ -127,7 +127,7 @@ class Store(RetentionStore):
     ) -> list[SessionMeta]: ...
 
     @abstractmethod
-    async def add_session_tokens(self, key: str, tokens: int) -> None:
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
         """Add to the tokens a session's runs have used (its budget's count); no-op when it is gone."""
 
     @abstractmethod

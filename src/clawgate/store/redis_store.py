@@ -509,10 +509,10 @@ class RedisStore(Store):
         )  # fmt: skip
         return self._write([cmd])
 
-    async def add_session_tokens(self, key: str, tokens: int) -> None:
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
         """Add to a session's tokens used, only if the session exists (never re-creates it)."""
         script = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'tokens_used', ARGV[1]) end"
-        await self._submit([("EVAL", script, 1, self.keys.session(key), tokens)], _none)
+        return self._write([("EVAL", script, 1, self.keys.session(key), tokens)])
 
     async def get_session(self, key: str) -> SessionMeta | None:
         h = await self._submit([("HGETALL", self.keys.session(key))], _first)

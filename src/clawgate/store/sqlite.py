@@ -280,8 +280,8 @@ class SqliteStore(Store):
         rows = await self._submit(lambda c: c.execute(sql, args).fetchall())
         return [_session(r) for r in rows]
 
-    async def add_session_tokens(self, key: str, tokens: int) -> None:
-        await self._submit(
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
+        return self._write(
             lambda c: c.execute(
                 "UPDATE sessions SET tokens_used = tokens_used + ? WHERE key=?", (tokens, key)
             )
