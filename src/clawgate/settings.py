@@ -254,6 +254,29 @@ class Settings(BaseSettings):
         400 * 86400.0, gt=0, description="Redis: a job key expires this long after its last write"
     )
 
+    # --- run-end webhooks (automation/webhooks.py) ------------------------------------------
+    webhook_url: str | None = Field(
+        None, description="POST every run's final answer here (a run's own `webhook` wins)"
+    )
+    webhook_secret: str | None = Field(
+        None, description="Standard Webhooks signing secret (`whsec_<base64>` or plain text)"
+    )
+    # None: allowed only when the gateway binds loopback (a gateway on the network must not be
+    # turned into a probe of its own private network by whoever may start runs).
+    webhook_allow_private: bool | None = Field(None, description="allow private/loopback webhook targets")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="timeout of one delivery attempt")
+    webhook_concurrency: int = Field(8, ge=1, description="deliveries in flight at once")
+    webhook_max_attempts: int = Field(8, ge=1, description="attempts before a delivery is dead-lettered")
+    webhook_retry_base_s: float = Field(1.0, gt=0, description="first retry delay (doubles, with jitter)")
+    webhook_retry_delay_max_s: float = Field(300.0, gt=0, description="longest delay between two attempts")
+    webhook_retry_max_s: float = Field(
+        3600.0, gt=0, description="no attempt after this long since the run ended"
+    )
+    webhook_dead_ttl_s: float = Field(7 * 86400.0, gt=0, description="dead letters are kept this long")
+    webhook_outbox_max: int = Field(100_000, ge=1, description="deliveries kept at once (pending + dead)")
+    webhook_claim_s: float = Field(60.0, gt=0, description="Redis: one process' claim on a delivery")
+    webhook_poll_s: float = Field(5.0, gt=0, description="longest sleep of the delivery worker")
+
     # --- HTTP API (same port as the WebSocket) ------------------------------------------
     http_openai: bool = Field(True, description="/v1/chat/completions, /v1/responses, /v1/models")
     http_rest: bool = Field(True, description="/v1/runs..., /v1/sessions/{key}/history")
@@ -296,13 +319,18 @@ class Settings(BaseSettings):
 
         return default_memory_budget(int(psutil.virtual_memory().total))
 
+    def webhook_private_ok(self) -> bool:
+        if self.webhook_allow_private is not None:
+            return self.webhook_allow_private
+        return self.is_loopback_bind()
+
     def abort_ttl_s(self, timeout_s: float) -> float:
         """How long an abort handle may live: timeout + grace, clamped (docs/design.md, record lives)."""
         return min(max(timeout_s + self.abort_grace_s, self.abort_ttl_min_s), self.abort_ttl_max_s)
 
     def redacted(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        for secret in ("token", "hooks_token", "openai_api_key"):
+        for secret in ("token", "hooks_token", "openai_api_key", "webhook_secret"):
             if data.get(secret):
                 data[secret] = "***"
         for entry in data.get("tokens", {}).values():

@@ -21,6 +21,7 @@ import msgspec
 import structlog
 
 from clawgate.automation.schedule import ScheduleError, error_backoff_ms, next_fire_ms, validate
+from clawgate.automation.webhook_rules import check_url
 from clawgate.errors import InvalidRequest, NotFound
 from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import RunService, SubmitRequest
@@ -174,6 +175,7 @@ class CronService:
                     message=p.message or "",
                     model=p.model,
                     timeout_s=p.timeout_seconds,
+                    webhook=job.webhook,
                 )
             )
         except Exception as exc:  # admission closed, shutting down: the occurrence failed
@@ -275,6 +277,8 @@ class CronService:
         return started[0]
 
     def _check(self, job: CronJob) -> None:
+        if job.webhook is not None:
+            check_url(job.webhook)
         try:
             validate(job.schedule)
         except ScheduleError as exc:

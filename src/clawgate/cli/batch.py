@@ -239,6 +239,9 @@ class BatchOptions:
     backoff_max_s: float = 5.0
     # Sent with every `agent` run, so dashboards group a batch's runs (`runs.list label=`).
     label: str | None = None
+    # Stop submitting new tasks once the tasks finished in this run used this many tokens
+    # (tasks already in flight still finish). None: no budget.
+    budget_tokens: int | None = None
 
 
 @dataclass
@@ -256,6 +259,7 @@ class BatchSummary:
     completed: int = 0  # tasks finished in this run
     tokens: int = 0  # provider tokens of the tasks finished in this run
     cost_usd: float | None = None  # their cost, when the gateway has a price for the model
+    over_budget: int = 0  # tasks not submitted because the token budget was reached
     wall_s: float = 0.0
     bad_lines: list[BadLine] = field(default_factory=list)
     out_path: Path | None = None
@@ -277,6 +281,7 @@ class BatchSummary:
         return (
             self.invalid == 0
             and self.unfinished == 0
+            and self.over_budget == 0
             and self.skipped_not_ok == 0
             and self.ok + self.skipped == self.tasks
         )
@@ -439,6 +444,11 @@ class BatchRunner:
                 task = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            budget = self.opts.budget_tokens
+            if budget is not None and self.summary.tokens >= budget:
+                # Not submitted: a rerun (with a larger budget) resumes from here.
+                self.summary.over_budget += 1
+                continue
             try:
                 line = await self._do_task(task, client)
             except Exception as exc:
@@ -669,6 +679,7 @@ def summary_table(summary: BatchSummary, title: str = "batch summary") -> Table:
         ("skipped (done before)", s.skipped),
         ("retried", s.retried),
         ("unfinished", s.unfinished),
+        ("not submitted (token budget)", s.over_budget),
         ("malformed lines", s.invalid),
     ]
     for name, value in rows:

@@ -102,6 +102,12 @@ def batch(
         list[str] | None, typer.Option("--set", help="Embedded gateway setting NAME=VALUE (repeatable).")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    budget_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--budget-tokens", min=1, help="Stop submitting tasks once finished ones used N tokens."
+        ),
+    ] = None,
 ) -> None:
     from clawgate.cli.batch import BatchOptions, run_batch, summary_table
     from clawgate.client import ClientError
@@ -117,6 +123,7 @@ def batch(
         max_attempts=max_attempts,
         requester=requester,
         progress=progress,
+        budget_tokens=budget_tokens,
     )
 
     async def main() -> Any:

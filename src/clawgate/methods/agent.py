@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from clawgate.automation.webhook_rules import check_url
 from clawgate.ids import MAIN_SESSION, RunId, SessionKey
 from clawgate.methods.table import DEFERRED, Deferred, MethodSpec
 from clawgate.protocol.constants import READ, WRITE
@@ -62,6 +63,7 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
             extra_system_prompt=params.extra_system_prompt,
             owner=conn.conn_id,
             label=params.label,
+            webhook=check_url(params.webhook) if params.webhook is not None else None,
         )
     )
     # Registered before the accepted response, so a waiter cap refuses the request as a whole
@@ -84,6 +86,7 @@ async def chat_send(gw: Gateway, conn: Connection, req_id: str, params: ChatSend
             message=params.message,
             timeout_s=params.timeout_ms / 1000 if params.timeout_ms else None,
             owner=conn.conn_id,
+            webhook=check_url(params.webhook) if params.webhook is not None else None,
         )
     )
     return {"runId": rec.run_id, "status": "started" if not rec.is_final else rec.status}

@@ -33,6 +33,7 @@ class CronAddParams(_P):
     enabled: bool = True
     delete_after_run: bool = False
     max_concurrent_runs: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
 
 
 class CronPatch(_P):
@@ -44,6 +45,7 @@ class CronPatch(_P):
     enabled: bool | None = None
     delete_after_run: bool | None = None
     max_concurrent_runs: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
 
 
 class CronJobParams(_P):
@@ -81,6 +83,7 @@ async def add(gw: Gateway, conn: Connection, req_id: str, p: CronAddParams) -> d
             "enabled": p.enabled,
             "delete_after_run": p.delete_after_run,
             "max_concurrent_runs": p.max_concurrent_runs,
+            "webhook": p.webhook,
         }
     )
     return {"ok": True, "job": wire(job)}

@@ -128,10 +128,17 @@ async def list_sessions(
 
 async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
     model = params.model if isinstance(params.model, str) else None
-    await gw.sessions.patch(
-        SessionKey(params.key), label=params.label, model=model, clear_model=params.model is None
+    meta = await gw.sessions.patch(
+        SessionKey(params.key),
+        label=params.label,
+        model=model,
+        clear_model=params.model is None,
+        budget_tokens=params.budget_tokens,
     )
-    return {"ok": True, "key": params.key}
+    out: dict[str, Any] = {"ok": True, "key": params.key}
+    if meta.budget_tokens:
+        out["budgetTokens"] = meta.budget_tokens
+    return out
 
 
 def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:

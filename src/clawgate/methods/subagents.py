@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from clawgate.automation.webhook_rules import check_url
 from clawgate.methods.table import MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import SpawnParams, SubagentsListParams
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 
 async def spawn(gw: Gateway, conn: Connection, req_id: str, params: SpawnParams) -> dict[str, Any]:
     gw.admission.check()
+    if params.webhook is not None:
+        check_url(params.webhook)
     return await gw.subagents.spawn(params)
 
 

@@ -31,10 +31,21 @@ class MethodSpec:
 
 
 def build_table() -> dict[str, MethodSpec]:
-    from clawgate.methods import absent, agent, catalog, core, cron, runs, sessions, subagents, usage
+    from clawgate.methods import (
+        absent,
+        agent,
+        catalog,
+        core,
+        cron,
+        runs,
+        sessions,
+        subagents,
+        usage,
+        webhooks,
+    )
 
     table: dict[str, MethodSpec] = {}
-    for module in (core, agent, sessions, subagents, cron, usage, runs, catalog, absent):
+    for module in (core, agent, sessions, subagents, cron, usage, runs, webhooks, catalog, absent):
         for spec in module.METHODS:
             table[spec.name] = spec
     return table

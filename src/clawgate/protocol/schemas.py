@@ -65,6 +65,7 @@ class AgentParams(_Params):
     timeout: Seconds | None = None
     extra_system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
     label: Label | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # POSTed the final answer
 
 
 class ChatSendParams(_Params):
@@ -72,6 +73,7 @@ class ChatSendParams(_Params):
     message: Annotated[str, msgspec.Meta(max_length=400_000)]
     idempotency_key: IdemKey
     timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # POSTed the final answer
 
 
 class WaitParams(_Params):
@@ -107,6 +109,7 @@ class SessionsPatchParams(_Params):
     label: Label | None = None
     # Absent: unchanged; null: back to the gateway's default model (OpenClaw's `/model default`).
     model: ModelName | msgspec.UnsetType | None = msgspec.UNSET
+    budget_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0 removes the budget
 
 
 class SessionKeyParams(_Params):
@@ -130,6 +133,7 @@ class SpawnParams(_Params):
     cleanup: Literal["keep", "delete"] = "keep"
     attachments: list[Attachment] | None = None
     idempotency_key: IdemKey | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # POSTed the final answer
 
 
 class SubagentsListParams(_Params):

@@ -87,6 +87,7 @@ class SubmitRequest:
     owner: ConnId | None = None
     known_new_session: bool = False
     label: str | None = None
+    webhook: str | None = None
 
 
 class RunService:
@@ -176,6 +177,13 @@ class RunService:
         self.dispatch: Callable[[Run], Awaitable[None]] | None = None
         self.remote_abort: Callable[[str], None] | None = None
         self.remote_listen: Callable[[RunId, FinalListener], Callable[[], None]] | None = None
+        # Writes a run's end record; automation/webhooks.py sets it so a run's webhook delivery
+        # is written in the same transaction as its end.
+        # Writes a run's end (and what must be durable with it, e.g. its webhook delivery):
+        # set by the composition root; the store's fenced `end_run` when unset.
+        self.end_writer: Callable[[RunRecord, Fence | None], Awaitable[RunRecord | None]] | None = None
+        # Refuses a run before it is accepted (a session past its token budget): raises.
+        self.admit: Callable[[SubmitRequest], Awaitable[None]] | None = None
 
     # -- accept ---------------------------------------------------------------------------
     async def submit(self, req: SubmitRequest) -> tuple[Run | None, RunRecord, bool]:
@@ -202,6 +210,7 @@ class RunService:
             extra_system_prompt=req.extra_system_prompt,
             accepted_at=now,
             label=req.label,
+            webhook=req.webhook or self.settings.webhook_url,
         )
         if self.dispatch is None and not self.lanes.has_room(req.session_key):
             raise Unavailable(
@@ -213,6 +222,9 @@ class RunService:
         # Track before the durable insert so a concurrent retry of the same key joins this run.
         self._track(req.run_id, run)
         try:
+            # After tracking, with no await between the admission checks and `_track`.
+            if self.admit is not None:
+                await self.admit(req)
             prior = await self.store.create_run(record, reuse_after_s=self.settings.dedupe_ttl_s, now=now)
         except BaseException:
             self.active.pop(req.run_id)
@@ -469,11 +481,18 @@ class RunService:
             rec.duration_ms = int((now - rec.started_at) * 1000)
         if run.timer is not None:
             run.timer.cancel()
+        # The reply goes into the transcript in the same (or an earlier) transaction as the
+        # end: the store's writer is FIFO, so a crash after the final answer never loses it.
+        # A fenced end (a run from the shared Redis queue) may be refused; its reply is then
+        # written only once the end is known to be this one.
+        reply_first = run.fence is None and status == "ok" and bool(text)
+        if reply_first and text:
+            self.sessions.append(key, "assistant", text, rec.run_id)
         stored, cancelled = await self._write_end(run)
         if stored is not rec:
             self._end_refused(run, before, stored)
         else:
-            await self._ended(run, key, now, text)
+            await self._ended(run, key, now, None if reply_first else text)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -482,7 +501,8 @@ class RunService:
         meanwhile (a lost lease, shutdown) does not cut the end in half: the write is awaited
         to its outcome and the end completed; (stored end, cancelled) tells the caller."""
         rec = run.record
-        write = asyncio.ensure_future(self.store.end_run(rec, run.fence))
+        writer = self.end_writer or self.store.end_run
+        write = asyncio.ensure_future(writer(rec, run.fence))
         cancelled = False
         while True:
             try:
@@ -727,7 +747,7 @@ class RunService:
             rec.error = error
             rec.ended_at = now
             self.results.set(RunId(rec.run_id), rec)
-            await self.store.put_run(rec)
+            await (self.end_writer or self.store.end_run)(rec, None)
             interrupted += 1
             for hook in self.end_hooks:
                 try:

@@ -18,12 +18,15 @@ import structlog
 
 from clawgate import __version__
 from clawgate.admission import Admission
+from clawgate.automation.budgets import Budgets
 from clawgate.automation.cron import CronService
 from clawgate.automation.usage import UsageLedger
+from clawgate.automation.webhooks import WebhookService
 from clawgate.clip import clip
 from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unauthorized, Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.events.session_events import SessionEventPublisher
+from clawgate.methods.agent import final_payload
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
 from clawgate.protocol.device import signature_token, verify_device_signature
@@ -50,6 +53,7 @@ from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Store
 from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
 from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageStore
+from clawgate.store.webhook_store import RedisWebhookStore, SqliteWebhookStore, WebhookStore
 from clawgate.subagents.hooks import log_files
 from clawgate.subagents.service import SubagentService
 
@@ -87,6 +91,15 @@ def open_usage_store(settings: Settings, store: Store) -> UsageStore:
     if store.kind == "redis":
         return RedisUsageStore(cast("RedisStore", store), retention_days=settings.usage_retention_days)
     return SqliteUsageStore(cast("SqliteStore", store))
+
+
+def open_webhook_store(settings: Settings, store: Store) -> WebhookStore:
+    if store.kind == "redis":
+        # A record outlives its whole retry window and dead-letter life (plus a day): the
+        # sweep removes it first; expiry is the backstop.
+        ttl_s = settings.webhook_retry_max_s + settings.webhook_dead_ttl_s + 86400
+        return RedisWebhookStore(cast("RedisStore", store), record_ttl_s=ttl_s)
+    return SqliteWebhookStore(cast("SqliteStore", store))
 
 
 def open_store(settings: Settings) -> Store:
@@ -173,6 +186,18 @@ class Gateway:
         self.runs.end_hooks.append(self.cron.on_run_end)
         self.usage = UsageLedger(settings, self.clock, open_usage_store(settings, self.store))
         self.runs.end_hooks.append(self.usage.on_run_end)
+        self.budgets = Budgets(self.store, self.sessions)
+        self.runs.admit = self.budgets.admit
+        self.runs.end_hooks.append(self.budgets.on_run_end)
+        self.webhooks = WebhookService(
+            settings,
+            self.clock,
+            self.registry,
+            self.store,
+            open_webhook_store(settings, self.store),
+            final_payload,
+        )
+        self.runs.end_writer = self.webhooks.finish_run
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
         self.registry.add_sweep("cron_history", self.cron.sweep_history)
         self.registry.add_sweep("usage_retention", self.usage.sweep)
@@ -242,6 +267,7 @@ class Gateway:
             return
         await self.store.open()
         await self.usage.store.open()
+        await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
         if self.cluster is not None:
             # Shared store: other processes own the runs in flight; recovery of a dead
             # process' work goes through the dispatcher's leases (runs/cluster.py).
@@ -258,6 +284,7 @@ class Gateway:
         self.maintenance.start()
         self.admission.start()
         self.subagents.start()
+        await self.webhooks.start()  # after the restore: deliveries left by a crash go out now
         if self.settings.cron_enabled:
             await self.cron.start()  # after the restore: an overdue job fires once, now
         else:
@@ -286,6 +313,7 @@ class Gateway:
         if self.cluster is not None:
             await self.cluster.close()
         await self.subagents.stop()
+        await self.webhooks.stop()  # after the drain: the last run ends' deliveries are in the outbox
         for task in (self._tick_task,):
             if task is not None:
                 task.cancel()
@@ -454,6 +482,8 @@ class Gateway:
         stored: dict[str, int] = {}
         with contextlib.suppress(ClawgateError, OSError):
             stored["subagent_records"] = await self.store.count_subagents()
+        with contextlib.suppress(ClawgateError, OSError):
+            await self.webhooks.refresh_counts()
         return {
             "version": __version__,
             "serverId": self.server_id,
@@ -488,6 +518,8 @@ class Gateway:
             },
             "provider": self.provider_stats(),
             "subagents": self.subagents.counters(),
+            "webhooks": self.webhooks.describe(),
+            "budgets": {"refused": self.budgets.refused},
         }
 
     def provider_stats(self) -> dict[str, Any]:

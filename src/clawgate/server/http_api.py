@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from clawgate.automation.webhook_rules import check_url
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, NotFound
 from clawgate.ids import RunId, SessionKey
 from clawgate.methods.agent import accepted_payload, final_payload
@@ -179,6 +180,7 @@ class RestApi:
                 run_id=run_id,
                 model=body.model,
                 timeout_s=body.timeout,
+                webhook=check_url(body.webhook) if body.webhook is not None else None,
                 extra_system_prompt=body.extra_system_prompt,
             ),
         )
@@ -293,6 +295,7 @@ class RestApi:
                 agent_id=agent,
                 run_id=run_id,
                 timeout_s=body.timeout_seconds,
+                webhook=check_url(body.webhook) if body.webhook is not None else None,
             ),
         )
         if not body.wait_for_completion:

@@ -183,6 +183,7 @@ class RunStart:
     timeout_s: float | None = None
     extra_system_prompt: str | None = None
     owner: str | None = None
+    webhook: str | None = None
 
 
 async def start_run(gw: Gateway, start: RunStart) -> tuple[Run | None, RunRecord]:
@@ -198,6 +199,7 @@ async def start_run(gw: Gateway, start: RunStart) -> tuple[Run | None, RunRecord
             timeout_s=start.timeout_s,
             extra_system_prompt=start.extra_system_prompt,
             owner=None,
+            webhook=start.webhook,
         )
     )
     return run, rec

@@ -36,6 +36,7 @@ class RunBody(_Body):
     idempotency_key: IdemKey | None = None
     extra_system_prompt: Annotated[str, msgspec.Meta(max_length=100_000)] | None = None
     label: Label | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # POSTed the final answer
 
 
 class RunWaitBody(RunBody):
@@ -49,6 +50,7 @@ class HookAgentBody(_Body):
     timeout_seconds: Seconds | None = None
     wait_for_completion: bool = False
     name: Label | None = None
+    webhook: Annotated[str, msgspec.Meta(max_length=2048)] | None = None  # POSTed the final answer
 
 
 class HookWakeBody(_Body):

@@ -95,9 +95,16 @@ class SessionService:
         return meta
 
     async def patch(
-        self, key: SessionKey, *, label: str | None, model: str | None, clear_model: bool = False
+        self,
+        key: SessionKey,
+        *,
+        label: str | None,
+        model: str | None,
+        clear_model: bool = False,
+        budget_tokens: int | None = None,
     ) -> SessionMeta:
-        """Set what is not None; `clear_model` returns the session to the default model."""
+        """Set what is not None; `clear_model` returns the session to the default model;
+        `budget_tokens` 0 removes the session's token budget."""
         meta = await self.touch(key)
         if label is not None:
             meta.label = label
@@ -105,6 +112,8 @@ class SessionService:
             meta.model = model
         elif clear_model:
             meta.model = None
+        if budget_tokens is not None:  # 0 removes the budget
+            meta.budget_tokens = budget_tokens
         await self.store.put_session(meta)
         if self.observer is not None:
             self.observer.session_changed(key, "patch", meta)

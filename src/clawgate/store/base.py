@@ -139,6 +139,10 @@ class Store(RetentionStore):
     ) -> list[SessionMeta]: ...
 
     @abstractmethod
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
+        """Add to the tokens a session's runs have used (its budget's count); no-op when it is gone."""
+
+    @abstractmethod
     def delete_session(self, key: str) -> Awaitable[None]:
         """Delete a session with its transcript."""
 

@@ -48,6 +48,7 @@ class CronJob(_Rec):
     enabled: bool = True
     delete_after_run: bool = False
     max_concurrent_runs: int = 1
+    webhook: str | None = None  # each run's final answer is POSTed here (automation/webhooks.py)
     created_at_ms: int = 0
     updated_at_ms: int = 0
     state: CronState = msgspec.field(default_factory=CronState)

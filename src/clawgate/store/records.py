@@ -23,6 +23,10 @@ class SessionMeta(msgspec.Struct, kw_only=True):
     # Spawn depth of a subagent child session (0: not a child). Kept with the session, so
     # the depth limit still holds for a child whose subagent record has been swept.
     depth: int = 0
+    # Token budget of the session (None: none) and the tokens its runs have used so far,
+    # added at each run's end; past the budget new runs are refused.
+    budget_tokens: int | None = None
+    tokens_used: int = 0
 
 
 class TranscriptMessage(msgspec.Struct, kw_only=True):
@@ -52,6 +56,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     usage: dict[str, Any] | None = None  # provider tokens: {input, output, total, model, costUsd?}
     # What the run belongs to, as its client named it (`clawgate batch`: `batch:<tasks file>`).
     label: str | None = None
+    webhook: str | None = None  # where the final answer is POSTed (automation/webhooks.py)
 
     @property
     def is_final(self) -> bool:

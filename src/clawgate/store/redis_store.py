@@ -206,6 +206,7 @@ for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
 return false
 """.replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
+
 # Replaces a subagent record only if it still exists (a sweep elsewhere may have removed it).
 # KEYS: sub, subs_expiry, subs_live, subs_all, by_requester
 # ARGV: json, deadline_ms, expires_at ('' for none), live ('1'/'0'), idx_deadline_ms, run_id
@@ -516,6 +517,8 @@ class RedisStore(Store):
         ]  # fmt: skip
         if meta.depth:  # only written when known: a touch that re-creates the metadata does not know it
             fields += ["depth", meta.depth]
+        if meta.budget_tokens is not None:  # the same: never dropped by a touch that does not know it
+            fields += ["budget_tokens", meta.budget_tokens]
         drop: list[str] = []
         for name, value in (("label", meta.label), ("model", meta.model)):
             if value is None:
@@ -529,6 +532,11 @@ class RedisStore(Store):
             len(fields) // 2, *fields, *drop,
         )  # fmt: skip
         return self._write([cmd])
+
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
+        """Add to a session's tokens used, only if the session exists (never re-creates it)."""
+        script = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HINCRBY', KEYS[1], 'tokens_used', ARGV[1]) end"
+        return self._write([("EVAL", script, 1, self.keys.session(key), tokens)])
 
     async def get_session(self, key: str) -> SessionMeta | None:
         h = await self._submit([("HGETALL", self.keys.session(key))], _first)
@@ -679,15 +687,18 @@ class RedisStore(Store):
         # An open record (e.g. "running") never replaces an end another process wrote first.
         return self._write([self._write_run_cmd(rec, None)])
 
-    def _write_run_cmd(self, rec: RunRecord, fence: Fence | None) -> Cmd:
-        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
+    def _write_run_cmd(self, rec: RunRecord, fence: Fence | None, extra: Sequence[Cmd] = ()) -> Cmd:
+        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in [*self._run_cmds(rec), *extra]])
         keys = [self.keys.run(rec.run_id)] if fence is None else [self.keys.run(rec.run_id), fence.key]
         token = "" if fence is None else fence.token
         return ("EVAL", _WRITE_RUN, len(keys), *keys, token, script_cmds)
 
-    async def end_run(self, rec: RunRecord, fence: Fence | None = None) -> RunRecord | None:
-        # One script: the "no end yet" check, the fence check and the write are atomic.
-        reply = await self._submit([self._write_run_cmd(rec, fence)], _first)
+    async def end_run(
+        self, rec: RunRecord, fence: Fence | None = None, *, extra: Sequence[Cmd] = ()
+    ) -> RunRecord | None:
+        # One script: the "no end yet" check, the fence check and the write (with `extra`, e.g.
+        # the run's webhook delivery) are atomic.
+        reply = await self._submit([self._write_run_cmd(rec, fence, extra)], _first)
         code = int(reply[0])
         if code == 0:
             return rec
@@ -1174,6 +1185,8 @@ def _session(key: str, h: Any) -> SessionMeta | None:
         label=d.get("label"),
         model=d.get("model"),
         depth=int(d.get("depth", 0)),
+        budget_tokens=int(d["budget_tokens"]) if "budget_tokens" in d else None,
+        tokens_used=int(d.get("tokens_used", 0)),
     )
 
 

@@ -138,6 +138,9 @@ class SqliteStore(Store):
         columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
         if "depth" not in columns:  # files written before the spawn depth was kept with the session
             conn.execute("ALTER TABLE sessions ADD COLUMN depth INTEGER NOT NULL DEFAULT 0")
+        if "budget_tokens" not in columns:  # files written before session token budgets
+            conn.execute("ALTER TABLE sessions ADD COLUMN budget_tokens INTEGER")
+            conn.execute("ALTER TABLE sessions ADD COLUMN tokens_used INTEGER NOT NULL DEFAULT 0")
         conn.executescript(RETENTION_SCHEMA)
         return conn
 
@@ -258,16 +261,19 @@ class SqliteStore(Store):
             meta.label,
             meta.model,
             meta.depth,
+            meta.budget_tokens,
         )
-        # The depth is never lowered: a touch that re-creates the metadata from scratch
-        # (known_new) does not know it.
+        # The depth is never lowered and the budget never dropped: a touch that re-creates the
+        # metadata from scratch (known_new) does not know them. The tokens used are only ever
+        # added to (add_session_tokens), never written from a possibly stale copy.
         return self._write(
             lambda c: c.execute(
                 "INSERT INTO sessions(key, session_id, created_at, updated_at, kind, agent_id, label, "
-                "model, depth) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
+                "model, depth, budget_tokens) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET "
                 "session_id=excluded.session_id, updated_at=excluded.updated_at, kind=excluded.kind, "
                 "agent_id=excluded.agent_id, label=excluded.label, model=excluded.model, "
-                "depth=max(sessions.depth, excluded.depth)",
+                "depth=max(sessions.depth, excluded.depth), "
+                "budget_tokens=coalesce(excluded.budget_tokens, sessions.budget_tokens)",
                 row,
             )
         )
@@ -293,6 +299,13 @@ class SqliteStore(Store):
         args.append(limit)
         rows = await self._submit(lambda c: c.execute(sql, args).fetchall())
         return [_session(r) for r in rows]
+
+    def add_session_tokens(self, key: str, tokens: int) -> Awaitable[None]:
+        return self._write(
+            lambda c: c.execute(
+                "UPDATE sessions SET tokens_used = tokens_used + ? WHERE key=?", (tokens, key)
+            )
+        )
 
     def delete_session(self, key: str) -> Awaitable[None]:
         def op(c: sqlite3.Connection) -> None:
@@ -370,13 +383,18 @@ class SqliteStore(Store):
     # -- runs ---------------------------------------------------------------------------------------
     def put_run(self, rec: RunRecord) -> Awaitable[None]:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
-        return self._write(
-            lambda c: c.execute(
-                "INSERT INTO runs VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
-                "status=excluded.status, ended_at=excluded.ended_at, data=excluded.data",
-                row,
-            )
-        )
+        return self._write(lambda c: c.execute(_PUT_RUN, row))
+
+    def finish_run(self, rec: RunRecord, also: Callable[[sqlite3.Connection], Any]) -> Awaitable[None]:
+        """Write a run's end record and `also` (e.g. its webhook delivery) in one transaction:
+        both are durable, or neither is."""
+        row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(_PUT_RUN, row)
+            also(c)
+
+        return self._write(op)
 
     async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
@@ -702,7 +720,13 @@ class SqliteStore(Store):
         return RunsPage(found, str(rows[-1][0]) if rows and len(rows) == query.window else None)
 
 
-_SESSION_COLUMNS = "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth"
+_PUT_RUN = (
+    "INSERT INTO runs VALUES (?,?,?,?,?) ON CONFLICT(run_id) DO UPDATE SET "
+    "status=excluded.status, ended_at=excluded.ended_at, data=excluded.data"
+)
+_SESSION_COLUMNS = (
+    "key, session_id, created_at, updated_at, kind, agent_id, label, model, depth, budget_tokens, tokens_used"
+)
 
 
 def _decode_subs(c: sqlite3.Connection, rows: list[Any]) -> tuple[list[SubagentRecord], int]:
@@ -742,6 +766,8 @@ def _session(row: Any) -> SessionMeta:
         label=row[6],
         model=row[7],
         depth=int(row[8] or 0),
+        budget_tokens=None if row[9] is None else int(row[9]),
+        tokens_used=int(row[10] or 0),
     )
 
 

@@ -427,6 +427,7 @@ class SubagentService:
                     model=params.model,
                     timeout_s=params.run_timeout_seconds,
                     known_new_session=True,
+                    webhook=params.webhook,
                 )
             )
         except BaseException:
