@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 
 async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryParams) -> dict[str, Any]:
+    return await read_history(gw, params)
+
+
+async def read_history(gw: Gateway, params: HistoryParams) -> dict[str, Any]:
+    """`chat.history` and the `sessions_history` tool."""
     messages = await gw.sessions.history(SessionKey(params.session_key), params.limit)
     out = []
     for m in messages:
@@ -42,6 +47,11 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
 async def list_sessions(
     gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
 ) -> dict[str, Any]:
+    return await read_sessions(gw, params)
+
+
+async def read_sessions(gw: Gateway, params: SessionsListParams) -> dict[str, Any]:
+    """`sessions.list` and the `sessions_list` tool."""
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
     metas = await gw.store.list_sessions(limit=params.limit, updated_since=since, prefix=params.prefix)
     sessions = []

@@ -31,10 +31,10 @@ class MethodSpec:
 
 
 def build_table() -> dict[str, MethodSpec]:
-    from clawgate.methods import agent, core, cron, sessions, subagents, usage
+    from clawgate.methods import agent, agents, core, cron, sessions, subagents, usage
 
     table: dict[str, MethodSpec] = {}
-    for module in (core, agent, sessions, subagents, cron, usage):
+    for module in (core, agent, agents, sessions, subagents, cron, usage):
         for spec in module.METHODS:
             table[spec.name] = spec
     return table

@@ -168,6 +168,7 @@ class RestApi:
     # -- runs -------------------------------------------------------------------------------------
     async def _start(self, request: Request, body: RunBody) -> tuple[RunRecord, RunId]:
         key, agent = session_agent(body.session_key, body.agent_id)
+        self.gw.runs.profiles.require(agent, "agentId" if body.agent_id else "sessionKey")
         run_id = new_run_id(request, body.idempotency_key)
         self.events.follow(run_id)  # record from the first event, for /events resume
         _run, rec = await start_run(
@@ -282,6 +283,7 @@ class RestApi:
         self._hook_auth(request)
         body = await read_json(request, self.max_body, HookAgentBody)
         key, agent = session_agent(body.session_key, body.agent_id)
+        self.gw.runs.profiles.require(agent, "agentId" if body.agent_id else "sessionKey")
         if body.session_key is None:
             key = SessionKey(f"agent:{agent}:hook:{uuid.uuid4().hex}")
         run_id = new_run_id(request)
