@@ -50,10 +50,8 @@ async def run_events(c: Client, message: str, **params: Any) -> tuple[dict[str, 
     return final, events
 
 
-def text_of(content: str) -> str:
-    """The text blocks of a tool result the scripted model echoed back (`done: <json>`)."""
-    result = json.loads(content)
-    return "".join(block.get("text", "") for block in result.get("content", []))
+def git(repo: Path, cmd: list[str]) -> str:
+    return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
 async def test_time_server_result_reaches_transcript_and_events(start_gateway: GatewayFactory) -> None:
@@ -119,7 +117,7 @@ async def test_git_server_on_a_repository_the_test_creates(
             "first commit of the test repo",
         ],
     ):
-        subprocess.run(cmd, cwd=repo, check=True)
+        git(repo, cmd)
     (repo / "notes.txt").write_text("untracked\n", encoding="utf-8")
     gw = await start_gateway(
         mcp_servers={"git": {"command": str(BIN / "mcp-server-git"), "args": ["--repository", str(repo)]}},
@@ -140,10 +138,7 @@ async def test_git_server_on_a_repository_the_test_creates(
         )
         refused = tool_data(events, "result")[0]
         assert refused["isError"] and "not allowed" in refused["result"]["error"]
-    staged = subprocess.run(
-        ["git", "diff", "--cached", "--name-only"], cwd=repo, capture_output=True, text=True
-    )
-    assert staged.stdout == ""
+    assert git(repo, ["git", "diff", "--cached", "--name-only"]) == ""
 
 
 async def test_parallel_calls_run_concurrently_with_results_in_order(start_gateway: GatewayFactory) -> None:
