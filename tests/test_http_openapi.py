@@ -27,6 +27,7 @@ def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
         "/v1/runs/{run_id}/cancel",
         "/v1/runs/{run_id}/events",
         "/v1/sessions/{key}/history",
+        "/tools/invoke",
         "/hooks/agent",
         "/hooks/wake",
         "/v1/chat/completions",

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from clawgate.client import Client, ClientError
@@ -337,3 +338,25 @@ async def test_thousand_tool_runs_leave_no_tool_entry_behind(start_gateway: Gate
     assert g.registry.tracked_entries() == tracked
     stats = g.mcp.stats()["t"]
     assert stats["starts"] == 1 and stats["callsInFlight"] == 0
+
+
+async def test_http_tools_invoke_needs_admin(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway(
+        token=TOKEN,
+        tokens={"writer": {"token": "writer-t0ken-0123456789", "scopes": ["operator.write"]}},
+        mcp_servers={"t": own_stdio()},
+        agents={"main": {"tools": ["t.echo"]}},
+    )
+    body = {"tool": "t.echo", "args": {"text": "over http"}}
+    async with httpx.AsyncClient(base_url=gw.http_url, timeout=30) as http:
+        r = await http.post("/tools/invoke", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["ok"] is True and r.json()["result"]["structuredContent"] == {"result": "over http"}
+        r = await http.post(
+            "/tools/invoke", json=body, headers={"Authorization": "Bearer writer-t0ken-0123456789"}
+        )
+        assert r.status_code == 403
+        r = await http.post(
+            "/tools/invoke", json={"tool": "t.pid"}, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["details"]["field"] == "tool"

@@ -92,7 +92,12 @@ async def tools_catalog(
 async def tools_invoke(
     gw: Gateway, conn: Connection, req_id: str, params: ToolsInvokeParams
 ) -> dict[str, Any]:
-    """Call one tool directly, under the agent's allowlist, timeout and result cap."""
+    return await invoke(gw, params, conn.grant.scopes if conn.grant else frozenset())
+
+
+async def invoke(gw: Gateway, params: ToolsInvokeParams, scopes: frozenset[str]) -> dict[str, Any]:
+    """`tools.invoke` and `POST /tools/invoke`: one call, under the agent's allowlist, timeout
+    and result cap."""
     profile = _profile(gw, params.agent_id, params.session_key)
     tools = await gw.runs.tools_for(profile)
     tool = tools.get(params.tool)
@@ -106,7 +111,7 @@ async def tools_invoke(
         run_id="",
         session_key=key,
         agent_id=profile.id,
-        scopes=conn.grant.scopes if conn.grant else frozenset(),
+        scopes=scopes,
     )
     policy = ToolPolicy(
         max_turns=1,

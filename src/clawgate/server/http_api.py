@@ -31,8 +31,10 @@ from starlette.routing import BaseRoute, Route
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, NotFound
 from clawgate.ids import RunId, SessionKey
 from clawgate.methods.agent import accepted_payload, final_payload
+from clawgate.methods.agents import ToolsInvokeParams
+from clawgate.methods.agents import invoke as invoke_tool
 from clawgate.protocol.schemas import SESSION_KEY_PATTERN
-from clawgate.server.auth import READ, WRITE
+from clawgate.server.auth import ADMIN, READ, WRITE
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_common import (
     HttpAuth,
@@ -157,6 +159,7 @@ class RestApi:
                 Route("/v1/runs/{run_id}/cancel", guarded(self.cancel), methods=["POST"]),
                 Route("/v1/runs/{run_id}/events", guarded(self.run_events), methods=["GET"]),
                 Route("/v1/sessions/{key}/history", guarded(self.history), methods=["GET"]),
+                Route("/tools/invoke", guarded(self.tools_invoke), methods=["POST"]),
             ]
         if s.http_hooks:
             routes += [
@@ -250,6 +253,12 @@ class RestApi:
                 yield sse("end", msgspec.json.encode(final_payload(item)))
             else:
                 yield sse("agent", item[1], item[0])
+
+    async def tools_invoke(self, request: Request) -> Response:
+        """`tools.invoke` over HTTP (admin): `{tool, args?, agentId?, sessionKey?}`."""
+        grant = self.auth.check(request, ADMIN)
+        body = await read_json(request, self.max_body, ToolsInvokeParams)
+        return json(await invoke_tool(self.gw, body, grant.scopes))
 
     async def history(self, request: Request) -> Response:
         self.auth.check(request, READ)
