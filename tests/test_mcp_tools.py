@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -360,3 +362,26 @@ async def test_http_tools_invoke_needs_admin(start_gateway: GatewayFactory) -> N
             "/tools/invoke", json={"tool": "t.pid"}, headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert r.status_code == 400 and r.json()["error"]["details"]["field"] == "tool"
+
+
+async def test_server_that_dies_while_idle_is_restarted_by_the_next_call(
+    start_gateway: GatewayFactory,
+) -> None:
+    gw = await start_gateway(
+        token=TOKEN,
+        mcp_servers={"t": own_stdio()},
+        mcp_restart_base_s=0,
+        agents={"main": {"tools": ["t.pid"]}},
+    )
+    async with Client(gw.url, token=TOKEN, scopes=ADMIN, max_reconnect_attempts=0) as c:
+        pid = (await c.call("tools.invoke", {"tool": "t.pid"}))["result"]["structuredContent"]["result"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while gw.gateway.mcp.stats()["t"]["connected"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not gw.gateway.mcp.stats()["t"]["connected"]  # seen at once, not by the next call
+        final = await c.run_agent("[[tool:t.pid {}]]")
+        assert final["status"] == "ok"
+        assert str(pid) not in final["result"]["payloads"][0]["text"]
+        assert '"status": "ok"' in final["result"]["payloads"][0]["text"]
+    assert gw.gateway.mcp.stats()["t"]["starts"] == 2

@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import anyio
 import structlog
 
 from clawgate.agent.tools import WRITE_SCOPE, Tool, ToolCallContext
@@ -33,6 +34,7 @@ log = structlog.get_logger("clawgate.mcp")
 LIST_PAGES_MAX = 10  # tools/list pages read per server (a server cannot make us page forever)
 TOOLS_MAX = 256  # tools kept per server
 STOP_TIMEOUT_S = 5.0
+RELAY_BUFFER = 64  # server messages buffered between the transport and the session
 
 
 class McpUnavailable(Exception):
@@ -104,13 +106,20 @@ class McpServer:
         from mcp import ClientSession
 
         try:
-            async with self._transport() as (read, write), ClientSession(read, write) as session:
-                await session.initialize()
-                self.tool_defs = await _list_tools(session)
-                self.session = session
-                if not ready.done():
-                    ready.set_result(None)
-                await self._stop.wait()
+            async with self._transport() as (read, write):
+                # Messages pass through a relay so that the end of the server's stream (a
+                # process that died while idle) is seen at once, not by the next call.
+                relay_send, relay_recv = anyio.create_memory_object_stream[Any](RELAY_BUFFER)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._relay, read, relay_send)
+                    async with ClientSession(relay_recv, write) as session:
+                        await session.initialize()
+                        self.tool_defs = await _list_tools(session)
+                        self.session = session
+                        if not ready.done():
+                            ready.set_result(None)
+                        await self._stop.wait()
+                    group.cancel_scope.cancel()
         except BaseException as exc:
             if not ready.done():
                 ready.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
@@ -121,6 +130,17 @@ class McpServer:
                 raise
         finally:
             self.session = None
+
+    async def _relay(self, read: Any, send: Any) -> None:
+        async with send:
+            async for message in read:
+                await send.send(message)
+        if not self._stop.is_set():
+            # The server closed its end: the process died or the connection dropped.
+            log.warning("mcp server went away", server=self.name)
+            self._failed(ConnectionError("the server closed the connection"))
+            self.session = None
+            self._stop.set()
 
     @contextlib.asynccontextmanager
     async def _transport(self) -> AsyncIterator[Any]:
@@ -174,14 +194,14 @@ class McpServer:
         except Exception as exc:
             # The connection broke under the call (the process died, the session is gone):
             # the run gets an error result; the next call starts the server again.
-            self._failed(exc)
-            log.warning(
-                "mcp call failed; restarting the server on demand", server=self.name, error=repr(exc)[:300]
-            )
-            async with self._lock:
-                if self.session is session:
-                    await self._teardown()
-            return {"status": "error", "error": f"MCP server {self.name!r} failed: {self.last_error}"}
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("mcp call failed", server=self.name, error=error[:300])
+            if self.session is session:  # not already seen going away by the relay
+                self._failed(exc)
+                async with self._lock:
+                    if self.session is session:
+                        await self._teardown()
+            return {"status": "error", "error": f"MCP server {self.name!r} failed: {error}"}
         finally:
             self.calls_in_flight -= 1
         self.failures = 0
