@@ -282,3 +282,26 @@ args = ["--local-timezone", "UTC"]
     worse.write_text("[agents.x]\nmax_turns = 0\n", encoding="utf-8")
     with pytest.raises(ValueError):
         load_settings(worse)
+
+
+def test_profiles_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CLAWGATE_AGENTS", '{"ops": {"model": "m1", "tools": ["sessions_list"]}}')
+    s = load_settings(None, state_dir=str(tmp_path))
+    assert s.agents["ops"].model == "m1"
+
+
+def test_secrets_of_mcp_servers_are_redacted() -> None:
+    from clawgate.settings import Settings
+    from clawgate.tools.redact import redact
+
+    s = Settings(
+        mcp_servers={
+            "a": {"command": "x", "env": {"API_KEY": "secret-1"}},
+            "b": {"url": "http://127.0.0.1:1/mcp", "headers": {"Authorization": "Bearer secret-2"}},
+        }
+    )
+    dumped = json.dumps(s.redacted())
+    assert "secret-1" not in dumped and "secret-2" not in dumped
+    logged = redact({"query": "q", "api_key": "secret-3", "nested": {"password": "p"}, "long": "y" * 1000})
+    assert logged["api_key"] == "***" and logged["nested"]["password"] == "***"
+    assert logged["query"] == "q" and len(logged["long"]) < 300
