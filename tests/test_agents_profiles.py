@@ -305,3 +305,17 @@ def test_secrets_of_mcp_servers_are_redacted() -> None:
     logged = redact({"query": "q", "api_key": "secret-3", "nested": {"password": "p"}, "long": "y" * 1000})
     assert logged["api_key"] == "***" and logged["nested"]["password"] == "***"
     assert logged["query"] == "q" and len(logged["long"]) < 300
+
+
+async def test_cron_job_of_an_unknown_agent_is_refused(start_gateway: GatewayFactory) -> None:
+    gw = await start_gateway()
+    async with Client(gw.url, max_reconnect_attempts=0) as c:
+        base = {"name": "j", "schedule": {"kind": "every", "everyMs": 60_000}, "message": "m"}
+        for extra, field in (
+            ({"agentId": "ghost"}, "agentId"),
+            ({"sessionKey": "agent:ghost:c"}, "sessionKey"),
+        ):
+            with pytest.raises(ClientError) as err:
+                await c.call("cron.add", {**base, **extra})
+            assert err.value.code == "INVALID_REQUEST" and err.value.details["field"] == field
+        assert (await c.call("cron.add", {**base, "agentId": "alpha"}))["ok"] is True

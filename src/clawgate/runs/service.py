@@ -446,7 +446,13 @@ class RunService:
             self.running -= 1
 
     def _usage(self, rec: RunRecord, emitter: _Emitter) -> dict[str, Any] | None:
-        model = rec.model or getattr(self.provider, "default_model", None) or self.provider.name
+        profile = self.profiles.get(rec.agent_id)
+        model = (
+            rec.model
+            or (profile.model if profile is not None else None)
+            or getattr(self.provider, "default_model", None)
+            or self.provider.name
+        )
         return with_cost(emitter.totals(), model, self.settings.model_prices)
 
     async def tools_for(self, profile: Profile) -> Mapping[str, Tool]:
