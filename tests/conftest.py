@@ -34,6 +34,8 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         # Retries of a failed provider turn do not back off on the fake clock unless a test asks
         # for it (tests/test_provider_faults.py does, and advances the clock).
         "provider_retry_base_s": 0,
+        # Agent ids the session keys of the tests use: an unconfigured agent is refused.
+        "agents": {agent: {} for agent in ("main", "alpha", "beta", "ops", "other", "helper")},
     }
     base.update(overrides)
     return Settings.model_validate(base)

@@ -75,6 +75,8 @@ class GatewayProc:
             "max_children_per_agent=50",
             "--set",
             "shutdown_grace_s=2",
+            "--set",
+            'agents={"ops": {}}',
         ]
         self.starts += 1
         log = (self.state.parent / f"gateway-{self.state.name}-{self.starts}.log").open("wb")

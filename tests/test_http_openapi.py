@@ -27,6 +27,7 @@ def test_openapi_document_lists_every_route(tmp_path: Path) -> None:
         "/v1/runs/{run_id}/cancel",
         "/v1/runs/{run_id}/events",
         "/v1/sessions/{key}/history",
+        "/tools/invoke",
         "/hooks/agent",
         "/hooks/wake",
         "/v1/chat/completions",
@@ -85,7 +86,7 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_response(tmp_pat
         assert proc.returncode == 0, output
         # It really exercised every operation.
         cases = ElementTree.parse(report).getroot().iter("testcase")
-        assert len({case.get("name") for case in cases}) == 12, output
+        assert len({case.get("name") for case in cases}) == 13, output  # every path, /tools/invoke included
         rc, log = gw.stop()
     assert rc == 0, log
     assert "Traceback" not in log, log

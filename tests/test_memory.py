@@ -30,6 +30,8 @@ CONTAINERS = (dict, set, list, deque, OrderedDict)
 NOT_ID_KEYED = {
     ("Gateway", "methods"),
     ("RunService", "tools"),
+    ("RunService", "providers"),  # one per provider kind the agent profiles name
+    ("McpManager", "servers"),  # one per configured MCP server
     ("RunService", "start_hooks"),
     ("RunService", "end_hooks"),
     ("RunService", "totals"),
@@ -56,6 +58,7 @@ def core_objects(gw: Gateway) -> list[Any]:
         gw.admission,
         gw.registry,
         gw.runs.latency,
+        gw.mcp,
     ]
 
 

@@ -116,8 +116,9 @@ async def test_tool_call_spawns_a_subagent_then_replies(openai_gw: Setup) -> Non
         ("user", "child work"),
         ("assistant", "stub reply: child work"),
     ]
-    # The parent's second request carried the tool call and its result.
-    second = openai_gw.behaviour.requests[1]["messages"]
+    # The parent's second request carried the tool call and its result (the child's first
+    # request may come before or after it: they run concurrently).
+    second = next(r["messages"] for r in openai_gw.behaviour.requests if r["messages"][-1]["role"] == "tool")
     assert second[-2]["role"] == "assistant"
     assert second[-2]["tool_calls"][0]["id"] == "call_stub_1"
     assert second[-1] == {"role": "tool", "content": json.dumps(tool_result), "tool_call_id": "call_stub_1"}

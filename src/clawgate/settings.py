@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,64 @@ class NamedToken(BaseModel):
         unknown = [s for s in self.scopes if s not in SCOPE_NAMES]
         if unknown:
             raise ValueError(f"unknown scopes {unknown}; known: {list(SCOPE_NAMES)}")
+        return self
+
+
+TOOL_PATTERN = r"^[A-Za-z0-9_\-]+(\.([A-Za-z0-9_\-]+|\*))?$|^[A-Za-z0-9_\-]*\*$"
+
+
+class AgentProfile(BaseModel):
+    """One `[agents.<id>]` table: what an agent runs on, what it is told, what it may use."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = None
+    # The provider kind ("scripted" | "openai"); unset means the gateway's `provider`.
+    provider: Literal["scripted", "openai"] | None = None
+    model: str | None = None
+    # Tried in order when the model's circuit is open (the same breakers as `fallback_models`).
+    fallback_models: list[str] = Field(default_factory=list)
+    system_prompt: str | None = None
+    system_prompt_file: Path | None = None
+    # Tools are denied unless named here: a session tool (`sessions_list`), an MCP tool
+    # (`server.tool`) or every tool of a server (`server.*`). The default keeps what every
+    # agent had before profiles existed.
+    tools: list[str] = Field(default_factory=lambda: ["sessions_spawn"])
+    # Provider turns per run (tool rounds + the final reply); unset: max_tool_rounds + 1.
+    max_turns: int | None = Field(None, ge=1)
+    max_tool_calls: int = Field(32, ge=1, description="tool calls per run")
+    tool_timeout_s: float = Field(60.0, gt=0)
+    tool_result_max_bytes: int = Field(65536, ge=256)
+    max_spawn_depth: int | None = Field(None, ge=1, le=5, description="unset: the gateway's")
+    max_children_per_agent: int | None = Field(None, ge=1, description="unset: the gateway's")
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentProfile:
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("an agent has system_prompt or system_prompt_file, not both")
+        bad = [t for t in self.tools if not re.match(TOOL_PATTERN, t)]
+        if bad:
+            raise ValueError(f"invalid tool names {bad}: use name, server.tool or server.*")
+        return self
+
+
+class McpServerConfig(BaseModel):
+    """One `[mcp_servers.<name>]` table: a stdio command, or a streamable-HTTP URL."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    # The whole environment of the subprocess, besides PATH: nothing else is inherited.
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerConfig:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("an MCP server needs exactly one of command or url")
         return self
 
 
@@ -277,6 +336,16 @@ class Settings(BaseSettings):
     webhook_claim_s: float = Field(60.0, gt=0, description="Redis: one process' claim on a delivery")
     webhook_poll_s: float = Field(5.0, gt=0, description="longest sleep of the delivery worker")
 
+    # --- agent profiles and tools (docs/agents.md) ---------------------------------------
+    # `[agents.<id>]` tables; `main` exists even when not configured.
+    agents: dict[str, AgentProfile] = Field(default_factory=dict)
+    # `[mcp_servers.<name>]` tables: tool servers started on demand and shared by runs.
+    mcp_servers: dict[str, McpServerConfig] = Field(default_factory=dict)
+    mcp_max_servers: int = Field(16, ge=1, description="MCP server sessions open at once")
+    mcp_connect_timeout_s: float = Field(30.0, gt=0, description="start + initialize + list tools")
+    mcp_restart_base_s: float = Field(1.0, ge=0, description="restart backoff: base * 2^n")
+    mcp_restart_max_s: float = Field(60.0, ge=0)
+
     # --- HTTP API (same port as the WebSocket) ------------------------------------------
     http_openai: bool = Field(True, description="/v1/chat/completions, /v1/responses, /v1/models")
     http_rest: bool = Field(True, description="/v1/runs..., /v1/sessions/{key}/history")
@@ -336,6 +405,9 @@ class Settings(BaseSettings):
         for entry in data.get("tokens", {}).values():
             if entry.get("token"):
                 entry["token"] = "***"
+        for server in data.get("mcp_servers", {}).values():
+            server["env"] = {k: "***" for k in server.get("env", {})}
+            server["headers"] = {k: "***" for k in server.get("headers", {})}
         return data
 
 

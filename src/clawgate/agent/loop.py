@@ -6,14 +6,18 @@ Pure orchestration over three injected edges: the provider (LLM), the emitter
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
+
 from clawgate.agent.replycap import ReplyCap
-from clawgate.agent.tools import Tool, ToolCallContext
+from clawgate.agent.tools import DEFAULT_RUN_SCOPES, Tool, ToolCallContext, scopes_allow
 from clawgate.errors import ClawgateError, ProviderError
 from clawgate.providers.backoff import backoff_delay
 from clawgate.providers.base import (
@@ -26,6 +30,9 @@ from clawgate.providers.base import (
     ToolCallRequest,
     Usage,
 )
+from clawgate.tools.redact import redact
+
+log = structlog.get_logger("clawgate.tools")
 
 
 class Emitter(Protocol):
@@ -47,6 +54,32 @@ class AgentInput:
     history: list[ChatMessage] = field(default_factory=list)
     model: str | None = None
     system_prompt: str | None = None
+    fallback_models: list[str] | None = None
+    scopes: frozenset[str] = DEFAULT_RUN_SCOPES
+
+
+@dataclass(frozen=True)
+class ToolPolicy:
+    """The agent profile's limits on one run's turns and tool calls."""
+
+    max_turns: int
+    max_tool_calls: int = 32
+    timeout_s: float = 60.0
+    result_max_bytes: int = 65536
+    # The injected clock's sleep: a tool's timeout is a clock timer like every other deadline.
+    sleep: Callable[[float], Awaitable[None]] | None = None
+
+
+TRUNCATED_MARK = "\n[truncated: {shown} of {total} bytes shown]"
+
+
+def cap_text(text: str, max_bytes: int) -> tuple[str, bool]:
+    """`text` cut to at most `max_bytes` UTF-8 bytes plus a visible marker, and whether it was cut."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text, False
+    shown = data[:max_bytes].decode(errors="ignore")
+    return shown + TRUNCATED_MARK.format(shown=len(shown.encode()), total=len(data)), True
 
 
 @dataclass(frozen=True)
@@ -76,18 +109,22 @@ async def run_agent(
     emit: Emitter,
     tools: Mapping[str, Tool],
     *,
-    max_tool_rounds: int,
     max_retries: int,
+    max_tool_rounds: int | None = None,
     retry: RetryPolicy | None = None,
     max_reply_bytes: int | None = None,
+    policy: ToolPolicy | None = None,
 ) -> str:
-    """Returns the final assistant text. Raises ProviderError when the provider fails for good.
+    """Returns the final assistant text. Raises ProviderError when the provider fails for good,
+    or when the run needs more than `policy.max_turns` provider turns.
 
     With `max_reply_bytes`, the text of the whole run (every turn) is cut at that many
     UTF-8 bytes and ends with `replycap.TRUNCATED_MARKER`; the run then ends at once
     (pending tool calls are dropped), successfully, with what it had.
     """
     cap = ReplyCap(max_reply_bytes)
+    if policy is None:
+        policy = ToolPolicy(max_turns=(max_tool_rounds if max_tool_rounds is not None else 8) + 1)
     messages: list[ChatMessage] = []
     if inp.system_prompt:
         messages.append(ChatMessage(role="system", content=inp.system_prompt))
@@ -95,9 +132,15 @@ async def run_agent(
     messages.append(ChatMessage(role="user", content=inp.message))
     specs = [tool.spec for tool in tools.values()]
     text = ""
-    for _round in range(max_tool_rounds + 1):
+    calls_made = 0
+    for _turn_no in range(policy.max_turns):
         request = ProviderRequest(
-            messages=messages, model=inp.model, tools=specs, run_id=inp.run_id, session_key=inp.session_key
+            messages=messages,
+            model=inp.model,
+            tools=specs,
+            run_id=inp.run_id,
+            session_key=inp.session_key,
+            fallback_models=inp.fallback_models,
         )
         calls, turn_text = await _turn_with_retries(
             provider, request, emit, text, retry or RetryPolicy(max_retries), cap
@@ -106,12 +149,21 @@ async def run_agent(
         if not calls or cap.truncated:
             return text
         messages.append(ChatMessage(role="assistant", content=turn_text, tool_calls=calls))
-        for call in calls:
-            result = await _call_tool(tools, call, inp, emit)
-            messages.append(
-                ChatMessage(role="tool", content=json.dumps(result), tool_call_id=call.id, name=call.name)
+        # The calls of one turn run concurrently; their results go back in the model's order.
+        budget = max(0, policy.max_tool_calls - calls_made)
+        calls_made += len(calls)
+        contents = await asyncio.gather(
+            *(
+                _call_tool(tools, call, inp, emit, policy, over_budget=n >= budget)
+                for n, call in enumerate(calls)
             )
-    raise ProviderError(f"agent exceeded {max_tool_rounds} tool rounds")
+        )
+        for call, content in zip(calls, contents, strict=True):
+            messages.append(ChatMessage(role="tool", content=content, tool_call_id=call.id, name=call.name))
+    raise ProviderError(
+        f"agent {inp.agent_id!r} reached its turn limit (max_turns {policy.max_turns}) without a final reply",
+        kind="turn_limit",
+    )
 
 
 async def _turn_with_retries(
@@ -175,20 +227,75 @@ async def _turn(
 
 
 async def _call_tool(
-    tools: Mapping[str, Tool], call: ToolCall, inp: AgentInput, emit: Emitter
-) -> dict[str, Any]:
+    tools: Mapping[str, Tool],
+    call: ToolCall,
+    inp: AgentInput,
+    emit: Emitter,
+    policy: ToolPolicy,
+    *,
+    over_budget: bool,
+) -> str:
+    """Run one tool call; always returns the text for the model (an error is a result too)."""
     emit.tool("start", call.name, call.id, {"args": call.arguments})
+    started = time.perf_counter()
+    log.debug("tool call", run_id=inp.run_id, tool=call.name, args=redact(call.arguments))
     tool = tools.get(call.name)
+    result: dict[str, Any]
     if tool is None:
-        result: dict[str, Any] = {"status": "error", "error": f"unknown tool {call.name!r}"}
+        result = {"status": "error", "error": f"tool {call.name!r} is not allowed for agent {inp.agent_id!r}"}
+    elif over_budget:
+        result = {
+            "status": "error",
+            "error": f"tool call limit reached (max_tool_calls {policy.max_tool_calls})",
+        }
+    elif not scopes_allow(inp.scopes, tool.scope):
+        result = {
+            "status": "error",
+            "code": "FORBIDDEN",
+            "error": f"tool {call.name!r} needs scope {tool.scope}, which the run's starter does not hold",
+        }
     else:
-        try:
-            result = await tool.handler(
-                ToolCallContext(run_id=inp.run_id, session_key=inp.session_key, agent_id=inp.agent_id),
-                call.arguments,
-            )
-        except ClawgateError as exc:
-            # A refused spawn (FORBIDDEN, bad params) is the tool's answer, not a failed run.
-            result = {"status": "error", "code": exc.code, "error": exc.message}
-    emit.tool("result", call.name, call.id, {"result": result})
-    return result
+        ctx = ToolCallContext(
+            run_id=inp.run_id, session_key=inp.session_key, agent_id=inp.agent_id, scopes=inp.scopes
+        )
+        result = await invoke_tool(tool, ctx, call, policy)
+    content, truncated = cap_text(json.dumps(result, default=str), policy.result_max_bytes)
+    payload: dict[str, Any] = {"result": content if truncated else result}
+    if truncated:
+        payload["truncated"] = True
+    payload["durationMs"] = int((time.perf_counter() - started) * 1000)
+    payload["isError"] = result.get("status") == "error"
+    log.debug("tool result", run_id=inp.run_id, tool=call.name, result=redact(result))
+    emit.tool("result", call.name, call.id, payload)
+    return content
+
+
+async def invoke_tool(tool: Tool, ctx: ToolCallContext, call: ToolCall, policy: ToolPolicy) -> dict[str, Any]:
+    """The handler under the profile's timeout; failures become error results, not a failed run."""
+    task = asyncio.ensure_future(tool.handler(ctx, call.arguments))
+    timer = asyncio.ensure_future(_sleep(policy))
+    try:
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not task.done():
+            task.cancel()
+            # Wait for the cancellation to land, so nothing of the call outlives the run.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return {"status": "error", "error": f"tool {call.name!r} timed out after {policy.timeout_s:g} s"}
+    exc = task.exception()
+    if exc is None:
+        return task.result()
+    if isinstance(exc, ClawgateError):
+        # A refused spawn (FORBIDDEN, bad params) is the tool's answer, not a failed run.
+        return {"status": "error", "code": exc.code, "error": exc.message}
+    log.warning("tool failed", tool=call.name, error=repr(exc)[:200])
+    return {"status": "error", "error": f"tool {call.name!r} failed: {type(exc).__name__}: {exc}"[:2000]}
+
+
+async def _sleep(policy: ToolPolicy) -> None:
+    if policy.sleep is not None:
+        await policy.sleep(policy.timeout_s)
+    else:
+        await asyncio.sleep(policy.timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.automation.webhook_rules import check_url
-from clawgate.ids import MAIN_SESSION, RunId, SessionKey
+from clawgate.ids import MAIN_SESSION, ConnId, RunId, SessionKey
 from clawgate.methods.table import DEFERRED, Deferred, MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AbortParams, AgentParams, ChatAbortParams, ChatSendParams, WaitParams
@@ -52,11 +52,14 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
     key = SessionKey(
         params.session_key or (f"agent:{params.agent_id}:main" if params.agent_id else MAIN_SESSION)
     )
+    agent_id = params.agent_id or agent_id_of(key)
+    gw.runs.profiles.require(agent_id, "agentId" if params.agent_id else "sessionKey")
     run, rec, _created = await gw.runs.submit(
         SubmitRequest(
             run_id=RunId(params.idempotency_key),
             session_key=key,
-            agent_id=params.agent_id or agent_id_of(key),
+            agent_id=agent_id,
+            scopes=conn.grant.scopes if conn.grant is not None else None,
             message=params.message,
             model=params.model,
             timeout_s=params.timeout,
@@ -76,16 +79,25 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
 
 
 async def chat_send(gw: Gateway, conn: Connection, req_id: str, params: ChatSendParams) -> dict[str, Any]:
+    return await send_to_session(gw, params, conn.conn_id, conn.grant.scopes if conn.grant else None)
+
+
+async def send_to_session(
+    gw: Gateway, params: ChatSendParams, owner: ConnId | None, scopes: frozenset[str] | None
+) -> dict[str, Any]:
+    """`chat.send` and the `sessions_send` tool: admission, profile check, the shared submit."""
     gw.admission.check()
     key = SessionKey(params.session_key)
+    gw.runs.profiles.require(agent_id_of(key), "sessionKey")
     _run, rec, _created = await gw.runs.submit(
         SubmitRequest(
             run_id=RunId(params.idempotency_key),
             session_key=key,
             agent_id=agent_id_of(key),
+            scopes=scopes,
             message=params.message,
             timeout_s=params.timeout_ms / 1000 if params.timeout_ms else None,
-            owner=conn.conn_id,
+            owner=owner,
             webhook=check_url(params.webhook) if params.webhook is not None else None,
         )
     )

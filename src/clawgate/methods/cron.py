@@ -9,6 +9,7 @@ import msgspec
 from clawgate.methods.table import MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AgentIdStr, SessionKeyStr
+from clawgate.sessions.keys import agent_id_of
 from clawgate.store.cron_records import CronJob, CronPayload, CronSchedule
 
 if TYPE_CHECKING:
@@ -72,6 +73,10 @@ def wire(job: CronJob) -> dict[str, Any]:
 
 
 async def add(gw: Gateway, conn: Connection, req_id: str, p: CronAddParams) -> dict[str, Any]:
+    # Refused now rather than at every firing: the job's agent must be configured.
+    gw.runs.profiles.require(p.agent_id, "agentId")
+    if p.session_key is not None:
+        gw.runs.profiles.require(agent_id_of(p.session_key), "sessionKey")
     payload = p.payload or CronPayload(kind="agentTurn", message=p.message)
     job = await gw.cron.add(
         {

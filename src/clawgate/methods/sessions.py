@@ -41,6 +41,11 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
     messages, sessions/history.py), or retention dropped the oldest messages of the
     transcript (`droppedMessages`, session_max_messages / session_max_bytes).
     """
+    return await read_history(gw, params, req_id)
+
+
+async def read_history(gw: Gateway, params: HistoryParams, req_id: str = "") -> dict[str, Any]:
+    """`chat.history` and the `sessions_history` tool: one page under maxPayload."""
     try:
         before = parse_cursor(None if params.cursor is None else str(params.cursor))
     except ValueError:
@@ -104,6 +109,11 @@ def list_prefix(prefix: str | None, agent_id: str | None) -> str | None:
 async def list_sessions(
     gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
 ) -> dict[str, Any]:
+    return await read_sessions(gw, params)
+
+
+async def read_sessions(gw: Gateway, params: SessionsListParams) -> dict[str, Any]:
+    """`sessions.list` and the `sessions_list` tool."""
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
     prefix = list_prefix(params.prefix, params.agent_id)
     if prefix == NOTHING:

@@ -34,6 +34,7 @@ def build_table() -> dict[str, MethodSpec]:
     from clawgate.methods import (
         absent,
         agent,
+        agents,
         catalog,
         core,
         cron,
@@ -45,7 +46,9 @@ def build_table() -> dict[str, MethodSpec]:
     )
 
     table: dict[str, MethodSpec] = {}
-    for module in (core, agent, sessions, subagents, cron, usage, runs, webhooks, catalog, absent):
+    # `agents` after `catalog`: its profile-based agents.list / models.list replace the
+    # settings-based ones.
+    for module in (core, agent, sessions, subagents, cron, usage, runs, webhooks, catalog, agents, absent):
         for spec in module.METHODS:
             table[spec.name] = spec
     return table

@@ -41,6 +41,8 @@ class ProviderRequest:
     tools: list[ToolSpec] = field(default_factory=list)
     run_id: str = ""
     session_key: str = ""
+    # The agent profile's fallback models; None means the provider's configured ones.
+    fallback_models: list[str] | None = None
 
 
 @dataclass(slots=True)

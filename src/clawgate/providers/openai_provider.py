@@ -63,7 +63,7 @@ def to_openai_message(message: ChatMessage) -> ChatCompletionMessageParam:
                 {
                     "id": call.id,
                     "type": "function",
-                    "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                    "function": {"name": wire_name(call.name), "arguments": json.dumps(call.arguments)},
                 }
                 for call in message.tool_calls
             ]
@@ -77,10 +77,19 @@ def to_openai_message(message: ChatMessage) -> ChatCompletionMessageParam:
     raise ProviderError(f"unsupported message role {role!r}")
 
 
+def wire_name(name: str) -> str:
+    """OpenAI function names allow no dots: an MCP tool `server.tool` goes out as `server__tool`."""
+    return name.replace(".", "__")
+
+
 def to_openai_tool(spec: ToolSpec) -> ChatCompletionToolParam:
     return {
         "type": "function",
-        "function": {"name": spec.name, "description": spec.description, "parameters": spec.parameters},
+        "function": {
+            "name": wire_name(spec.name),
+            "description": spec.description,
+            "parameters": spec.parameters,
+        },
     }
 
 
@@ -200,7 +209,10 @@ class OpenAIProvider:
         except Exception as exc:  # CancelledError / GeneratorExit are BaseException and pass through
             raise _map_error(exc) from exc
 
+        # Back to the names the agent loop knows (only names this request offered are mapped).
+        names = {wire_name(t.name): t.name for t in request.tools}
         for call in _assemble(partials):
+            call.name = names.get(call.name, call.name)
             yield ToolCallRequest(call)
         yield Finished(finish_reason or ("tool_calls" if partials else "stop"), usage)
 

@@ -66,12 +66,13 @@ class ResilientProvider:
             self.breakers[model] = breaker
         return breaker
 
-    def _targets(self, model: str | None) -> list[str]:
+    def _targets(self, model: str | None, fallbacks: list[str] | None = None) -> list[str]:
         primary = model or self.default_model
-        return [primary, *(m for m in self.fallback_models if m != primary)]
+        chain = self.fallback_models if fallbacks is None else fallbacks
+        return [primary, *(m for m in chain if m != primary)]
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[ProviderEvent]:
-        targets = self._targets(request.model)
+        targets = self._targets(request.model, request.fallback_models)
         chosen: str | None = None
         for model in targets:
             if self._breaker(model).allow():

@@ -23,8 +23,9 @@ from typing import Any
 import msgspec
 import structlog
 
-from clawgate.agent.loop import AgentInput, RetryPolicy, run_agent
-from clawgate.agent.tools import Tool
+from clawgate.agent.loop import AgentInput, RetryPolicy, ToolPolicy, run_agent
+from clawgate.agent.tools import DEFAULT_RUN_SCOPES, Tool
+from clawgate.agents.profiles import Profile, Profiles
 from clawgate.clip import clip
 from clawgate.errors import NotFound, ProviderError, Unavailable
 from clawgate.events.bus import EventBus
@@ -57,7 +58,7 @@ StartHook = Callable[[RunRecord], None]
 class Run:
     """A run while it is tracked in memory (queued or running)."""
 
-    __slots__ = ("cancel_reason", "fence", "listeners", "record", "task", "timer", "waiting")
+    __slots__ = ("cancel_reason", "fence", "listeners", "record", "scopes", "task", "timer", "waiting")
 
     def __init__(self, record: RunRecord) -> None:
         self.record = record
@@ -72,6 +73,9 @@ class Run:
         # Set when executed from the shared Redis queue: the session lease the end write
         # depends on (a process that lost it can no longer end the run).
         self.fence: Fence | None = None
+        # The scopes of whoever started the run (kept in memory only: a run restored after a
+        # restart gets the default, read and write); the run's tools are limited to them.
+        self.scopes: frozenset[str] = DEFAULT_RUN_SCOPES
 
 
 @dataclass
@@ -88,6 +92,7 @@ class SubmitRequest:
     known_new_session: bool = False
     label: str | None = None
     webhook: str | None = None
+    scopes: frozenset[str] | None = None
 
 
 class RunService:
@@ -157,7 +162,13 @@ class RunService:
         )
         self.main_lane = asyncio.Semaphore(settings.main_concurrency)
         self.subagent_lane = asyncio.Semaphore(settings.subagent_concurrency)
+        # Builtin tools by name (the session tools); each agent gets those its profile allows.
         self.tools: dict[str, Tool] = {}
+        self.profiles = Profiles(settings)
+        # Providers of agent profiles whose `provider` is not the gateway's (set by the gateway).
+        self.providers: dict[str, Provider] = {}
+        # Tools of the MCP servers a profile's allowlist names (set by the gateway).
+        self.mcp_tools: Callable[[Profile], Awaitable[Mapping[str, Tool]]] | None = None
         self.start_hooks: list[StartHook] = []
         self.end_hooks: list[EndHook] = []
         self.accepting = True
@@ -190,6 +201,7 @@ class RunService:
         """Accept a run. Returns (live run or None, record, created)."""
         if not self.accepting:
             raise Unavailable("gateway is shutting down", retry_after_ms=2000)
+        self.profiles.require(req.agent_id, "agentId")
         existing = self.active.get(req.run_id)
         if existing is not None:
             if req.owner is not None:
@@ -219,6 +231,8 @@ class RunService:
                 details={"maxLanes": self.lanes.max_lanes},
             )
         run = Run(record)
+        if req.scopes is not None:
+            run.scopes = req.scopes
         # Track before the durable insert so a concurrent retry of the same key joins this run.
         self._track(req.run_id, run)
         try:
@@ -407,20 +421,29 @@ class RunService:
             self.sessions.append(key, "user", rec.message, rec.run_id)
             emitter = _Emitter(self.bus, run_id, key, self.clock)
             try:
+                profile = self.profiles.require(rec.agent_id, "agentId")
                 text = await run_agent(
-                    self.provider,
+                    self.providers.get(profile.provider, self.provider),
                     AgentInput(
                         run_id=rec.run_id,
                         session_key=key,
                         agent_id=rec.agent_id,
                         message=rec.message,
                         history=history,
-                        model=rec.model,
-                        system_prompt=rec.extra_system_prompt,
+                        model=rec.model or profile.model,
+                        system_prompt=_system_prompt(profile, rec.extra_system_prompt),
+                        fallback_models=list(profile.fallback_models) if profile.fallback_models else None,
+                        scopes=run.scopes,
                     ),
                     emitter,
-                    self._tools_for(rec),
-                    max_tool_rounds=self.settings.max_tool_rounds,
+                    await self.tools_for(profile),
+                    policy=ToolPolicy(
+                        max_turns=profile.max_turns,
+                        max_tool_calls=profile.max_tool_calls,
+                        timeout_s=profile.tool_timeout_s,
+                        result_max_bytes=profile.tool_result_max_bytes,
+                        sleep=self.clock.sleep,
+                    ),
                     max_retries=self.settings.provider_max_retries,
                     retry=RetryPolicy(
                         self.settings.provider_max_retries,
@@ -451,11 +474,21 @@ class RunService:
             self.running -= 1
 
     def _usage(self, rec: RunRecord, emitter: _Emitter) -> dict[str, Any] | None:
-        model = rec.model or getattr(self.provider, "default_model", None) or self.provider.name
+        profile = self.profiles.get(rec.agent_id)
+        model = (
+            rec.model
+            or (profile.model if profile is not None else None)
+            or getattr(self.provider, "default_model", None)
+            or self.provider.name
+        )
         return with_cost(emitter.totals(), model, self.settings.model_prices)
 
-    def _tools_for(self, rec: RunRecord) -> Mapping[str, Tool]:
-        return self.tools
+    async def tools_for(self, profile: Profile) -> Mapping[str, Tool]:
+        """The tools the agent's allowlist names: denied unless allowed."""
+        tools = {name: tool for name, tool in self.tools.items() if profile.allows(name)}
+        if self.mcp_tools is not None and profile.mcp_servers():
+            tools.update(await self.mcp_tools(profile))
+        return tools
 
     async def _history(self, key: SessionKey) -> list[ChatMessage]:
         messages = await self.sessions.history(key, self.settings.transcript_history_max)
@@ -832,6 +865,11 @@ class _Emitter:
             {"phase": "error", "error": error, "willRetry": True, "endedAt": now_ms},
         )
         self.bus.emit_agent(self.run_id, self.key, "lifecycle", {"phase": "start", "startedAt": now_ms})
+
+
+def _system_prompt(profile: Profile, extra: str | None) -> str | None:
+    parts = [p for p in (profile.system_prompt, extra) if p]
+    return "\n\n".join(parts) if parts else None
 
 
 def _chat_message(text: str, now: float) -> dict[str, Any]:

@@ -56,6 +56,8 @@ from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageS
 from clawgate.store.webhook_store import RedisWebhookStore, SqliteWebhookStore, WebhookStore
 from clawgate.subagents.hooks import log_files
 from clawgate.subagents.service import SubagentService
+from clawgate.tools.mcp import McpManager
+from clawgate.tools.session_tools import register_session_tools
 
 if TYPE_CHECKING:
     from clawgate.runs.cluster import Cluster
@@ -180,6 +182,14 @@ class Gateway:
         self.subagents = SubagentService(
             settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
         )
+        # Agent tools: the session tools, and the MCP servers profiles name (started on demand).
+        self.mcp = McpManager(settings, self.clock, self.registry)
+        self.runs.mcp_tools = self.mcp.tools_for
+        register_session_tools(self)
+        for kind in sorted({p.provider for p in self.runs.profiles} - {settings.provider}):
+            self.runs.providers[kind] = make_provider(
+                settings.model_copy(update={"provider": kind}), self.clock
+            )
         self.cron = CronService(
             settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
         )
@@ -314,6 +324,7 @@ class Gateway:
             await self.cluster.close()
         await self.subagents.stop()
         await self.webhooks.stop()  # after the drain: the last run ends' deliveries are in the outbox
+        await self.mcp.close()
         for task in (self._tick_task,):
             if task is not None:
                 task.cancel()
@@ -332,6 +343,9 @@ class Gateway:
         await self.store.close()
         with contextlib.suppress(Exception):
             await self.provider.aclose()
+        for extra in self.runs.providers.values():
+            with contextlib.suppress(Exception):
+                await extra.aclose()
         log.info("gateway stopped")
 
     def own(self, task: asyncio.Task[Any]) -> None:
@@ -520,6 +534,7 @@ class Gateway:
             "subagents": self.subagents.counters(),
             "webhooks": self.webhooks.describe(),
             "budgets": {"refused": self.budgets.refused},
+            "mcp": self.mcp.stats(),
         }
 
     def provider_stats(self) -> dict[str, Any]:

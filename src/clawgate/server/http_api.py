@@ -32,7 +32,9 @@ from clawgate.automation.webhook_rules import check_url
 from clawgate.errors import ClawgateError, Internal, InvalidRequest, NotFound
 from clawgate.ids import RunId, SessionKey
 from clawgate.methods.agent import accepted_payload, final_payload
-from clawgate.protocol.constants import READ, WRITE
+from clawgate.methods.agents import ToolsInvokeParams
+from clawgate.methods.agents import invoke as invoke_tool
+from clawgate.protocol.constants import ADMIN, READ, WRITE
 from clawgate.protocol.schemas import SESSION_KEY_PATTERN
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_common import (
@@ -158,6 +160,7 @@ class RestApi:
                 Route("/v1/runs/{run_id}/cancel", guarded(self.cancel), methods=["POST"]),
                 Route("/v1/runs/{run_id}/events", guarded(self.run_events), methods=["GET"]),
                 Route("/v1/sessions/{key}/history", guarded(self.history), methods=["GET"]),
+                Route("/tools/invoke", guarded(self.tools_invoke), methods=["POST"]),
             ]
         if s.http_hooks:
             routes += [
@@ -169,6 +172,7 @@ class RestApi:
     # -- runs -------------------------------------------------------------------------------------
     async def _start(self, request: Request, body: RunBody) -> tuple[RunRecord, RunId]:
         key, agent = session_agent(body.session_key, body.agent_id)
+        self.gw.runs.profiles.require(agent, "agentId" if body.agent_id else "sessionKey")
         run_id = new_run_id(request, body.idempotency_key)
         self.events.follow(run_id)  # record from the first event, for /events resume
         _run, rec = await start_run(
@@ -252,6 +256,12 @@ class RestApi:
             else:
                 yield sse("agent", item[1], item[0])
 
+    async def tools_invoke(self, request: Request) -> Response:
+        """`tools.invoke` over HTTP (admin): `{tool, args?, agentId?, sessionKey?}`."""
+        grant = self.auth.check(request, ADMIN)
+        body = await read_json(request, self.max_body, ToolsInvokeParams)
+        return json(await invoke_tool(self.gw, body, grant.scopes))
+
     async def history(self, request: Request) -> Response:
         self.auth.check(request, READ)
         key = parse_session_key(request.path_params["key"], "key")
@@ -284,6 +294,7 @@ class RestApi:
         self._hook_auth(request)
         body = await read_json(request, self.max_body, HookAgentBody)
         key, agent = session_agent(body.session_key, body.agent_id)
+        self.gw.runs.profiles.require(agent, "agentId" if body.agent_id else "sessionKey")
         if body.session_key is None:
             key = SessionKey(f"agent:{agent}:hook:{uuid.uuid4().hex}")
         run_id = new_run_id(request)

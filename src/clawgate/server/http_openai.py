@@ -65,7 +65,11 @@ class OpenAIApi:
 
     # -- models -----------------------------------------------------------------------------------
     def _model_ids(self) -> list[str]:
-        return [f"{prefix}{agent}" for agent in ("main",) for prefix in ("openclaw:", "clawgate:")]
+        return [
+            f"{prefix}{agent}"
+            for agent in self.gw.runs.profiles.ids()
+            for prefix in ("openclaw:", "clawgate:")
+        ]
 
     def _model(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "clawgate"}
@@ -108,6 +112,7 @@ class OpenAIApi:
         agent = self._agent(request, model)
         if not agent.replace("-", "").replace("_", "").isalnum() or len(agent) > 64:
             raise InvalidRequest(f"invalid agent id {agent[:64]!r}", details={"field": "model"})
+        self.gw.runs.profiles.require(agent, "model")
         run_id = new_run_id(request)
         self.events.follow(run_id)
         _run, rec = await start_run(

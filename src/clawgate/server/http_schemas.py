@@ -119,6 +119,20 @@ class History(_Body):
     messages: list[HistoryMessage]
 
 
+class ToolsInvokeBody(_Body):
+    tool: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    agent_id: AgentIdStr | None = None
+    session_key: SessionKeyStr | None = None
+
+
+class ToolsInvokeResult(_Body):
+    ok: bool
+    tool: str
+    result: Any
+    truncated: bool
+
+
 class HookAccepted(_Body):
     ok: bool
     run_id: str

@@ -84,6 +84,14 @@ OPS = [
     ),
     Op(
         "post",
+        "/tools/invoke",
+        "Call one tool of an agent directly (admin scope)",
+        "http_rest",
+        s.ToolsInvokeBody,
+        {200: s.ToolsInvokeResult, 400: _ERR, 401: _ERR, 403: _ERR},
+    ),
+    Op(
+        "post",
         "/hooks/agent",
         "Start a run from a webhook",
         "http_hooks",

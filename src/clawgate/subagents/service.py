@@ -337,8 +337,15 @@ class SubagentService:
                 n += 1
         return n
 
-    async def spawn(self, params: SpawnParams) -> dict[str, Any]:
+    async def spawn(self, params: SpawnParams, scopes: frozenset[str] | None = None) -> dict[str, Any]:
+        """`scopes`: the spawning run's (the tool) or None (the RPC: the child gets the default)."""
         requester = SessionKey(params.session_key)
+        # The child's profile must exist; the requester's profile sets the subagent limits.
+        self.runs.profiles.require(params.agent_id or agent_id_of(requester), "agentId")
+        limits = self.runs.profiles.get(agent_id_of(requester)) or self.runs.profiles.require(
+            "main", "sessionKey"
+        )
+        max_depth, max_children = limits.max_spawn_depth, limits.max_children_per_agent
         run_id = RunId(str(uuid.uuid4()))
         key = params.idempotency_key
         if key:
@@ -368,19 +375,19 @@ class SubagentService:
         # one step, so two concurrent spawns cannot both pass them.
         if self.admission_check is not None:
             self.admission_check()
-        if depth > self.settings.max_spawn_depth:
+        if depth > max_depth:
             raise Forbidden(
-                f"spawn depth {depth} exceeds maxSpawnDepth {self.settings.max_spawn_depth}",
-                details={"depth": depth, "maxSpawnDepth": self.settings.max_spawn_depth},
+                f"spawn depth {depth} exceeds maxSpawnDepth {max_depth}",
+                details={"depth": depth, "maxSpawnDepth": max_depth},
             )
         children = self.active_children(requester)
-        if children >= self.settings.max_children_per_agent:
+        if children >= max_children:
             raise Forbidden(
                 f"{clip(requester)} already has {children} active children (maxChildrenPerAgent "
-                f"{self.settings.max_children_per_agent})",
+                f"{max_children})",
                 details={
                     "activeChildren": children,
-                    "maxChildrenPerAgent": self.settings.max_children_per_agent,
+                    "maxChildrenPerAgent": max_children,
                 },
             )
         agent_id = params.agent_id or agent_id_of(requester)
@@ -428,6 +435,7 @@ class SubagentService:
                     timeout_s=params.run_timeout_seconds,
                     known_new_session=True,
                     webhook=params.webhook,
+                    scopes=scopes,
                 )
             )
         except BaseException:
@@ -468,7 +476,7 @@ class SubagentService:
             params = msgspec.convert({**args, "sessionKey": ctx.session_key}, SpawnParams)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"invalid sessions_spawn arguments: {exc}") from None
-        return await self.spawn(params)
+        return await self.spawn(params, scopes=ctx.scopes)
 
     def _track(self, rec: SubagentRecord) -> None:
         run_id = RunId(rec.run_id)

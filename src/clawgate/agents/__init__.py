@@ -1,0 +1,1 @@
+"""Agent profiles: the configured agents and what each may use."""

@@ -1,0 +1,1 @@
+"""Tools offered to agents: the session tools and MCP tool servers."""
