@@ -220,6 +220,9 @@ class Settings(BaseSettings):
     # --- store -------------------------------------------------------------------------
     store: str = "sqlite"
     redis_prefix: str = "clawgate"
+    # How long a run's end write is retried while the store cannot be reached (a Redis restart,
+    # a network cut) before it is given up with an error in the log (runs/endwrite.py).
+    store_end_retry_s: float = Field(300.0, gt=0)
     cluster_lease_s: float = Field(10.0, gt=0, description="per-session run lock lease on Redis")
     cluster_claim_idle_s: float = Field(
         15.0, gt=0, description="idle time before a dead process' work is claimed"

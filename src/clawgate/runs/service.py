@@ -32,6 +32,7 @@ from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
+from clawgate.runs.endwrite import persist_end
 from clawgate.runs.lanes import Lanes
 from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
@@ -480,7 +481,9 @@ class RunService:
         meanwhile (a lost lease, shutdown) does not cut the end in half: the write is awaited
         to its outcome and the end completed; (stored end, cancelled) tells the caller."""
         rec = run.record
-        write = asyncio.ensure_future(self.store.end_run(rec, run.fence))
+        # Retried through a store outage (runs/endwrite.py): the end is written when it is back.
+        retry_s = self.settings.store_end_retry_s
+        write = asyncio.ensure_future(persist_end(self.store, rec, run.fence, retry_for_s=retry_s))
         cancelled = False
         while True:
             try:

@@ -474,7 +474,7 @@ class Gateway:
                 "sessionCacheBytes": self.sessions.cache.bytes,
             },
             "disk": await self._disk_status(),
-            "store": {"kind": self.store.kind},
+            "store": {"kind": self.store.kind, **self.store.connection()},
             "cluster": self.cluster.describe() if self.cluster is not None else None,
             "admission": {
                 "open": self.admission.open,
@@ -526,6 +526,7 @@ class Gateway:
             "runs_queued": self.runs.queued,
             "rss": self.admission.sample(),
             "admission_open": self.admission.open,
+            "store_connection": self.store.connection(),
             "provider": self.provider_stats(),
             "tokens": dict(self.usage.tokens),
             "subagents": self.subagents.counters(),

@@ -118,6 +118,15 @@ class Store(RetentionStore):
     @abstractmethod
     async def ping(self) -> bool: ...
 
+    @property
+    def closed(self) -> bool:
+        """Closed for good: a failed write is not worth retrying."""
+        return False
+
+    def connection(self) -> dict[str, object]:
+        """Connection state for status and /metrics; a store without a connection is always up."""
+        return {"up": True, "lastError": None, "failures": 0, "reconnects": 0}
+
     async def flush(self) -> None:
         """Wait until every write enqueued so far is durable."""
         await self.barrier()
