@@ -22,7 +22,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from clawgate.client import Client, ClientError
+from clawgate.redis_calls import pause_s
+from clawgate.runs.endwrite import FIRST_DELAY_S, MAX_DELAY_S, next_delay
 from clawgate.store.records import RunRecord
+from clawgate.store.redis_store import persistence_of
 from clawgate.testing import GatewayProcess, free_port
 
 pytestmark = [
@@ -177,6 +180,8 @@ async def test_redis_restart_mid_batch_loses_no_accepted_run(
             # Every end counted once, by the one process that wrote it.
             assert sum(status["runs"]["byStatus"].values()) == len(accepted), status["runs"]
             assert len(accepted) >= 8
+            ended = sum(1 for rid in accepted if stored[rid] is not None)
+            print(f"outage: accepted={len(accepted)} ended={ended} refused={len(refused)} outage_s=3")
     finally:
         gw.stop()
     assert "Traceback" not in gw.log(200_000), gw.log()
@@ -356,3 +361,29 @@ async def partition_and_check(
     assert [f["status"] for f in after] == ["ok"] * 8
     cluster_a = (await ca.status())["cluster"]
     print(f"partition: runs={len(ids)} interrupted={interrupted} a={cluster_a}")
+
+
+def test_end_write_backoff_doubles_up_to_a_cap_with_jitter() -> None:
+    assert next_delay(0.0, rand=lambda: 0.0) == FIRST_DELAY_S
+    assert next_delay(0.4, rand=lambda: 0.0) == 0.8
+    assert next_delay(0.4, rand=lambda: 1.0) == 0.4
+    assert next_delay(MAX_DELAY_S, rand=lambda: 0.0) == MAX_DELAY_S
+
+
+@pytest.mark.parametrize(
+    ("appendonly", "save", "want"),
+    [
+        ("yes", "", "aof"),
+        ("yes", "3600 1", "aof"),
+        ("no", "3600 1 300 100", "rdb"),
+        ("no", "", "none"),
+        ("no", " ", "none"),
+    ],
+)
+def test_persistence_of_a_redis_config(appendonly: str, save: str, want: str) -> None:
+    assert persistence_of(appendonly, save) == want
+
+
+def test_background_loops_back_off_while_redis_stays_down() -> None:
+    pauses = [pause_s(n, retry_s=0.5, max_retry_s=2.0) for n in range(1, 6)]
+    assert pauses == [0.5, 1.0, 2.0, 2.0, 2.0]
