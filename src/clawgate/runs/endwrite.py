@@ -49,6 +49,8 @@ async def persist_end(
             stored = await store.end_run(rec, fence)
         except StoreError as exc:
             if store.closed or loop.time() >= deadline:
+                if retry_for_s <= 0:
+                    raise  # no retry asked for: the caller logs it
                 log.error(
                     "run end not written: the store did not answer in time",
                     run_id=rec.run_id, attempts=attempts, retry_for_s=retry_for_s, error=str(exc),

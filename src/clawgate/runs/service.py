@@ -482,7 +482,7 @@ class RunService:
         to its outcome and the end completed; (stored end, cancelled) tells the caller."""
         rec = run.record
         # Retried through a store outage (runs/endwrite.py): the end is written when it is back.
-        retry_s = self.settings.store_end_retry_s
+        retry_s = self.settings.store_end_retry_s if self.store.retries_end_writes else 0.0
         write = asyncio.ensure_future(persist_end(self.store, rec, run.fence, retry_for_s=retry_s))
         cancelled = False
         while True:

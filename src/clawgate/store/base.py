@@ -107,6 +107,10 @@ class Store(RetentionStore):
     subagents_quarantined: int = 0
     # Several gateway processes share this store (claims on subagent records matter).
     shared_by_processes: bool = False
+    # A failed run-end write is retried until the store answers (runs/endwrite.py): true for a
+    # store behind a network (Redis restarting, a partition), not for a local file, whose
+    # failures (a full disk) do not heal by waiting and whose open runs are ended at restart.
+    retries_end_writes: bool = False
 
     @abstractmethod
     async def open(self) -> None: ...

@@ -380,6 +380,7 @@ class _Op:
 class RedisStore(Store):
     kind = "redis"
     shared_by_processes = True
+    retries_end_writes = True
 
     def __init__(
         self,
