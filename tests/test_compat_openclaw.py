@@ -239,7 +239,7 @@ def test_health(openclaw: OpenClaw) -> None:
 def test_status(openclaw: OpenClaw) -> None:
     out = openclaw.ok("status")
     assert out["version"] == __version__
-    assert out["store"] == {"kind": "sqlite"}
+    assert out["store"]["kind"] == "sqlite" and out["store"]["up"] is True
     assert out["connections"] >= 1  # the CLI's own connection
     assert set(out["runs"]) >= {"active", "queued", "completed"}
     assert "run_contexts" in out["state"]

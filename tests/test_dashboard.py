@@ -182,6 +182,12 @@ def test_a_reader_sees_no_admin_actions(tab: Tab, admin: SyncClient) -> None:
 def test_a_subagent_spawn_appears_in_the_tree(tab: Tab, admin: SyncClient) -> None:
     tab.sign_in(ADMIN_TOKEN)
     tab.show("subagents")
+    # The page follows subagent events on a connection it opens when the page is shown: spawn
+    # only once that connection is subscribed, or the `spawned` event could pass it by.
+    for _ in range(200):
+        if admin.call("status")["state"].get("all_subscribers", 0) >= 1:
+            break
+        tab.page.wait_for_timeout(25)
     spawned = admin.call(
         "sessions.spawn",
         {"sessionKey": "agent:main:parent", "task": "[[delay:1]] look it up", "label": "researcher"},

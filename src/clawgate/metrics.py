@@ -95,6 +95,7 @@ class GatewayCollector(Collector):
             "1 when new runs are admitted",
             value=1 if snap["admission_open"] else 0,
         )
+        yield from _store_connection_metrics(snap["store_connection"])
         yield from _provider_metrics(snap["provider"])
         tokens = CounterMetricFamily(
             "clawgate_tokens", "Provider tokens, by model and kind", labels=["model", "kind"]
@@ -117,6 +118,18 @@ class GatewayCollector(Collector):
             "Subagent records whose pipeline failed, waiting for the archive sweep",
             value=snap.get("subagents", {}).get("stranded", 0),
         )
+
+
+def _store_connection_metrics(conn: dict[str, Any]) -> Iterator[Any]:
+    yield GaugeMetricFamily(
+        "clawgate_store_up", "1 when the last store round trip succeeded", value=1 if conn["up"] else 0
+    )
+    yield CounterMetricFamily(
+        "clawgate_store_failures", "Store round trips that failed (unreachable)", value=conn["failures"]
+    )
+    yield CounterMetricFamily(
+        "clawgate_store_reconnects", "Store came back after failed round trips", value=conn["reconnects"]
+    )
 
 
 def _provider_metrics(stats: dict[str, Any]) -> Iterator[Any]:

@@ -39,15 +39,29 @@ async def guarded(
     log: FilteringBoundLogger,
     label: str,
     retry_s: float,
+    max_retry_s: float = 2.0,
 ) -> None:
-    """Run a background loop that never dies silently: log, pause `retry_s`, restart."""
+    """Run a background loop that never dies silently: log, pause, restart. The pause starts
+    at `retry_s` and doubles while the loop keeps failing at once (Redis is down), up to
+    `max_retry_s`, so an outage is not a tight reconnect loop; a loop that ran for a while
+    before failing starts again from `retry_s`."""
+    clock = asyncio.get_running_loop().time
+    failures = 0
     while True:
         checkpoint()
+        started = clock()
         try:
             await loop()
             return
         except (RedisError, OSError) as exc:
-            log.warning(f"{label} loop: redis error", loop=name, error=str(exc))
+            failures = 1 if clock() - started > max_retry_s else failures + 1
+            log.warning(f"{label} loop: redis error", loop=name, error=str(exc), failures=failures)
         except Exception:
+            failures = 1 if clock() - started > max_retry_s else failures + 1
             log.exception(f"{label} loop failed", loop=name)
-        await asyncio.sleep(retry_s)
+        await asyncio.sleep(pause_s(failures, retry_s=retry_s, max_retry_s=max_retry_s))
+
+
+def pause_s(failures: int, *, retry_s: float, max_retry_s: float) -> float:
+    """The pause after the `failures`-th failure in a row: retry_s, doubling, capped."""
+    return float(min(max_retry_s, retry_s * 2.0 ** max(0, min(failures - 1, 30))))

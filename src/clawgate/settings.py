@@ -278,6 +278,9 @@ class Settings(BaseSettings):
     # --- store -------------------------------------------------------------------------
     store: str = "sqlite"
     redis_prefix: str = "clawgate"
+    # Redis store: how long a run's end write is retried while Redis cannot be reached (a restart,
+    # a network cut) before it is given up with an error in the log (runs/endwrite.py).
+    store_end_retry_s: float = Field(300.0, gt=0)
     cluster_lease_s: float = Field(10.0, gt=0, description="per-session run lock lease on Redis")
     cluster_claim_idle_s: float = Field(
         15.0, gt=0, description="idle time before a dead process' work is claimed"

@@ -90,9 +90,12 @@ class CronService:
                 nxt = await self.store.next_due_ms()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 self.errors += 1
-                log.exception("cron: tick failed")
+                if self.runs.store.is_outage(exc):
+                    log.warning("cron: store unreachable", error=str(exc)[:200])
+                else:
+                    log.exception("cron: tick failed")
                 nxt = None
             wait_s = self.settings.cron_poll_s
             if nxt is not None:

@@ -22,10 +22,9 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 import structlog
 
@@ -38,6 +37,9 @@ from clawgate.state.registry import StateRegistry
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.store.webhook_store import DeliveryState, WebhookDelivery, WebhookStore
+
+if TYPE_CHECKING:
+    import httpx
 
 log = structlog.get_logger("clawgate.webhooks")
 
@@ -74,7 +76,7 @@ class WebhookService:
         self.rng = random.Random()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.http: httpx.AsyncClient | None = None
+        self.http: httpx.AsyncClient | None = None  # made on the first delivery
         # Attempts in flight, by delivery id: at most `webhook_concurrency` (pump() never starts more).
         self.inflight: dict[str, asyncio.Task[None]] = {}
         # Deliveries another process holds the claim of (Redis), by id -> when that claim
@@ -137,12 +139,6 @@ class WebhookService:
     async def start(self) -> None:
         if self.task is not None:
             return
-        self.http = httpx.AsyncClient(
-            timeout=self.settings.webhook_timeout_s,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=self.settings.webhook_concurrency),
-            trust_env=False,
-        )
         self.task = asyncio.create_task(self._loop(), name="clawgate-webhooks")
 
     async def stop(self) -> None:
@@ -170,9 +166,12 @@ class WebhookService:
                 nxt = await self.store.next_due_at()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 failed = True  # looked at again after `webhook_poll_s`
-                log.exception("webhooks: pass failed")
+                if self.runs_store.is_outage(exc):
+                    log.warning("webhooks: store unreachable", error=str(exc)[:200])
+                else:
+                    log.exception("webhooks: pass failed")
             # A store of this process alone needs no polling: every new delivery, retry and
             # finished attempt wakes the loop. A shared one is looked at every `webhook_poll_s`.
             wait_s: float | None = self.settings.webhook_poll_s if self.store.shared or failed else None
@@ -248,7 +247,15 @@ class WebhookService:
         }
         if self.key is not None:
             headers["webhook-signature"] = sign(self.key, d.id, ts, d.body)
-        assert self.http is not None
+        import httpx  # on the first delivery: a gateway without webhooks never loads it (nor rich)
+
+        if self.http is None:
+            self.http = httpx.AsyncClient(
+                timeout=self.settings.webhook_timeout_s,
+                follow_redirects=False,
+                limits=httpx.Limits(max_connections=self.settings.webhook_concurrency),
+                trust_env=False,
+            )
         try:
             resp = await self.http.post(d.url, content=d.body.encode(), headers=headers)
         except httpx.HTTPError as exc:

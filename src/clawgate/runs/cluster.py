@@ -29,7 +29,11 @@ from collections.abc import Callable
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from clawgate.errors import StoreError
 from clawgate.events.bus import EventBus
 from clawgate.events.redis_fanout import RedisFanout
 from clawgate.ids import RunId, SessionKey
@@ -42,6 +46,8 @@ from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.subagents.service import SubagentService
+
+PUSH_ATTEMPTS = 4
 
 log = structlog.get_logger("clawgate.cluster")
 
@@ -134,6 +140,8 @@ class Cluster:
             await asyncio.sleep(self.settings.cluster_claim_idle_s)
             try:
                 await self.reconcile_once()
+            except StoreError as exc:  # Redis unreachable: an outage, not a bug; next round retries
+                log.warning("cluster reconcile: store unreachable", error=str(exc))
             except Exception:
                 log.exception("cluster reconcile failed")
 
@@ -178,7 +186,20 @@ class Cluster:
 
     # -- outbound ------------------------------------------------------------------------------
     async def _push(self, run: Run) -> None:
-        await self.dispatcher.push(run.record.run_id, run.record.session_key)
+        # After an outage the pool still holds connections that broke during it: each fails
+        # once, then reconnects. So a connection error is retried a few times before the
+        # client gets UNAVAILABLE. A push that did land before its reply was lost is queued
+        # twice; harmless, since a run whose record is final is never executed again (`_execute`).
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                await self.dispatcher.push(run.record.run_id, run.record.session_key)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if attempt + 1 == PUSH_ATTEMPTS:
+                    raise StoreError(f"cannot queue the run: redis: {exc}") from exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except RedisError as exc:  # Redis answered with an error: UNAVAILABLE, retryable
+                raise StoreError(f"cannot queue the run: redis: {exc}") from exc
 
     def _publish_event(self, session_key: SessionKey, run_id: RunId | None, frame: bytes) -> None:
         self.fanout.publish_event(run_id, session_key, frame)

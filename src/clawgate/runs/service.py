@@ -33,6 +33,7 @@ from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
 from clawgate.providers.pricing import with_cost
+from clawgate.runs.endwrite import persist_end
 from clawgate.runs.lanes import Lanes
 from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
@@ -534,8 +535,11 @@ class RunService:
         meanwhile (a lost lease, shutdown) does not cut the end in half: the write is awaited
         to its outcome and the end completed; (stored end, cancelled) tells the caller."""
         rec = run.record
-        writer = self.end_writer or self.store.end_run
-        write = asyncio.ensure_future(writer(rec, run.fence))
+        # Retried through a store outage (runs/endwrite.py): the end is written when it is back.
+        retry_s = self.settings.store_end_retry_s if self.store.retries_end_writes else 0.0
+        write = asyncio.ensure_future(
+            persist_end(self.store, rec, run.fence, retry_for_s=retry_s, writer=self.end_writer)
+        )
         cancelled = False
         while True:
             try:
@@ -554,7 +558,12 @@ class RunService:
         rec = run.record
         run_id = RunId(rec.run_id)
         if rec.status == "ok" and text:
-            self.sessions.append(key, "assistant", text, rec.run_id)
+            # A fenced end (Redis) writes its reply only now that the end is its own: durable
+            # before the final answer goes out, so a crash after the answer cannot lose it.
+            try:
+                await self.sessions.append(key, "assistant", text, rec.run_id)
+            except Exception:
+                log.exception("could not store the reply", run_id=rec.run_id)
         self._emit_end(rec, run_id, key, now)
         self.bus.clear_run(run_id)
         self.totals[rec.status] = self.totals.get(rec.status, 0) + 1

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -480,6 +481,10 @@ class Gateway:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if self.store.is_outage(exc):
+                # A store call outside the store's own error mapping met an outage: retryable.
+                conn.respond_error(req_id, Unavailable(f"the store is unreachable: {type(exc).__name__}"))
+                return
             self.internal_errors += 1
             correlation = uuid.uuid4().hex[:12]
             log.exception("internal error", method=clip(method), correlation_id=correlation)
@@ -494,9 +499,10 @@ class Gateway:
 
     async def status(self) -> dict[str, Any]:
         stored: dict[str, int] = {}
-        with contextlib.suppress(ClawgateError, OSError):
+        # `status` must answer while the store is down (it is how an operator sees it is down).
+        with self._store_may_be_down():
             stored["subagent_records"] = await self.store.count_subagents()
-        with contextlib.suppress(ClawgateError, OSError):
+        with self._store_may_be_down():
             await self.webhooks.refresh_counts()
         return {
             "version": __version__,
@@ -518,7 +524,7 @@ class Gateway:
                 "sessionCacheBytes": self.sessions.cache.bytes,
             },
             "disk": await self._disk_status(),
-            "store": {"kind": self.store.kind},
+            "store": {"kind": self.store.kind, **self.store.connection()},
             "cluster": self.cluster.describe() if self.cluster is not None else None,
             "admission": {
                 "open": self.admission.open,
@@ -543,8 +549,18 @@ class Gateway:
         out["retries"] = dict(self.runs.provider_retries)
         return out
 
+    @contextlib.contextmanager
+    def _store_may_be_down(self) -> Iterator[None]:
+        try:
+            yield
+        except (ClawgateError, OSError):
+            pass
+        except Exception as exc:
+            if not self.store.is_outage(exc):
+                raise
+
     async def _disk_status(self) -> dict[str, Any]:
-        with contextlib.suppress(ClawgateError, OSError):
+        with self._store_may_be_down():
             await self.retention.refresh_stats(bytes_max_age_s=self.settings.disk_sample_interval_s)
         return {
             **self.retention.describe(),
@@ -573,6 +589,7 @@ class Gateway:
             "runs_queued": self.runs.queued,
             "rss": self.admission.sample(),
             "admission_open": self.admission.open,
+            "store_connection": self.store.connection(),
             "provider": self.provider_stats(),
             "tokens": dict(self.usage.tokens),
             "subagents": self.subagents.counters(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from typing import Protocol
 
 from clawgate.ids import SessionKey
@@ -135,8 +136,9 @@ class SessionService:
         if self.observer is not None:
             self.observer.session_changed(key, "delete", None)
 
-    def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> None:
-        """Append to the transcript; not awaited (the store groups it into a transaction)."""
+    def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> Awaitable[None]:
+        """Append to the transcript. Callers need not await it (the store groups it into a
+        transaction); awaiting it waits until it is durable."""
         if len(self.written) < self.written_max:
             self.written.add(key)
         elif key not in self.written:
@@ -144,9 +146,10 @@ class SessionService:
         message = TranscriptMessage(
             session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
-        self.store.append_message(message)
+        written = self.store.append_message(message)
         if self.observer is not None:
             self.observer.message_appended(message, self.cache.get(key))
+        return written
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)

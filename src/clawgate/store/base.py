@@ -108,6 +108,10 @@ class Store(RetentionStore):
     subagents_quarantined: int = 0
     # Several gateway processes share this store (claims on subagent records matter).
     shared_by_processes: bool = False
+    # A failed run-end write is retried until the store answers (runs/endwrite.py): true for a
+    # store behind a network (Redis restarting, a partition), not for a local file, whose
+    # failures (a full disk) do not heal by waiting and whose open runs are ended at restart.
+    retries_end_writes: bool = False
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -118,6 +122,20 @@ class Store(RetentionStore):
 
     @abstractmethod
     async def ping(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool:
+        """Closed for good: a failed write is not worth retrying."""
+        return False
+
+    def is_outage(self, exc: BaseException) -> bool:
+        """Whether `exc`, raised by a call to this store's client, means the store cannot be
+        reached right now (the request is answered UNAVAILABLE, retryable, not INTERNAL)."""
+        return False
+
+    def connection(self) -> dict[str, object]:
+        """Connection state for status and /metrics; a store without a connection is always up."""
+        return {"up": True, "lastError": None, "failures": 0, "reconnects": 0}
 
     async def flush(self) -> None:
         """Wait until every write enqueued so far is durable."""

@@ -49,6 +49,9 @@ from typing import Any, TypeVar
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
@@ -329,6 +332,37 @@ for _, c in ipairs(cjson.decode(ARGV[2])) do redis.call(unpack(c)) end
 return {0}
 """.replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
+
+async def _warn_if_not_persistent(client: aioredis.Redis, url: str) -> None:
+    """Warn when this Redis keeps nothing across a restart (no AOF, no RDB snapshots): every
+    run, session and transcript would be gone after it restarts. A Redis with CONFIG disabled
+    (renamed, or an ACL without it) is not checked."""
+    try:
+        aof = await client.config_get("appendonly")
+        save = await client.config_get("save")
+    except (RedisError, OSError) as exc:
+        log.info("redis persistence not checked: CONFIG GET refused", error=str(exc))
+        return
+    if persistence_of(_config_value(aof, "appendonly"), _config_value(save, "save")) == "none":
+        log.warning(
+            "the store's redis persists nothing (appendonly no, save ''): a redis restart loses "
+            "every run, session and transcript; see docs/reliability.md",
+            url=_redact(url),
+        )
+
+
+def _config_value(reply: dict[Any, Any], name: str) -> str:
+    value = reply.get(name, reply.get(name.encode(), ""))
+    return _s(value) if value is not None else ""
+
+
+def persistence_of(appendonly: str, save: str) -> str:
+    """'aof', 'rdb' or 'none', from the CONFIG GET values of `appendonly` and `save`."""
+    if appendonly.strip().lower() == "yes":
+        return "aof"
+    return "rdb" if save.strip() else "none"
+
+
 # -- codecs --------------------------------------------------------------------------------------------
 
 _enc = msgspec.json.Encoder()
@@ -351,6 +385,10 @@ class _Op:
 class RedisStore(Store):
     kind = "redis"
     shared_by_processes = True
+    retries_end_writes = True
+
+    def is_outage(self, exc: BaseException) -> bool:
+        return isinstance(exc, RedisError | OSError)
 
     def __init__(
         self,
@@ -378,6 +416,17 @@ class RedisStore(Store):
         self._seq = 0.0
         self.pipelines = 0
         self.ops = 0
+        # Connection state, for status and /metrics: redis-py reconnects on the next command
+        # after a failure, so "down" means "the last pipeline failed" and a success after a
+        # failure counts as one reconnect.
+        self.up = True
+        self.last_error: str | None = None
+        self.failures = 0
+        self.reconnects = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def client(self) -> aioredis.Redis:
@@ -388,13 +437,22 @@ class RedisStore(Store):
 
     # -- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
-        client = aioredis.from_url(self.url, socket_connect_timeout=5, socket_timeout=30)
+        client = aioredis.from_url(
+            self.url,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            # After an outage the pool still holds connections Redis closed: each command gets a
+            # fresh one a few times before its failure counts as an outage.
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 3),
+            retry_on_error=[RedisConnectionError],
+        )
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()
             raise StoreError(f"cannot reach redis at {_redact(self.url)}: {exc}") from exc
         self._client = client
+        await _warn_if_not_persistent(client, self.url)
         self._writer = asyncio.create_task(self._run(client), name="clawgate-redis-writer")
 
     async def close(self) -> None:
@@ -450,6 +508,7 @@ class RedisStore(Store):
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             log.error("redis pipeline failed", error=str(exc), ops=len(batch))
+            self._note_down(exc)
             for op in batch:
                 _set_exception(op.fut, StoreError(f"redis: {exc}"))
             return
@@ -458,6 +517,7 @@ class RedisStore(Store):
             for op in batch:
                 _set_exception(op.fut, StoreError(f"redis writer: {exc!r}"))
             return
+        self._note_up()
         self.pipelines += 1
         self.ops += len(batch)
         i = 0
@@ -475,6 +535,28 @@ class RedisStore(Store):
                 _set_exception(op.fut, StoreError(f"redis: bad reply: {exc!r}"))
                 continue
             _set_result(op.fut, value)
+
+    def _note_down(self, exc: BaseException) -> None:
+        if self.up:
+            log.warning("redis store unreachable", url=_redact(self.url), error=str(exc))
+        self.up = False
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _note_up(self) -> None:
+        if not self.up:
+            self.reconnects += 1
+            log.info("redis store reachable again", url=_redact(self.url), reconnects=self.reconnects)
+        self.up = True
+
+    def connection(self) -> dict[str, object]:
+        """The connection state shown by `status` and /metrics."""
+        return {
+            "up": self.up,
+            "lastError": self.last_error,
+            "failures": self.failures,
+            "reconnects": self.reconnects,
+        }
 
     def _submit(self, cmds: Sequence[Cmd], parse: Callable[[list[Any]], T]) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
