@@ -517,8 +517,8 @@ class RunService:
             run.timer.cancel()
         # The reply goes into the transcript in the same (or an earlier) transaction as the
         # end: the store's writer is FIFO, so a crash after the final answer never loses it.
-        # A fenced end (a run from the shared Redis queue) may be refused; its reply is then
-        # written only once the end is known to be this one.
+        # A fenced end (a run from the shared Redis queue) may be refused: the store writes its
+        # reply in the end's own script (RedisStore.end_run), so it lands only with that end.
         reply_first = run.fence is None and status == "ok" and bool(text)
         if reply_first and text:
             self.sessions.append(key, "assistant", text, rec.run_id)
@@ -557,13 +557,6 @@ class RunService:
         """The end is durable and it is this one: tell everyone."""
         rec = run.record
         run_id = RunId(rec.run_id)
-        if rec.status == "ok" and text:
-            # A fenced end (Redis) writes its reply only now that the end is its own: durable
-            # before the final answer goes out, so a crash after the answer cannot lose it.
-            try:
-                await self.sessions.append(key, "assistant", text, rec.run_id)
-            except Exception:
-                log.exception("could not store the reply", run_id=rec.run_id)
         self._emit_end(rec, run_id, key, now)
         self.bus.clear_run(run_id)
         self.totals[rec.status] = self.totals.get(rec.status, 0) + 1

@@ -679,21 +679,22 @@ class RedisStore(Store):
 
     # -- transcripts -----------------------------------------------------------------------------
     def append_message(self, msg: TranscriptMessage) -> Awaitable[None]:
+        return self._write(self._append_cmds(msg))
+
+    def _append_cmds(self, msg: TranscriptMessage) -> list[Cmd]:
         k = self.keys
         _, deadline, idx_deadline = self._deadlines(self._session_ttl)
         mkey = k.messages(msg.session_key)
-        return self._write(
-            [
-                ("RPUSH", mkey, _enc.encode(msg)),
-                ("LTRIM", mkey, -self.transcript_max, -1),
-                ("PEXPIREAT", mkey, deadline),
-                # A conversation keeps its session alive.
-                ("PEXPIREAT", k.session(msg.session_key), deadline),
-                ("ZADD", k.sessions_expiry(), "XX", deadline, msg.session_key),
-                ("PEXPIREAT", k.sessions_expiry(), idx_deadline),
-                ("PEXPIREAT", k.sessions_index(), idx_deadline),
-            ]
-        )
+        return [
+            ("RPUSH", mkey, _enc.encode(msg)),
+            ("LTRIM", mkey, -self.transcript_max, -1),
+            ("PEXPIREAT", mkey, deadline),
+            # A conversation keeps its session alive.
+            ("PEXPIREAT", k.session(msg.session_key), deadline),
+            ("ZADD", k.sessions_expiry(), "XX", deadline, msg.session_key),
+            ("PEXPIREAT", k.sessions_expiry(), idx_deadline),
+            ("PEXPIREAT", k.sessions_index(), idx_deadline),
+        ]
 
     def append_to_existing(self, msg: TranscriptMessage) -> Awaitable[bool]:
         k = self.keys
@@ -779,7 +780,17 @@ class RedisStore(Store):
         self, rec: RunRecord, fence: Fence | None = None, *, extra: Sequence[Cmd] = ()
     ) -> RunRecord | None:
         # One script: the "no end yet" check, the fence check and the write (with `extra`, e.g.
-        # the run's webhook delivery) are atomic.
+        # the run's webhook delivery) are atomic. A fenced end carries its reply into the
+        # transcript in the same script: written with the end it belongs to, or not at all.
+        if fence is not None and rec.status == "ok" and rec.result_text:
+            message = TranscriptMessage(
+                session_key=rec.session_key,
+                role="assistant",
+                content=rec.result_text,
+                ts=rec.ended_at or 0.0,
+                run_id=rec.run_id,
+            )
+            extra = [*extra, *self._append_cmds(message)]
         reply = await self._submit([self._write_run_cmd(rec, fence, extra)], _first)
         code = int(reply[0])
         if code == 0:
