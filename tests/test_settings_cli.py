@@ -338,7 +338,7 @@ def test_status_and_call_against_a_subprocess_gateway(gateway_process: Any) -> N
     status = json.loads(res.stdout)
     assert status["connections"] == 1  # the status call's own connection
     assert status["runs"]["completed"] == 1
-    assert status["store"] == {"kind": "sqlite"}
+    assert status["store"]["kind"] == "sqlite" and status["store"]["up"] is True
     assert status["state"]["run_results"] == 1
     assert status["state"]["runs_active"] == 0
     assert "session_lanes" in status["state"]

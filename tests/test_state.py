@@ -611,7 +611,7 @@ async def test_status_reports_every_structure_with_exact_sizes(
         "byStatus": {"ok": n, "error": 0, "timeout": 0, "aborted": 0},
     }
     assert status["maintenance"]["running"] is True
-    assert status["store"] == {"kind": "sqlite"}
+    assert status["store"]["kind"] == "sqlite" and status["store"]["up"] is True
     assert status["memory"]["rssBytes"] > 0
 
     # Results live run_result_ttl_s, then the sweep removes them all.
