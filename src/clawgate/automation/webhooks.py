@@ -179,8 +179,10 @@ class WebhookService:
                 wait_s = min(
                     wait_s if wait_s is not None else float("inf"), max(0.0, nxt - self.clock.time())
                 )
-            # else: everything due is in flight here or claimed elsewhere; an attempt ending
-            # wakes the loop.
+            elif nxt is not None and wait_s is None:
+                # Everything due is in flight here or claimed elsewhere: an attempt ending wakes
+                # the loop; a poll is the safety net against a lost wake-up.
+                wait_s = self.settings.webhook_poll_s
             waker = asyncio.ensure_future(self.wake.wait())
             waits: set[asyncio.Future[Any]] = {waker}
             if wait_s is not None:
