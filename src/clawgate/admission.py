@@ -9,13 +9,13 @@ the background, not per request, so the check on the hot path is two comparisons
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import psutil
 
 from clawgate.errors import Unavailable
 from clawgate.state.registry import StateRegistry
+from clawgate.state.tasks import cancel_and_wait
 
 
 class Admission:
@@ -44,10 +44,7 @@ class Admission:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _sample_loop(self) -> None:
         while True:

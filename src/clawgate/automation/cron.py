@@ -13,7 +13,6 @@ History is bounded by count per job and by age.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from typing import Any
 
@@ -28,6 +27,7 @@ from clawgate.runs.service import RunService, SubmitRequest
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
+from clawgate.state.tasks import cancel_and_wait
 from clawgate.store.cron_records import CronJob, CronRunEntry
 from clawgate.store.cron_store import CronStore, due_score
 from clawgate.store.records import RunRecord
@@ -78,10 +78,7 @@ class CronService:
 
     async def stop(self) -> None:
         task, self.task = self.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         while True:

@@ -10,7 +10,6 @@ as soon as retention has made room.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import structlog
 
 from clawgate.retention import files
 from clawgate.retention.policy import disk_verdict
+from clawgate.state.tasks import cancel_and_wait
 
 log = structlog.get_logger("clawgate.disk")
 
@@ -48,10 +48,7 @@ class DiskMonitor:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         while True:
