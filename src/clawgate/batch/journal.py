@@ -1,5 +1,10 @@
 """The batch's files: the results file (one final line per task) and the spawn journal.
 
+Results (`--out`, default `TASKS.results.jsonl`): one line per finished task,
+`{id, runId, status, text, error, attempts, acceptedMs, totalMs, usage}`. Spawn journal
+(`OUT.spawns`): `{id, key, runId, childSessionKey}` per accepted spawn, removed once every
+task has its final line.
+
 Both are JSON lines appended one write at a time and flushed, so a crash cuts at most the
 last line, and reading skips a line cut short.
 """
