@@ -16,7 +16,7 @@ $(BIN)/activate: pyproject.toml
 venv: $(BIN)/activate
 
 demo: venv
-	$(BIN)/python -m clawgate.demo
+	$(BIN)/python -m clawgate.cli.demo
 
 ## Start redis-server on REDIS_PORT when nothing answers there and the binary exists.
 redis:

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
+import os
 import tempfile
 import time
 import uuid
@@ -23,15 +23,19 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
 from clawgate.client import Client
+from clawgate.testing import GatewayProcess
 
 
-def start(state: Path, store: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def gateway_process(state: Path, store: str, prefix: str) -> GatewayProcess:
     state.mkdir(parents=True)
-    proc = start_gateway_process(state, port, {"store": store, "redis_prefix": prefix})
-    return proc, f"ws://127.0.0.1:{port}/"
+    return GatewayProcess(
+        state,
+        settings={"store": store, "redis_prefix": prefix},
+        args=["--log-level", "warning"],
+        env=dict(os.environ),
+        log_path=state / "gateway.log",
+    )
 
 
 async def drive(urls: list[str], runs: int, concurrency: int, tag: str) -> dict[str, Any]:
@@ -62,19 +66,16 @@ async def configuration(
 ) -> dict[str, Any]:
     prefix = f"cgbench:{uuid.uuid4().hex[:8]}"
     tmp = tempfile.TemporaryDirectory(prefix="clawgate-scale-")
-    procs = [start(Path(tmp.name) / f"gw{i}", store, prefix) for i in range(n)]
+    procs = [gateway_process(Path(tmp.name) / f"gw{i}", store, prefix) for i in range(n)]
     try:
-        for _, url in procs:
-            await wait_healthy(url, None)
-        urls = [u for _, u in procs]
+        await asyncio.gather(*(p.astart(30.0) for p in procs))
+        urls = [p.url for p in procs]
         await drive(urls, min(1000, runs), concurrency, f"warm{uuid.uuid4().hex[:4]}")
         result = await drive(urls, runs, concurrency, f"run{uuid.uuid4().hex[:4]}")
     finally:
-        for p, _ in procs:
-            p.terminate()
-        for p, _ in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(15)
+        for p in procs:
+            with contextlib.suppress(AssertionError):
+                p.stop(15)
         if store != "sqlite":
             r = aioredis.from_url(redis_url)
             keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from clawgate.cli.batch import (
+from clawgate.batch import (
     BadLine,
     BatchOptions,
     default_out_path,
@@ -457,7 +457,7 @@ def test_gateway_killed_and_restarted_under_a_running_batch(tmp_path: Path) -> N
 def test_demo_runs_the_bundled_tasks_and_exits_zero() -> None:
     env = {**os.environ, "COLUMNS": "120"}
     proc = subprocess.run(
-        [sys.executable, "-m", "clawgate.demo"], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "clawgate.cli.demo"], capture_output=True, text=True, timeout=60, env=env
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "200 runs completed" in proc.stdout

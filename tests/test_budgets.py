@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from clawgate.cli.batch import BatchOptions, run_batch
+from clawgate.batch import BatchOptions, run_batch
 from clawgate.client import Client, ClientError
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle, unique_prefix

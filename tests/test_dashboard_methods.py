@@ -240,7 +240,7 @@ async def test_clawgate_batch_labels_its_runs_with_the_tasks_file(
 
     from rich.console import Console
 
-    from clawgate.cli.batch import BatchOptions, run_batch
+    from clawgate.batch import BatchOptions, run_batch
 
     tasks = tmp_path / "nightly.jsonl"
     tasks.write_text("".join(json.dumps({"id": f"t{i}", "message": f"task {i}"}) + "\n" for i in range(3)))

@@ -27,9 +27,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
 from clawgate.client import Client
 from clawgate.store.records import RunRecord
+from clawgate.testing import GatewayProcess
 
 pytestmark = pytest.mark.redis
 
@@ -48,16 +48,23 @@ class Procs:
         self.dirs: list[Path] = []
 
     async def start(self, n: int, **settings: object) -> None:
+        gateways = []
         for _ in range(n):
-            port = free_port()
-            state = self.tmp / f"gw{len(self.procs)}"
+            state = self.tmp / f"gw{len(self.dirs)}"
             state.mkdir()
             overrides = {"store": self.redis_url, "redis_prefix": self.prefix, **settings}
-            self.procs.append(start_gateway_process(state, port, overrides))
-            self.urls.append(f"ws://127.0.0.1:{port}/")
+            log = state / "gateway.log"
+            gateways.append(
+                GatewayProcess(state, settings=overrides, args=["--log-level", "warning"], log_path=log)
+            )
             self.dirs.append(state)
-        for url, proc in zip(self.urls, self.procs, strict=True):
-            await wait_healthy(url, proc)
+        try:
+            await asyncio.gather(*(gateway.astart(30.0) for gateway in gateways))
+        finally:
+            for gateway in gateways:  # every spawned process, so that stop() ends it
+                if gateway.proc is not None:
+                    self.procs.append(gateway.proc)
+                    self.urls.append(gateway.url)
 
     def log(self, i: int) -> str:
         return (self.dirs[i] / "gateway.log").read_text(errors="replace")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from clawgate.cli.batch import BatchOptions, run_batch
+from clawgate.batch import BatchOptions, run_batch
 from clawgate.client import Client
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle, unique_prefix

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clawgate.cli.main import DEFAULT_URL, TokenOpt, UrlOpt, _call_or_exit, console
+from clawgate.cli.app import DEFAULT_URL, TokenOpt, UrlOpt, call_or_exit, console
 
 cron_app = typer.Typer(help="Scheduled runs: add, list, remove and run cron jobs.", no_args_is_help=True)
 
@@ -48,28 +48,28 @@ def add(
     }
     if session_key:
         params["sessionKey"] = session_key
-    console.print_json(data=_call_or_exit(url, token, "cron.add", params)["job"])
+    console.print_json(data=call_or_exit(url, token, "cron.add", params)["job"])
 
 
 @cron_app.command("list")
 def list_jobs(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
     """List the jobs."""
-    console.print_json(data=_call_or_exit(url, token, "cron.list", {})["jobs"])
+    console.print_json(data=call_or_exit(url, token, "cron.list", {})["jobs"])
 
 
 @cron_app.command("rm")
 def remove(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
     """Remove a job and its history."""
-    console.print_json(data=_call_or_exit(url, token, "cron.remove", {"jobId": job_id}))
+    console.print_json(data=call_or_exit(url, token, "cron.remove", {"jobId": job_id}))
 
 
 @cron_app.command("run")
 def run(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
     """Run a job now (its schedule is unchanged)."""
-    console.print_json(data=_call_or_exit(url, token, "cron.run", {"jobId": job_id}))
+    console.print_json(data=call_or_exit(url, token, "cron.run", {"jobId": job_id}))
 
 
 @cron_app.command("runs")
 def runs(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = None) -> None:
     """A job's run history, newest first."""
-    console.print_json(data=_call_or_exit(url, token, "cron.runs", {"jobId": job_id})["entries"])
+    console.print_json(data=call_or_exit(url, token, "cron.runs", {"jobId": job_id})["entries"])

@@ -6,15 +6,19 @@ import asyncio
 import contextlib
 import signal
 import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from clawgate import logs
 from clawgate.server.app import create_app
 from clawgate.server.credentials import exposure_problems
 from clawgate.server.fdlimit import ensure_fd_limit
 from clawgate.server.gateway import Gateway
 from clawgate.server.protocols import guarded_protocols
+from clawgate.settings import load_settings
 
 
 def uvicorn_config(gateway: Gateway, app: Any, sock: socket.socket | None = None) -> uvicorn.Config:
@@ -109,6 +113,25 @@ class RunningGateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+@contextlib.asynccontextmanager
+async def embedded_gateway(
+    state_dir: Path | None = None, sets: dict[str, Any] | None = None
+) -> AsyncIterator[RunningGateway]:
+    """A gateway served in this process on a free 127.0.0.1 port (`clawgate batch` without
+    --url, the demo): settings from `sets` over the defaults; yields its RunningGateway."""
+    overrides: dict[str, Any] = {"port": 0, "bind": "127.0.0.1", "state_dir": state_dir}
+    overrides.update(sets or {})
+    settings = load_settings(None, **overrides)
+    # The progress bar owns the terminal; only problems are worth a log line.
+    logs.configure("warning")
+    running = RunningGateway(Gateway(settings))
+    await running.__aenter__()
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:

@@ -1,4 +1,4 @@
-"""`python -m clawgate.demo` (`make demo`): a batch of 200 tasks through an embedded gateway.
+"""`python -m clawgate.cli.demo` (`make demo`): a batch of 200 tasks through an embedded gateway.
 
 It starts a gateway in this process (SQLite store in a fresh temporary state
 directory, removed at exit, so every demo starts from nothing; a free port on
@@ -26,9 +26,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from clawgate.cli.batch import BatchOptions, BatchSummary, run_batch, summary_table
-from clawgate.cli.commands_extra import embedded_gateway
+from clawgate.batch.runner import BatchOptions, BatchSummary, run_batch
+from clawgate.cli.app import run_async
+from clawgate.cli.render import batch_summary_table, bounded_state_table
 from clawgate.client import Client
+from clawgate.server.serve import embedded_gateway
 
 EXPECTED_ERRORS = 1  # the example file holds one deliberate [[error:...]] task
 
@@ -59,7 +61,7 @@ async def demo(console: Console) -> int:
                 status = await _settled_status(client)
             samples = _samples(out)
         elapsed = time.monotonic() - started
-    console.print(summary_table(summary))
+    console.print(batch_summary_table(summary))
     console.print(
         f"[bold]{summary.completed}[/bold] runs completed in {summary.wall_s:.2f} s: "
         f"[bold]{summary.runs_per_s:,.0f} runs/s[/bold] (demo total {elapsed:.1f} s)"
@@ -99,13 +101,7 @@ def _samples(out: Path) -> list[str]:
 
 def _status_table(status: dict[str, Any]) -> Table:
     runs = status["runs"]
-    table = Table(title="gateway status.state (entries per bounded structure)")
-    table.add_column("structure")
-    table.add_column("entries", justify="right")
-    for name, size in sorted(status["state"].items()):
-        table.add_row(name, str(size))
-    for name, size in sorted(status.get("stored", {}).items()):
-        table.add_row(f"{name} (store)", str(size))
+    table = bounded_state_table(status, title="gateway status.state (entries per bounded structure)")
     table.add_section()
     table.add_row("runs completed", str(runs["completed"]))
     for name, count in sorted(runs.get("byStatus", {}).items()):
@@ -124,8 +120,6 @@ def _as_scripted(summary: BatchSummary) -> bool:
 
 
 def main() -> None:
-    from clawgate.cli.main import run_async
-
     code = run_async(demo(Console()))
     sys.exit(code)
 

@@ -1,11 +1,12 @@
-"""`clawgate bench soak`: drive a long batch and watch memory and disk stay flat.
+"""The soak engine: drive a long batch against a gateway and watch memory and disk stay flat.
 
-It starts a gateway as a separate process (or targets `--url`) with compressed
-TTLs, drives N subagent spawns (or, with `--workload agent`, N agent runs each in
-a session of its own) at a fixed concurrency, samples the gateway's RSS,
-`status.state` and `status.disk` (store bytes and rows per table) every second,
-and writes `soak.json` and `soak.png`: RSS, tracked entries, store bytes and rows
-against runs completed, with the TTL sweeps and retention passes visible.
+`run_soak` drives N subagent spawns (or, with `workload="agent"`, N agent runs each in a
+session of its own) at a fixed concurrency, samples the gateway's RSS, `status.state` and
+`status.disk` (store bytes and rows per table) every second, and returns a `SoakResult`;
+`write_outputs` writes `soak.json` and `soak.png` (RSS, tracked entries, store bytes and
+rows against runs completed, with the TTL sweeps and retention passes visible); `verdict`
+judges it. `start_soak_gateway` starts the gateway process with `SOAK_SETTINGS` (compressed
+TTLs) through `clawgate.testing.process`. `clawgate bench soak` is the command.
 """
 
 from __future__ import annotations
@@ -14,22 +15,16 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-bench_app = typer.Typer(help="Benchmarks: soak (bounded memory under a long batch).", no_args_is_help=True)
-console = Console()
+from clawgate.testing.process import GatewayProcess
 
 # Compressed TTLs for the soak: every per-run structure must empty within one of these.
 SOAK_SETTINGS = {
@@ -49,11 +44,6 @@ SOAK_SETTINGS = {
     "disk_sample_interval_s": 1.0,
 }
 DISK_GROWTH_MAX = 0.10  # store bytes at the end at most 10% above bytes at 10% of the batch (window_median)
-
-
-@bench_app.callback()
-def bench_callback() -> None:
-    """Benchmarks that print figures and write JSON."""
 
 
 @dataclass
@@ -93,48 +83,6 @@ class SoakResult:
     rows_after_ttl: dict[str, int] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_gateway_process(state_dir: Path, port: int, overrides: dict[str, Any]) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "clawgate.cli.main",
-        "gateway",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state_dir),
-        "--log-level",
-        "warning",
-    ]
-    for name, value in overrides.items():
-        cmd += ["--set", f"{name}={value}"]
-    # The log goes to a file: a pipe nobody drains would block the gateway once it fills.
-    log = open(state_dir / "gateway.log", "ab")  # noqa: SIM115 - owned by the child process
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-
-
-async def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
-    from clawgate.client import Client, ClientError
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"gateway exited early with code {proc.returncode}")
-        try:
-            async with Client(url, max_reconnect_attempts=0) as c:
-                await c.call("health")
-                return
-        except (ClientError, OSError):
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"gateway at {url} did not become healthy")
-
-
 def _entries(state: dict[str, int]) -> int:
     # Connection-keyed structures are not per-run; everything else counts.
     skip = {"connections", "event_sinks", "all_subscribers", "session_cache"}
@@ -152,6 +100,7 @@ async def run_soak(
     show_progress: bool = True,
     workload: str = "spawn",
     rate: float = 0.0,
+    console: Console | None = None,
 ) -> SoakResult:
     from clawgate.client import Client, ClientError
 
@@ -194,7 +143,7 @@ async def run_soak(
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=console,
+        console=console or Console(),
         disable=not show_progress,
     )
     task_id = progress.add_task("spawns", total=n, rate="")
@@ -435,75 +384,37 @@ def verdict(result: SoakResult) -> tuple[bool, str]:
     )
 
 
-@bench_app.command()
-def soak(
-    n: Annotated[int, typer.Option("-n", "--runs", help="Number of spawns.")] = 100_000,
-    mode: Annotated[str, typer.Option("--mode", help="Subagent mode: run or session.")] = "session",
-    cleanup: Annotated[str, typer.Option("--cleanup", help="keep or delete.")] = "keep",
-    concurrency: Annotated[int, typer.Option("--concurrency", help="Spawns in flight.")] = 128,
-    url: Annotated[
-        str | None, typer.Option("--url", help="Target a running gateway instead of starting one.")
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output directory for soak.json and soak.png.")] = Path(
-        "benchmarks/out"
-    ),
-    ttl_wait: Annotated[float, typer.Option("--ttl-wait", help="Seconds to wait after the batch.")] = 10.0,
-    workload: Annotated[
-        str, typer.Option("--workload", help="spawn (subagent spawns) or agent (runs, one session each).")
-    ] = "spawn",
-    rate: Annotated[
-        float, typer.Option("--rate", help="Start at most this many runs per second (0: no cap).")
-    ] = 0.0,
-) -> None:
-    """Drive N runs with compressed TTLs; sample RSS, state and disk; write soak.json and soak.png."""
-    if mode not in ("run", "session") or cleanup not in ("keep", "delete"):
-        raise typer.BadParameter("--mode must be run|session and --cleanup keep|delete")
-    if workload not in ("spawn", "agent"):
-        raise typer.BadParameter("--workload must be spawn|agent")
-    proc = None
-    tmp = None
-    if url is None:
-        tmp = tempfile.TemporaryDirectory(prefix="clawgate-soak-")
-        port = free_port()
-        proc = start_gateway_process(Path(tmp.name), port, SOAK_SETTINGS)
-        url = f"ws://127.0.0.1:{port}/"
-    try:
-        _run_uvloop(wait_healthy(url, proc))
-        what = (
-            "agent runs (one session each)"
-            if workload == "agent"
-            else f"{mode}-mode spawns (cleanup {cleanup})"
-        )
-        console.print(
-            f"soak: {n:,} {what} at concurrency {concurrency} "
-            f"against {url} (pid {proc.pid if proc else 'external'})"
-        )
-        result = _run_uvloop(
-            run_soak(url, n, mode, cleanup, concurrency, ttl_wait, workload=workload, rate=rate)
-        )
-    finally:
-        if proc is not None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=15)
-        if tmp is not None:
-            tmp.cleanup()
-    json_path, png_path = write_outputs(result, out)
-    ok, line = verdict(result)
-    console.print(line)
-    console.print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
-    raise typer.Exit(0 if ok else 1)
+def start_soak_gateway(state_dir: Path, timeout_s: float = 30.0) -> GatewayProcess:
+    """A gateway process with `SOAK_SETTINGS` on a free loopback port, healthy when returned.
+
+    It inherits this process's environment (a soak measures the gateway as configured here);
+    its log is `state_dir/gateway.log`."""
+    gateway = GatewayProcess(
+        state_dir,
+        settings=SOAK_SETTINGS,
+        args=["--log-level", "warning"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        log_path=state_dir / "gateway.log",
+    )
+    return gateway.start(timeout_s)
 
 
-def _run_uvloop(coro: Any) -> Any:
-    try:
-        import uvloop
-
-        return uvloop.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
+def stop_soak_gateway(gateway: GatewayProcess, timeout_s: float = 15.0) -> None:
+    """SIGTERM and wait (the gateway drains and exits); killed when it does not stop in time."""
+    with contextlib.suppress(AssertionError):
+        gateway.stop(timeout_s)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    bench_app()
+async def wait_reachable(url: str, timeout_s: float = 30.0) -> None:
+    """Wait until a gateway started elsewhere (`--url`) answers `health`."""
+    from clawgate.client import Client, ClientError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with Client(url, max_reconnect_attempts=0) as c:
+                await c.call("health")
+                return
+        except (ClientError, OSError):
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"gateway at {url} did not become healthy")

@@ -1,0 +1,1 @@
+"""Benchmark engines behind `clawgate bench` (the soak); clients of a gateway, never part of one."""
