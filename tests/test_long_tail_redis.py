@@ -29,11 +29,10 @@ import redis.asyncio as aioredis
 
 from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
 from clawgate.client import Client
+from clawgate.protocol.constants import INTERRUPTED
 from clawgate.store.records import RunRecord
 
 pytestmark = pytest.mark.redis
-
-INTERRUPTED = "interrupted by gateway restart"
 
 
 class Procs:

@@ -23,9 +23,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from clawgate.protocol.constants import (
+    AGENT_TIMEOUT,
+    FORBIDDEN,
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RUN_FAILED,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+)
+
 
 class ClawgateError(Exception):
-    code: str = "INTERNAL"
+    code: str = INTERNAL
     retryable: bool = False
 
     def __init__(
@@ -52,7 +63,7 @@ class ClawgateError(Exception):
 
 
 class InvalidRequest(ClawgateError):
-    code = "INVALID_REQUEST"
+    code = INVALID_REQUEST
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -60,19 +71,19 @@ class PayloadTooLarge(InvalidRequest):
 
 
 class Unauthorized(ClawgateError):
-    code = "UNAUTHORIZED"
+    code = UNAUTHORIZED
 
 
 class Forbidden(ClawgateError):
-    code = "FORBIDDEN"
+    code = FORBIDDEN
 
 
 class NotFound(ClawgateError):
-    code = "NOT_FOUND"
+    code = NOT_FOUND
 
 
 class Unavailable(ClawgateError):
-    code = "UNAVAILABLE"
+    code = UNAVAILABLE
     retryable = True
 
     def __init__(self, message: str, *, retry_after_ms: int = 1000, details: dict[str, Any] | None = None):
@@ -80,11 +91,11 @@ class Unavailable(ClawgateError):
 
 
 class AgentTimeout(ClawgateError):
-    code = "AGENT_TIMEOUT"
+    code = AGENT_TIMEOUT
 
 
 class Internal(ClawgateError):
-    code = "INTERNAL"
+    code = INTERNAL
 
 
 class StoreError(Unavailable):
@@ -99,7 +110,7 @@ class RunFailed(ClawgateError):
     """An OpenAI-compatible request whose run ended error / timeout / aborted: an upstream
     failure for that client (502), with the run's status and error."""
 
-    code = "RUN_FAILED"
+    code = RUN_FAILED
 
 
 class ProviderError(ClawgateError):
@@ -111,7 +122,7 @@ class ProviderError(ClawgateError):
     provider's Retry-After, honoured by the backoff.
     """
 
-    code = "INTERNAL"
+    code = INTERNAL
 
     def __init__(
         self,

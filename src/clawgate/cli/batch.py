@@ -52,9 +52,8 @@ from rich.table import Table
 from rich.text import Text
 
 from clawgate.client import Client, ClientError, ConnectionLost
+from clawgate.protocol.constants import FINAL_STATUSES, INTERRUPTED
 
-INTERRUPTED = "interrupted by gateway restart"  # the gateway's wording (runs.service.INTERRUPTED)
-FINAL_STATUSES = ("ok", "error", "timeout", "aborted")
 DEFAULT_REQUESTER = "agent:main:batch"
 WAIT_SLICE_MS = 30_000
 HISTORY_LIMIT = 1000

@@ -13,7 +13,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from clawgate.server.connection import CLOSE_TRY_LATER, RAW_SEND_SCOPE_KEY, Connection
+from clawgate.protocol.constants import CLOSE_TRY_LATER
+from clawgate.server.connection import RAW_SEND_SCOPE_KEY, Connection
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_api import RestApi
 from clawgate.server.http_events import RunEventLog
