@@ -21,6 +21,7 @@ one place (`to_error_shape`) maps exceptions to error frames.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from clawgate.protocol.constants import (
@@ -96,6 +97,22 @@ class AgentTimeout(ClawgateError):
 
 class Internal(ClawgateError):
     code = INTERNAL
+
+
+def internal_error(
+    exc: BaseException, log: Any, event: str, *, id_in_message: bool = False, **fields: Any
+) -> Internal:
+    """The answer to a bug met while serving a request, logged with its traceback.
+
+    A fresh correlation id ties the answer to the log line: in `details.correlationId` (the
+    WebSocket protocol), or in the message itself (`id_in_message`, the HTTP API). Call it
+    from the `except` block that caught `exc`.
+    """
+    correlation = uuid.uuid4().hex[:12]
+    log.exception(event, correlation_id=correlation, **fields)
+    if id_in_message:
+        return Internal(f"internal error (correlation id {correlation})")
+    return Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation})
 
 
 class StoreError(Unavailable):

@@ -18,7 +18,7 @@ import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from clawgate.clip import clip
-from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooLarge, Unavailable
+from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unavailable, internal_error
 from clawgate.ids import ConnId, SessionKey, new_conn_id
 from clawgate.protocol.constants import CLOSE_POLICY, CLOSE_TOO_BIG
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id

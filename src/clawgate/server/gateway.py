@@ -24,13 +24,19 @@ from clawgate.automation.cron import CronService
 from clawgate.automation.usage import UsageLedger
 from clawgate.automation.webhooks import WebhookService
 from clawgate.clip import clip
-from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unauthorized, Unavailable
+from clawgate.errors import (
+    ClawgateError,
+    Forbidden,
+    InvalidRequest,
+    Unauthorized,
+    Unavailable,
+    internal_error,
+)
 from clawgate.events.bus import EventBus
 from clawgate.events.session_events import SessionEventPublisher
 from clawgate.methods.agent import final_payload
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
-from clawgate.protocol.device import signature_token, verify_device_signature
 from clawgate.protocol.frames import decode_params, encode_event
 from clawgate.protocol.schemas import ConnectParams
 from clawgate.providers.base import Provider
@@ -38,10 +44,11 @@ from clawgate.providers.factory import make_provider
 from clawgate.retention.disk import DiskMonitor
 from clawgate.retention.service import Retention
 from clawgate.runs.service import RunService
-from clawgate.server.auth import authorize, require
+from clawgate.server.auth import require
 from clawgate.server.authlimit import AuthFailureLimiter, peer_key
 from clawgate.server.connection import Connection
 from clawgate.server.credentials import load_credentials
+from clawgate.server.handshake import grant_for, hello_ok
 from clawgate.server.peerlog import PeerLog
 from clawgate.server.sockets import SocketLedger, max_sockets
 from clawgate.server.statedir import StateDirError, check_state_dir
@@ -66,17 +73,6 @@ if TYPE_CHECKING:
     from clawgate.store.sqlite import SqliteStore
 
 log = structlog.get_logger("clawgate.gateway")
-
-EVENTS = [
-    "connect.challenge",
-    "agent",
-    "chat",
-    "subagent",
-    "sessions.changed",
-    "session.message",
-    "tick",
-    "shutdown",
-]
 
 
 def open_cron_store(settings: Settings, store: Store) -> CronStore:
@@ -404,20 +400,9 @@ class Gateway:
                 )
         params = decode_params(raw, ConnectParams)
         try:
-            grant = authorize(params, self.credentials)
-            if params.device is not None:
-                verify_device_signature(
-                    params.device,
-                    client_id=params.client.id,
-                    client_mode=params.client.mode,
-                    role=params.role,
-                    scopes=params.scopes or [],
-                    token=signature_token(msgspec.to_builtins(params.auth) if params.auth else None),
-                    nonce=conn.nonce,
-                    now_ms=int(self.clock.time() * 1000),
-                    platform=params.client.platform,
-                    device_family=params.client.device_family,
-                )
+            grant = grant_for(
+                params, self.credentials, nonce=conn.nonce, now_ms=int(self.clock.time() * 1000)
+            )
         except Unauthorized:
             if limited:
                 self.auth_limiter.failed(key)
@@ -432,37 +417,14 @@ class Gateway:
 
     def hello(self, conn: Connection) -> dict[str, Any]:
         assert conn.grant is not None
-        s = self.settings
-        # Every object of OpenClaw's HelloOkSchema is closed (additionalProperties: false), so
-        # only fields that schema names go here: stricter OpenClaw clients reject anything else.
-        return {
-            "type": "hello-ok",
-            "protocol": conn.grant.protocol,
-            "server": {"version": __version__, "connId": conn.conn_id},
-            "features": {"methods": sorted(self.methods), "events": EVENTS},
-            "snapshot": {
-                "presence": [],
-                "health": {"ok": True},
-                "stateVersion": {"presence": 0, "health": 0},
-                "uptimeMs": self.uptime_ms(),
-                "sessionDefaults": {
-                    "defaultAgentId": "main",
-                    "mainKey": "main",
-                    "mainSessionKey": "agent:main:main",
-                },
-                "authMode": "token" if self.credentials.required else "none",
-            },
-            "policy": {
-                "maxPayload": s.max_payload_bytes,
-                "maxBufferedBytes": s.max_buffered_bytes,
-                "tickIntervalMs": int(s.tick_interval_s * 1000),
-            },
-            "auth": {
-                "method": conn.grant.method,
-                "role": conn.grant.role,
-                "scopes": sorted(conn.grant.scopes),
-            },
-        }
+        return hello_ok(
+            conn.grant,
+            conn_id=conn.conn_id,
+            settings=self.settings,
+            methods=self.methods,
+            uptime_ms=self.uptime_ms(),
+            auth_required=self.credentials.required,
+        )
 
     # -- dispatch -----------------------------------------------------------------------------------
     async def dispatch(self, conn: Connection, req_id: str, method: str, raw: msgspec.Raw) -> None:
@@ -486,12 +448,7 @@ class Gateway:
                 conn.respond_error(req_id, Unavailable(f"the store is unreachable: {type(exc).__name__}"))
                 return
             self.internal_errors += 1
-            correlation = uuid.uuid4().hex[:12]
-            log.exception("internal error", method=clip(method), correlation_id=correlation)
-            conn.respond_error(
-                req_id,
-                Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),
-            )
+            conn.respond_error(req_id, internal_error(exc, log, "internal error", method=clip(method)))
 
     # -- introspection ----------------------------------------------------------------------------
     def uptime_ms(self) -> int:
