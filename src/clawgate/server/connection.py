@@ -119,9 +119,8 @@ class Connection:
             return
         self.closed = True
         self._wake.set()
-        task = asyncio.create_task(self._close(code, reason))
+        task = self.gw.supervisor.spawn(self._close(code, reason), name="connection-close")
         self._close_tasks.add(task)
-        self.gw.own(task)
 
     async def _close(self, code: int, reason: str) -> None:
         if self._sending:
@@ -160,9 +159,10 @@ class Connection:
     def _handshake_expired(self) -> None:
         if self.grant is None and not self.closed:
             self.respond_error(None, InvalidRequest("handshake timeout: no connect request"))
-            task = asyncio.create_task(self.close(CLOSE_POLICY, "handshake timeout"))
+            task = self.gw.supervisor.spawn(
+                self.close(CLOSE_POLICY, "handshake timeout"), name="connection-close"
+            )
             self._close_tasks.add(task)
-            self.gw.own(task)
 
     async def _receive_loop(self) -> None:
         receive = self.ws.receive

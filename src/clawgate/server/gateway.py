@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,6 +37,7 @@ from clawgate.events.session_events import SessionEventPublisher
 from clawgate.methods.agent import final_payload
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
+from clawgate.protocol.constants import CLOSE_RESTART
 from clawgate.protocol.frames import decode_params, encode_event
 from clawgate.protocol.schemas import ConnectParams
 from clawgate.providers.base import Provider
@@ -58,6 +59,7 @@ from clawgate.settings import Settings, is_loopback
 from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Store
 from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
 from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageStore
@@ -244,9 +246,9 @@ class Gateway:
         )
         # Close tasks of connections, at most two per connection, each awaited before its
         # connection is forgotten (Connection._finish_close_tasks): bounded by construction.
-        self.background: set[asyncio.Task[Any]] = set()
+        self.supervisor = Supervisor(sleep=self.clock.sleep, on_error=self._task_failed)
         self.registry.add(
-            "background_tasks", self.background.__len__, ttl_s=None, max_size=2 * settings.max_connections
+            "background_tasks", self.supervisor.__len__, ttl_s=None, max_size=2 * settings.max_connections
         )
         self.methods: dict[str, MethodSpec] = build_table()
         self.metrics = make_registry(self._metrics_snapshot)
@@ -266,12 +268,23 @@ class Gateway:
         self.internal_errors = 0
         self.started = False
         self.stopping = False
-        self._tick_task: asyncio.Task[None] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.stop_errors: list[tuple[str, BaseException]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start every component; each pushes its stop onto the lifecycle stack as it starts.
+
+        `stop()` closes the stack: the stops run in reverse, each one even if another raised.
+        Where a stop has no start of its own (the shutdown event, the drain, closing the
+        connections), it is pushed where it must run: the stop order is broadcast shutdown,
+        stop cron, hand the cluster's queues back, drain the runs, close the cluster, stop
+        subagents, webhooks, MCP servers, ticks, maintenance, admission, disk sampler, close
+        connections and background tasks, close the store, close the providers.
+        """
         if self.started:
             return
+        on_stop = self._lifecycle()
         await self.store.open()
         await self.usage.store.open()
         await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
@@ -287,16 +300,31 @@ class Gateway:
         await self.retention.startup()
         await self.disk.refresh()
         self.disk.start()
+        on_stop("disk", self.disk.stop)
+        self.admission.start()
+        on_stop("admission", self.admission.stop)
         # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
         self.maintenance.start()
-        self.admission.start()
-        self.subagents.start()
+        on_stop("maintenance", self.maintenance.stop)
+        self.supervisor.loop("ticks", self._ticks, retry_s=self.settings.tick_interval_s)
+        on_stop("ticks", lambda: self.supervisor.stop_loop("ticks"))
+        on_stop("mcp", self.mcp.close)  # MCP servers start on demand
         await self.webhooks.start()  # after the restore: deliveries left by a crash go out now
+        on_stop("webhooks", self.webhooks.stop)  # after the drain: the last run ends' deliveries are out
+        self.subagents.start()
+        on_stop("subagents", self.subagents.stop)
+        if self.cluster is not None:
+            # First hand the shared queues back (running runs get the grace period, then
+            # become orphans another process reports), then stop like a single process.
+            on_stop("cluster", self.cluster.close)
+        on_stop("drain", lambda: self.runs.drain(self.settings.shutdown_grace_s))
+        if self.cluster is not None:
+            on_stop("cluster-dispatch", self.cluster.stop_dispatch)
         if self.settings.cron_enabled:
             await self.cron.start()  # after the restore: an overdue job fires once, now
         else:
             await self.cron.store.open()
-        self._tick_task = asyncio.create_task(self._ticks(), name="clawgate-ticks")
+        on_stop("cron", self.cron.stop)
         self.started = True
         log.info(
             "gateway started",
@@ -306,60 +334,66 @@ class Gateway:
             subagents_restored=restored,
         )
 
+    def _lifecycle(self) -> Callable[[str, Callable[[], Awaitable[object]]], None]:
+        """The lifecycle stack, with what closes last whatever was started: the providers, the
+        store, background tasks, connections, and (first of all) the shutdown event."""
+        if self._stack is None:
+            self._stack = contextlib.AsyncExitStack()
+            self._stack.push_async_callback(self._stop_step, "providers", self._close_providers)
+            self._stack.push_async_callback(self._stop_step, "store", self.store.close)
+            self._stack.push_async_callback(self._stop_step, "tasks", self.supervisor.aclose)
+            self._stack.push_async_callback(self._stop_step, "connections", self._close_connections)
+        stack = self._stack
+
+        def on_stop(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            stack.push_async_callback(self._stop_step, name, fn)
+
+        return on_stop
+
     async def stop(self, reason: str = "gateway stopping") -> None:
         if self.stopping:
             return
         self.stopping = True
         self.bus.broadcast(encode_event("shutdown", {"reason": reason}))
-        await self.cron.stop()
-        if self.cluster is not None:
-            # First hand the shared queues back (running runs get the grace period, then
-            # become orphans another process reports), then stop like a single process.
-            await self.cluster.stop_dispatch()
-        await self.runs.drain(self.settings.shutdown_grace_s)
-        if self.cluster is not None:
-            await self.cluster.close()
-        await self.subagents.stop()
-        await self.webhooks.stop()  # after the drain: the last run ends' deliveries are in the outbox
-        await self.mcp.close()
-        for task in (self._tick_task,):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.maintenance.stop()
-        await self.admission.stop()
-        await self.disk.stop()
+        self._lifecycle()  # a gateway that never started still closes its store and providers
+        assert self._stack is not None
+        await self._stack.aclose()
+        if self.stop_errors:
+            log.error("gateway stopped with errors", steps=[name for name, _exc in self.stop_errors])
+        else:
+            log.info("gateway stopped")
+
+    async def _stop_step(self, name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """One step of `stop()`: a failure is logged and collected, and the next step runs."""
+        try:
+            await fn()
+        except Exception as exc:
+            self.stop_errors.append((name, exc))
+            log.error("stop step failed", step=name, error=repr(exc), exc_info=exc)
+
+    async def _close_connections(self) -> None:
         for conn in list(self.connections.values()):
             with contextlib.suppress(Exception):
-                await conn.close(1012, "gateway stopping")
-        for task in list(self.background):
-            task.cancel()
-        if self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
-        await self.store.close()
-        with contextlib.suppress(Exception):
-            await self.provider.aclose()
-        for extra in self.runs.providers.values():
+                await conn.close(CLOSE_RESTART, "gateway stopping")
+
+    async def _close_providers(self) -> None:
+        for provider in (self.provider, *self.runs.providers.values()):
             with contextlib.suppress(Exception):
-                await extra.aclose()
-        log.info("gateway stopped")
+                await provider.aclose()
 
-    def own(self, task: asyncio.Task[Any]) -> None:
-        """Background tasks never lose their exceptions: they are owned, logged and counted."""
-        self.background.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.internal_errors += 1
-            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        """A background task that raised is a bug: counted with the internal errors."""
+        self.internal_errors += 1
 
     async def _ticks(self) -> None:
         while True:
             await self.clock.sleep(self.settings.tick_interval_s)
             self.bus.broadcast(encode_event("tick", {"ts": int(self.clock.time() * 1000)}))
+
+    @property
+    def background(self) -> set[asyncio.Task[Any]]:
+        """The one-shot background tasks alive now (connections' close tasks)."""
+        return self.supervisor.tasks
 
     def _files_outside_state_dir(self) -> list[Path]:
         log_path = self.settings.ended_hook_log
@@ -498,6 +532,7 @@ class Gateway:
             "webhooks": self.webhooks.describe(),
             "budgets": {"refused": self.budgets.refused},
             "mcp": self.mcp.stats(),
+            "tasks": self.supervisor.describe(),
         }
 
     def provider_stats(self) -> dict[str, Any]:
@@ -550,6 +585,7 @@ class Gateway:
             "provider": self.provider_stats(),
             "tokens": dict(self.usage.tokens),
             "subagents": self.subagents.counters(),
+            "task_errors": dict(self.supervisor.errors),
         }
 
     def render_metrics(self) -> bytes:
