@@ -299,17 +299,17 @@ class Gateway:
             await self.subagents.resume()
         await self.retention.startup()
         await self.disk.refresh()
-        self.disk.start()
+        self.disk.start(self.supervisor)
         on_stop("disk", self.disk.stop)
-        self.admission.start()
+        self.admission.start(self.supervisor)
         on_stop("admission", self.admission.stop)
         # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
-        self.maintenance.start()
+        self.maintenance.start(self.supervisor)
         on_stop("maintenance", self.maintenance.stop)
         self.supervisor.loop("ticks", self._ticks, retry_s=self.settings.tick_interval_s)
         on_stop("ticks", lambda: self.supervisor.stop_loop("ticks"))
         on_stop("mcp", self.mcp.close)  # MCP servers start on demand
-        await self.webhooks.start()  # after the restore: deliveries left by a crash go out now
+        await self.webhooks.start(self.supervisor)  # after the restore: deliveries left by a crash go out now
         on_stop("webhooks", self.webhooks.stop)  # after the drain: the last run ends' deliveries are out
         self.subagents.start()
         on_stop("subagents", self.subagents.stop)
@@ -321,7 +321,7 @@ class Gateway:
         if self.cluster is not None:
             on_stop("cluster-dispatch", self.cluster.stop_dispatch)
         if self.settings.cron_enabled:
-            await self.cron.start()  # after the restore: an overdue job fires once, now
+            await self.cron.start(self.supervisor)  # after the restore: an overdue job fires once, now
         else:
             await self.cron.store.open()
         on_stop("cron", self.cron.stop)
