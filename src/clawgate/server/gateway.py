@@ -1,7 +1,8 @@
 """The gateway: the composition root that owns every component and their lifecycle.
 
-Start order: store -> sessions/bus/runs/subagents -> restore -> maintenance ->
-admission -> ticks. Stop order is the reverse, and every step is idempotent.
+Start order: store -> restore -> disk -> admission -> maintenance -> ticks -> webhooks
+-> subagents -> cron. Each start pushes its stop onto one AsyncExitStack, so stop() runs
+them in reverse (`Gateway.start` lists the order), each even if another raised.
 """
 
 from __future__ import annotations
