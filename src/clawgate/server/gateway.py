@@ -336,8 +336,8 @@ class Gateway:
         )
 
     def _lifecycle(self) -> Callable[[str, Callable[[], Awaitable[object]]], None]:
-        """The lifecycle stack, with what closes last whatever was started: the providers, the
-        store, background tasks, connections, and (first of all) the shutdown event."""
+        """The lifecycle stack, with what closes last whatever was started (the providers, the
+        store, background tasks, connections), and a function pushing one named stop onto it."""
         if self._stack is None:
             self._stack = contextlib.AsyncExitStack()
             self._stack.push_async_callback(self._stop_step, "providers", self._close_providers)
