@@ -33,10 +33,10 @@ from typing import Any
 import pytest
 
 from clawgate.client import Client, ClientError
+from clawgate.protocol.constants import INTERRUPTED
 
 KILL_DELAYS = [0.1, 0.4, 0.7, 1.0]
 FINAL = {"ok", "error", "timeout", "aborted"}
-INTERRUPTED = "interrupted by gateway restart"
 ROLES = {"user", "assistant", "system"}
 SESSIONS = ["agent:main:main", "agent:main:crash-a", "agent:main:crash-b", "agent:ops:main"]
 

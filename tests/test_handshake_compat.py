@@ -22,6 +22,7 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from clawgate.protocol.constants import CLOSE_POLICY
 from clawgate.protocol.device import DEVICE_SIGNATURE_SKEW_MS, b64url_encode, build_device_payload_v3
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
@@ -29,7 +30,6 @@ from conftest import GatewayFactory, settle
 
 TOKEN = "s3cret-token"
 FRAME_TIMEOUT_S = 10.0
-CLOSE_POLICY = 1008
 
 # The methods OpenClaw clients (CLI, chat UIs) rely on; all must be advertised in hello-ok.
 OPENCLAW_CORE_METHODS = {

@@ -28,12 +28,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from clawgate.client import Client
+from clawgate.protocol.constants import INTERRUPTED
 from clawgate.store.records import RunRecord
 from clawgate.testing import GatewayProcess
 
 pytestmark = pytest.mark.redis
-
-INTERRUPTED = "interrupted by gateway restart"
 
 
 class Procs:

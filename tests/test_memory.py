@@ -29,6 +29,7 @@ CONTAINERS = (dict, set, list, deque, OrderedDict)
 # configuration, hook lists and counters whose size is fixed by the code, not the workload.
 NOT_ID_KEYED = {
     ("Gateway", "methods"),
+    ("Gateway", "stop_errors"),  # at most one per stop step, fixed by the code
     ("RunService", "tools"),
     ("RunService", "providers"),  # one per provider kind the agent profiles name
     ("McpManager", "servers"),  # one per configured MCP server

@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from clawgate.client import Client, ClientError
+from clawgate.protocol.constants import INTERRUPTED
 from clawgate.redis_calls import pause_s
 from clawgate.runs.endwrite import FIRST_DELAY_S, MAX_DELAY_S, next_delay
 from clawgate.store.records import RunRecord
@@ -278,9 +279,6 @@ class Ends:
             return
         if data.get("phase") in ("end", "error") and not data.get("willRetry"):
             self.by_run.setdefault(payload["runId"], []).append(data)
-
-
-INTERRUPTED = "interrupted by gateway restart"
 
 
 @pytest.mark.timeout(150)

@@ -17,8 +17,10 @@ from typing import Any
 import websockets
 
 from clawgate.client import Client
+from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
-from conftest import GatewayFactory
+from clawgate.state.clock import FakeClock
+from conftest import GatewayFactory, make_settings
 from test_settings_cli import GatewayProcess
 
 
@@ -175,3 +177,32 @@ async def test_in_process_stop_sends_shutdown_then_closes(start_gateway: Gateway
     assert len(gw.connections) == 0
     assert gw.admit_connection() == "gateway stopping"
     await rg.stop()  # idempotent
+
+
+async def test_a_stop_step_that_raises_does_not_stop_the_others(
+    tmp_path: Path, clock: FakeClock, monkeypatch: Any
+) -> None:
+    gw = Gateway(make_settings(tmp_path), clock=clock)
+
+    async def broken_stop() -> None:
+        raise RuntimeError("disk sampler would not stop")
+
+    # A fault injected into one component's stop, in the middle of the stop order.
+    monkeypatch.setattr(gw.disk, "stop", broken_stop)
+    rg = RunningGateway(gw)
+    await rg.__aenter__()
+    try:
+        ws = await raw_connect(rg.url)
+        await asyncio.wait_for(rg.stop(), 20)
+    finally:
+        await rg.stop()
+    # The steps before it ran, and so did every one after it: connections, store.
+    assert not gw.maintenance.running
+    frames = await frames_until_closed(ws)
+    assert frames == [{"type": "event", "event": "shutdown", "payload": {"reason": "server shutdown"}}]
+    assert ws.close_code == 1012
+    assert len(gw.connections) == 0
+    assert not await gw.store.ping()
+    assert [(name, str(exc)) for name, exc in gw.stop_errors] == [("disk", "disk sampler would not stop")]
+    await rg.stop()  # idempotent: nothing runs twice
+    assert len(gw.stop_errors) == 1

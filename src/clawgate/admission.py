@@ -15,6 +15,7 @@ import psutil
 
 from clawgate.errors import Unavailable
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.tasks import cancel_and_wait
 
 
@@ -38,9 +39,12 @@ class Admission:
         self.disk_reason: Callable[[], str | None] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, tasks: Supervisor | None = None) -> None:
+        """Start the sampler, under the gateway's task supervisor when given one."""
         if self._task is None:
-            self._task = asyncio.create_task(self._sample_loop(), name="clawgate-rss-sampler")
+            self._task = (tasks or Supervisor()).loop(
+                "clawgate-rss-sampler", self._sample_loop, retry_s=self.sample_interval_s
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -21,11 +21,23 @@ one place (`to_error_shape`) maps exceptions to error frames.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
+
+from clawgate.protocol.constants import (
+    AGENT_TIMEOUT,
+    FORBIDDEN,
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RUN_FAILED,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+)
 
 
 class ClawgateError(Exception):
-    code: str = "INTERNAL"
+    code: str = INTERNAL
     retryable: bool = False
 
     def __init__(
@@ -52,7 +64,7 @@ class ClawgateError(Exception):
 
 
 class InvalidRequest(ClawgateError):
-    code = "INVALID_REQUEST"
+    code = INVALID_REQUEST
 
 
 class PayloadTooLarge(InvalidRequest):
@@ -60,19 +72,19 @@ class PayloadTooLarge(InvalidRequest):
 
 
 class Unauthorized(ClawgateError):
-    code = "UNAUTHORIZED"
+    code = UNAUTHORIZED
 
 
 class Forbidden(ClawgateError):
-    code = "FORBIDDEN"
+    code = FORBIDDEN
 
 
 class NotFound(ClawgateError):
-    code = "NOT_FOUND"
+    code = NOT_FOUND
 
 
 class Unavailable(ClawgateError):
-    code = "UNAVAILABLE"
+    code = UNAVAILABLE
     retryable = True
 
     def __init__(self, message: str, *, retry_after_ms: int = 1000, details: dict[str, Any] | None = None):
@@ -80,11 +92,27 @@ class Unavailable(ClawgateError):
 
 
 class AgentTimeout(ClawgateError):
-    code = "AGENT_TIMEOUT"
+    code = AGENT_TIMEOUT
 
 
 class Internal(ClawgateError):
-    code = "INTERNAL"
+    code = INTERNAL
+
+
+def internal_error(
+    exc: BaseException, log: Any, event: str, *, id_in_message: bool = False, **fields: Any
+) -> Internal:
+    """The answer to a bug met while serving a request, logged with its traceback.
+
+    A fresh correlation id ties the answer to the log line: in `details.correlationId` (the
+    WebSocket protocol), or in the message itself (`id_in_message`, the HTTP API). Call it
+    from the `except` block that caught `exc`.
+    """
+    correlation = uuid.uuid4().hex[:12]
+    log.exception(event, correlation_id=correlation, **fields)
+    if id_in_message:
+        return Internal(f"internal error (correlation id {correlation})")
+    return Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation})
 
 
 class StoreError(Unavailable):
@@ -99,7 +127,7 @@ class RunFailed(ClawgateError):
     """An OpenAI-compatible request whose run ended error / timeout / aborted: an upstream
     failure for that client (502), with the run's status and error."""
 
-    code = "RUN_FAILED"
+    code = RUN_FAILED
 
 
 class ProviderError(ClawgateError):
@@ -111,7 +139,7 @@ class ProviderError(ClawgateError):
     provider's Retry-After, honoured by the backoff.
     """
 
-    code = "INTERNAL"
+    code = INTERNAL
 
     def __init__(
         self,

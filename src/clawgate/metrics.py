@@ -76,6 +76,12 @@ class GatewayCollector(Collector):
         for name, n in snap["sweep_errors"].items():
             sweeps.add_metric([name], n)
         yield sweeps
+        task_errors = CounterMetricFamily(
+            "clawgate_task_errors", "Background tasks that raised, by task", labels=["task"]
+        )
+        for name, n in snap.get("task_errors", {}).items():
+            task_errors.add_metric([name], n)
+        yield task_errors
         ticks = CounterMetricFamily("clawgate_maintenance_ticks", "Maintenance ticks run")
         ticks.add_metric([], snap["ticks"])
         yield ticks

@@ -19,6 +19,7 @@ import structlog
 from clawgate.agent.replycap import ReplyCap
 from clawgate.agent.tools import DEFAULT_RUN_SCOPES, Tool, ToolCallContext, scopes_allow
 from clawgate.errors import ClawgateError, ProviderError
+from clawgate.protocol.constants import FORBIDDEN
 from clawgate.providers.backoff import backoff_delay
 from clawgate.providers.base import (
     ChatMessage,
@@ -251,7 +252,7 @@ async def _call_tool(
     elif not scopes_allow(inp.scopes, tool.scope):
         result = {
             "status": "error",
-            "code": "FORBIDDEN",
+            "code": FORBIDDEN,
             "error": f"tool {call.name!r} needs scope {tool.scope}, which the run's starter does not hold",
         }
     else:

@@ -27,6 +27,7 @@ from clawgate.runs.service import RunService, SubmitRequest
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.tasks import cancel_and_wait
 from clawgate.store.cron_records import CronJob, CronRunEntry
 from clawgate.store.cron_store import CronStore, due_score
@@ -71,10 +72,13 @@ class CronService:
         return int(self.clock.time() * 1000)
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, tasks: Supervisor | None = None) -> None:
+        """Open the store and start the loop, under the gateway's task supervisor when given one."""
         await self.store.open()
         if self.task is None:
-            self.task = asyncio.create_task(self._loop(), name="clawgate-cron")
+            self.task = (tasks or Supervisor()).loop(
+                "clawgate-cron", self._loop, retry_s=self.settings.cron_poll_s
+            )
 
     async def stop(self) -> None:
         task, self.task = self.task, None

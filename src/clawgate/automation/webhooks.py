@@ -34,6 +34,7 @@ from clawgate.errors import NotFound
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.store.webhook_store import DeliveryState, WebhookDelivery, WebhookStore
@@ -136,10 +137,13 @@ class WebhookService:
         )
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, tasks: Supervisor | None = None) -> None:
+        """Start the delivery loop, under the gateway's task supervisor when given one."""
         if self.task is not None:
             return
-        self.task = asyncio.create_task(self._loop(), name="clawgate-webhooks")
+        self.task = (tasks or Supervisor()).loop(
+            "clawgate-webhooks", self._loop, retry_s=self.settings.webhook_poll_s
+        )
 
     async def stop(self) -> None:
         task, self.task = self.task, None

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-FINAL_STATUSES = ("ok", "error", "timeout", "aborted")
+from clawgate.protocol.constants import FINAL_STATUSES
 
 
 def spawn_journal_path(out_path: Path) -> Path:

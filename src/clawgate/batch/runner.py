@@ -39,8 +39,8 @@ from clawgate.batch.tasks import (
     task_run_key,
 )
 from clawgate.client import Client, ClientError, ConnectionLost
+from clawgate.protocol.constants import INTERRUPTED
 
-INTERRUPTED = "interrupted by gateway restart"  # the gateway's wording (runs.service.INTERRUPTED)
 DEFAULT_REQUESTER = "agent:main:batch"
 WAIT_SLICE_MS = 30_000
 HISTORY_LIMIT = 1000

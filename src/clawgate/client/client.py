@@ -29,6 +29,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from clawgate import __version__
+from clawgate.protocol.constants import INTERNAL, INVALID_REQUEST
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -67,7 +68,7 @@ class ClientError(Exception):
     @classmethod
     def from_wire(cls, error: dict[str, Any]) -> ClientError:
         """Build from a response's `error` object; a lost connection keeps its own type."""
-        code = str(error.get("code", "INTERNAL"))
+        code = str(error.get("code", INTERNAL))
         message = str(error.get("message", ""))
         if code == ConnectionLost.CODE:
             return ConnectionLost(message)
@@ -222,7 +223,7 @@ class Client:
         try:
             challenge = _decoder.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
             if challenge.get("event") != "connect.challenge":
-                raise ClientError("INVALID_REQUEST", "expected connect.challenge")
+                raise ClientError(INVALID_REQUEST, "expected connect.challenge")
             params: dict[str, Any] = {
                 "minProtocol": 3,
                 "maxProtocol": 4,

@@ -10,39 +10,34 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.errors import NotFound
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import ArtifactParams, EmptyParams, IdParams
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
-async def list_questions(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def list_questions(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     return {"questions": []}
 
 
-async def get_question(gw: Gateway, conn: Connection, req_id: str, params: IdParams) -> dict[str, Any]:
+async def get_question(gw: Core, conn: Caller, req_id: str, params: IdParams) -> dict[str, Any]:
     raise NotFound(f"unknown question {params.id}", details={"id": params.id})
 
 
 async def list_plugin_approvals(
-    gw: Gateway, conn: Connection, req_id: str, params: EmptyParams
+    gw: Core, conn: Caller, req_id: str, params: EmptyParams
 ) -> list[dict[str, Any]]:
     # OpenClaw answers this one with a bare array.
     return []
 
 
-async def resolve_plugin_approval(
-    gw: Gateway, conn: Connection, req_id: str, params: IdParams
-) -> dict[str, Any]:
+async def resolve_plugin_approval(gw: Core, conn: Caller, req_id: str, params: IdParams) -> dict[str, Any]:
     raise NotFound(f"unknown plugin approval {params.id}", details={"id": params.id})
 
 
-async def download_artifact(
-    gw: Gateway, conn: Connection, req_id: str, params: ArtifactParams
-) -> dict[str, Any]:
+async def download_artifact(gw: Core, conn: Caller, req_id: str, params: ArtifactParams) -> dict[str, Any]:
     raise NotFound(f"unknown artifact {params.artifact_id}", details={"artifactId": params.artifact_id})
 
 

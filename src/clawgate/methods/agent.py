@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from clawgate.automation.webhook_rules import check_url
 from clawgate.ids import MAIN_SESSION, ConnId, RunId, SessionKey
-from clawgate.methods.table import DEFERRED, Deferred, MethodSpec
+from clawgate.methods.spec import DEFERRED, Deferred, MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AbortParams, AgentParams, ChatAbortParams, ChatSendParams, WaitParams
 from clawgate.runs.service import SubmitRequest
@@ -14,8 +14,7 @@ from clawgate.sessions.keys import agent_id_of
 from clawgate.store.records import RunRecord
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
 def final_payload(rec: RunRecord) -> dict[str, Any]:
@@ -45,7 +44,7 @@ def accepted_payload(rec: RunRecord) -> dict[str, Any]:
     }
 
 
-async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams) -> Deferred:
+async def agent(gw: Core, conn: Caller, req_id: str, params: AgentParams) -> Deferred:
     gw.admission.check()
     # Refused before a run is accepted whose final answer this connection could not take.
     gw.runs.waiters.check_connection(conn.conn_id)
@@ -78,12 +77,12 @@ async def agent(gw: Gateway, conn: Connection, req_id: str, params: AgentParams)
     return DEFERRED
 
 
-async def chat_send(gw: Gateway, conn: Connection, req_id: str, params: ChatSendParams) -> dict[str, Any]:
+async def chat_send(gw: Core, conn: Caller, req_id: str, params: ChatSendParams) -> dict[str, Any]:
     return await send_to_session(gw, params, conn.conn_id, conn.grant.scopes if conn.grant else None)
 
 
 async def send_to_session(
-    gw: Gateway, params: ChatSendParams, owner: ConnId | None, scopes: frozenset[str] | None
+    gw: Core, params: ChatSendParams, owner: ConnId | None, scopes: frozenset[str] | None
 ) -> dict[str, Any]:
     """`chat.send` and the `sessions_send` tool: admission, profile check, the shared submit."""
     gw.admission.check()
@@ -104,7 +103,7 @@ async def send_to_session(
     return {"runId": rec.run_id, "status": "started" if not rec.is_final else rec.status}
 
 
-async def wait(gw: Gateway, conn: Connection, req_id: str, params: WaitParams) -> dict[str, Any]:
+async def wait(gw: Core, conn: Caller, req_id: str, params: WaitParams) -> dict[str, Any]:
     run_id = RunId(params.run_id)
     rec = await gw.runs.wait(run_id, params.timeout_ms / 1000, owner=conn.conn_id)
     if rec is None:
@@ -121,11 +120,11 @@ async def wait(gw: Gateway, conn: Connection, req_id: str, params: WaitParams) -
     return out
 
 
-async def abort(gw: Gateway, conn: Connection, req_id: str, params: AbortParams) -> dict[str, Any]:
+async def abort(gw: Core, conn: Caller, req_id: str, params: AbortParams) -> dict[str, Any]:
     return {"runId": params.run_id, "aborted": gw.runs.abort(RunId(params.run_id))}
 
 
-async def chat_abort(gw: Gateway, conn: Connection, req_id: str, params: ChatAbortParams) -> dict[str, Any]:
+async def chat_abort(gw: Core, conn: Caller, req_id: str, params: ChatAbortParams) -> dict[str, Any]:
     aborted: list[str] = []
     if params.run_id:
         if gw.runs.abort(RunId(params.run_id)):

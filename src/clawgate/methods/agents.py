@@ -13,15 +13,14 @@ from clawgate.agents.profiles import MAIN_AGENT, Profile
 from clawgate.clip import clip
 from clawgate.errors import InvalidRequest
 from clawgate.ids import MAIN_SESSION
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import ADMIN, READ
 from clawgate.protocol.schemas import AgentIdStr, EmptyParams, SessionKeyStr, _Params
 from clawgate.providers.base import ToolCall
 from clawgate.sessions.keys import agent_id_of
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
 class ToolsCatalogParams(_Params):
@@ -35,7 +34,7 @@ class ToolsInvokeParams(_Params):
     session_key: SessionKeyStr | None = None
 
 
-async def agents_list(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def agents_list(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     agents = []
     for profile in gw.runs.profiles:
         item: dict[str, Any] = {"id": profile.id}
@@ -45,7 +44,7 @@ async def agents_list(gw: Gateway, conn: Connection, req_id: str, params: EmptyP
     return {"defaultId": MAIN_AGENT, "mainKey": "main", "scope": "per-sender", "agents": agents}
 
 
-async def models_list(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def models_list(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     """Every model a profile (or the gateway) runs on, with its fallbacks, once each."""
     seen: dict[str, dict[str, Any]] = {}
     default = getattr(gw.provider, "default_model", None) or gw.provider.name
@@ -60,15 +59,13 @@ async def models_list(gw: Gateway, conn: Connection, req_id: str, params: EmptyP
     return {"models": list(seen.values())}
 
 
-def _profile(gw: Gateway, agent_id: str | None, session_key: str | None) -> Profile:
+def _profile(gw: Core, agent_id: str | None, session_key: str | None) -> Profile:
     if agent_id is not None:
         return gw.runs.profiles.require(agent_id, "agentId")
     return gw.runs.profiles.require(agent_id_of(session_key or MAIN_SESSION), "sessionKey")
 
 
-async def tools_catalog(
-    gw: Gateway, conn: Connection, req_id: str, params: ToolsCatalogParams
-) -> dict[str, Any]:
+async def tools_catalog(gw: Core, conn: Caller, req_id: str, params: ToolsCatalogParams) -> dict[str, Any]:
     """The tools an agent is offered (its allowlist applied); MCP servers it names are started."""
     profile = _profile(gw, params.agent_id, None)
     tools = await gw.runs.tools_for(profile)
@@ -89,13 +86,11 @@ async def tools_catalog(
     }
 
 
-async def tools_invoke(
-    gw: Gateway, conn: Connection, req_id: str, params: ToolsInvokeParams
-) -> dict[str, Any]:
+async def tools_invoke(gw: Core, conn: Caller, req_id: str, params: ToolsInvokeParams) -> dict[str, Any]:
     return await invoke(gw, params, conn.grant.scopes if conn.grant else frozenset())
 
 
-async def invoke(gw: Gateway, params: ToolsInvokeParams, scopes: frozenset[str]) -> dict[str, Any]:
+async def invoke(gw: Core, params: ToolsInvokeParams, scopes: frozenset[str]) -> dict[str, Any]:
     """`tools.invoke` and `POST /tools/invoke`: one call, under the agent's allowlist, timeout
     and result cap."""
     profile = _profile(gw, params.agent_id, params.session_key)

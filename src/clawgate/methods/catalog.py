@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ
 from clawgate.protocol.schemas import EmptyParams
 from clawgate.settings import Settings
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 DEFAULT_AGENT = "main"
 
@@ -69,20 +68,20 @@ def redacted_config(settings: Settings) -> dict[str, Any]:
     return view
 
 
-async def list_agents(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def list_agents(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     return agents_result()
 
 
-async def list_models(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def list_models(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     d = gw.model_defaults
     return {"models": [{"id": d.model, "name": d.model, "provider": d.provider}]}
 
 
-async def list_commands(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def list_commands(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     return {"commands": command_entries()}
 
 
-async def get_config(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def get_config(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     view = redacted_config(gw.settings)
     # Read-only: clawgate's settings come from flags, environment and a TOML file, and
     # change only on restart, so there is no path, hash or raw text to edit.

@@ -6,15 +6,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import AgentIdStr, SessionKeyStr
 from clawgate.sessions.keys import agent_id_of
 from clawgate.store.cron_records import CronJob, CronPayload, CronSchedule
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 JobId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -72,7 +71,7 @@ def wire(job: CronJob) -> dict[str, Any]:
     return msgspec.to_builtins(job)  # type: ignore[no-any-return]
 
 
-async def add(gw: Gateway, conn: Connection, req_id: str, p: CronAddParams) -> dict[str, Any]:
+async def add(gw: Core, conn: Caller, req_id: str, p: CronAddParams) -> dict[str, Any]:
     # Refused now rather than at every firing: the job's agent must be configured.
     gw.runs.profiles.require(p.agent_id, "agentId")
     if p.session_key is not None:
@@ -94,30 +93,30 @@ async def add(gw: Gateway, conn: Connection, req_id: str, p: CronAddParams) -> d
     return {"ok": True, "job": wire(job)}
 
 
-async def list_jobs(gw: Gateway, conn: Connection, req_id: str, p: CronListParams) -> dict[str, Any]:
+async def list_jobs(gw: Core, conn: Caller, req_id: str, p: CronListParams) -> dict[str, Any]:
     jobs = await gw.cron.store.list_jobs(p.limit)
     return {"jobs": [wire(j) for j in jobs if p.include_disabled or j.enabled]}
 
 
-async def get(gw: Gateway, conn: Connection, req_id: str, p: CronJobParams) -> dict[str, Any]:
+async def get(gw: Core, conn: Caller, req_id: str, p: CronJobParams) -> dict[str, Any]:
     return {"job": wire(await gw.cron.get(p.job_id))}
 
 
-async def update(gw: Gateway, conn: Connection, req_id: str, p: CronUpdateParams) -> dict[str, Any]:
+async def update(gw: Core, conn: Caller, req_id: str, p: CronUpdateParams) -> dict[str, Any]:
     fields = {name: value for name, value in msgspec.structs.asdict(p.patch).items() if value is not None}
     return {"ok": True, "job": wire(await gw.cron.update(p.job_id, fields))}
 
 
-async def remove(gw: Gateway, conn: Connection, req_id: str, p: CronJobParams) -> dict[str, Any]:
+async def remove(gw: Core, conn: Caller, req_id: str, p: CronJobParams) -> dict[str, Any]:
     return {"ok": True, "removed": await gw.cron.remove(p.job_id)}
 
 
-async def run(gw: Gateway, conn: Connection, req_id: str, p: CronJobParams) -> dict[str, Any]:
+async def run(gw: Core, conn: Caller, req_id: str, p: CronJobParams) -> dict[str, Any]:
     gw.admission.check()
     return {"ok": True, "runId": await gw.cron.run_now(p.job_id)}
 
 
-async def runs(gw: Gateway, conn: Connection, req_id: str, p: CronRunsParams) -> dict[str, Any]:
+async def runs(gw: Core, conn: Caller, req_id: str, p: CronRunsParams) -> dict[str, Any]:
     await gw.cron.get(p.job_id)
     entries = await gw.cron.store.list_runs(p.job_id, p.limit)
     return {"jobId": p.job_id, "entries": [msgspec.to_builtins(e) for e in entries]}

@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.clip import clip
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ
 from clawgate.protocol.schemas import RunsListParams
 from clawgate.store.records import RunRecord
 from clawgate.store.run_pages import RunsPageQuery
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 # A page lists runs, it does not carry them: long texts are cut to these many characters.
 MESSAGE_CHARS = 200
@@ -51,7 +50,7 @@ def run_summary(rec: RunRecord) -> dict[str, Any]:
     return out
 
 
-async def list_runs(gw: Gateway, conn: Connection, req_id: str, params: RunsListParams) -> dict[str, Any]:
+async def list_runs(gw: Core, conn: Caller, req_id: str, params: RunsListParams) -> dict[str, Any]:
     query = RunsPageQuery(
         limit=params.limit,
         cursor=params.cursor,

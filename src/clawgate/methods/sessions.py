@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from clawgate.clip import clip
 from clawgate.errors import Forbidden, InvalidRequest, NotFound
 from clawgate.ids import SessionKey
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import ADMIN, READ, WRITE
 from clawgate.protocol.frames import encode_response
 from clawgate.protocol.schemas import (
@@ -29,11 +29,10 @@ from clawgate.sessions.keys import agent_id_of, is_valid, qualify
 from clawgate.sessions.view import session_row
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
-async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryParams) -> dict[str, Any]:
+async def history(gw: Core, conn: Caller, req_id: str, params: HistoryParams) -> dict[str, Any]:
     """The newest `limit` messages (oldest first) that fit in one frame under maxPayload.
 
     `truncated` says the reader is not seeing the whole history: the byte bound shaped the
@@ -44,7 +43,7 @@ async def history(gw: Gateway, conn: Connection, req_id: str, params: HistoryPar
     return await read_history(gw, params, req_id)
 
 
-async def read_history(gw: Gateway, params: HistoryParams, req_id: str = "") -> dict[str, Any]:
+async def read_history(gw: Core, params: HistoryParams, req_id: str = "") -> dict[str, Any]:
     """`chat.history` and the `sessions_history` tool: one page under maxPayload."""
     try:
         before = parse_cursor(None if params.cursor is None else str(params.cursor))
@@ -106,13 +105,11 @@ def list_prefix(prefix: str | None, agent_id: str | None) -> str | None:
     return prefix if prefix.startswith(agent_prefix) else NOTHING
 
 
-async def list_sessions(
-    gw: Gateway, conn: Connection, req_id: str, params: SessionsListParams
-) -> dict[str, Any]:
+async def list_sessions(gw: Core, conn: Caller, req_id: str, params: SessionsListParams) -> dict[str, Any]:
     return await read_sessions(gw, params)
 
 
-async def read_sessions(gw: Gateway, params: SessionsListParams) -> dict[str, Any]:
+async def read_sessions(gw: Core, params: SessionsListParams) -> dict[str, Any]:
     """`sessions.list` and the `sessions_list` tool."""
     since = gw.clock.time() - params.active_minutes * 60 if params.active_minutes else None
     prefix = list_prefix(params.prefix, params.agent_id)
@@ -136,7 +133,7 @@ async def read_sessions(gw: Gateway, params: SessionsListParams) -> dict[str, An
     return {"sessions": sessions, "count": len(sessions), "defaults": gw.model_defaults.to_wire()}
 
 
-async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
+async def patch(gw: Core, conn: Caller, req_id: str, params: SessionsPatchParams) -> dict[str, Any]:
     model = params.model if isinstance(params.model, str) else None
     meta = await gw.sessions.patch(
         SessionKey(params.key),
@@ -151,7 +148,7 @@ async def patch(gw: Gateway, conn: Connection, req_id: str, params: SessionsPatc
     return out
 
 
-def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:
+def _refuse_if_busy(gw: Core, key: str, what: str) -> None:
     for run in gw.runs.active.values():
         if run.record.session_key == key:
             raise Forbidden(
@@ -160,7 +157,7 @@ def _refuse_if_busy(gw: Gateway, key: str, what: str) -> None:
             )
 
 
-async def reset(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
+async def reset(gw: Core, conn: Caller, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
     _refuse_if_busy(gw, params.key, "reset")
     # Resetting nothing would answer with a session id that exists nowhere.
     if await gw.sessions.get(SessionKey(params.key)) is None:
@@ -169,7 +166,7 @@ async def reset(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyPa
     return {"ok": True, "key": params.key}
 
 
-async def delete(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
+async def delete(gw: Core, conn: Caller, req_id: str, params: SessionKeyParams) -> dict[str, Any]:
     _refuse_if_busy(gw, params.key, "delete")
     key = SessionKey(params.key)
     # Idempotent: a requester with no session row yet may still have children to release.
@@ -179,9 +176,7 @@ async def delete(gw: Gateway, conn: Connection, req_id: str, params: SessionKeyP
     return {"ok": True, "key": params.key, "deleted": existed}
 
 
-async def cleanup(
-    gw: Gateway, conn: Connection, req_id: str, params: SessionsCleanupParams
-) -> dict[str, Any]:
+async def cleanup(gw: Core, conn: Caller, req_id: str, params: SessionsCleanupParams) -> dict[str, Any]:
     """Run every retention rule now (admin); with `dryRun`, report what would go and delete nothing."""
     removed = await gw.retention.run(dry_run=params.dry_run)
     return {
@@ -200,9 +195,7 @@ def _key(raw: str, agent_id: str | None) -> SessionKey:
     return key
 
 
-async def subscribe_sessions(
-    gw: Gateway, conn: Connection, req_id: str, params: EmptyParams
-) -> dict[str, Any]:
+async def subscribe_sessions(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     """Every session's events from now on, as OpenClaw broadcasts them to its operators: the
     runs' `agent` / `chat` streams, `sessions.changed` and `session.message`. It is the
     bus's `all` subscription (`events.subscribe {all: true}`): one entry per connection,
@@ -211,14 +204,12 @@ async def subscribe_sessions(
     return {"subscribed": True}
 
 
-async def describe(
-    gw: Gateway, conn: Connection, req_id: str, params: SessionsDescribeParams
-) -> dict[str, Any]:
+async def describe(gw: Core, conn: Caller, req_id: str, params: SessionsDescribeParams) -> dict[str, Any]:
     meta = await gw.sessions.get(_key(params.key, params.agent_id))
     return {"session": session_row(meta, gw.model_defaults) if meta is not None else None}
 
 
-async def create(gw: Gateway, conn: Connection, req_id: str, params: SessionsCreateParams) -> dict[str, Any]:
+async def create(gw: Core, conn: Caller, req_id: str, params: SessionsCreateParams) -> dict[str, Any]:
     """Create a session, or adopt the one that has this key already (as OpenClaw does)."""
     key = _key(params.key or str(uuid.uuid4()), params.agent_id)
     meta = await gw.sessions.get(key)
@@ -234,9 +225,7 @@ async def create(gw: Gateway, conn: Connection, req_id: str, params: SessionsCre
     }
 
 
-async def resolve(
-    gw: Gateway, conn: Connection, req_id: str, params: SessionsResolveParams
-) -> dict[str, Any]:
+async def resolve(gw: Core, conn: Caller, req_id: str, params: SessionsResolveParams) -> dict[str, Any]:
     """The key of a session given by key, session id or label; `{ok: false}` when none matches."""
     if params.key is not None:
         key = _key(params.key, params.agent_id)

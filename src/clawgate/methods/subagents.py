@@ -5,25 +5,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clawgate.automation.webhook_rules import check_url
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.protocol.schemas import SpawnParams, SubagentsListParams
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
-async def spawn(gw: Gateway, conn: Connection, req_id: str, params: SpawnParams) -> dict[str, Any]:
+async def spawn(gw: Core, conn: Caller, req_id: str, params: SpawnParams) -> dict[str, Any]:
     gw.admission.check()
     if params.webhook is not None:
         check_url(params.webhook)
     return await gw.subagents.spawn(params)
 
 
-async def list_runs(
-    gw: Gateway, conn: Connection, req_id: str, params: SubagentsListParams
-) -> dict[str, Any]:
+async def list_runs(gw: Core, conn: Caller, req_id: str, params: SubagentsListParams) -> dict[str, Any]:
     records = await gw.subagents.list(params.session_key, params.limit)
     return {"runs": [r.to_wire() for r in records]}
 

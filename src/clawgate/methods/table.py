@@ -1,57 +1,32 @@
-"""The method table: name -> params schema, required scope, handler."""
+"""The method table: name -> params schema, required scope, handler (built once, at import)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
+from clawgate.methods import (
+    absent,
+    agent,
+    agents,
+    catalog,
+    cron,
+    runs,
+    sessions,
+    subagents,
+    system,
+    usage,
+    webhooks,
+)
+from clawgate.methods.spec import DEFERRED, Deferred, MethodSpec
 from clawgate.protocol.constants import READ, WRITE
 
-if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
-
-
-class Deferred:
-    """Returned by handlers that send their responses themselves (e.g. `agent`'s two answers)."""
-
-
-DEFERRED = Deferred()
-
-Handler = Callable[["Gateway", "Connection", str, Any], Awaitable[Any]]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    params: type[Any]
-    scope: str
-    handler: Handler
+# `agents` after `catalog`: its profile-based agents.list / models.list replace the
+# settings-based ones.
+MODULES = (system, agent, sessions, subagents, cron, usage, runs, webhooks, catalog, agents, absent)
+METHODS: dict[str, MethodSpec] = {spec.name: spec for module in MODULES for spec in module.METHODS}
 
 
 def build_table() -> dict[str, MethodSpec]:
-    from clawgate.methods import (
-        absent,
-        agent,
-        agents,
-        catalog,
-        core,
-        cron,
-        runs,
-        sessions,
-        subagents,
-        usage,
-        webhooks,
-    )
-
-    table: dict[str, MethodSpec] = {}
-    # `agents` after `catalog`: its profile-based agents.list / models.list replace the
-    # settings-based ones.
-    for module in (core, agent, sessions, subagents, cron, usage, runs, webhooks, catalog, agents, absent):
-        for spec in module.METHODS:
-            table[spec.name] = spec
-    return table
+    """A copy of the table (a gateway may add to its own)."""
+    return dict(METHODS)
 
 
-__all__ = ["DEFERRED", "READ", "WRITE", "Deferred", "MethodSpec", "build_table"]
+__all__ = ["DEFERRED", "METHODS", "READ", "WRITE", "Deferred", "MethodSpec", "build_table"]

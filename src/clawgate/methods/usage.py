@@ -6,12 +6,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 
 class UsageCostParams(msgspec.Struct, rename="camel", kw_only=True):
@@ -22,11 +21,11 @@ class UsageStatusParams(msgspec.Struct, rename="camel", kw_only=True):
     pass
 
 
-async def cost(gw: Gateway, conn: Connection, req_id: str, p: UsageCostParams) -> dict[str, Any]:
+async def cost(gw: Core, conn: Caller, req_id: str, p: UsageCostParams) -> dict[str, Any]:
     return await gw.usage.cost(min(p.days, gw.settings.usage_retention_days))
 
 
-async def status(gw: Gateway, conn: Connection, req_id: str, p: UsageStatusParams) -> dict[str, Any]:
+async def status(gw: Core, conn: Caller, req_id: str, p: UsageStatusParams) -> dict[str, Any]:
     today = await gw.usage.cost(1)
     provider = gw.provider_stats()
     return {

@@ -17,6 +17,7 @@ import structlog
 
 from clawgate.retention import files
 from clawgate.retention.policy import disk_verdict
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.tasks import cancel_and_wait
 
 log = structlog.get_logger("clawgate.disk")
@@ -42,9 +43,12 @@ class DiskMonitor:
         self._reason: str | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, tasks: Supervisor | None = None) -> None:
+        """Start the sampler, under the gateway's task supervisor when given one."""
         if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="clawgate-disk-sampler")
+            self._task = (tasks or Supervisor()).loop(
+                "clawgate-disk-sampler", self._loop, retry_s=self.interval_s
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -13,7 +10,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from clawgate.server.connection import CLOSE_TRY_LATER, RAW_SEND_SCOPE_KEY, Connection
+from clawgate.protocol.constants import CLOSE_TRY_LATER
+from clawgate.server.connection import RAW_SEND_SCOPE_KEY, Connection
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_api import RestApi
 from clawgate.server.http_events import RunEventLog
@@ -40,7 +38,9 @@ class RawSendMiddleware:
         await self.app(scope, receive, send)
 
 
-def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
+def create_app(gateway: Gateway) -> Starlette:
+    """The app over a gateway; the gateway's start and stop belong to its runner (server/serve.py)."""
+
     async def ws_endpoint(ws: WebSocket) -> None:
         refusal = gateway.admit_connection()
         if refusal is not None:
@@ -74,16 +74,6 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
     def refused(peer: str, reason: str) -> None:
         gateway.peer_log.warning(peer, "request refused", reason=reason)
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if manage_lifecycle:
-            await gateway.start()
-        try:
-            yield
-        finally:
-            if manage_lifecycle:
-                await gateway.stop("server shutdown")
-
     s = gateway.settings
     events = RunEventLog(
         gateway.bus,
@@ -111,5 +101,4 @@ def create_app(gateway: Gateway, *, manage_lifecycle: bool = True) -> Starlette:
             Middleware(OriginHostGuard, settings=gateway.settings, on_refused=refused),
             Middleware(RawSendMiddleware),
         ],
-        lifespan=lifespan,
     )

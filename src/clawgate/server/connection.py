@@ -18,8 +18,9 @@ import structlog
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from clawgate.clip import clip
-from clawgate.errors import ClawgateError, Internal, InvalidRequest, PayloadTooLarge, Unavailable
+from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, Unavailable, internal_error
 from clawgate.ids import ConnId, SessionKey, new_conn_id
+from clawgate.protocol.constants import CLOSE_POLICY, CLOSE_TOO_BIG
 from clawgate.protocol.frames import decode_request, encode_error, encode_event, encode_response, probe_id
 from clawgate.server.auth import Grant
 from clawgate.server.framewriter import FrameWriter
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("clawgate.connection")
 
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_LATER = 1013
-CLOSE_GOING_AWAY = 1001
 MAX_INFLIGHT = 1024
 RAW_SEND_SCOPE_KEY = "clawgate.raw_send"
 CLOSE_TASK_WAIT_S = 3.0  # a close is bounded by a 1 s flush and a 1 s close handshake
@@ -122,9 +119,8 @@ class Connection:
             return
         self.closed = True
         self._wake.set()
-        task = asyncio.create_task(self._close(code, reason))
+        task = self.gw.supervisor.spawn(self._close(code, reason), name="connection-close")
         self._close_tasks.add(task)
-        self.gw.own(task)
 
     async def _close(self, code: int, reason: str) -> None:
         if self._sending:
@@ -163,9 +159,10 @@ class Connection:
     def _handshake_expired(self) -> None:
         if self.grant is None and not self.closed:
             self.respond_error(None, InvalidRequest("handshake timeout: no connect request"))
-            task = asyncio.create_task(self.close(CLOSE_POLICY, "handshake timeout"))
+            task = self.gw.supervisor.spawn(
+                self.close(CLOSE_POLICY, "handshake timeout"), name="connection-close"
+            )
             self._close_tasks.add(task)
-            self.gw.own(task)
 
     async def _receive_loop(self) -> None:
         receive = self.ws.receive
@@ -238,11 +235,8 @@ class Connection:
         except Exception as exc:
             # A bug (e.g. in device verification) must not end the socket without an answer.
             self.gw.internal_errors += 1
-            correlation = uuid.uuid4().hex[:12]
-            log.exception("internal error in handshake", conn=self.conn_id, correlation_id=correlation)
             self.respond_error(
-                req_id,
-                Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),
+                req_id, internal_error(exc, log, "internal error in handshake", conn=self.conn_id)
             )
             await self.close(CLOSE_POLICY, "handshake failed")
             return False

@@ -1,7 +1,8 @@
 """The gateway: the composition root that owns every component and their lifecycle.
 
-Start order: store -> sessions/bus/runs/subagents -> restore -> maintenance ->
-admission -> ticks. Stop order is the reverse, and every step is idempotent.
+Start order: store -> restore -> disk -> admission -> maintenance -> ticks -> webhooks
+-> subagents -> cron. Each start pushes its stop onto one AsyncExitStack, so stop() runs
+them in reverse (`Gateway.start` lists the order), each even if another raised.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -24,13 +25,20 @@ from clawgate.automation.cron import CronService
 from clawgate.automation.usage import UsageLedger
 from clawgate.automation.webhooks import WebhookService
 from clawgate.clip import clip
-from clawgate.errors import ClawgateError, Forbidden, Internal, InvalidRequest, Unauthorized, Unavailable
+from clawgate.errors import (
+    ClawgateError,
+    Forbidden,
+    InvalidRequest,
+    Unauthorized,
+    Unavailable,
+    internal_error,
+)
 from clawgate.events.bus import EventBus
 from clawgate.events.session_events import SessionEventPublisher
 from clawgate.methods.agent import final_payload
 from clawgate.methods.table import Deferred, MethodSpec, build_table
 from clawgate.metrics import make_registry, render
-from clawgate.protocol.device import signature_token, verify_device_signature
+from clawgate.protocol.constants import CLOSE_RESTART
 from clawgate.protocol.frames import decode_params, encode_event
 from clawgate.protocol.schemas import ConnectParams
 from clawgate.providers.base import Provider
@@ -38,10 +46,11 @@ from clawgate.providers.factory import make_provider
 from clawgate.retention.disk import DiskMonitor
 from clawgate.retention.service import Retention
 from clawgate.runs.service import RunService
-from clawgate.server.auth import authorize, require
+from clawgate.server.auth import require
 from clawgate.server.authlimit import AuthFailureLimiter, peer_key
 from clawgate.server.connection import Connection
 from clawgate.server.credentials import load_credentials
+from clawgate.server.handshake import grant_for, hello_ok
 from clawgate.server.peerlog import PeerLog
 from clawgate.server.sockets import SocketLedger, max_sockets
 from clawgate.server.statedir import StateDirError, check_state_dir
@@ -51,6 +60,7 @@ from clawgate.settings import Settings, is_loopback
 from clawgate.state.clock import Clock, SystemClock
 from clawgate.state.maintenance import Maintenance
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Store
 from clawgate.store.cron_store import CronStore, RedisCronStore, SqliteCronStore
 from clawgate.store.usage_store import RedisUsageStore, SqliteUsageStore, UsageStore
@@ -66,17 +76,6 @@ if TYPE_CHECKING:
     from clawgate.store.sqlite import SqliteStore
 
 log = structlog.get_logger("clawgate.gateway")
-
-EVENTS = [
-    "connect.challenge",
-    "agent",
-    "chat",
-    "subagent",
-    "sessions.changed",
-    "session.message",
-    "tick",
-    "shutdown",
-]
 
 
 def open_cron_store(settings: Settings, store: Store) -> CronStore:
@@ -248,9 +247,9 @@ class Gateway:
         )
         # Close tasks of connections, at most two per connection, each awaited before its
         # connection is forgotten (Connection._finish_close_tasks): bounded by construction.
-        self.background: set[asyncio.Task[Any]] = set()
+        self.supervisor = Supervisor(sleep=self.clock.sleep, on_error=self._task_failed)
         self.registry.add(
-            "background_tasks", self.background.__len__, ttl_s=None, max_size=2 * settings.max_connections
+            "background_tasks", self.supervisor.__len__, ttl_s=None, max_size=2 * settings.max_connections
         )
         self.methods: dict[str, MethodSpec] = build_table()
         self.metrics = make_registry(self._metrics_snapshot)
@@ -270,12 +269,23 @@ class Gateway:
         self.internal_errors = 0
         self.started = False
         self.stopping = False
-        self._tick_task: asyncio.Task[None] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.stop_errors: list[tuple[str, BaseException]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Start every component; each pushes its stop onto the lifecycle stack as it starts.
+
+        `stop()` closes the stack: the stops run in reverse, each one even if another raised.
+        Where a stop has no start of its own (the shutdown event, the drain, closing the
+        connections), it is pushed where it must run: the stop order is broadcast shutdown,
+        stop cron, hand the cluster's queues back, drain the runs, close the cluster, stop
+        subagents, webhooks, MCP servers, ticks, maintenance, admission, disk sampler, close
+        connections and background tasks, close the store, close the providers.
+        """
         if self.started:
             return
+        on_stop = self._lifecycle()
         await self.store.open()
         await self.usage.store.open()
         await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
@@ -290,17 +300,32 @@ class Gateway:
             await self.subagents.resume()
         await self.retention.startup()
         await self.disk.refresh()
-        self.disk.start()
+        self.disk.start(self.supervisor)
+        on_stop("disk", self.disk.stop)
+        self.admission.start(self.supervisor)
+        on_stop("admission", self.admission.stop)
         # Unconditional (rule 5): the sweeper runs whatever was, or was not, restored.
-        self.maintenance.start()
-        self.admission.start()
+        self.maintenance.start(self.supervisor)
+        on_stop("maintenance", self.maintenance.stop)
+        self.supervisor.loop("ticks", self._ticks, retry_s=self.settings.tick_interval_s)
+        on_stop("ticks", lambda: self.supervisor.stop_loop("ticks"))
+        on_stop("mcp", self.mcp.close)  # MCP servers start on demand
+        await self.webhooks.start(self.supervisor)  # after the restore: deliveries left by a crash go out now
+        on_stop("webhooks", self.webhooks.stop)  # after the drain: the last run ends' deliveries are out
         self.subagents.start()
-        await self.webhooks.start()  # after the restore: deliveries left by a crash go out now
+        on_stop("subagents", self.subagents.stop)
+        if self.cluster is not None:
+            # First hand the shared queues back (running runs get the grace period, then
+            # become orphans another process reports), then stop like a single process.
+            on_stop("cluster", self.cluster.close)
+        on_stop("drain", lambda: self.runs.drain(self.settings.shutdown_grace_s))
+        if self.cluster is not None:
+            on_stop("cluster-dispatch", self.cluster.stop_dispatch)
         if self.settings.cron_enabled:
-            await self.cron.start()  # after the restore: an overdue job fires once, now
+            await self.cron.start(self.supervisor)  # after the restore: an overdue job fires once, now
         else:
             await self.cron.store.open()
-        self._tick_task = asyncio.create_task(self._ticks(), name="clawgate-ticks")
+        on_stop("cron", self.cron.stop)
         self.started = True
         log.info(
             "gateway started",
@@ -310,60 +335,66 @@ class Gateway:
             subagents_restored=restored,
         )
 
+    def _lifecycle(self) -> Callable[[str, Callable[[], Awaitable[object]]], None]:
+        """The lifecycle stack, with what closes last whatever was started (the providers, the
+        store, background tasks, connections), and a function pushing one named stop onto it."""
+        if self._stack is None:
+            self._stack = contextlib.AsyncExitStack()
+            self._stack.push_async_callback(self._stop_step, "providers", self._close_providers)
+            self._stack.push_async_callback(self._stop_step, "store", self.store.close)
+            self._stack.push_async_callback(self._stop_step, "tasks", self.supervisor.aclose)
+            self._stack.push_async_callback(self._stop_step, "connections", self._close_connections)
+        stack = self._stack
+
+        def on_stop(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            stack.push_async_callback(self._stop_step, name, fn)
+
+        return on_stop
+
     async def stop(self, reason: str = "gateway stopping") -> None:
         if self.stopping:
             return
         self.stopping = True
         self.bus.broadcast(encode_event("shutdown", {"reason": reason}))
-        await self.cron.stop()
-        if self.cluster is not None:
-            # First hand the shared queues back (running runs get the grace period, then
-            # become orphans another process reports), then stop like a single process.
-            await self.cluster.stop_dispatch()
-        await self.runs.drain(self.settings.shutdown_grace_s)
-        if self.cluster is not None:
-            await self.cluster.close()
-        await self.subagents.stop()
-        await self.webhooks.stop()  # after the drain: the last run ends' deliveries are in the outbox
-        await self.mcp.close()
-        for task in (self._tick_task,):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self.maintenance.stop()
-        await self.admission.stop()
-        await self.disk.stop()
+        self._lifecycle()  # a gateway that never started still closes its store and providers
+        assert self._stack is not None
+        await self._stack.aclose()
+        if self.stop_errors:
+            log.error("gateway stopped with errors", steps=[name for name, _exc in self.stop_errors])
+        else:
+            log.info("gateway stopped")
+
+    async def _stop_step(self, name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """One step of `stop()`: a failure is logged and collected, and the next step runs."""
+        try:
+            await fn()
+        except Exception as exc:
+            self.stop_errors.append((name, exc))
+            log.error("stop step failed", step=name, error=repr(exc), exc_info=exc)
+
+    async def _close_connections(self) -> None:
         for conn in list(self.connections.values()):
             with contextlib.suppress(Exception):
-                await conn.close(1012, "gateway stopping")
-        for task in list(self.background):
-            task.cancel()
-        if self.background:
-            await asyncio.gather(*self.background, return_exceptions=True)
-        await self.store.close()
-        with contextlib.suppress(Exception):
-            await self.provider.aclose()
-        for extra in self.runs.providers.values():
+                await conn.close(CLOSE_RESTART, "gateway stopping")
+
+    async def _close_providers(self) -> None:
+        for provider in (self.provider, *self.runs.providers.values()):
             with contextlib.suppress(Exception):
-                await extra.aclose()
-        log.info("gateway stopped")
+                await provider.aclose()
 
-    def own(self, task: asyncio.Task[Any]) -> None:
-        """Background tasks never lose their exceptions: they are owned, logged and counted."""
-        self.background.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.internal_errors += 1
-            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        """A background task that raised is a bug: counted with the internal errors."""
+        self.internal_errors += 1
 
     async def _ticks(self) -> None:
         while True:
             await self.clock.sleep(self.settings.tick_interval_s)
             self.bus.broadcast(encode_event("tick", {"ts": int(self.clock.time() * 1000)}))
+
+    @property
+    def background(self) -> set[asyncio.Task[Any]]:
+        """The one-shot background tasks alive now (connections' close tasks)."""
+        return self.supervisor.tasks
 
     def _files_outside_state_dir(self) -> list[Path]:
         log_path = self.settings.ended_hook_log
@@ -404,20 +435,9 @@ class Gateway:
                 )
         params = decode_params(raw, ConnectParams)
         try:
-            grant = authorize(params, self.credentials)
-            if params.device is not None:
-                verify_device_signature(
-                    params.device,
-                    client_id=params.client.id,
-                    client_mode=params.client.mode,
-                    role=params.role,
-                    scopes=params.scopes or [],
-                    token=signature_token(msgspec.to_builtins(params.auth) if params.auth else None),
-                    nonce=conn.nonce,
-                    now_ms=int(self.clock.time() * 1000),
-                    platform=params.client.platform,
-                    device_family=params.client.device_family,
-                )
+            grant = grant_for(
+                params, self.credentials, nonce=conn.nonce, now_ms=int(self.clock.time() * 1000)
+            )
         except Unauthorized:
             if limited:
                 self.auth_limiter.failed(key)
@@ -432,37 +452,14 @@ class Gateway:
 
     def hello(self, conn: Connection) -> dict[str, Any]:
         assert conn.grant is not None
-        s = self.settings
-        # Every object of OpenClaw's HelloOkSchema is closed (additionalProperties: false), so
-        # only fields that schema names go here: stricter OpenClaw clients reject anything else.
-        return {
-            "type": "hello-ok",
-            "protocol": conn.grant.protocol,
-            "server": {"version": __version__, "connId": conn.conn_id},
-            "features": {"methods": sorted(self.methods), "events": EVENTS},
-            "snapshot": {
-                "presence": [],
-                "health": {"ok": True},
-                "stateVersion": {"presence": 0, "health": 0},
-                "uptimeMs": self.uptime_ms(),
-                "sessionDefaults": {
-                    "defaultAgentId": "main",
-                    "mainKey": "main",
-                    "mainSessionKey": "agent:main:main",
-                },
-                "authMode": "token" if self.credentials.required else "none",
-            },
-            "policy": {
-                "maxPayload": s.max_payload_bytes,
-                "maxBufferedBytes": s.max_buffered_bytes,
-                "tickIntervalMs": int(s.tick_interval_s * 1000),
-            },
-            "auth": {
-                "method": conn.grant.method,
-                "role": conn.grant.role,
-                "scopes": sorted(conn.grant.scopes),
-            },
-        }
+        return hello_ok(
+            conn.grant,
+            conn_id=conn.conn_id,
+            settings=self.settings,
+            methods=self.methods,
+            uptime_ms=self.uptime_ms(),
+            auth_required=self.credentials.required,
+        )
 
     # -- dispatch -----------------------------------------------------------------------------------
     async def dispatch(self, conn: Connection, req_id: str, method: str, raw: msgspec.Raw) -> None:
@@ -486,12 +483,7 @@ class Gateway:
                 conn.respond_error(req_id, Unavailable(f"the store is unreachable: {type(exc).__name__}"))
                 return
             self.internal_errors += 1
-            correlation = uuid.uuid4().hex[:12]
-            log.exception("internal error", method=clip(method), correlation_id=correlation)
-            conn.respond_error(
-                req_id,
-                Internal(f"internal error ({type(exc).__name__})", details={"correlationId": correlation}),
-            )
+            conn.respond_error(req_id, internal_error(exc, log, "internal error", method=clip(method)))
 
     # -- introspection ----------------------------------------------------------------------------
     def uptime_ms(self) -> int:
@@ -541,6 +533,7 @@ class Gateway:
             "webhooks": self.webhooks.describe(),
             "budgets": {"refused": self.budgets.refused},
             "mcp": self.mcp.stats(),
+            "tasks": self.supervisor.describe(),
         }
 
     def provider_stats(self) -> dict[str, Any]:
@@ -593,6 +586,7 @@ class Gateway:
             "provider": self.provider_stats(),
             "tokens": dict(self.usage.tokens),
             "subagents": self.subagents.counters(),
+            "task_errors": dict(self.supervisor.errors),
         }
 
     def render_metrics(self) -> bytes:

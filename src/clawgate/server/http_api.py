@@ -29,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from clawgate.automation.webhook_rules import check_url
-from clawgate.errors import ClawgateError, Internal, InvalidRequest, NotFound
+from clawgate.errors import ClawgateError, InvalidRequest, NotFound, internal_error
 from clawgate.ids import RunId, SessionKey
 from clawgate.methods.agent import accepted_payload, final_payload
 from clawgate.methods.agents import ToolsInvokeParams
@@ -64,10 +64,11 @@ def guarded(fn: Endpoint, *, openai: bool = False) -> Endpoint:
             return await fn(request)
         except ClawgateError as exc:
             return error_response(exc, openai=openai)
-        except Exception:
-            cid = uuid.uuid4().hex[:12]
-            log.exception("http: internal error", path=request.url.path, correlation_id=cid)
-            return error_response(Internal(f"internal error (correlation id {cid})"), openai=openai)
+        except Exception as exc:
+            error = internal_error(
+                exc, log, "http: internal error", id_in_message=True, path=request.url.path
+            )
+            return error_response(error, openai=openai)
 
     return endpoint
 

@@ -19,7 +19,18 @@ from starlette.responses import JSONResponse
 
 from clawgate.errors import ClawgateError, InvalidRequest, PayloadTooLarge, TooManyAttempts, Unauthorized
 from clawgate.ids import RunId, SessionKey
-from clawgate.protocol.constants import READ, WRITE
+from clawgate.protocol.constants import (
+    AGENT_TIMEOUT,
+    FORBIDDEN,
+    INTERNAL,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    READ,
+    RUN_FAILED,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    WRITE,
+)
 from clawgate.protocol.frames import decode_params
 from clawgate.runs.service import Run, SubmitRequest
 from clawgate.server.auth import Grant, check_token, require
@@ -33,14 +44,14 @@ P = TypeVar("P")
 
 # The WS protocol's error codes as HTTP statuses.
 HTTP_STATUS = {
-    "INVALID_REQUEST": 400,
-    "UNAUTHORIZED": 401,
-    "FORBIDDEN": 403,
-    "NOT_FOUND": 404,
-    "UNAVAILABLE": 503,
-    "AGENT_TIMEOUT": 504,
-    "RUN_FAILED": 502,
-    "INTERNAL": 500,
+    INVALID_REQUEST: 400,
+    UNAUTHORIZED: 401,
+    FORBIDDEN: 403,
+    NOT_FOUND: 404,
+    UNAVAILABLE: 503,
+    AGENT_TIMEOUT: 504,
+    RUN_FAILED: 502,
+    INTERNAL: 500,
 }
 TOO_MANY = 429
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clawgate.clip import clip
+from clawgate.protocol.constants import CLOSE_POLICY, FORBIDDEN
 from clawgate.settings import Settings, is_loopback
 
 WILDCARD_BINDS = ("", "0.0.0.0", "::")
@@ -146,7 +147,7 @@ class OriginHostGuard:
         if self.on_refused is not None:
             client = scope.get("client")
             self.on_refused(client[0] if client else "", reason)
-        body = json.dumps({"ok": False, "error": {"code": "FORBIDDEN", "message": reason}}).encode()
+        body = json.dumps({"ok": False, "error": {"code": FORBIDDEN, "message": reason}}).encode()
         start = {
             "status": 403,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
@@ -162,4 +163,4 @@ class OriginHostGuard:
             await send({"type": "websocket.http.response.start", **start})
             await send({"type": "websocket.http.response.body", "body": body})
         else:
-            await send({"type": "websocket.close", "code": 1008})  # the server answers 403
+            await send({"type": "websocket.close", "code": CLOSE_POLICY})  # the server answers 403

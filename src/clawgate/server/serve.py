@@ -86,7 +86,7 @@ class RunningGateway:
         self.port = sock.getsockname()[1]
         try:
             await self.gateway.start()
-            app = create_app(self.gateway, manage_lifecycle=False)
+            app = create_app(self.gateway)
             config = uvicorn_config(self.gateway, app)
             server = _QuietServer(config)
             self.server = server

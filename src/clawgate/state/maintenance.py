@@ -19,6 +19,7 @@ import structlog
 
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 
 log = structlog.get_logger("clawgate.maintenance")
 
@@ -46,10 +47,11 @@ class Maintenance:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self) -> None:
+    def start(self, tasks: Supervisor | None = None) -> None:
+        """Start the loop, under the gateway's task supervisor when given one."""
         if self.running:
             return
-        self._task = asyncio.create_task(self._loop(), name="clawgate-maintenance")
+        self._task = (tasks or Supervisor()).loop("clawgate-maintenance", self._loop, retry_s=self.interval_s)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 import msgspec
 
-RunStatus = Literal["queued", "running", "ok", "error", "timeout", "aborted"]
-FINAL_STATUSES: frozenset[str] = frozenset({"ok", "error", "timeout", "aborted"})
+from clawgate.protocol.constants import FINAL_STATUSES, RunStatus
+
 EndedReason = Literal["deleted", "completed", "swept", "released"]
 
 

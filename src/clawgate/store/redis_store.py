@@ -55,12 +55,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
+from clawgate.protocol.constants import FINAL_STATUSES
 from clawgate.store.base import Fence, SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import (
-    FINAL_STATUSES,
     RunRecord,
     SessionMeta,
     SubagentRecord,

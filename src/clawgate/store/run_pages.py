@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from clawgate.store.records import FINAL_STATUSES, RunRecord
+from clawgate.protocol.constants import FINAL_STATUSES
+from clawgate.store.records import RunRecord
 
 # `status` filter values besides the record statuses themselves.
 ACTIVE = "active"  # queued or running

@@ -6,27 +6,26 @@ from typing import TYPE_CHECKING, Any
 
 from clawgate.errors import Forbidden
 from clawgate.ids import SessionKey
-from clawgate.methods.table import MethodSpec
+from clawgate.methods.spec import MethodSpec
 from clawgate.protocol.constants import READ
 from clawgate.protocol.schemas import EmptyParams, SubscribeParams
 
 if TYPE_CHECKING:
-    from clawgate.server.connection import Connection
-    from clawgate.server.gateway import Gateway
+    from clawgate.methods.context import Caller, Core
 
 MAX_SUBSCRIPTIONS = 1000
 
 
-async def health(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def health(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     now = gw.clock.time()
     return {"ok": True, "ts": int(now * 1000), "uptimeMs": gw.uptime_ms()}
 
 
-async def status(gw: Gateway, conn: Connection, req_id: str, params: EmptyParams) -> dict[str, Any]:
+async def status(gw: Core, conn: Caller, req_id: str, params: EmptyParams) -> dict[str, Any]:
     return await gw.status()
 
 
-async def subscribe(gw: Gateway, conn: Connection, req_id: str, params: SubscribeParams) -> dict[str, Any]:
+async def subscribe(gw: Core, conn: Caller, req_id: str, params: SubscribeParams) -> dict[str, Any]:
     keys = [SessionKey(k) for k in params.session_keys or []]
     # Count distinct keys: subscribing again to a key already held is not a new subscription.
     if len(conn.subscribed.union(keys)) > MAX_SUBSCRIPTIONS:
