@@ -199,7 +199,7 @@ class RunService:
         # Turn retries by failure kind: keyed by ProviderError.kind, a fixed set (like `totals`).
         self.provider_retries: Counter[str] = Counter()
         # Ends this process tried to write and the store refused: the run already had an end,
-        # or this process had lost the run's lease (runs/cluster.py). Logged, never raised.
+        # or this process had lost the run's lease (scaleout/member.py). Logged, never raised.
         self.ends_refused = 0
         self.dispatch: RunDispatch = dispatch if dispatch is not None else LocalDispatch(self.lanes)
         self.end_writer = end_writer

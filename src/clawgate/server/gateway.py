@@ -61,7 +61,7 @@ from clawgate.tools.mcp import McpManager
 from clawgate.tools.session_tools import session_tools
 
 if TYPE_CHECKING:
-    from clawgate.runs.cluster import Cluster
+    from clawgate.scaleout.member import ClusterMember
     from clawgate.store.redis_store import RedisStore
     from clawgate.store.sqlite import SqliteStore
 
@@ -161,11 +161,11 @@ class Gateway:
         # Scale-out: on a shared Redis store (unless a store is handed in) this process is one
         # member of a cluster. The member is built first: the bus and the run service take
         # its ports (relay, dispatch) at construction; the core is bound to it below.
-        self.cluster: Cluster | None = None
+        self.cluster: ClusterMember | None = None
         if settings.store_kind == "redis" and store is None:
-            from clawgate.runs.cluster import Cluster
+            from clawgate.scaleout.member import ClusterMember
 
-            self.cluster = Cluster(settings, self.clock, self.registry, self.store)
+            self.cluster = ClusterMember(settings, self.clock, self.registry, self.store)
         self.bus = EventBus(
             self.clock,
             self.registry,
@@ -305,7 +305,7 @@ class Gateway:
         await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
         if self.cluster is not None:
             # Shared store: other processes own the runs in flight; recovery of a dead
-            # process' work goes through the dispatcher's leases (runs/cluster.py).
+            # process' work goes through the dispatcher's leases (scaleout/member.py).
             restored = requeued = interrupted = 0
             await self.cluster.start()
         else:

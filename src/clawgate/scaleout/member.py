@@ -1,12 +1,12 @@
 """Scale-out on Redis: several gateway processes share runs, events and results.
 
-The glue between the core (run service, event bus, subagents) and the two Redis I/O modules:
+`ClusterMember` is the glue between the core (run service, event bus, subagents) and the two Redis I/O modules:
 
-- `RedisDispatcher` (runs/redis_dispatch.py): accepted runs go to per-session Redis
+- `RedisDispatcher` (scaleout/dispatch.py): accepted runs go to per-session Redis
   queues; any process executes them, one run at a time per session across all
   processes; a process that dies leaves its run to be reported as an orphan
   (finalized "interrupted by gateway restart") and its queue to be drained by others.
-- `RedisFanout` (events/redis_fanout.py): every event frame a process emits is
+- `RedisEventRelay` (scaleout/fanout.py): every event frame a process emits is
   published, so a client connected to process A follows a run executed by process B;
   run ends ("done") and abort requests are broadcast the same way.
 
@@ -16,8 +16,8 @@ arrives. Waiters for runs accepted elsewhere live in `remote_run_waiters`, a
 registered TTL map.
 
 Ports. The core sees none of this: the run service queues through `RedisRunDispatch`
-(its `RunDispatch`, runs/dispatch.py) and the event bus relays frames through the
-fan-out (its `EventRelay`), both given to them at construction.
+(scaleout/dispatch.py; its `RunDispatch`, runs/dispatch.py) and the event bus relays
+frames through `RedisEventRelay` (its `EventRelay`), both given to them at construction.
 
 Construction order. Both directions need the other side: the bus and the run service take
 their relay and dispatch when they are built, and the member's inbound side needs them (a
@@ -32,37 +32,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import socket
 import uuid
-from typing import TYPE_CHECKING
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawgate.errors import StoreError
-from clawgate.events.redis_fanout import RedisFanout
+from clawgate.events.bus import EventBus
 from clawgate.ids import RunId, SessionKey
-from clawgate.runs.dispatch import Cancel, FinalListener
-from clawgate.runs.redis_dispatch import RedisDispatcher
+from clawgate.runs.service import RunService
+from clawgate.scaleout.dispatch import RedisDispatcher, RedisRunDispatch
+from clawgate.scaleout.fanout import RedisEventRelay
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
-from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
-
-if TYPE_CHECKING:
-    from clawgate.events.bus import EventBus
-    from clawgate.runs.service import Run, RunService
-    from clawgate.subagents.service import SubagentService
-
-PUSH_ATTEMPTS = 4
+from clawgate.store.redis_keys import DISPATCH, FANOUT, namespace
+from clawgate.subagents.service import SubagentService
 
 log = structlog.get_logger("clawgate.cluster")
 
@@ -70,100 +60,7 @@ _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(RunRecord)
 
 
-class RedisRunDispatch:
-    """The run service's `RunDispatch` on Redis: accepted runs go to the shared queues, an
-    abort is broadcast to every process, and the end of a run executed elsewhere reaches
-    the listeners registered here (its "done" message, or the member's store reconcile)."""
-
-    def __init__(
-        self,
-        dispatcher: RedisDispatcher,
-        fanout: RedisFanout,
-        store: Store,
-        clock: Clock,
-        registry: StateRegistry,
-        *,
-        ttl_s: float,
-        max_runs: int,
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.fanout = fanout
-        self.store = store
-        # Per run: handle -> listener, so a cancelled wait leaves in O(1) (a list.remove per
-        # cancel made cancelling many parked waits quadratic).
-        self._handles = itertools.count(1)
-        self.waiters: TTLMap[RunId, dict[int, FinalListener]] = TTLMap(
-            "remote_run_waiters", clock, ttl_s=ttl_s, max_size=max_runs
-        )
-        registry.register(self.waiters)
-
-    def check_room(self, session_key: SessionKey) -> None:
-        return None  # the shared queues are bounded by their expiry, not by this process's lanes
-
-    async def push(self, run: Run) -> None:
-        # After an outage the pool still holds connections that broke during it: each fails
-        # once, then reconnects. So a connection error is retried a few times before the
-        # client gets UNAVAILABLE. A push that did land before its reply was lost is queued
-        # twice; harmless, since a run whose record is final is never executed again (`_execute`).
-        for attempt in range(PUSH_ATTEMPTS):
-            try:
-                await self.dispatcher.push(run.record.run_id, run.record.session_key)
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if attempt + 1 == PUSH_ATTEMPTS:
-                    raise StoreError(f"cannot queue the run: redis: {exc}") from exc
-                await asyncio.sleep(0.05 * (attempt + 1))
-            except RedisError as exc:  # Redis answered with an error: UNAVAILABLE, retryable
-                raise StoreError(f"cannot queue the run: redis: {exc}") from exc
-
-    def executes_elsewhere(self, run: Run | None) -> bool:
-        # Not tracked here, or tracked without a task: accepted here and queued, or executing
-        # in another process (a run this process executes has its task).
-        return run is None or run.task is None
-
-    def abort(self, run_id: RunId) -> None:
-        self.fanout.publish_abort(run_id)
-
-    def listening(self, run_id: RunId) -> int:
-        listeners = self.waiters.get(run_id)
-        return 0 if listeners is None else len(listeners)
-
-    def listen(self, run_id: RunId, listener: FinalListener) -> Cancel:
-        """Call `listener` with the final record when another process finishes the run."""
-        listeners = self.waiters.get(run_id)
-        if listeners is None:
-            listeners = {}
-            self.waiters.set(run_id, listeners)
-        handle = next(self._handles)
-        listeners[handle] = listener
-
-        def cancel() -> None:
-            current = self.waiters.get(run_id)
-            if current is not None and current.pop(handle, None) is not None and not current:
-                self.waiters.pop(run_id)
-
-        # The run may have ended between the caller's store read and this registration.
-        task = asyncio.ensure_future(self._recheck(run_id))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        return cancel
-
-    def settle(self, rec: RunRecord) -> None:
-        """The run ended (elsewhere, or here): every listener gets its final record, once."""
-        run_id = RunId(rec.run_id)
-        for listener in (self.waiters.pop(run_id) or {}).values():
-            try:
-                listener(rec)
-            except Exception:
-                log.exception("remote final listener failed", run_id=run_id)
-
-    async def _recheck(self, run_id: RunId) -> None:
-        rec = await self.store.get_run(run_id)
-        if rec is not None and rec.is_final:
-            for listener in (self.waiters.pop(run_id) or {}).values():
-                listener(rec)
-
-
-class Cluster:
+class ClusterMember:
     """This process as a member of the cluster: the Redis client, the shared queues and the
     fan-out, the core's ports over them (`dispatch`, `relay`), and what arrives from other
     processes (runs to execute or to report as orphans, frames, ends, aborts)."""
@@ -182,7 +79,7 @@ class Cluster:
         prefix = settings.redis_prefix
         self.dispatcher = RedisDispatcher(
             self.redis,
-            prefix=f"{prefix}:dispatch",
+            prefix=namespace(prefix, DISPATCH),
             consumer=self.origin,
             execute=self._execute,
             on_orphan=self._orphan,
@@ -190,9 +87,9 @@ class Cluster:
             claim_idle_s=settings.cluster_claim_idle_s,
             max_sessions=settings.main_concurrency + settings.subagent_concurrency,
         )
-        self.fanout = RedisFanout(
+        self.fanout = RedisEventRelay(
             self.redis,
-            prefix=f"{prefix}:fanout",
+            prefix=namespace(prefix, FANOUT),
             origin=self.origin,
             on_event=self._on_event,
             on_done=self._on_done,
@@ -222,23 +119,23 @@ class Cluster:
 
     @property
     def runs(self) -> RunService:
-        assert self._runs is not None, "Cluster.bind() was not called"
+        assert self._runs is not None, "ClusterMember.bind() was not called"
         return self._runs
 
     @property
     def subagents(self) -> SubagentService:
-        assert self._subagents is not None, "Cluster.bind() was not called"
+        assert self._subagents is not None, "ClusterMember.bind() was not called"
         return self._subagents
 
     @property
     def bus(self) -> EventBus:
-        assert self._bus is not None, "Cluster.bind() was not called"
+        assert self._bus is not None, "ClusterMember.bind() was not called"
         return self._bus
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         if self._runs is None:
-            raise RuntimeError("Cluster.bind() must be called before start()")
+            raise RuntimeError("ClusterMember.bind() must be called before start()")
         self.fanout.start()
         await self.fanout.wait_subscribed()
         self.dispatcher.start()
