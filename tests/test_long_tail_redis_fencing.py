@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.runs.redis_dispatch import RedisDispatcher
+from clawgate.scaleout.dispatch import RedisDispatcher
 from clawgate.store.base import Fence
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import RedisStore

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.runs.redis_dispatch import GROUP, RedisDispatcher
+from clawgate.scaleout.dispatch import RedisDispatcher
+from clawgate.store.redis_keys import GROUP
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,4 @@
-"""RedisFanout against the real Redis: two (or three) fan-out instances with different
+"""RedisEventRelay against the real Redis: two (or three) fan-out instances with different
 origins on one prefix stand for gateway processes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.events.redis_fanout import RedisFanout
+from clawgate.scaleout.fanout import RedisEventRelay
 
 pytestmark = pytest.mark.redis
 
@@ -35,7 +35,7 @@ class Node:
         self.events: list[tuple[str | None, str, bytes]] = []
         self.done: list[bytes] = []
         self.aborts: list[str] = []
-        self.fanout = RedisFanout(
+        self.fanout = RedisEventRelay(
             client,
             prefix=prefix,
             origin=origin,
@@ -96,7 +96,7 @@ def frame(i: int) -> bytes:
 async def test_events_reach_other_processes_exactly_in_order_and_not_their_origin(env: Env) -> None:
     a = await env.node("proc-a")
     b = await env.node("proc-b")
-    assert not inspect.iscoroutinefunction(RedisFanout.publish_event)
+    assert not inspect.iscoroutinefunction(RedisEventRelay.publish_event)
     sent = [(None if i % 10 == 0 else f"run-{i % 7}", f"agent:main:s{i % 3}", frame(i)) for i in range(1000)]
     for run_id, session, fr in sent:
         a.fanout.publish_event(run_id, session, fr)

@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 
 from clawgate.client import Client, ClientError
 from clawgate.protocol.constants import INTERRUPTED
-from clawgate.redis_calls import pause_s
 from clawgate.runs.endwrite import FIRST_DELAY_S, MAX_DELAY_S, next_delay
+from clawgate.scaleout.redis_io import pause_s
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import persistence_of
 from clawgate.testing import GatewayProcess, free_port

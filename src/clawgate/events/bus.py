@@ -15,7 +15,9 @@ in the middle of the run.
 
 Fan-out never awaits a socket: frames are encoded once and handed to each
 connection's bounded send buffer (`Sink.send_frame`), which disconnects a slow
-consumer instead of growing.
+consumer instead of growing. With several gateway processes, every frame published here is
+also handed to the `EventRelay` given at construction (scaleout/fanout.py), and frames
+relayed from other processes come back in through `deliver`.
 """
 
 from __future__ import annotations
@@ -61,8 +63,14 @@ class RunContext:
         self.held_until = 0.0
 
 
+class EventRelay(Protocol):
+    """Carries this process's event frames to the other gateway processes."""
+
+    def publish_event(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
+        """Send one frame on; never blocks (a frame that does not fit may be dropped)."""
+
+
 EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
-RemotePublisher = Callable[[SessionKey, RunId | None, bytes], None]
 
 
 class EventBus:
@@ -75,6 +83,7 @@ class EventBus:
         max_runs: int,
         max_connections: int,
         max_session_subscriptions: int = 102_400,
+        relay: EventRelay | None = None,
     ) -> None:
         self.clock = clock
         self.idle_ttl_s = idle_ttl_s
@@ -99,8 +108,13 @@ class EventBus:
         registry.add("event_sinks", self.sinks.__len__, ttl_s=None, max_size=max_connections)
         registry.add("all_subscribers", self.all_subs.__len__, ttl_s=None, max_size=max_connections)
         self.listeners: list[EventListener] = []
-        self.remote: RemotePublisher | None = None
+        self.relay = relay
         self.frames_out = 0
+
+    def on_event(self, listener: EventListener) -> None:
+        """Call `listener` with every `agent` event this process emits (run id, session key,
+        stream, data), after the frame went out."""
+        self.listeners.append(listener)
 
     # -- connections --------------------------------------------------------------------
     def attach(self, conn_id: ConnId, sink: Sink) -> None:
@@ -238,8 +252,8 @@ class EventBus:
 
     def publish(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
         self.deliver(run_id, session_key, frame)
-        if self.remote is not None:
-            self.remote(session_key, run_id, frame)
+        if self.relay is not None:
+            self.relay.publish_event(run_id, session_key, frame)
 
     def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
         """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers.

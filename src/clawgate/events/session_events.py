@@ -78,7 +78,7 @@ class SessionEventPublisher:
         """Anyone to tell? Without a listener here or other processes, skip the encoding (the
         run path calls this for every message); with other processes, they may have some."""
         bus = self.bus
-        return bool(bus.remote is not None or bus.all_subs or bus.session_subs.get(key))
+        return bool(bus.relay is not None or bus.all_subs or bus.session_subs.get(key))
 
     def _base(self, key: SessionKey) -> dict[str, Any]:
         return {"sessionKey": key, "agentId": agent_id_of(key), "ts": ms(self.clock.time())}

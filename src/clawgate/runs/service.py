@@ -33,6 +33,7 @@ from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
 from clawgate.providers.pricing import with_cost
+from clawgate.runs.dispatch import FinalListener, LocalDispatch, RunDispatch
 from clawgate.runs.endwrite import persist_end
 from clawgate.runs.lanes import Lanes
 from clawgate.runs.waiters import RunListeners, Waiters
@@ -51,9 +52,9 @@ INTERRUPTED = "interrupted by gateway restart"
 PARTIAL_MARK = "\n[partial: the reply stopped before it was complete]"
 NOT_RESTORED = "not re-queued after restart: maxTrackedRuns reached"
 
-FinalListener = Callable[[RunRecord], None]
 EndHook = Callable[[RunRecord], Awaitable[None] | None]
 StartHook = Callable[[RunRecord], None]
+EndWriter = Callable[[RunRecord, Fence | None], Awaitable[RunRecord | None]]
 
 
 class Run:
@@ -97,6 +98,18 @@ class SubmitRequest:
 
 
 class RunService:
+    """Accepts, queues, executes and ends runs.
+
+    Ports, given at construction by the composition root (server/gateway.py):
+      - `dispatch`: where accepted runs are queued (runs/dispatch.py); None: this process's
+        own lanes (`LocalDispatch`). The lanes exist in every mode: `restore` and `drain` use them.
+      - `admit`: refuses a run before it is accepted (a session past its token budget): raises.
+      - `end_writer`: writes a run's end and what must be durable with it (its webhook
+        delivery); None: the store's fenced `end_run`.
+      - `mcp_tools`: the tools of the MCP servers a profile's allowlist names.
+    Hooks are registered the same way, in one place: `on_start`, `on_end`, `add_tool`.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -106,6 +119,11 @@ class RunService:
         bus: EventBus,
         sessions: SessionService,
         provider: Provider,
+        *,
+        dispatch: RunDispatch | None = None,
+        admit: Callable[[SubmitRequest], Awaitable[None]] | None = None,
+        end_writer: EndWriter | None = None,
+        mcp_tools: Callable[[Profile], Awaitable[Mapping[str, Tool]]] | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -168,8 +186,7 @@ class RunService:
         self.profiles = Profiles(settings)
         # Providers of agent profiles whose `provider` is not the gateway's (set by the gateway).
         self.providers: dict[str, Provider] = {}
-        # Tools of the MCP servers a profile's allowlist names (set by the gateway).
-        self.mcp_tools: Callable[[Profile], Awaitable[Mapping[str, Tool]]] | None = None
+        self.mcp_tools = mcp_tools
         self.start_hooks: list[StartHook] = []
         self.end_hooks: list[EndHook] = []
         self.accepting = True
@@ -182,20 +199,25 @@ class RunService:
         # Turn retries by failure kind: keyed by ProviderError.kind, a fixed set (like `totals`).
         self.provider_retries: Counter[str] = Counter()
         # Ends this process tried to write and the store refused: the run already had an end,
-        # or this process had lost the run's lease (runs/cluster.py). Logged, never raised.
+        # or this process had lost the run's lease (scaleout/member.py). Logged, never raised.
         self.ends_refused = 0
-        # Scale-out hooks, set by runs/cluster.py when the store is Redis: accepted runs go to
-        # the shared queue instead of the local lanes; aborts and final answers cross processes.
-        self.dispatch: Callable[[Run], Awaitable[None]] | None = None
-        self.remote_abort: Callable[[str], None] | None = None
-        self.remote_listen: Callable[[RunId, FinalListener], Callable[[], None]] | None = None
-        # Writes a run's end record; automation/webhooks.py sets it so a run's webhook delivery
-        # is written in the same transaction as its end.
-        # Writes a run's end (and what must be durable with it, e.g. its webhook delivery):
-        # set by the composition root; the store's fenced `end_run` when unset.
-        self.end_writer: Callable[[RunRecord, Fence | None], Awaitable[RunRecord | None]] | None = None
-        # Refuses a run before it is accepted (a session past its token budget): raises.
-        self.admit: Callable[[SubmitRequest], Awaitable[None]] | None = None
+        self.dispatch: RunDispatch = dispatch if dispatch is not None else LocalDispatch(self.lanes)
+        self.end_writer = end_writer
+        self.admit = admit
+
+    # -- wiring (called by the composition root) --------------------------------------------
+    def on_start(self, hook: StartHook) -> None:
+        """Call `hook` with the record of every run this process starts executing."""
+        self.start_hooks.append(hook)
+
+    def on_end(self, hook: EndHook) -> None:
+        """Call `hook` once with the final record of every run this process ends (awaited
+        when it returns an awaitable; a raise is logged)."""
+        self.end_hooks.append(hook)
+
+    def add_tool(self, tool: Tool) -> None:
+        """A builtin tool, given to each agent whose profile allows its name."""
+        self.tools[tool.spec.name] = tool
 
     # -- accept ---------------------------------------------------------------------------
     async def submit(self, req: SubmitRequest) -> tuple[Run | None, RunRecord, bool]:
@@ -225,12 +247,7 @@ class RunService:
             label=req.label,
             webhook=req.webhook or self.settings.webhook_url,
         )
-        if self.dispatch is None and not self.lanes.has_room(req.session_key):
-            raise Unavailable(
-                "gateway overloaded: no session lane free",
-                retry_after_ms=1000,
-                details={"maxLanes": self.lanes.max_lanes},
-            )
+        self.dispatch.check_room(req.session_key)
         run = Run(record)
         if req.scopes is not None:
             run.scopes = req.scopes
@@ -256,20 +273,13 @@ class RunService:
             # Watchers live as long as the run may (the same backstop as `runs_active`), not
             # the idle TTL of a context: a run may wait in its lane longer than that.
             self.bus.watch(req.run_id, req.owner, ttl_s=self.settings.abort_ttl_max_s)
-        if self.dispatch is not None:
-            try:
-                await self.dispatch(run)
-            except BaseException:
-                # Not queued anywhere: end it now rather than leave an accepted run without an end.
-                await self._finish(run, "error", "could not queue the run", None)
-                raise
-        else:
-            try:
-                self.lanes.push(req.session_key, run)
-            except Unavailable:
-                # Lanes filled up during the insert: an accepted run still gets its one end.
-                await self._finish(run, "error", "could not queue the run", None)
-                raise
+        try:
+            await self.dispatch.push(run)
+        except BaseException:
+            # Not queued anywhere (the lanes filled up during the insert, Redis refused): end it
+            # now rather than leave an accepted run without an end.
+            await self._finish(run, "error", "could not queue the run", None)
+            raise
         return run, record, True
 
     def adopt(self, record: RunRecord) -> Run:
@@ -326,7 +336,7 @@ class RunService:
             return None
         if rec.is_final:
             return rec
-        if self.remote_listen is not None:
+        if self.dispatch.executes_elsewhere(None):
             handle = self.waiters.reserve(owner)
 
             def on_final(final: RunRecord) -> None:
@@ -334,7 +344,8 @@ class RunService:
                 listener(final)
 
             try:
-                cancel = self.remote_listen(RunId(rec.run_id), on_final)
+                self.waiters.check_run(rec.run_id, self.dispatch.listening(RunId(rec.run_id)))
+                cancel = self.dispatch.listen(RunId(rec.run_id), on_final)
             except BaseException:
                 self.waiters.release(owner, handle)
                 raise
@@ -664,10 +675,10 @@ class RunService:
             if self.results.get(run_id) is None:
                 raise NotFound(f"unknown run {clip(run_id)}", details={"runId": run_id})
             return False
-        if run.task is None and self.remote_abort is not None:
+        if self.dispatch.executes_elsewhere(run):
             # It may be executing in another process: ask every process; the executor cancels it.
             # Ending it here too means a run still waiting in the shared queue is skipped.
-            self.remote_abort(run_id)
+            self.dispatch.abort(run_id)
         return self._cancel(run, "aborted")
 
     def _on_active_expired(self, run_id: RunId, run: Run, why: str) -> None:
@@ -699,12 +710,12 @@ class RunService:
         if run is None:
             if rec is None:
                 raise NotFound(f"unknown or expired run {clip(run_id)}", details={"runId": run_id})
-            if rec.is_final or timeout_s <= 0 or self.remote_listen is None:
+            if rec.is_final or timeout_s <= 0 or not self.dispatch.executes_elsewhere(None):
                 return rec if rec.is_final else None
             return await self._wait_remote(run_id, timeout_s, owner)
         if timeout_s <= 0:
             return None
-        if run.task is None and self.remote_listen is not None:
+        if self.dispatch.executes_elsewhere(run):
             return await self._wait_remote(run_id, timeout_s, owner)  # executed by another process
         if run.listeners.closed:
             return run.record
@@ -727,7 +738,6 @@ class RunService:
         return run.record if finished else None
 
     async def _wait_remote(self, run_id: RunId, timeout_s: float, owner: ConnId | None) -> RunRecord | None:
-        assert self.remote_listen is not None
         handle = self.waiters.reserve(owner)
         try:
             fut: asyncio.Future[RunRecord | None] = asyncio.get_running_loop().create_future()
@@ -736,7 +746,8 @@ class RunService:
                 if not fut.done():
                     fut.set_result(value)
 
-            cancel = self.remote_listen(run_id, resolve)
+            self.waiters.check_run(run_id, self.dispatch.listening(run_id))
+            cancel = self.dispatch.listen(run_id, resolve)
             timer = self.clock.call_later(timeout_s, lambda: resolve(None))
             try:
                 return await fut

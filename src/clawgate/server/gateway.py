@@ -68,10 +68,10 @@ from clawgate.store.webhook_store import RedisWebhookStore, SqliteWebhookStore, 
 from clawgate.subagents.hooks import log_files
 from clawgate.subagents.service import SubagentService
 from clawgate.tools.mcp import McpManager
-from clawgate.tools.session_tools import register_session_tools
+from clawgate.tools.session_tools import session_tools
 
 if TYPE_CHECKING:
-    from clawgate.runs.cluster import Cluster
+    from clawgate.scaleout.member import ClusterMember
     from clawgate.store.redis_store import RedisStore
     from clawgate.store.sqlite import SqliteStore
 
@@ -157,6 +157,14 @@ class Gateway:
         prepare_state_dir(settings)
         self.store = store or open_store(settings)
         self.provider = provider or make_provider(settings, self.clock)
+        # Scale-out: on a shared Redis store (unless a store is handed in) this process is one
+        # member of a cluster. The member is built first: the bus and the run service take
+        # its ports (relay, dispatch) at construction; the core is bound to it below.
+        self.cluster: ClusterMember | None = None
+        if settings.store_kind == "redis" and store is None:
+            from clawgate.scaleout.member import ClusterMember
+
+            self.cluster = ClusterMember(settings, self.clock, self.registry, self.store)
         self.bus = EventBus(
             self.clock,
             self.registry,
@@ -164,10 +172,10 @@ class Gateway:
             max_runs=settings.max_tracked_runs,
             max_connections=settings.max_connections,
             max_session_subscriptions=settings.max_session_subscriptions,
+            relay=self.cluster.relay if self.cluster is not None else None,
         )
         self.model_defaults = ModelDefaults.from_settings(settings)
         self.session_events = SessionEventPublisher(self.bus, self.clock, self.model_defaults)
-        self.bus.listeners.append(self.session_events.on_agent_event)
         self.sessions = SessionService(
             self.store,
             self.clock,
@@ -176,29 +184,9 @@ class Gateway:
             cache_max_bytes=settings.session_cache_max_bytes,
             observer=self.session_events,
         )
-        self.runs = RunService(
-            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.provider
-        )
-        self.subagents = SubagentService(
-            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
-        )
         # Agent tools: the session tools, and the MCP servers profiles name (started on demand).
         self.mcp = McpManager(settings, self.clock, self.registry)
-        self.runs.mcp_tools = self.mcp.tools_for
-        register_session_tools(self)
-        for kind in sorted({p.provider for p in self.runs.profiles} - {settings.provider}):
-            self.runs.providers[kind] = make_provider(
-                settings.model_copy(update={"provider": kind}), self.clock
-            )
-        self.cron = CronService(
-            settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
-        )
-        self.runs.end_hooks.append(self.cron.on_run_end)
-        self.usage = UsageLedger(settings, self.clock, open_usage_store(settings, self.store))
-        self.runs.end_hooks.append(self.usage.on_run_end)
         self.budgets = Budgets(self.store, self.sessions)
-        self.runs.admit = self.budgets.admit
-        self.runs.end_hooks.append(self.budgets.on_run_end)
         self.webhooks = WebhookService(
             settings,
             self.clock,
@@ -207,7 +195,31 @@ class Gateway:
             open_webhook_store(settings, self.store),
             final_payload,
         )
-        self.runs.end_writer = self.webhooks.finish_run
+        self.runs = RunService(
+            settings,
+            self.clock,
+            self.registry,
+            self.store,
+            self.bus,
+            self.sessions,
+            self.provider,
+            dispatch=self.cluster.dispatch if self.cluster is not None else None,
+            admit=self.budgets.admit,
+            # A run's webhook delivery is written in the same transaction as its end.
+            end_writer=self.webhooks.finish_run,
+            mcp_tools=self.mcp.tools_for,
+        )
+        self.subagents = SubagentService(
+            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
+        )
+        for kind in sorted({p.provider for p in self.runs.profiles} - {settings.provider}):
+            self.runs.providers[kind] = make_provider(
+                settings.model_copy(update={"provider": kind}), self.clock
+            )
+        self.cron = CronService(
+            settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
+        )
+        self.usage = UsageLedger(settings, self.clock, open_usage_store(settings, self.store))
         self.maintenance = Maintenance(self.registry, self.clock, settings.maintenance_interval_s)
         self.registry.add_sweep("cron_history", self.cron.sweep_history)
         self.registry.add_sweep("usage_retention", self.usage.sweep)
@@ -223,24 +235,36 @@ class Gateway:
             interval_s=settings.disk_sample_interval_s,
             extra_files=self._files_outside_state_dir,
         )
-        self.retention.on_pass = self.disk.refresh
         self.admission = Admission(
             self.registry,
             max_tracked_runs=settings.max_tracked_runs,
             memory_budget_bytes=settings.effective_memory_budget_bytes(),
         )
-        self.admission.disk_reason = self.disk.reason
-        self.subagents.admission_check = self.admission.check
         register_state = getattr(self.provider, "register_state", None)
         if register_state is not None:  # a provider's own bounded structures (retry memory, breakers)
             register_state(self.registry)
-        self.cluster: Cluster | None = None
-        if settings.store_kind == "redis" and store is None:
-            from clawgate.runs.cluster import Cluster
 
-            self.cluster = Cluster(
-                settings, self.clock, self.registry, self.store, self.runs, self.bus, self.subagents
-            )
+        # -- wiring: every hook and callback between components, here and only here. Hooks are
+        # called in the order they are registered.
+        self.bus.on_event(self.session_events.on_agent_event)
+        self.bus.on_event(self.subagents.on_agent_event)
+        self.runs.on_start(self.subagents.on_run_start)
+        self.runs.on_end(self.subagents.on_run_end)
+        self.runs.on_end(self.cron.on_run_end)
+        self.runs.on_end(self.usage.on_run_end)
+        self.runs.on_end(self.budgets.on_run_end)
+        self.runs.add_tool(self.subagents.spawn_tool())
+        for tool in session_tools(self):
+            self.runs.add_tool(tool)
+        self.retention.on_pass = self.disk.refresh
+        self.admission.disk_reason = self.disk.reason
+        # The same admission check the `sessions.spawn` RPC passes, so an agent calling the
+        # tool cannot grow tracked runs past the limit either.
+        self.subagents.admission_check = self.admission.check
+        if self.cluster is not None:
+            self.runs.on_end(self.cluster.publish_done)  # last: the other processes learn the end
+            self.cluster.bind(self.runs, self.subagents, self.bus)  # runs from the shared queue execute here
+
         self.connections: dict[str, Connection] = {}
         self.registry.add(
             "connections", self.connections.__len__, ttl_s=None, max_size=settings.max_connections
@@ -291,7 +315,7 @@ class Gateway:
         await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
         if self.cluster is not None:
             # Shared store: other processes own the runs in flight; recovery of a dead
-            # process' work goes through the dispatcher's leases (runs/cluster.py).
+            # process' work goes through the dispatcher's leases (scaleout/member.py).
             restored = requeued = interrupted = 0
             await self.cluster.start()
         else:

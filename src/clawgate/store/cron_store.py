@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from clawgate.store.cron_records import CronJob, CronRunEntry, entry_decoder, job_decoder, job_encoder
+from clawgate.store.redis_keys import CRON, namespace
 
 if TYPE_CHECKING:  # the Redis client is imported only when the store is Redis
     from clawgate.store.redis_store import RedisStore
@@ -178,7 +179,7 @@ class RedisCronStore(CronStore):
 
     def __init__(self, store: RedisStore, *, job_ttl_s: int, history_ttl_s: int) -> None:
         self.store = store
-        self.p = f"{store.prefix}:cron"
+        self.p = namespace(store.prefix, CRON)
         self.job_ttl_s = job_ttl_s
         self.history_ttl_s = history_ttl_s
 

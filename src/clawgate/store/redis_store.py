@@ -7,7 +7,8 @@ pipeline (``transaction=False``), mirroring the SQLite writer's group commit.
 Reads go through the same queue, after the writes enqueued before them, so a
 process reads what it was told was done.
 
-Key layout (``P`` is the prefix; all names are built by ``Keys`` below):
+Key layout (``P`` is the prefix; all names are built by ``StoreKeys``, store/redis_keys.py,
+with every expiry constant named below):
 
     P:session:{key}              HASH   session fields; expires session_ttl_s (30 days by default),
                                         refreshed by put_session / append_message / reset_session
@@ -66,83 +67,22 @@ from clawgate.store.records import (
     SubagentRecord,
     TranscriptMessage,
 )
+from clawgate.store.redis_keys import (
+    CLAIM_SAFETY_S,
+    DEFAULT_SESSION_TTL_S,
+    INDEX_TTL_S,
+    OPEN_RUN_TTL_S,
+    QUARANTINE_TTL_S,
+    RUNS_ENDED_CAP,
+    SUB_SAFETY_MARGIN_S,
+    StoreKeys,
+)
 from clawgate.store.run_pages import RunsPage, RunsPageQuery, parse_int_cursor
 
 log = structlog.get_logger("clawgate.store.redis")
 T = TypeVar("T")
 
-# -- key names ------------------------------------------------------------------------------------
-
-
-class Keys:
-    """Every key name the store uses, in one place."""
-
-    def __init__(self, prefix: str) -> None:
-        self.p = prefix
-
-    def session(self, key: str) -> str:
-        return f"{self.p}:session:{key}"
-
-    def messages(self, key: str) -> str:
-        return f"{self.p}:messages:{key}"
-
-    def sessions_index(self) -> str:
-        return f"{self.p}:sessions"
-
-    def sessions_expiry(self) -> str:
-        return f"{self.p}:sessions:expiry"
-
-    def run(self, run_id: str) -> str:
-        return f"{self.p}:run:{run_id}"
-
-    def runs_open(self) -> str:
-        return f"{self.p}:runs:open"
-
-    def runs_ended(self) -> str:
-        return f"{self.p}:runs:ended"
-
-    def runs_all(self) -> str:
-        return f"{self.p}:runs:all"
-
-    def runs_by_session(self, session_key: str) -> str:
-        return f"{self.p}:runs:session:{session_key}"
-
-    def idem(self, key: str) -> str:
-        return f"{self.p}:idem:{key}"
-
-    def sub(self, run_id: str) -> str:
-        return f"{self.p}:sub:{run_id}"
-
-    def subs_all(self) -> str:
-        return f"{self.p}:subs:all"
-
-    def subs_by_requester(self, requester: str) -> str:
-        return f"{self.p}:subs:requester:{requester}"
-
-    def subs_expiry(self) -> str:
-        return f"{self.p}:subs:expiry"
-
-    def subs_live(self) -> str:
-        return f"{self.p}:subs:live"
-
-    def sub_claim(self, run_id: str) -> str:
-        return f"{self.p}:sub:claim:{run_id}"
-
-    def sub_quarantine(self, run_id: str) -> str:
-        return f"{self.p}:sub:quarantine:{run_id}"
-
-
-# -- expiry policy ------------------------------------------------------------------------------------
-
-DAY_S = 86400.0
-INDEX_TTL_S = 7 * DAY_S  # minimum expiry of index sets/zsets, refreshed on each write
-DEFAULT_SESSION_TTL_S = 30 * DAY_S  # sessions and transcripts when session_ttl_s is None
-OPEN_RUN_TTL_S = 2 * DAY_S  # queued/running run records (at least timeout_s + 1 h)
-SUB_SAFETY_MARGIN_S = 3600.0  # subagent records outlive expires_at by this much
-RUNS_ENDED_CAP = 200_000  # P:runs:ended keeps at most this many (oldest dropped first)
 PAGE = 256
-QUARANTINE_TTL_S = 7 * DAY_S  # undecodable subagent records kept aside this long
-CLAIM_SAFETY_S = 3600.0  # a claim key expires natively this long after its lease deadline
 
 # -- Lua (atomic multi-step updates) ----------------------------------------------------------------
 
@@ -403,7 +343,7 @@ class RedisStore(Store):
     ) -> None:
         self.url = url
         self.prefix = prefix
-        self.keys = Keys(prefix)
+        self.keys = StoreKeys(prefix)
         self.run_result_ttl_s = run_result_ttl_s
         self.session_ttl_s = session_ttl_s
         self.subagent_max_ttl_s = subagent_max_ttl_s

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
 
+from clawgate.store.redis_keys import USAGE, namespace
+
 if TYPE_CHECKING:
     from clawgate.store.redis_store import RedisStore
     from clawgate.store.sqlite import SqliteStore
@@ -85,7 +87,7 @@ class RedisUsageStore(UsageStore):
 
     def __init__(self, store: RedisStore, *, retention_days: int) -> None:
         self.store = store
-        self.p = f"{store.prefix}:usage"
+        self.p = namespace(store.prefix, USAGE)
         self.ttl_s = (retention_days + 1) * 86400
         self.retention_days = retention_days
 

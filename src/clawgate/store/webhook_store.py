@@ -17,6 +17,7 @@ import msgspec
 
 from clawgate.store.base import Fence
 from clawgate.store.records import RunRecord
+from clawgate.store.redis_keys import WEBHOOKS, namespace
 
 if TYPE_CHECKING:
     from clawgate.store.redis_store import RedisStore
@@ -226,7 +227,7 @@ class RedisWebhookStore(WebhookStore):
 
     def __init__(self, store: RedisStore, *, record_ttl_s: float) -> None:
         self.store = store
-        self.p = f"{store.prefix}:wh"
+        self.p = namespace(store.prefix, WEBHOOKS)
         self.ttl_ms = int(record_ttl_s * 1000)
 
     def _key(self, delivery_id: str) -> str:

@@ -177,10 +177,6 @@ class SubagentService:
         self.announces_expired = 0
         self.sweep_errors = 0
         self.attachments_root = settings.state_path / "attachments"
-        runs.tools[SESSIONS_SPAWN_SPEC.name] = Tool(SESSIONS_SPAWN_SPEC, self._tool_spawn)
-        runs.start_hooks.append(self._on_run_start)
-        runs.end_hooks.append(self._on_run_end)
-        bus.listeners.append(self._on_event)
         self._stopping = False
         self._restoring = False
 
@@ -471,6 +467,10 @@ class SubagentService:
             raise
         rec.attachments_dir = str(written)
 
+    def spawn_tool(self) -> Tool:
+        """The `sessions_spawn` agent tool (the gateway registers it with the run service)."""
+        return Tool(SESSIONS_SPAWN_SPEC, self._tool_spawn)
+
     async def _tool_spawn(self, ctx: ToolCallContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
             params = msgspec.convert({**args, "sessionKey": ctx.session_key}, SpawnParams)
@@ -505,7 +505,7 @@ class SubagentService:
             pending.timer.cancel()
 
     # -- run lifecycle -----------------------------------------------------------------------------
-    def _on_run_start(self, run: RunRecord) -> None:
+    def on_run_start(self, run: RunRecord) -> None:
         run_id = RunId(run.run_id)
         rec = self.active.get(run_id) if run.kind == "subagent" else None
         if rec is None:
@@ -516,7 +516,7 @@ class SubagentService:
         rec.status = "running"
         self.store.update_subagent(rec)
 
-    def _on_event(self, run_id: RunId, key: SessionKey, stream: str, data: dict[str, Any]) -> None:
+    def on_agent_event(self, run_id: RunId, key: SessionKey, stream: str, data: dict[str, Any]) -> None:
         if stream != "lifecycle" or not is_subagent(key):
             return
         phase = data.get("phase")
@@ -534,7 +534,7 @@ class SubagentService:
             old.timer.cancel()
         self.pending_errors.set(run_id, pending)
 
-    def _on_run_end(self, run: RunRecord) -> None:
+    def on_run_end(self, run: RunRecord) -> None:
         if run.kind != "subagent":
             return
         run_id = RunId(run.run_id)

@@ -110,8 +110,3 @@ def session_tools(gw: Gateway) -> list[Tool]:
         Tool(SESSIONS_HISTORY_SPEC, sessions_history, scope=READ_SCOPE),
         Tool(SESSIONS_SEND_SPEC, sessions_send, scope=WRITE_SCOPE),
     ]
-
-
-def register_session_tools(gw: Gateway) -> None:
-    for tool in session_tools(gw):
-        gw.runs.tools[tool.spec.name] = tool

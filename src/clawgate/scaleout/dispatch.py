@@ -3,7 +3,10 @@
 Any process may execute any run, one run at a time per session across all processes,
 in push order, and nothing is lost when a process dies (docs/design.md, persistence and scale-out).
 
-Interface (wired into the gateway by the run service)::
+Two classes: `RedisDispatcher`, the queues themselves (below), and `RedisRunDispatch`, the
+run service's `RunDispatch` port (runs/dispatch.py) over them, at the end of this module.
+
+Interface of the queues (`ClusterMember` in scaleout/member.py wires them)::
 
     d = RedisDispatcher(redis, prefix="clawgate:dispatch", consumer=process_id,
                         execute=run_to_end, on_orphan=finalize_interrupted)
@@ -25,7 +28,7 @@ unless already final"). If it raises, the run stays in the processing list and t
 session is handed off, so a holder reports it again. Both callbacks should end runs
 with a write fenced by ``lease(session_key)`` (see Fencing below), read when they start.
 
-Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``)::
+Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``, store/redis_keys.py)::
 
     P:q:{session}     LIST    pending run ids, FIFO; expires queue_ttl_s (1 day), refreshed on
                               push and, while a holder drains it, on every step and renewal
@@ -99,26 +102,36 @@ scripts touch several keys of one session, so this needs a single Redis (not Clu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from clawgate.redis_calls import call as _c
-from clawgate.redis_calls import guarded
-from clawgate.redis_calls import text as _s
+from clawgate.errors import StoreError
+from clawgate.ids import RunId, SessionKey
+from clawgate.runs.dispatch import Cancel, FinalListener
+from clawgate.scaleout.fanout import RedisEventRelay
+from clawgate.scaleout.redis_io import as_text, guarded, redis_call
+from clawgate.state.clock import Clock
+from clawgate.state.registry import StateRegistry
+from clawgate.state.ttlmap import TTLMap
+from clawgate.store.base import Store
+from clawgate.store.records import RunRecord
+from clawgate.store.redis_keys import GROUP, INDEX_TTL_S, QUEUE_TTL_S, READY_MAXLEN, DispatchKeys
 
-log = structlog.get_logger("clawgate.runs.redis_dispatch")
+if TYPE_CHECKING:
+    from clawgate.runs.service import Run
+
+log = structlog.get_logger("clawgate.scaleout.dispatch")
 T = TypeVar("T")
 
-GROUP = "workers"
-INDEX_TTL_S = 7 * 86400  # the ready stream and the active zset, refreshed on each write
-QUEUE_TTL_S = 86400.0  # pending queues, refreshed on each push
-READY_MAXLEN = 100_000
 READ_COUNT = 64  # messages per XREADGROUP / XAUTOCLAIM
 READ_BLOCK_MS = 1000  # the redis client's socket_timeout must be longer than this
 RETRY_S = 0.5  # back-off after a Redis error in a background loop
@@ -126,31 +139,6 @@ CONSUMER_REAP_MIN_IDLE_S = 300.0  # group members idle this long with nothing pe
 REAP_EVERY_TICKS = 20
 
 Execute = Callable[[str, str], Awaitable[None]]
-
-
-class DispatchKeys:
-    """Every key name the dispatcher uses, in one place."""
-
-    def __init__(self, prefix: str) -> None:
-        self.p = prefix
-
-    def queue(self, session: str) -> str:
-        return f"{self.p}:q:{session}"
-
-    def processing(self, session: str) -> str:
-        return f"{self.p}:qp:{session}"
-
-    def lock(self, session: str) -> str:
-        return f"{self.p}:lock:{session}"
-
-    def active(self) -> str:
-        return f"{self.p}:active"
-
-    def ready(self) -> str:
-        return f"{self.p}:ready"
-
-    def fence(self) -> str:
-        return f"{self.p}:fence"
 
 
 # -- Lua --------------------------------------------------------------------------------------------
@@ -353,7 +341,7 @@ class RedisDispatcher:
         pipe.expire(k.queue(session_key), self.queue_ttl_s)
         pipe.xadd(k.ready(), {"session": session_key}, maxlen=self.ready_maxlen, approximate=True)
         pipe.expire(k.ready(), INDEX_TTL_S)
-        await _c(pipe.execute())
+        await redis_call(pipe.execute())
         self.pushed += 1
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -400,7 +388,7 @@ class RedisDispatcher:
         if self._renewer is not None:
             await _cancel_all([self._renewer])
         try:
-            await _c(self._reap(keys=[self.keys.ready()], args=[GROUP, 0, self.consumer]))
+            await redis_call(self._reap(keys=[self.keys.ready()], args=[GROUP, 0, self.consumer]))
         except (RedisError, OSError) as exc:
             log.warning("dispatch: could not leave the consumer group", error=str(exc))
 
@@ -419,11 +407,11 @@ class RedisDispatcher:
 
     async def _ensure_group(self) -> None:
         try:
-            await _c(self.redis.xgroup_create(self.keys.ready(), GROUP, id="0", mkstream=True))
+            await redis_call(self.redis.xgroup_create(self.keys.ready(), GROUP, id="0", mkstream=True))
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await _c(self.redis.expire(self.keys.ready(), INDEX_TTL_S))
+        await redis_call(self.redis.expire(self.keys.ready(), INDEX_TTL_S))
 
     async def _read_loop(self) -> None:
         await self._ensure_group()
@@ -434,7 +422,7 @@ class RedisDispatcher:
             # the reader sits in XREADGROUP BLOCK holding them all (dead holders never recovered).
             n = self._reserve_nowait(max(1, min(READ_COUNT, self._free // 2)))
             try:
-                resp = await _c(
+                resp = await redis_call(
                     self.redis.xreadgroup(
                         GROUP, self.consumer, {self.keys.ready(): ">"}, count=n, block=READ_BLOCK_MS
                     )
@@ -469,7 +457,7 @@ class RedisDispatcher:
         n = self._reserve_nowait(READ_COUNT)
         if n:
             try:
-                stale = [_s(s) for s in await _c(self._stale(keys=[k.active()], args=[n]))]
+                stale = [as_text(s) for s in await redis_call(self._stale(keys=[k.active()], args=[n]))]
             except BaseException:
                 self._unreserve(n)
                 raise
@@ -479,7 +467,7 @@ class RedisDispatcher:
         n = self._reserve_nowait(READ_COUNT)
         if n:
             try:
-                resp = await _c(
+                resp = await redis_call(
                     self.redis.xautoclaim(
                         k.ready(),
                         GROUP,
@@ -492,13 +480,13 @@ class RedisDispatcher:
             except BaseException:
                 self._unreserve(n)
                 raise
-            self._claim_cursor = _s(resp[0])
-            entries = [(_s(mid), _session_of(fields)) for mid, fields in resp[1]]
+            self._claim_cursor = as_text(resp[0])
+            entries = [(as_text(mid), _session_of(fields)) for mid, fields in resp[1]]
             self.claimed += len(entries)
             self._dispatch(entries, n)
         if reap:
             idle_ms = round(max(CONSUMER_REAP_MIN_IDLE_S, 20 * self.claim_idle_s) * 1000)
-            await _c(self._reap(keys=[k.ready()], args=[GROUP, idle_ms, ""]))
+            await redis_call(self._reap(keys=[k.ready()], args=[GROUP, idle_ms, ""]))
 
     # -- slots (max_sessions) ------------------------------------------------------------------------
     async def _reserve(self, want: int) -> int:
@@ -542,7 +530,7 @@ class RedisDispatcher:
             task.add_done_callback(_log_failure)
 
     async def _ack(self, ids: list[str]) -> None:
-        await _c(self.redis.xack(self.keys.ready(), GROUP, *ids))
+        await redis_call(self.redis.xack(self.keys.ready(), GROUP, *ids))
 
     # -- serving one session ------------------------------------------------------------------------
     async def _serve_session(self, st: _Session) -> None:
@@ -570,7 +558,7 @@ class RedisDispatcher:
 
     async def _hold_and_drain(self, st: _Session, ids: list[str]) -> None:
         k, s = self.keys, st.key
-        got = await _c(
+        got = await redis_call(
             self._acquire(
                 keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence()],
                 args=[self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
@@ -578,10 +566,10 @@ class RedisDispatcher:
         )
         if got is None:
             return  # held elsewhere: that holder drains the queue
-        token = _s(got[0])
+        token = as_text(got[0])
         st.token, st.lost, st.last_renewed = token, False, time.monotonic()
         try:
-            reported = await self._report_orphans(st, [_s(r) for r in got[1:]])
+            reported = await self._report_orphans(st, [as_text(r) for r in got[1:]])
             if reported == "lost":
                 return  # the next holder reports what is left
             if reported == "failed":
@@ -596,7 +584,7 @@ class RedisDispatcher:
                 if self._stopping:
                     await self._release_lock(st, done)
                     return
-                step = await _c(
+                step = await redis_call(
                     self._next(
                         keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
                         args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
@@ -609,7 +597,7 @@ class RedisDispatcher:
                 if int(step[0]) == 1:
                     return  # queue empty, lock released
                 st.last_renewed = time.monotonic()
-                run_id = _s(step[1])
+                run_id = as_text(step[1])
                 if not await self._run_one(st, run_id):
                     # Interrupted: the run stays in qp, reported by the next holder.
                     await self._release_lock(st, "")
@@ -655,7 +643,7 @@ class RedisDispatcher:
                 log.exception("dispatch: on_orphan raised; the next holder retries", run_id=run_id)
                 outcome = "failed"
                 continue
-            dropped = await _c(
+            dropped = await redis_call(
                 self._drop_orphan(keys=[k.lock(st.key), k.processing(st.key)], args=[token, run_id])
             )
             if not int(dropped):
@@ -668,7 +656,7 @@ class RedisDispatcher:
     async def _release_lock(self, st: _Session, done: str) -> None:
         k, s = self.keys, st.key
         assert st.token is not None
-        await _c(
+        await redis_call(
             self._release(
                 keys=[k.lock(s), k.queue(s), k.processing(s), k.active(), k.ready()],
                 args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S],
@@ -685,7 +673,7 @@ class RedisDispatcher:
         pipe.expire(k.ready(), INDEX_TTL_S)
         if ids:
             pipe.xack(k.ready(), GROUP, *ids)
-        await _c(pipe.execute())
+        await redis_call(pipe.execute())
 
     # -- leases --------------------------------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -707,7 +695,7 @@ class RedisDispatcher:
             )
         results: list[Any]
         try:
-            results = await _c(pipe.execute(raise_on_error=False))
+            results = await redis_call(pipe.execute(raise_on_error=False))
         except (RedisError, OSError) as exc:
             results = [exc] * len(held)
         now = time.monotonic()
@@ -738,7 +726,7 @@ def _session_of(fields: Any) -> str | None:
     if not isinstance(fields, dict):
         return None
     v = fields.get(b"session", fields.get("session"))
-    return _s(v) if isinstance(v, bytes | str) and v else None
+    return as_text(v) if isinstance(v, bytes | str) and v else None
 
 
 def _streams(resp: Any) -> list[tuple[Any, list[tuple[str, str | None]]]]:
@@ -751,7 +739,8 @@ def _streams(resp: Any) -> list[tuple[Any, list[tuple[str, str | None]]]]:
     else:
         items = [(stream, entries) for stream, entries in resp]
     return [
-        (stream, [(_s(mid), _session_of(fields)) for mid, fields in entries]) for stream, entries in items
+        (stream, [(as_text(mid), _session_of(fields)) for mid, fields in entries])
+        for stream, entries in items
     ]
 
 
@@ -772,3 +761,101 @@ async def _cancel_all(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 10
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("dispatch: background ack failed", error=str(task.exception()))
+
+
+# -- the run service's port -----------------------------------------------------------------------
+
+PUSH_ATTEMPTS = 4
+
+
+class RedisRunDispatch:
+    """The run service's `RunDispatch` on Redis: accepted runs go to the shared queues, an
+    abort is broadcast to every process, and the end of a run executed elsewhere reaches
+    the listeners registered here (its "done" message, or the member's store reconcile)."""
+
+    def __init__(
+        self,
+        dispatcher: RedisDispatcher,
+        fanout: RedisEventRelay,
+        store: Store,
+        clock: Clock,
+        registry: StateRegistry,
+        *,
+        ttl_s: float,
+        max_runs: int,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.fanout = fanout
+        self.store = store
+        # Per run: handle -> listener, so a cancelled wait leaves in O(1) (a list.remove per
+        # cancel made cancelling many parked waits quadratic).
+        self._handles = itertools.count(1)
+        self.waiters: TTLMap[RunId, dict[int, FinalListener]] = TTLMap(
+            "remote_run_waiters", clock, ttl_s=ttl_s, max_size=max_runs
+        )
+        registry.register(self.waiters)
+
+    def check_room(self, session_key: SessionKey) -> None:
+        return None  # the shared queues are bounded by their expiry, not by this process's lanes
+
+    async def push(self, run: Run) -> None:
+        # After an outage the pool still holds connections that broke during it: each fails
+        # once, then reconnects. So a connection error is retried a few times before the
+        # client gets UNAVAILABLE. A push that did land before its reply was lost is queued
+        # twice; harmless, since a run whose record is final is never executed again (`_execute`).
+        for attempt in range(PUSH_ATTEMPTS):
+            try:
+                await self.dispatcher.push(run.record.run_id, run.record.session_key)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if attempt + 1 == PUSH_ATTEMPTS:
+                    raise StoreError(f"cannot queue the run: redis: {exc}") from exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except RedisError as exc:  # Redis answered with an error: UNAVAILABLE, retryable
+                raise StoreError(f"cannot queue the run: redis: {exc}") from exc
+
+    def executes_elsewhere(self, run: Run | None) -> bool:
+        # Not tracked here, or tracked without a task: accepted here and queued, or executing
+        # in another process (a run this process executes has its task).
+        return run is None or run.task is None
+
+    def abort(self, run_id: RunId) -> None:
+        self.fanout.publish_abort(run_id)
+
+    def listening(self, run_id: RunId) -> int:
+        listeners = self.waiters.get(run_id)
+        return 0 if listeners is None else len(listeners)
+
+    def listen(self, run_id: RunId, listener: FinalListener) -> Cancel:
+        """Call `listener` with the final record when another process finishes the run."""
+        listeners = self.waiters.get(run_id)
+        if listeners is None:
+            listeners = {}
+            self.waiters.set(run_id, listeners)
+        handle = next(self._handles)
+        listeners[handle] = listener
+
+        def cancel() -> None:
+            current = self.waiters.get(run_id)
+            if current is not None and current.pop(handle, None) is not None and not current:
+                self.waiters.pop(run_id)
+
+        # The run may have ended between the caller's store read and this registration.
+        task = asyncio.ensure_future(self._recheck(run_id))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        return cancel
+
+    def settle(self, rec: RunRecord) -> None:
+        """The run ended (elsewhere, or here): every listener gets its final record, once."""
+        run_id = RunId(rec.run_id)
+        for listener in (self.waiters.pop(run_id) or {}).values():
+            try:
+                listener(rec)
+            except Exception:
+                log.exception("remote final listener failed", run_id=run_id)
+
+    async def _recheck(self, run_id: RunId) -> None:
+        rec = await self.store.get_run(run_id)
+        if rec is not None and rec.is_final:
+            for listener in (self.waiters.pop(run_id) or {}).values():
+                listener(rec)

@@ -2,9 +2,10 @@
 requests through Redis pub/sub (docs/design.md, persistence and scale-out: a client on process A follows and
 `agent.wait`s a run executed by process B).
 
-Interface (wired into the gateway by the event bus and the run service)::
+`RedisEventRelay` is the event bus' `EventRelay` (events/bus.py): the bus hands it every
+frame it publishes. Interface (`ClusterMember` in scaleout/member.py wires it)::
 
-    f = RedisFanout(redis, prefix="clawgate", origin=process_id,
+    f = RedisEventRelay(redis, prefix="clawgate", origin=process_id,
                     on_event=deliver_frame, on_done=record_finished, on_abort=abort_run)
     f.start(); await f.wait_subscribed()
     f.publish_event(run_id, session_key, frame)   # sync, never blocks, may drop (counted)
@@ -13,7 +14,7 @@ Interface (wired into the gateway by the event bus and the run service)::
     await f.flush()                               # optional: wait until the queue is sent
     await f.stop()
 
-Channels (``P`` is the prefix; names built by ``FanoutKeys``)::
+Channels (``P`` is the prefix; names built by ``FanoutKeys``, store/redis_keys.py)::
 
     P:ev     event frames        msgpack [origin, runId|nil, sessionKey, frame bytes]
     P:done   run finished        msgpack [origin, record JSON bytes]
@@ -51,33 +52,16 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from clawgate.redis_calls import call as _c
-from clawgate.redis_calls import guarded
-from clawgate.redis_calls import text as _s
+from clawgate.scaleout.redis_io import as_text, guarded, redis_call
+from clawgate.store.redis_keys import FanoutKeys
 
-log = structlog.get_logger("clawgate.events.redis_fanout")
+log = structlog.get_logger("clawgate.scaleout.fanout")
 T = TypeVar("T")
 
 BUFFER_MAX = 100_000  # queued events per process (each frame is at most max_payload_bytes)
 CONTROL_RESERVE = 1024  # extra slots for done/abort above a full event buffer
 BATCH_MAX = 256  # PUBLISHes per pipeline
 RETRY_S = 0.5  # back-off after a Redis error
-
-
-class FanoutKeys:
-    """Every channel name the fan-out uses, in one place."""
-
-    def __init__(self, prefix: str) -> None:
-        self.p = prefix
-
-    def events(self) -> str:
-        return f"{self.p}:ev"
-
-    def done(self) -> str:
-        return f"{self.p}:done"
-
-    def abort(self) -> str:
-        return f"{self.p}:abort"
 
 
 class EventEnvelope(msgspec.Struct, array_like=True, frozen=True):
@@ -105,7 +89,7 @@ _abort_dec = msgspec.msgpack.Decoder(AbortEnvelope)
 OnEvent = Callable[[str | None, str, bytes], None]
 
 
-class RedisFanout:
+class RedisEventRelay:
     def __init__(
         self,
         redis: aioredis.Redis,
@@ -202,7 +186,7 @@ class RedisFanout:
             for channel, msg in batch:
                 pipe.publish(channel, _enc.encode(msg))
             try:
-                await _c(pipe.execute())
+                await redis_call(pipe.execute())
                 self.published += n
             except (RedisError, OSError) as exc:
                 self.failed += n
@@ -222,18 +206,18 @@ class RedisFanout:
         channels = {self.keys.events(), self.keys.done(), self.keys.abort()}
         pubsub = self.redis.pubsub()
         try:
-            await _c(pubsub.subscribe(*channels))
+            await redis_call(pubsub.subscribe(*channels))
             confirmed: set[str] = set()
             while True:
-                msg = await _c(pubsub.get_message(timeout=1.0))
+                msg = await redis_call(pubsub.get_message(timeout=1.0))
                 if msg is None:
                     continue
-                kind = _s(msg["type"])
+                kind = as_text(msg["type"])
                 if kind == "message":
-                    self._deliver(_s(msg["channel"]), msg["data"])
+                    self._deliver(as_text(msg["channel"]), msg["data"])
                 elif kind == "subscribe":
                     # Also after a reconnect, when redis-py resubscribes on its own.
-                    confirmed.add(_s(msg["channel"]))
+                    confirmed.add(as_text(msg["channel"]))
                     if confirmed >= channels:
                         self._subscribed.set()
         finally:

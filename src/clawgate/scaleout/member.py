@@ -1,12 +1,12 @@
 """Scale-out on Redis: several gateway processes share runs, events and results.
 
-The glue between the run service and the two Redis I/O modules:
+`ClusterMember` is the glue between the core (run service, event bus, subagents) and the two Redis I/O modules:
 
-- `RedisDispatcher` (runs/redis_dispatch.py): accepted runs go to per-session Redis
+- `RedisDispatcher` (scaleout/dispatch.py): accepted runs go to per-session Redis
   queues; any process executes them, one run at a time per session across all
   processes; a process that dies leaves its run to be reported as an orphan
   (finalized "interrupted by gateway restart") and its queue to be drained by others.
-- `RedisFanout` (events/redis_fanout.py): every event frame a process emits is
+- `RedisEventRelay` (scaleout/fanout.py): every event frame a process emits is
   published, so a client connected to process A follows a run executed by process B;
   run ends ("done") and abort requests are broadcast the same way.
 
@@ -14,66 +14,61 @@ A run accepted on A and executed on B exists as a proxy `Run` in A's `runs_activ
 (holding the accepting connection's final-response listener) until B's "done"
 arrives. Waiters for runs accepted elsewhere live in `remote_run_waiters`, a
 registered TTL map.
+
+Ports. The core sees none of this: the run service queues through `RedisRunDispatch`
+(scaleout/dispatch.py; its `RunDispatch`, runs/dispatch.py) and the event bus relays
+frames through `RedisEventRelay` (its `EventRelay`), both given to them at construction.
+
+Construction order. Both directions need the other side: the bus and the run service take
+their relay and dispatch when they are built, and the member's inbound side needs them (a
+run taken from the shared queue executes through the run service; a frame from another
+process is delivered by the bus; a subagent run is adopted by the subagent service). So the
+member is built first, holding no reference to the core, and the composition root binds
+the core to it with `bind(runs, subagents, bus)`: the executor port. Nothing arrives
+before `start()`, which refuses to run unbound, so no message can find it half-wired.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import socket
 import uuid
-from collections.abc import Callable
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawgate.errors import StoreError
 from clawgate.events.bus import EventBus
-from clawgate.events.redis_fanout import RedisFanout
 from clawgate.ids import RunId, SessionKey
-from clawgate.runs.redis_dispatch import RedisDispatcher
-from clawgate.runs.service import Run, RunService
+from clawgate.runs.service import RunService
+from clawgate.scaleout.dispatch import RedisDispatcher, RedisRunDispatch
+from clawgate.scaleout.fanout import RedisEventRelay
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
-from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
+from clawgate.store.redis_keys import DISPATCH, FANOUT, namespace
 from clawgate.subagents.service import SubagentService
-
-PUSH_ATTEMPTS = 4
 
 log = structlog.get_logger("clawgate.cluster")
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(RunRecord)
 
-Listener = Callable[[RunRecord], None]
 
+class ClusterMember:
+    """This process as a member of the cluster: the Redis client, the shared queues and the
+    fan-out, the core's ports over them (`dispatch`, `relay`), and what arrives from other
+    processes (runs to execute or to report as orphans, frames, ends, aborts)."""
 
-class Cluster:
-    def __init__(
-        self,
-        settings: Settings,
-        clock: Clock,
-        registry: StateRegistry,
-        store: Store,
-        runs: RunService,
-        bus: EventBus,
-        subagents: SubagentService,
-    ) -> None:
+    def __init__(self, settings: Settings, clock: Clock, registry: StateRegistry, store: Store) -> None:
         self.settings = settings
         self.clock = clock
         self.store = store
-        self.runs = runs
-        self.bus = bus
-        self.subagents = subagents
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # A blocking pool: under a burst, callers wait for a connection instead of failing
         # with MaxConnectionsError; the bound keeps Redis' client count predictable.
@@ -84,7 +79,7 @@ class Cluster:
         prefix = settings.redis_prefix
         self.dispatcher = RedisDispatcher(
             self.redis,
-            prefix=f"{prefix}:dispatch",
+            prefix=namespace(prefix, DISPATCH),
             consumer=self.origin,
             execute=self._execute,
             on_orphan=self._orphan,
@@ -92,30 +87,55 @@ class Cluster:
             claim_idle_s=settings.cluster_claim_idle_s,
             max_sessions=settings.main_concurrency + settings.subagent_concurrency,
         )
-        self.fanout = RedisFanout(
+        self.fanout = RedisEventRelay(
             self.redis,
-            prefix=f"{prefix}:fanout",
+            prefix=namespace(prefix, FANOUT),
             origin=self.origin,
             on_event=self._on_event,
             on_done=self._on_done,
             on_abort=self._on_abort,
         )
-        # Per run: handle -> listener, so a cancelled wait leaves in O(1) (a list.remove per
-        # cancel made cancelling many parked waits quadratic).
-        self._waiter_handles = itertools.count(1)
-        self.remote_waiters: TTLMap[RunId, dict[int, Listener]] = TTLMap(
-            "remote_run_waiters", clock, ttl_s=settings.abort_ttl_max_s, max_size=settings.max_tracked_runs
+        # The core's ports: the run service's dispatch, the event bus' relay.
+        self.dispatch = RedisRunDispatch(
+            self.dispatcher,
+            self.fanout,
+            store,
+            clock,
+            registry,
+            ttl_s=settings.abort_ttl_max_s,
+            max_runs=settings.max_tracked_runs,
         )
-        registry.register(self.remote_waiters)
+        self.relay = self.fanout
+        self.remote_waiters = self.dispatch.waiters
+        self._runs: RunService | None = None
+        self._subagents: SubagentService | None = None
+        self._bus: EventBus | None = None
         self._reconcile_task: asyncio.Task[None] | None = None
-        runs.dispatch = self._push
-        runs.remote_abort = self.fanout.publish_abort
-        runs.remote_listen = self.listen
-        runs.end_hooks.append(self._publish_done)
-        bus.remote = self._publish_event
+
+    def bind(self, runs: RunService, subagents: SubagentService, bus: EventBus) -> None:
+        """The executor port: runs taken from the shared queue execute through `runs`, frames
+        from other processes are delivered by `bus` (module doc, construction order)."""
+        self._runs, self._subagents, self._bus = runs, subagents, bus
+
+    @property
+    def runs(self) -> RunService:
+        assert self._runs is not None, "ClusterMember.bind() was not called"
+        return self._runs
+
+    @property
+    def subagents(self) -> SubagentService:
+        assert self._subagents is not None, "ClusterMember.bind() was not called"
+        return self._subagents
+
+    @property
+    def bus(self) -> EventBus:
+        assert self._bus is not None, "ClusterMember.bind() was not called"
+        return self._bus
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        if self._runs is None:
+            raise RuntimeError("ClusterMember.bind() must be called before start()")
         self.fanout.start()
         await self.fanout.wait_subscribed()
         self.dispatcher.start()
@@ -185,26 +205,8 @@ class Cluster:
         }
 
     # -- outbound ------------------------------------------------------------------------------
-    async def _push(self, run: Run) -> None:
-        # After an outage the pool still holds connections that broke during it: each fails
-        # once, then reconnects. So a connection error is retried a few times before the
-        # client gets UNAVAILABLE. A push that did land before its reply was lost is queued
-        # twice; harmless, since a run whose record is final is never executed again (`_execute`).
-        for attempt in range(PUSH_ATTEMPTS):
-            try:
-                await self.dispatcher.push(run.record.run_id, run.record.session_key)
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if attempt + 1 == PUSH_ATTEMPTS:
-                    raise StoreError(f"cannot queue the run: redis: {exc}") from exc
-                await asyncio.sleep(0.05 * (attempt + 1))
-            except RedisError as exc:  # Redis answered with an error: UNAVAILABLE, retryable
-                raise StoreError(f"cannot queue the run: redis: {exc}") from exc
-
-    def _publish_event(self, session_key: SessionKey, run_id: RunId | None, frame: bytes) -> None:
-        self.fanout.publish_event(run_id, session_key, frame)
-
-    def _publish_done(self, rec: RunRecord) -> None:
+    def publish_done(self, rec: RunRecord) -> None:
+        """A run end hook: every process (this one too) learns the run's end."""
         self.fanout.publish_done(_enc.encode(rec))
 
     # -- executing a run from the shared queue ----------------------------------------------------
@@ -258,40 +260,9 @@ class Cluster:
         self.runs.settle_remote(rec)
         if rec.kind == "subagent":
             self.subagents.forget_remote(run_id)
-        for listener in (self.remote_waiters.pop(run_id) or {}).values():
-            try:
-                listener(rec)
-            except Exception:
-                log.exception("remote final listener failed", run_id=run_id)
+        self.dispatch.settle(rec)
 
     def _on_abort(self, run_id: str) -> None:
         run = self.runs.active.get(RunId(run_id))
         if run is not None and run.task is not None:
             self.runs.abort(RunId(run_id))
-
-    # -- waiting for runs executed elsewhere ------------------------------------------------------------
-    def listen(self, run_id: RunId, listener: Listener) -> Callable[[], None]:
-        """Call `listener` with the final record when another process finishes the run."""
-        listeners = self.remote_waiters.get(run_id)
-        if listeners is None:
-            listeners = {}
-            self.remote_waiters.set(run_id, listeners)
-        self.runs.waiters.check_run(run_id, len(listeners))
-        handle = next(self._waiter_handles)
-        listeners[handle] = listener
-
-        def cancel() -> None:
-            current = self.remote_waiters.get(run_id)
-            if current is not None and current.pop(handle, None) is not None and not current:
-                self.remote_waiters.pop(run_id)
-
-        # The run may have ended between the caller's store read and this registration.
-        task = asyncio.ensure_future(self._recheck(run_id))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        return cancel
-
-    async def _recheck(self, run_id: RunId) -> None:
-        rec = await self.store.get_run(run_id)
-        if rec is not None and rec.is_final:
-            for listener in (self.remote_waiters.pop(run_id) or {}).values():
-                listener(rec)
