@@ -279,10 +279,9 @@ async def _kill_mid_batch(procs: Procs, runs: int, sessions: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(
-    reason="known open bug: in about 1 of 6 repetitions an `ok` run ended by the killed process (its end "
-    "and its reply durable, its final answer given) has no terminal lifecycle event: the process died "
-    "after the end write and before its fan-out published the end's events and `done`, which are sent "
-    "after the write, not with it (every run still has exactly one end, and its reply)",
+    reason="known open bug: in about 1 of 7 runs an `ok` run (its end and its reply durable, its final "
+    "answer given) still has no terminal lifecycle event for a subscriber of all sessions, by a path "
+    "other than the lost `done` the store reconcile now covers (every run still has exactly one end)",
     strict=False,
 )
 async def test_sigkill_mid_batch_leaves_no_run_without_an_end(tmp_path: Path, redis_url: str) -> None:

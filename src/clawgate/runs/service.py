@@ -302,15 +302,30 @@ class RunService:
         """Execute one run now (the shared queue already serialized its session)."""
         await self._execute(run)
 
-    def settle_remote(self, rec: RunRecord) -> None:
-        """Another process ended a run this one accepted: answer the local waiters."""
-        run = self.active.get(RunId(rec.run_id))
+    def settle_remote(self, rec: RunRecord, *, announce: bool = False) -> bool:
+        """Another process ended a run this one accepted: answer the local waiters. Returns
+        whether a run tracked here was settled.
+
+        `announce`: the end was found in the store, and its executor never said so (no
+        "done"): it died after writing the end and before its fan-out sent the end's events.
+        This process, which accepted the run, tells them in its place, as it does for a run
+        it ends as an orphan (their `seq` starts at 1 here: docs/reliability.md, limits).
+        """
+        run_id = RunId(rec.run_id)
+        run = self.active.get(run_id)
         if run is None or run.task is not None or run.record.is_final:
-            return
+            return False
         run.record = rec
-        self.active.pop(RunId(rec.run_id))
-        self.results.set(RunId(rec.run_id), rec)
+        self.active.pop(run_id)
+        self.results.set(run_id, rec)
+        if announce:
+            log.warning(
+                "run end told for its executor, whose done never came", run_id=run_id, status=rec.status
+            )
+            self._emit_end(rec, run_id, SessionKey(rec.session_key), rec.ended_at or self.clock.time())
+            self.bus.clear_run(run_id)
         self._settle(run)
+        return True
 
     def follow(
         self, run: Run | None, rec: RunRecord, listener: FinalListener, owner: ConnId | None
