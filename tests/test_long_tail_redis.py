@@ -279,9 +279,9 @@ async def _kill_mid_batch(procs: Procs, runs: int, sessions: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(
-    reason="known open bug: in about 1 of 7 runs an `ok` run (its end and its reply durable, its final "
-    "answer given) still has no terminal lifecycle event for a subscriber of all sessions, by a path "
-    "other than the lost `done` the store reconcile now covers (every run still has exactly one end)",
+    reason="known open bug: in 1 of 17 runs since the store reconcile tells an end whose `done` never "
+    "came, an `ok` run (end and reply durable, final answer given) still had no terminal lifecycle "
+    "event for a subscriber of all sessions, by another path (every run still has exactly one end)",
     strict=False,
 )
 async def test_sigkill_mid_batch_leaves_no_run_without_an_end(tmp_path: Path, redis_url: str) -> None:
