@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +288,9 @@ async def test_sigkill_and_restart_keeps_every_promise(tmp_path: Path, seed: int
         assert role in ROLES, row
         assert isinstance(content, str), row
         assert isinstance(ts, float) and ts > 0, row
+    # A run whose end says ok has its reply in the transcript, once (written in the same or an
+    # earlier transaction than its end, so no kill point can separate them).
+    replies = Counter(row[5] for row in rows if row[2] == "assistant")
+    for run_id in accepted_runs:
+        if results[run_id]["status"] == "ok":
+            assert replies[run_id] == 1, (run_id, results[run_id], replies[run_id])

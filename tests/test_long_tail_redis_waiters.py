@@ -57,3 +57,57 @@ async def test_agent_retry_waiting_on_another_process_gets_the_end_without_the_d
             res = await asyncio.wait_for(final, 5)
             assert res["status"] == "ok" and res["runId"] == key
             assert key not in a.gateway.cluster.remote_waiters
+
+
+async def test_an_end_whose_done_never_came_is_told_by_the_accepting_process(
+    start_gateway: GatewayFactory, clock: FakeClock, redis_url: str
+) -> None:
+    # The executor died after writing the run's end and before its fan-out sent the end's
+    # events and "done" (here: the accepting process stops listening instead). The accepting
+    # process's reconcile finds the end in the store and tells it: the final answer and
+    # exactly one terminal lifecycle event, for its subscribers.
+    shared = {"store": redis_url, "redis_prefix": unique_prefix(), "cluster_claim_idle_s": 30}
+    a = await start_gateway(**shared)
+    b = await start_gateway(**shared)
+    assert a.gateway.cluster is not None
+    await a.gateway.cluster.dispatcher.stop(0)  # A accepts; only B executes
+    ends: list[dict[str, object]] = []
+
+    def on_event(frame: dict[str, object]) -> None:
+        payload = frame.get("payload")
+        if frame.get("event") == "agent" and isinstance(payload, dict):
+            data = payload.get("data") or {}
+            if payload.get("stream") == "lifecycle" and data.get("phase") in ("end", "error"):
+                ends.append(payload)
+
+    async with (
+        Client(a.url, max_reconnect_attempts=0) as ca,
+        Client(a.url, max_reconnect_attempts=0) as watcher,
+    ):
+        watcher.on_event = on_event
+        await watcher.subscribe(all_sessions=True)
+        key = "lt-told-1"
+        final = asyncio.create_task(
+            ca.run_agent("[[delay:5]] told", session_key="agent:main:lt-told", idempotency_key=key)
+        )
+        await until(lambda: b.gateway.runs.running == 1, what="B executing the run")
+        await a.gateway.cluster.fanout.stop()
+        for _ in range(20):  # the run's delay sleeps on the clock once its turn has started
+            clock.advance(1)
+            await asyncio.sleep(0.05)
+            if b.gateway.runs.running == 0:
+                break
+        await until(lambda: b.gateway.runs.running == 0, what="B ends the run")
+        await b.gateway.store.flush()
+        await asyncio.sleep(0.2)
+        assert not final.done() and ends == []
+        # Too young: its "done" may still be on the way.
+        assert await a.gateway.cluster.reconcile_once() == 0
+        clock.advance(31)
+        assert await a.gateway.cluster.reconcile_once() == 1
+        res = await asyncio.wait_for(final, 5)
+        assert res["status"] == "ok" and res["runId"] == key
+        await until(lambda: len(ends) == 1, what="the terminal event")
+        await asyncio.sleep(0.2)
+        assert [(e["runId"], e["data"]["phase"]) for e in ends] == [(key, "end")]  # type: ignore[index]
+        assert await a.gateway.cluster.reconcile_once() == 0  # told once

@@ -150,3 +150,23 @@ def test_rule9_ttls_are_settings_with_the_documented_defaults(monkeypatch: pytes
     ) == (300, 3600, 300, 15, 300, 1800, 1800, 1, 5, 100 * 1024, 5 * 1024 * 1024)
     monkeypatch.setenv("CLAWGATE_SUBAGENT_SESSION_TTL_S", "2.5")
     assert Settings().subagent_session_ttl_s == 2.5
+
+
+# -- spawn limits ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("depth", "children", "refused", "details"),
+    [
+        (1, 0, False, None),
+        (2, 4, False, None),  # at the depth limit and one below the children limit
+        (3, 0, True, {"depth": 3, "maxSpawnDepth": 2}),
+        (1, 5, True, {"activeChildren": 5, "maxChildrenPerAgent": 5}),
+        (3, 5, True, {"depth": 3, "maxSpawnDepth": 2}),  # depth is checked first
+    ],
+)
+def test_check_spawn_limits(depth: int, children: int, refused: bool, details: dict[str, int] | None) -> None:
+    err = rules.check_spawn_limits("agent:main:main", depth, children, max_depth=2, max_children=5)
+    if not refused:
+        assert err is None
+        return
+    assert err is not None and err.code == "FORBIDDEN"
+    assert err.details == details

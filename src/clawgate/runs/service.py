@@ -14,7 +14,7 @@ end is durable before the final response is sent.
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -33,9 +33,11 @@ from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
 from clawgate.providers.pricing import with_cost
+from clawgate.runs import lifecycle
 from clawgate.runs.dispatch import FinalListener, LocalDispatch, RunDispatch
 from clawgate.runs.endwrite import persist_end
 from clawgate.runs.lanes import Lanes
+from clawgate.runs.lifecycle import INTERRUPTED, NOT_RESTORED
 from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
@@ -48,9 +50,9 @@ from clawgate.store.records import RunRecord
 
 log = structlog.get_logger("clawgate.runs")
 
-INTERRUPTED = "interrupted by gateway restart"
+__all__ = ["INTERRUPTED", "NOT_RESTORED", "PARTIAL_MARK", "Run", "RunService", "SubmitRequest"]
+
 PARTIAL_MARK = "\n[partial: the reply stopped before it was complete]"
-NOT_RESTORED = "not re-queued after restart: maxTrackedRuns reached"
 
 EndHook = Callable[[RunRecord], Awaitable[None] | None]
 StartHook = Callable[[RunRecord], None]
@@ -192,6 +194,9 @@ class RunService:
         self.accepting = True
         self.draining = False
         self.running = 0
+        # Set while no run executes here: `drain` waits on it instead of polling `running`.
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.waiting = 0  # runs out of their session lane, waiting for a global lane slot
         self.totals: dict[str, int] = {"ok": 0, "error": 0, "timeout": 0, "aborted": 0}
         self.latency = LatencyHistogram()
@@ -307,15 +312,30 @@ class RunService:
         """Execute one run now (the shared queue already serialized its session)."""
         await self._execute(run)
 
-    def settle_remote(self, rec: RunRecord) -> None:
-        """Another process ended a run this one accepted: answer the local waiters."""
-        run = self.active.get(RunId(rec.run_id))
+    def settle_remote(self, rec: RunRecord, *, announce: bool = False) -> bool:
+        """Another process ended a run this one accepted: answer the local waiters. Returns
+        whether a run tracked here was settled.
+
+        `announce`: the end was found in the store, and its executor never said so (no
+        "done"): it died after writing the end and before its fan-out sent the end's events.
+        This process, which accepted the run, tells them in its place, as it does for a run
+        it ends as an orphan (their `seq` starts at 1 here: docs/reliability.md, limits).
+        """
+        run_id = RunId(rec.run_id)
+        run = self.active.get(run_id)
         if run is None or run.task is not None or run.record.is_final:
-            return
+            return False
         run.record = rec
-        self.active.pop(RunId(rec.run_id))
-        self.results.set(RunId(rec.run_id), rec)
+        self.active.pop(run_id)
+        self.results.set(run_id, rec)
+        if announce:
+            log.warning(
+                "run end told for its executor, whose done never came", run_id=run_id, status=rec.status
+            )
+            self._emit_end(rec, run_id, SessionKey(rec.session_key), rec.ended_at or self.clock.time())
+            self.bus.clear_run(run_id)
         self._settle(run)
+        return True
 
     def follow(
         self, run: Run | None, rec: RunRecord, listener: FinalListener, owner: ConnId | None
@@ -369,7 +389,7 @@ class RunService:
     def _startable(self, run: Run) -> bool:
         # An abort or timeout of a queued run finishes it in another task; `cancel_reason` is
         # set at once, so a run is never started between that request and its end.
-        return not (run.record.is_final or run.cancel_reason is not None or self.draining)
+        return lifecycle.can_start(run.record, run.cancel_reason, self.draining)
 
     def _stop_waiting(self, run: Run) -> None:
         if run.waiting:
@@ -399,8 +419,9 @@ class RunService:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
+                reason = run.cancel_reason
                 await self._finish(
-                    run, _cancel_status(run.cancel_reason), _cancel_message(run.cancel_reason), None
+                    run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None
                 )
             finally:
                 run.task = None
@@ -416,6 +437,7 @@ class RunService:
         rec.status = "running"
         rec.started_at = now
         self.running += 1
+        self.idle.clear()
         try:
             backstop_s = self.settings.abort_ttl_s(rec.timeout_s)
             self.active.touch(run_id, backstop_s)
@@ -484,6 +506,8 @@ class RunService:
             await self._finish(run, "ok", None, text)
         finally:
             self.running -= 1
+            if not self.running:
+                self.idle.set()
 
     def _usage(self, rec: RunRecord, emitter: _Emitter) -> dict[str, Any] | None:
         profile = self.profiles.get(rec.agent_id)
@@ -511,43 +535,66 @@ class RunService:
 
     # -- end ------------------------------------------------------------------------------------
     async def _finish(self, run: Run, status: str, error: str | None, text: str | None) -> None:
+        """End a run tracked by this process (executed, queued or accepted here)."""
+        await self._complete(run, status, error, text)
+
+    async def _complete(
+        self, run: Run, status: str, error: str | None, text: str | None, *, restored: bool = False
+    ) -> None:
+        """The one path by which a run ends here: `_finish`, `finalize_interrupted` and
+        `restore` all come through it.
+
+        The end transition (runs/lifecycle.py), then the end write, fenced by `run.fence`; if
+        the store kept this end: the lifecycle events, the bus context cleared, the result
+        remembered, the end hooks called once, the waiters answered. If the store holds
+        another end (or this process lost the lease), that end, with no events and no hooks.
+
+        `restored`: the end of a run left open by a process that is gone, written by
+        `restore` before this one serves anyone. It differs on purpose:
+          - no duration is measured: the time the gateway was down is no part of the run;
+          - the write is tried once and a failure raises (the start fails, the run keeps its
+            open record and the next start ends it), rather than ending it in memory only;
+          - no lifecycle events and no totals or latency: nobody can follow a run of a
+            previous process (its contexts and watchers died with it), and the totals count
+            the runs this process executed (`restore` returns how many it ended).
+        """
         rec = run.record
         if rec.is_final:
             return
         before = msgspec.structs.replace(rec)
         key = SessionKey(rec.session_key)
         now = self.clock.time()
-        # Final at once (before the first await), so no second end starts in this process.
-        rec.status = status  # type: ignore[assignment]
-        rec.ended_at = now
-        rec.error = error
-        rec.result_text = text
-        if rec.started_at is not None:
-            rec.duration_ms = int((now - rec.started_at) * 1000)
+        ended = lifecycle.end(rec, status, error, text, now, measure=not restored)
+        # Final at once (before the first await), so no second end starts in this process;
+        # in place: the accepting request and the results map hold this same record.
+        for name in lifecycle.END_FIELDS:
+            setattr(rec, name, getattr(ended, name))
         if run.timer is not None:
             run.timer.cancel()
         # The reply goes into the transcript in the same (or an earlier) transaction as the
         # end: the store's writer is FIFO, so a crash after the final answer never loses it.
         # A fenced end (a run from the shared Redis queue) may be refused: the store writes its
         # reply in the end's own script (RedisStore.end_run), so it lands only with that end.
-        reply_first = run.fence is None and status == "ok" and bool(text)
-        if reply_first and text:
+        if lifecycle.reply_before_end(run.fence is not None, status, text) and text:
             self.sessions.append(key, "assistant", text, rec.run_id)
-        stored, cancelled = await self._write_end(run)
+        stored, cancelled = await self._write_end(run, must_persist=restored)
         if stored is not rec:
             self._end_refused(run, before, stored)
         else:
-            await self._ended(run, key, now, None if reply_first else text)
+            await self._ended(run, key, now, announce=not restored)
         if cancelled:
             raise asyncio.CancelledError
 
-    async def _write_end(self, run: Run) -> tuple[RunRecord | None, bool]:
+    async def _write_end(self, run: Run, *, must_persist: bool = False) -> tuple[RunRecord | None, bool]:
         """Write the end (fenced when the run came from the shared queue). A cancellation
         meanwhile (a lost lease, shutdown) does not cut the end in half: the write is awaited
-        to its outcome and the end completed; (stored end, cancelled) tells the caller."""
+        to its outcome and the end completed; (stored end, cancelled) tells the caller.
+        `must_persist`: one attempt, and a failed write raises."""
         rec = run.record
         # Retried through a store outage (runs/endwrite.py): the end is written when it is back.
-        retry_s = self.settings.store_end_retry_s if self.store.retries_end_writes else 0.0
+        retry_s = (
+            self.settings.store_end_retry_s if self.store.retries_end_writes and not must_persist else 0.0
+        )
         write = asyncio.ensure_future(
             persist_end(self.store, rec, run.fence, retry_for_s=retry_s, writer=self.end_writer)
         )
@@ -560,19 +607,24 @@ class RunService:
                     raise
                 cancelled = True
             except Exception:
+                if must_persist:
+                    raise
                 # The run still ends here (waiters, events, hooks): better than no end at all.
                 log.exception("could not persist run end", run_id=rec.run_id)
                 return rec, cancelled
 
-    async def _ended(self, run: Run, key: SessionKey, now: float, text: str | None) -> None:
-        """The end is durable and it is this one: tell everyone."""
+    async def _ended(self, run: Run, key: SessionKey, now: float, *, announce: bool) -> None:
+        """The end is durable and it is this one: tell everyone (`announce`: the events and
+        totals too, see `_complete`)."""
         rec = run.record
         run_id = RunId(rec.run_id)
-        self._emit_end(rec, run_id, key, now)
+        if announce:
+            self._emit_end(rec, run_id, key, now)
         self.bus.clear_run(run_id)
-        self.totals[rec.status] = self.totals.get(rec.status, 0) + 1
-        if rec.duration_ms is not None:
-            self.latency.observe(rec.duration_ms / 1000)
+        if announce:
+            self.totals[rec.status] = self.totals.get(rec.status, 0) + 1
+            if rec.duration_ms is not None:
+                self.latency.observe(rec.duration_ms / 1000)
         if self.active.get(run_id) is run:
             self.active.pop(run_id)
         self.results.set(run_id, rec)
@@ -627,25 +679,12 @@ class RunService:
         self.bus.unwatch_run(RunId(run.record.run_id))
 
     def _emit_end(self, rec: RunRecord, run_id: RunId, key: SessionKey, now: float) -> None:
-        ended_ms = int(now * 1000)
-        if rec.status == "ok" or rec.status == "aborted":
-            data: dict[str, Any] = {"phase": "end", "endedAt": ended_ms}
-            if rec.status == "aborted":
-                data["aborted"] = True
-            self.bus.emit_agent(run_id, key, "lifecycle", data)
-        else:
-            self.bus.emit_agent(
-                run_id,
-                key,
-                "lifecycle",
-                {"phase": "error", "endedAt": ended_ms, "error": rec.error or rec.status},
-            )
-        if rec.status == "ok":
+        events = lifecycle.end_events(rec, now)
+        self.bus.emit_agent(run_id, key, "lifecycle", events.lifecycle)
+        if events.chat_state == "final":
             self.bus.emit_chat(run_id, key, "final", message=_chat_message(rec.result_text or "", now))
-        elif rec.status == "aborted":
-            self.bus.emit_chat(run_id, key, "aborted")
         else:
-            self.bus.emit_chat(run_id, key, "error", errorMessage=rec.error or rec.status)
+            self.bus.emit_chat(run_id, key, events.chat_state, **events.chat)
 
     # -- abort / timeout ------------------------------------------------------------------------
     def _cancel(self, run: Run, reason: str) -> bool:
@@ -660,7 +699,7 @@ class RunService:
         self.lanes.remove(SessionKey(run.record.session_key), run)
         self._stop_waiting(run)
         task = asyncio.create_task(
-            self._finish(run, _cancel_status(reason), _cancel_message(reason), None),
+            self._finish(run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None),
             name=f"finish:{run.record.run_id}",
         )
         task.add_done_callback(_log_task_error)
@@ -769,7 +808,7 @@ class RunService:
         else:
             run.record = rec  # accepted here, executed elsewhere: its waiters are on this Run
         run.fence = fence
-        await self._finish(run, "error", INTERRUPTED, None)
+        await self._complete(run, "error", INTERRUPTED, None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def restore(self) -> tuple[int, int]:
@@ -788,20 +827,8 @@ class RunService:
                 else:
                     requeued += 1
                     continue
-            now = self.clock.time()
-            rec.status = "error"
-            rec.error = error
-            rec.ended_at = now
-            self.results.set(RunId(rec.run_id), rec)
-            await (self.end_writer or self.store.end_run)(rec, None)
+            await self._complete(Run(rec), "error", error, None, restored=True)
             interrupted += 1
-            for hook in self.end_hooks:
-                try:
-                    result = hook(rec)
-                    if result is not None:
-                        await result
-                except Exception:
-                    log.exception("run end hook failed on restore", run_id=rec.run_id)
         return requeued, interrupted
 
     async def drain(self, grace_s: float, *, end_timeout_s: float = 5.0) -> None:
@@ -815,9 +842,9 @@ class RunService:
         """
         self.accepting = False
         self.draining = True
-        deadline = time.monotonic() + grace_s
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if self.running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), grace_s)
         for run in list(self.active.values()):
             if run.task is not None and not run.record.is_final and run.cancel_reason is None:
                 run.cancel_reason = "shutdown"
@@ -887,18 +914,6 @@ def _system_prompt(profile: Profile, extra: str | None) -> str | None:
 
 def _chat_message(text: str, now: float) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}], "timestamp": int(now * 1000)}
-
-
-def _cancel_status(reason: str) -> str:
-    return "error" if reason == "shutdown" else reason
-
-
-def _cancel_message(reason: str) -> str:
-    if reason == "timeout":
-        return "run timed out"
-    if reason == "shutdown":
-        return "gateway shutting down"
-    return "aborted"
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clawgate.clip import clip
+from clawgate.errors import Forbidden
 from clawgate.store.records import SubagentRecord
 
 
@@ -28,6 +30,24 @@ def expiry_after_cleanup(rec: SubagentRecord, ttls: Ttls) -> float:
     ended = rec.ended_at if rec.ended_at is not None else rec.cleanup_completed_at
     # Archive time counts from the end, but never before cleanup has completed.
     return max(ended + ttls.archive_after_s, rec.cleanup_completed_at)
+
+
+def check_spawn_limits(
+    requester: str, depth: int, children: int, max_depth: int, max_children: int
+) -> Forbidden | None:
+    """Why a spawn at `depth` by a requester with `children` active children is refused, or
+    None (the requester's profile sets maxSpawnDepth and maxChildrenPerAgent)."""
+    if depth > max_depth:
+        return Forbidden(
+            f"spawn depth {depth} exceeds maxSpawnDepth {max_depth}",
+            details={"depth": depth, "maxSpawnDepth": max_depth},
+        )
+    if children >= max_children:
+        return Forbidden(
+            f"{clip(requester)} already has {children} active children (maxChildrenPerAgent {max_children})",
+            details={"activeChildren": children, "maxChildrenPerAgent": max_children},
+        )
+    return None
 
 
 def cleanup_reason(rec: SubagentRecord) -> str:
