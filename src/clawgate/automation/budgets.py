@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from clawgate.clip import clip
 from clawgate.errors import Forbidden
-from clawgate.ids import SessionKey
 from clawgate.runs.service import SubmitRequest
 from clawgate.sessions.service import SessionService
 from clawgate.store.base import Store
@@ -56,6 +55,6 @@ class Budgets:
         # Not awaited (the lane goes on): the write is queued behind the run's end record, and
         # the next run's check reads through the same queue, so it sees it.
         self.store.add_session_tokens(rec.session_key, tokens)
-        meta = self.sessions.cache.get(SessionKey(rec.session_key))
+        meta = self.sessions.cache.get(rec.session_key)
         if meta is not None:
             meta.tokens_used += tokens

@@ -131,7 +131,7 @@ async def chat_abort(gw: Core, conn: Caller, req_id: str, params: ChatAbortParam
             aborted.append(params.run_id)
     else:
         for run in list(gw.runs.active.values()):
-            if run.record.session_key == params.session_key and gw.runs.abort(RunId(run.record.run_id)):
+            if run.record.session_key == params.session_key and gw.runs.abort(run.record.run_id):
                 aborted.append(run.record.run_id)
     return {"ok": True, "aborted": bool(aborted), "runIds": aborted}
 

@@ -10,6 +10,7 @@ their answers; the store methods only move data.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 # The rule names reported by `sessions.cleanup`, `status` and
@@ -51,7 +52,9 @@ def lru_excess(count: int, max_sessions: int) -> int:
     return max(0, count - max_sessions)
 
 
-def deletable(candidates: Iterable[SessionStamp], protected: set[str], limit: int) -> list[SessionStamp]:
+def deletable(
+    candidates: Iterable[SessionStamp], protected: AbstractSet[str], limit: int
+) -> list[SessionStamp]:
     """The candidates that may be deleted: never a session with a run in flight or a live subagent."""
     out: list[SessionStamp] = []
     for stamp in candidates:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
 
+from clawgate.ids import SessionKey
 from clawgate.retention import files, policy
 from clawgate.retention.policy import RetentionPolicy
 from clawgate.settings import Settings
@@ -167,7 +169,7 @@ class Retention:
     async def _delete_sessions(
         self,
         candidates: list[policy.SessionStamp],
-        protected: set[str],
+        protected: AbstractSet[str],
         dry_run: bool,
         limit: int = PASS_MAX,
     ) -> list[str]:
@@ -183,14 +185,14 @@ class Retention:
             self.sessions.forget(keys)
         return keys
 
-    def _in_flight(self) -> set[str]:
+    def _in_flight(self) -> set[SessionKey]:
         keys = {run.record.session_key for run in self.runs.active.values()}
         for rec in self.subagents.active.values():
             keys.add(rec.child_session_key)
             keys.add(rec.requester_session_key)
         return keys
 
-    async def _protected(self) -> set[str]:
+    async def _protected(self) -> set[SessionKey]:
         """Sessions never deleted: a run in flight or a live subagent, here or in another process."""
         keys = self._in_flight()
         for run in await self.store.unfinished_runs():

@@ -78,7 +78,7 @@ class LocalDispatch:
 
     async def push(self, run: Run) -> None:
         # Raises UNAVAILABLE when the lanes filled up while the run was being accepted.
-        self.lanes.push(SessionKey(run.record.session_key), run)
+        self.lanes.push(run.record.session_key, run)
 
     def executes_elsewhere(self, run: Run | None) -> bool:
         return False

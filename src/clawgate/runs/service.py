@@ -290,7 +290,7 @@ class RunService:
     def adopt(self, record: RunRecord) -> Run:
         """Track a run accepted by another process, which this process is about to execute."""
         run = Run(record)
-        self._track(RunId(record.run_id), run, limit=self.active.max_size)
+        self._track(record.run_id, run, limit=self.active.max_size)
         return run
 
     def _track(self, run_id: RunId, run: Run, *, limit: int | None = None) -> None:
@@ -321,7 +321,7 @@ class RunService:
         This process, which accepted the run, tells them in its place, as it does for a run
         it ends as an orphan (their `seq` starts at 1 here: docs/reliability.md, limits).
         """
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         run = self.active.get(run_id)
         if run is None or run.task is not None or run.record.is_final:
             return False
@@ -332,7 +332,7 @@ class RunService:
             log.warning(
                 "run end told for its executor, whose done never came", run_id=run_id, status=rec.status
             )
-            self._emit_end(rec, run_id, SessionKey(rec.session_key), rec.ended_at or self.clock.time())
+            self._emit_end(rec, run_id, rec.session_key, rec.ended_at or self.clock.time())
             self.bus.clear_run(run_id)
         self._settle(run)
         return True
@@ -348,7 +348,7 @@ class RunService:
         FORBIDDEN / UNAVAILABLE when a waiter cap is reached, before anything is registered.
         The listener is owned by `owner`: it goes when that connection closes.
         """
-        run = run if run is not None else self.active.get(RunId(rec.run_id))
+        run = run if run is not None else self.active.get(rec.run_id)
         if run is not None:
             if run.listeners.closed:  # ended (and settled) while the caller was awaiting
                 return run.record
@@ -364,8 +364,8 @@ class RunService:
                 listener(final)
 
             try:
-                self.waiters.check_run(rec.run_id, self.dispatch.listening(RunId(rec.run_id)))
-                cancel = self.dispatch.listen(RunId(rec.run_id), on_final)
+                self.waiters.check_run(rec.run_id, self.dispatch.listening(rec.run_id))
+                cancel = self.dispatch.listen(rec.run_id, on_final)
             except BaseException:
                 self.waiters.release(owner, handle)
                 raise
@@ -378,11 +378,11 @@ class RunService:
 
     def enqueue_restored(self, record: RunRecord) -> None:
         """Re-queue a run that was accepted but never started before a restart."""
-        key = SessionKey(record.session_key)
+        key = record.session_key
         if not self.lanes.has_room(key):
             raise Unavailable("no session lane free", details={"maxLanes": self.lanes.max_lanes})
         run = Run(record)
-        self._track(RunId(record.run_id), run)
+        self._track(record.run_id, run)
         self.lanes.push(key, run)
 
     # -- execute -------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ class RunService:
 
     async def _run(self, run: Run) -> None:
         rec = run.record
-        run_id, key = RunId(rec.run_id), SessionKey(rec.session_key)
+        run_id, key = rec.run_id, rec.session_key
         now = self.clock.time()
         rec.status = "running"
         rec.started_at = now
@@ -562,7 +562,7 @@ class RunService:
         if rec.is_final:
             return
         before = msgspec.structs.replace(rec)
-        key = SessionKey(rec.session_key)
+        key = rec.session_key
         now = self.clock.time()
         ended = lifecycle.end(rec, status, error, text, now, measure=not restored)
         # Final at once (before the first await), so no second end starts in this process;
@@ -617,7 +617,7 @@ class RunService:
         """The end is durable and it is this one: tell everyone (`announce`: the events and
         totals too, see `_complete`)."""
         rec = run.record
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         if announce:
             self._emit_end(rec, run_id, key, now)
         self.bus.clear_run(run_id)
@@ -676,7 +676,7 @@ class RunService:
                 listener(run.record)
             except Exception:
                 log.exception("final listener failed", run_id=run.record.run_id)
-        self.bus.unwatch_run(RunId(run.record.run_id))
+        self.bus.unwatch_run(run.record.run_id)
 
     def _emit_end(self, rec: RunRecord, run_id: RunId, key: SessionKey, now: float) -> None:
         events = lifecycle.end_events(rec, now)
@@ -696,7 +696,7 @@ class RunService:
             return True
         # Still queued: drop it from its lane (or stop counting it as waiting for a global
         # slot; its worker returns when it gets one) and finish it right away.
-        self.lanes.remove(SessionKey(run.record.session_key), run)
+        self.lanes.remove(run.record.session_key, run)
         self._stop_waiting(run)
         task = asyncio.create_task(
             self._finish(run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None),
@@ -802,7 +802,7 @@ class RunService:
         the lifecycle events, this process's waiters and the end hooks."""
         if rec.is_final:
             return
-        run = self.active.get(RunId(rec.run_id))
+        run = self.active.get(rec.run_id)
         if run is None or run.task is not None or run.record.is_final:
             run = Run(rec)
         else:

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Awaitable
 from typing import Protocol
 
-from clawgate.ids import SessionKey
+from clawgate.ids import RunId, SessionKey
 from clawgate.sessions.history import HistoryPage, read_page
 from clawgate.sessions.keys import agent_id_of, kind_of
 from clawgate.state.clock import Clock
@@ -136,7 +136,9 @@ class SessionService:
         if self.observer is not None:
             self.observer.session_changed(key, "delete", None)
 
-    def append(self, key: SessionKey, role: str, content: str, run_id: str | None = None) -> Awaitable[None]:
+    def append(
+        self, key: SessionKey, role: str, content: str, run_id: RunId | None = None
+    ) -> Awaitable[None]:
         """Append to the transcript. Callers need not await it (the store groups it into a
         transaction); awaiting it waits until it is durable."""
         if len(self.written) < self.written_max:

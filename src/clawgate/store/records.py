@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.constants import FINAL_STATUSES, RunStatus
 
 EndedReason = Literal["deleted", "completed", "swept", "released"]
@@ -30,16 +31,16 @@ class SessionMeta(msgspec.Struct, kw_only=True):
 
 
 class TranscriptMessage(msgspec.Struct, kw_only=True):
-    session_key: str
+    session_key: SessionKey
     role: str
     content: str
     ts: float
-    run_id: str | None = None
+    run_id: RunId | None = None
 
 
 class RunRecord(msgspec.Struct, kw_only=True):
-    run_id: str
-    session_key: str
+    run_id: RunId
+    session_key: SessionKey
     agent_id: str
     message: str
     status: RunStatus = "queued"
@@ -64,9 +65,9 @@ class RunRecord(msgspec.Struct, kw_only=True):
 
 
 class SubagentRecord(msgspec.Struct, kw_only=True):
-    run_id: str
-    child_session_key: str
-    requester_session_key: str
+    run_id: RunId
+    child_session_key: SessionKey
+    requester_session_key: SessionKey
     task: str
     agent_id: str = "main"
     label: str = ""

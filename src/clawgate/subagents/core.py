@@ -254,7 +254,7 @@ class SubagentCore:
         # Due now: the next sweep reports what was not reported and removes the record.
         rec.expires_at = self.clock.time()
         self.untrack(rec)
-        self.stranded.set(RunId(rec.run_id), rec)
+        self.stranded.set(rec.run_id, rec)
 
     def _on_pipeline_evicted(self, run_id: RunId, task: asyncio.Task[None], why: str) -> None:
         log.error("subagent pipeline entry evicted", run_id=run_id, why=why)
@@ -313,10 +313,10 @@ class SubagentCore:
         return n
 
     def track(self, rec: SubagentRecord) -> None:
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         self.active.set(run_id, rec)
-        self.by_child.set(SessionKey(rec.child_session_key), run_id)
-        requester = SessionKey(rec.requester_session_key)
+        self.by_child.set(rec.child_session_key, run_id)
+        requester = rec.requester_session_key
         ids = self.by_requester.get(requester)
         if ids is None:
             self.by_requester.set(requester, {run_id})
@@ -324,10 +324,10 @@ class SubagentCore:
             ids.add(run_id)
 
     def untrack(self, rec: SubagentRecord) -> None:
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         self.active.pop(run_id)
-        self.by_child.pop(SessionKey(rec.child_session_key))
-        requester = SessionKey(rec.requester_session_key)
+        self.by_child.pop(rec.child_session_key)
+        requester = rec.requester_session_key
         ids = self.by_requester.get(requester)
         if ids is not None:
             ids.discard(run_id)
@@ -353,12 +353,12 @@ class SubagentCore:
 
     def _on_record_expired(self, run_id: RunId, rec: SubagentRecord, why: str) -> None:
         log.warning("subagent record hit its in-memory backstop", run_id=run_id, why=why)
-        self.by_child.pop(SessionKey(rec.child_session_key))
-        ids = self.by_requester.get(SessionKey(rec.requester_session_key))
+        self.by_child.pop(rec.child_session_key)
+        ids = self.by_requester.get(rec.requester_session_key)
         if ids is not None:
             ids.discard(run_id)
             if not ids:
-                self.by_requester.pop(SessionKey(rec.requester_session_key))
+                self.by_requester.pop(rec.requester_session_key)
 
     def ttls(self) -> rules.Ttls:
         return rules.Ttls(self.settings.subagent_session_ttl_s, self.settings.subagent_archive_after_s)
@@ -372,4 +372,4 @@ class SubagentCore:
         }
         if outcome is not None:
             payload["outcome"] = outcome
-        self.bus.emit_session_event(SessionKey(rec.requester_session_key), "subagent", payload)
+        self.bus.emit_session_event(rec.requester_session_key, "subagent", payload)

@@ -30,7 +30,7 @@ class Pipeline:
         self.core = core
 
     def on_run_start(self, run: RunRecord) -> None:
-        run_id = RunId(run.run_id)
+        run_id = run.run_id
         rec = self.core.active.get(run_id) if run.kind == "subagent" else None
         if rec is None:
             return
@@ -55,7 +55,7 @@ class Pipeline:
     def on_run_end(self, run: RunRecord) -> None:
         if run.kind != "subagent":
             return
-        run_id = RunId(run.run_id)
+        run_id = run.run_id
         rec = self.core.active.get(run_id)
         if self.core.stopping:
             return
@@ -148,10 +148,10 @@ class Pipeline:
         await self.core.release(rec)
 
     async def _announce(self, rec: SubagentRecord) -> None:
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         started = self.core.clock.time()
         self.core.announces.set(run_id, started)
-        requester = SessionKey(rec.requester_session_key)
+        requester = rec.requester_session_key
         text = rules.announce_text(rec)
         attempt = 0
         delivered = False
@@ -195,7 +195,7 @@ class Pipeline:
 
     async def _cleanup(self, rec: SubagentRecord) -> None:
         if rec.cleanup == "delete":
-            child = SessionKey(rec.child_session_key)
+            child = rec.child_session_key
             await self.core.retry("cleanup", rec, lambda: self.core.sessions.delete(child))
             attachments.remove(rec.attachments_dir)
             rec.attachments_dir = None
@@ -289,10 +289,12 @@ class Pipeline:
         return released
 
 
-def _placeholder(run_id: str) -> SubagentRecord:
+def _placeholder(run_id: RunId) -> SubagentRecord:
     """A record that only names a run id (for log lines before the record is loaded)."""
-    return SubagentRecord(run_id=run_id, child_session_key="", requester_session_key="", task="")
+    return SubagentRecord(
+        run_id=run_id, child_session_key=SessionKey(""), requester_session_key=SessionKey(""), task=""
+    )
 
 
-def _announce_message(requester: SessionKey, text: str, run_id: str, now: float) -> TranscriptMessage:
+def _announce_message(requester: SessionKey, text: str, run_id: RunId, now: float) -> TranscriptMessage:
     return TranscriptMessage(session_key=requester, role="system", content=text, ts=now, run_id=run_id)

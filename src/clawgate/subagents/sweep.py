@@ -16,7 +16,6 @@ from functools import partial
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import INTERRUPTED
 from clawgate.store.records import SubagentRecord
 from clawgate.subagents import attachments, rules
@@ -80,7 +79,7 @@ class Sweeper:
 
     async def _sweep_due(self, rec: SubagentRecord, now: float) -> str:
         """One due record: skip | delete (archived here) | handed (to a task) | failed | postponed."""
-        run_id = RunId(rec.run_id)
+        run_id = rec.run_id
         # Rule 1: a record still in its pipeline is never removed (expiry is set at cleanup,
         # so this only happens when its last steps are still in flight).
         if run_id in self.core.active or run_id in self.core.pipelines or run_id in self.core.deferred:
@@ -152,7 +151,7 @@ class Sweeper:
 
     async def _sweep_one(self, rec: SubagentRecord) -> None:
         if rules.sweep_deletes_child_session(rec) or rules.sweep_finishes_cleanup(rec):
-            await self.core.sessions.delete(SessionKey(rec.child_session_key))
+            await self.core.sessions.delete(rec.child_session_key)
         if rules.sweep_removes_attachments(rec, self.core.settings.retain_attachments_on_keep):
             attachments.remove(rec.attachments_dir)
         reason = rules.sweep_reason(rec)
@@ -174,7 +173,7 @@ class Sweeper:
         resumed = 0
         try:
             for rec in list(self.core.active.values()):
-                run_id = RunId(rec.run_id)
+                run_id = rec.run_id
                 if run_id in self.core.pipelines or run_id in self.core.pending_errors:
                     continue  # already being finalized (e.g. its run was ended by the run restore)
                 if rec.status != "ended":
