@@ -190,7 +190,7 @@ class Gateway:
             observer=self.session_events,
         )
         # Agent tools: the session tools, and the MCP servers profiles name (started on demand).
-        self.mcp = McpManager(settings, self.clock, self.registry)
+        self.mcp = McpManager(settings, self.clock, self.registry, tasks=self.supervisor)
         self.budgets = Budgets(self.store, self.sessions)
         self.webhooks = WebhookService(
             settings,
