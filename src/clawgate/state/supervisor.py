@@ -43,6 +43,11 @@ class Supervisor:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def __bool__(self) -> bool:
+        # An owner, not a container: one holding no task now is still the one to use, so
+        # `tasks or Supervisor()` keeps it (without this, `__len__` made an idle one falsy).
+        return True
+
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
