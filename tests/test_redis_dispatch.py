@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from clawgate.scaleout.dispatch import RedisDispatcher
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.redis_keys import GROUP
 
 pytestmark = pytest.mark.redis
@@ -394,3 +395,42 @@ async def test_execute_that_raises_is_logged_and_the_session_goes_on(env: Env) -
     assert seen == ["ok1", "bad", "ok2"]
     assert (d.executed, d.execute_errors) == (3, 1)
     await d.stop()
+
+
+class _BuggyOnce(aioredis.Redis):
+    """The Redis client with a bug in its first XREADGROUP: not a RedisError (an outage) but
+    an exception nothing expects, so the supervisor counts it."""
+
+    raised = False
+
+    async def xreadgroup(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("client bug")
+        return await super().xreadgroup(*args, **kwargs)
+
+
+async def test_a_bug_in_a_dispatcher_loop_is_counted_and_the_loop_runs_again(env: Env) -> None:
+    seen: list[str] = []
+
+    async def execute(run_id: str, session: str) -> None:
+        seen.append(run_id)
+
+    async def on_orphan(run_id: str, session: str) -> None:
+        raise AssertionError("no orphan expected")
+
+    client = _BuggyOnce.from_url(env.url, socket_timeout=10)
+    env.clients.append(client)
+    sup = Supervisor()
+    d = RedisDispatcher(
+        client, prefix=env.prefix, consumer="x", execute=execute, on_orphan=on_orphan, tasks=sup
+    )
+    env.dispatchers.append(d)
+    d.start()
+    assert sup.describe()["loops"] == ["dispatch-claim", "dispatch-read", "dispatch-renew"]
+    await d.push("r1", "agent:main:bug")
+    await until(lambda: seen == ["r1"], what="the run, once the read loop ran again")
+    assert client.raised
+    assert sup.errors == {"dispatch-read": 1}
+    await d.stop()
+    assert sup.describe()["loops"] == []

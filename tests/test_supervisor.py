@@ -107,3 +107,19 @@ async def test_task_errors_show_in_status_and_metrics(start_gateway: GatewayFact
     assert "ticks" in status["tasks"]["loops"]
     text = gw.render_metrics().decode()
     assert 'clawgate_task_errors_total{task="connection-close"} 1.0' in text
+
+
+async def test_an_idle_supervisor_is_still_the_one_handed_down(start_gateway: GatewayFactory) -> None:
+    """A supervisor holding no task is not falsy: `tasks or Supervisor()` keeps the gateway's."""
+    assert Supervisor()
+    rg: RunningGateway = await start_gateway()
+    gw = rg.gateway
+    loops = set((await gw.status())["tasks"]["loops"])
+    assert {
+        "ticks",
+        "clawgate-maintenance",
+        "clawgate-webhooks",
+        "clawgate-cron",
+        "clawgate-disk-sampler",
+        "clawgate-rss-sampler",
+    } <= loops

@@ -437,3 +437,30 @@ async def test_cron_job_webhook_gets_each_occurrence(
     body = json.loads(receiver.hits[0].body)
     assert body["runId"].startswith(f"cron-{job['id']}-") and body["status"] == "ok"
     assert verify(receiver.hits[0])
+
+
+class _BuggyTransport(httpx.AsyncBaseTransport):
+    """The HTTP client's transport with a bug: it raises what httpx never does (no HTTPError)."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("transport bug")
+
+
+async def test_a_failing_delivery_attempt_is_counted_under_its_task_name(
+    start_gateway: GatewayFactory, receiver: Receiver
+) -> None:
+    rg = await start_gateway()
+    gw = rg.gateway
+    gw.webhooks.http = httpx.AsyncClient(transport=_BuggyTransport())
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        await c.run_agent("[[reply:hello hooks]]", idempotency_key="wh-bug", webhook=receiver.url)
+        await until(lambda: gw.supervisor.errors["webhook-attempt"] >= 1)
+        status = await c.status()
+        assert status["tasks"]["errors"]["webhook-attempt"] >= 1
+        assert set(status["tasks"]["errors"]) == {"webhook-attempt"}  # a bounded name, not the delivery id
+        assert gw.internal_errors >= 1
+        # The delivery is still pending: with the bug gone, it goes out.
+        buggy, gw.webhooks.http = gw.webhooks.http, None
+        await buggy.aclose()
+        await until(lambda: gw.webhooks.stats["delivered"] == 1)
+    assert len(receiver.hits) == 1

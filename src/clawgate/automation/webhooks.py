@@ -77,6 +77,9 @@ class WebhookService:
         self.rng = random.Random()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # The owner of the delivery loop and the attempts: the gateway's task supervisor once
+        # `start` is given it, a private one before (or for a webhook service started alone).
+        self.tasks = Supervisor()
         self.http: httpx.AsyncClient | None = None  # made on the first delivery
         # Attempts in flight, by delivery id: at most `webhook_concurrency` (pump() never starts more).
         self.inflight: dict[str, asyncio.Task[None]] = {}
@@ -141,9 +144,9 @@ class WebhookService:
         """Start the delivery loop, under the gateway's task supervisor when given one."""
         if self.task is not None:
             return
-        self.task = (tasks or Supervisor()).loop(
-            "clawgate-webhooks", self._loop, retry_s=self.settings.webhook_poll_s
-        )
+        if tasks is not None:
+            self.tasks = tasks
+        self.task = self.tasks.loop("clawgate-webhooks", self._loop, retry_s=self.settings.webhook_poll_s)
 
     async def stop(self) -> None:
         task, self.task = self.task, None
@@ -208,7 +211,7 @@ class WebhookService:
         for d in await self.store.due(now, room + len(self.inflight) + len(self.lost)):
             if d.id in self.inflight or d.id in self.lost or started >= room:
                 continue
-            self.inflight[d.id] = asyncio.create_task(self._attempt(d.id), name=f"webhook:{d.id}")
+            self.inflight[d.id] = self.tasks.spawn(self._attempt(d.id), name="webhook-attempt")
             started += 1
         return started
 
@@ -232,8 +235,10 @@ class WebhookService:
                 await self.store.release(delivery_id, self.owner)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("webhook attempt failed", id=delivery_id)
+            if not self.runs_store.is_outage(exc):  # a bug, not an outage: counted
+                self.tasks.record_failure("webhook-attempt", exc)
         finally:
             self.inflight.pop(delivery_id, None)
             if claimed:  # a slot is free and the outbox changed: look again now

@@ -19,6 +19,7 @@ from clawgate.errors import Unavailable
 from clawgate.ids import SessionKey
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.ttlmap import TTLMap
 
 T = TypeVar("T")
@@ -66,8 +67,12 @@ class Lanes(Generic[T]):
         max_lanes: int,
         execute: Callable[[T], Awaitable[None]],
         on_task_error: Callable[[BaseException], None],
+        tasks: Supervisor | None = None,
     ) -> None:
         self.max_lanes = max_lanes
+        # The owner of the workers: the gateway's task supervisor when given one (their
+        # failures counted as "lane-drain"), a private one otherwise.
+        self.tasks = tasks or Supervisor()
         # Never evicts: `push` refuses a new lane first (a lane never outlives its worker).
         self.lanes: TTLMap[SessionKey, _Lane[T]] = TTLMap(
             "session_lanes", clock, max_size=max_lanes, lru=False
@@ -101,7 +106,7 @@ class Lanes(Generic[T]):
         self.queued += 1
         lane = _Lane(item)
         self.lanes.set(key, lane)
-        task = asyncio.create_task(self._drain(key, lane), name=f"lane:{key}")
+        task = self.tasks.spawn(self._drain(key, lane), name="lane-drain")
         self.workers.add(task)
         task.add_done_callback(self._worker_done)
 

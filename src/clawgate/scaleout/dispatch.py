@@ -121,6 +121,8 @@ from clawgate.scaleout.fanout import RedisEventRelay
 from clawgate.scaleout.redis_io import as_text, guarded, redis_call
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
+from clawgate.state.tasks import cancel_all
 from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord
@@ -292,10 +294,13 @@ class RedisDispatcher:
         max_sessions: int = 256,
         queue_ttl_s: float = QUEUE_TTL_S,
         ready_maxlen: int = READY_MAXLEN,
+        tasks: Supervisor | None = None,
     ) -> None:
         if lease_s <= 0 or claim_idle_s <= 0 or max_sessions < 1:
             raise ValueError("lease_s and claim_idle_s must be > 0, max_sessions >= 1")
         self.redis = redis
+        # The gateway's task supervisor; a private one for a dispatcher built alone.
+        self.tasks = tasks or Supervisor()
         self.keys = DispatchKeys(prefix)
         self.consumer = consumer
         self.execute = execute
@@ -349,11 +354,15 @@ class RedisDispatcher:
         if self._loops:
             raise RuntimeError("dispatcher already started")
         self._loops = [
-            asyncio.create_task(self._guard("read", self._read_loop), name="clawgate-dispatch-read"),
-            asyncio.create_task(self._guard("claim", self._claim_loop), name="clawgate-dispatch-claim"),
+            self.tasks.loop(
+                "dispatch-read", lambda: self._guard("dispatch-read", self._read_loop), retry_s=RETRY_S
+            ),
+            self.tasks.loop(
+                "dispatch-claim", lambda: self._guard("dispatch-claim", self._claim_loop), retry_s=RETRY_S
+            ),
         ]
-        self._renewer = asyncio.create_task(
-            self._guard("renew", self._renew_loop), name="clawgate-dispatch-renew"
+        self._renewer = self.tasks.loop(
+            "dispatch-renew", lambda: self._guard("dispatch-renew", self._renew_loop), retry_s=RETRY_S
         )
 
     def lease(self, session_key: str) -> tuple[str, str] | None:
@@ -375,7 +384,7 @@ class RedisDispatcher:
         if self._stopping:
             return
         self._stopping = True
-        await _cancel_all(self._loops)
+        await self.tasks.stop_loops("dispatch-read", "dispatch-claim")
         handlers = [st.task for st in self._sessions.values() if st.task is not None]
         if handlers:
             _, pending = await asyncio.wait(handlers, timeout=grace_s)
@@ -384,9 +393,9 @@ class RedisDispatcher:
                     if st.exec_task is not None:
                         st.exec_task.cancel()
                 _, pending = await asyncio.wait(pending, timeout=grace_s)
-                await _cancel_all(pending)  # stuck on Redis: their leases expire on their own
+                await _cancel(pending)  # stuck on Redis: their leases expire on their own
         if self._renewer is not None:
-            await _cancel_all([self._renewer])
+            await self.tasks.stop_loops("dispatch-renew")
         try:
             await redis_call(self._reap(keys=[self.keys.ready()], args=[GROUP, 0, self.consumer]))
         except (RedisError, OSError) as exc:
@@ -396,14 +405,17 @@ class RedisDispatcher:
         """Crash simulation for tests: cancel every task, send nothing to Redis (no
         release, no ack). Locks expire by their lease; other processes recover."""
         self._stopping = True
-        tasks = [*self._loops, *([self._renewer] if self._renewer else [])]
+        tasks: list[asyncio.Task[None]] = []
         for st in self._sessions.values():
             tasks += [t for t in (st.task, st.exec_task) if t is not None]
-        await _cancel_all(tasks)
+        await self.tasks.stop_loops("dispatch-read", "dispatch-claim", "dispatch-renew")
+        await _cancel(tasks)
 
     # -- consuming --------------------------------------------------------------------------------
     async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        await guarded(name, loop, log=log, label="dispatch", retry_s=RETRY_S)
+        await guarded(
+            name, loop, log=log, label="dispatch", retry_s=RETRY_S, on_error=self.tasks.record_failure
+        )
 
     async def _ensure_group(self) -> None:
         try:
@@ -521,16 +533,18 @@ class RedisDispatcher:
                 st = _Session(session)
                 self._sessions[session] = st
                 reserved -= 1
-                st.task = asyncio.create_task(self._serve_session(st), name=f"clawgate-dispatch:{session}")
+                st.task = self.tasks.spawn(self._serve_session(st), name="dispatch-session")
             if msg_id is not None:
                 st.msg_ids[msg_id] = None
         self._unreserve(reserved)
         if malformed:
-            task = asyncio.create_task(self._ack(malformed))
-            task.add_done_callback(_log_failure)
+            self.tasks.spawn(self._ack(malformed), name="dispatch-ack")
 
     async def _ack(self, ids: list[str]) -> None:
-        await redis_call(self.redis.xack(self.keys.ready(), GROUP, *ids))
+        try:
+            await redis_call(self.redis.xack(self.keys.ready(), GROUP, *ids))
+        except (RedisError, OSError) as exc:  # an outage, not a bug: the messages stay pending
+            log.warning("dispatch: background ack failed", error=str(exc))
 
     # -- serving one session ------------------------------------------------------------------------
     async def _serve_session(self, st: _Session) -> None:
@@ -548,8 +562,9 @@ class RedisDispatcher:
         except (RedisError, OSError) as exc:
             # Unacked messages stay pending (XAUTOCLAIM); a held lock lapses (recovery).
             log.warning("dispatch: redis error while serving a session", session=st.key, error=str(exc))
-        except Exception:
+        except Exception as exc:  # a bug: counted
             log.exception("dispatch: session handler failed", session=st.key)
+            self.tasks.record_failure("dispatch-session", exc)
         finally:
             # No await between the `more` check above and this removal: a message
             # dispatched after it starts a new handler.
@@ -744,23 +759,10 @@ def _streams(resp: Any) -> list[tuple[Any, list[tuple[str, str | None]]]]:
     ]
 
 
-async def _cancel_all(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 10.0) -> None:
-    pending = [t for t in tasks if not t.done()]
-    for t in pending:
-        t.cancel()
-    if not pending:
-        return
-    done, still = await asyncio.wait(pending, timeout=timeout_s)
-    for t in done:
-        if not t.cancelled() and t.exception() is not None:
-            log.warning("dispatch: task ended with an error", task=t.get_name(), error=repr(t.exception()))
-    if still:
-        log.error("dispatch: tasks ignored cancellation", tasks=[t.get_name() for t in still])
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("dispatch: background ack failed", error=str(task.exception()))
+async def _cancel(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 10.0) -> None:
+    late = await cancel_all(tasks, timeout_s)
+    if late:
+        log.error("dispatch: tasks ignored cancellation", tasks=late)
 
 
 # -- the run service's port -----------------------------------------------------------------------
@@ -783,8 +785,10 @@ class RedisRunDispatch:
         *,
         ttl_s: float,
         max_runs: int,
+        tasks: Supervisor | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.tasks = tasks or Supervisor()
         self.fanout = fanout
         self.store = store
         # Per run: handle -> listener, so a cancelled wait leaves in O(1) (a list.remove per
@@ -841,8 +845,7 @@ class RedisRunDispatch:
                 self.waiters.pop(run_id)
 
         # The run may have ended between the caller's store read and this registration.
-        task = asyncio.ensure_future(self._recheck(run_id))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        self.tasks.spawn(self._recheck(run_id), name="dispatch-recheck")
         return cancel
 
     def settle(self, rec: RunRecord) -> None:
@@ -855,7 +858,10 @@ class RedisRunDispatch:
                 log.exception("remote final listener failed", run_id=run_id)
 
     async def _recheck(self, run_id: RunId) -> None:
-        rec = await self.store.get_run(run_id)
+        try:
+            rec = await self.store.get_run(run_id)
+        except StoreError:  # an outage, not a bug: the member's reconcile settles the wait
+            return
         if rec is not None and rec.is_final:
             for listener in (self.waiters.pop(run_id) or {}).values():
                 listener(rec)

@@ -53,6 +53,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from clawgate.scaleout.redis_io import as_text, guarded, redis_call
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.redis_keys import FanoutKeys
 
 log = structlog.get_logger("clawgate.scaleout.fanout")
@@ -101,10 +102,13 @@ class RedisEventRelay:
         on_abort: Callable[[str], None],
         buffer_max: int = BUFFER_MAX,
         batch_max: int = BATCH_MAX,
+        tasks: Supervisor | None = None,
     ) -> None:
         if buffer_max < 1 or batch_max < 1:
             raise ValueError("buffer_max and batch_max must be >= 1")
         self.redis = redis
+        # The gateway's task supervisor; a private one for a relay built alone.
+        self.tasks = tasks or Supervisor()
         self.keys = FanoutKeys(prefix)
         self.origin = origin
         self.on_event = on_event
@@ -253,8 +257,12 @@ class RedisEventRelay:
         if self._tasks or self._closed:
             raise RuntimeError("fanout already started")
         self._tasks = [
-            asyncio.create_task(self._guard("send", self._send_loop), name="clawgate-fanout-send"),
-            asyncio.create_task(self._guard("listen", self._listen_loop), name="clawgate-fanout-listen"),
+            self.tasks.loop(
+                "fanout-send", lambda: self._guard("fanout-send", self._send_loop), retry_s=RETRY_S
+            ),
+            self.tasks.loop(
+                "fanout-listen", lambda: self._guard("fanout-listen", self._listen_loop), retry_s=RETRY_S
+            ),
         ]
 
     async def stop(self, flush_timeout_s: float = 5.0) -> None:
@@ -264,15 +272,12 @@ class RedisEventRelay:
         self._closed = True
         if self._tasks and self._buf:
             await self.flush(flush_timeout_s)
-        tasks = [t for t in self._tasks if not t.done()]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            _, still = await asyncio.wait(tasks, timeout=10.0)
-            if still:
-                log.error("fanout: tasks ignored cancellation", tasks=[t.get_name() for t in still])
+        if self._tasks:
+            await self.tasks.stop_loops("fanout-send", "fanout-listen")
         self.dropped += len(self._buf)
         self._buf.clear()
 
     async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        await guarded(name, loop, log=log, label="fanout", retry_s=RETRY_S)
+        await guarded(
+            name, loop, log=log, label="fanout", retry_s=RETRY_S, on_error=self.tasks.record_failure
+        )

@@ -31,7 +31,6 @@ before `start()`, which refuses to run unbound, so no message can find it half-w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import uuid
@@ -49,6 +48,7 @@ from clawgate.scaleout.fanout import RedisEventRelay
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_keys import DISPATCH, FANOUT, namespace
@@ -65,8 +65,18 @@ class ClusterMember:
     fan-out, the core's ports over them (`dispatch`, `relay`), and what arrives from other
     processes (runs to execute or to report as orphans, frames, ends, aborts)."""
 
-    def __init__(self, settings: Settings, clock: Clock, registry: StateRegistry, store: Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Clock,
+        registry: StateRegistry,
+        store: Store,
+        *,
+        tasks: Supervisor | None = None,
+    ) -> None:
         self.settings = settings
+        # The gateway's task supervisor; a private one for a member built alone.
+        self.tasks = tasks or Supervisor()
         self.clock = clock
         self.store = store
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -86,6 +96,7 @@ class ClusterMember:
             lease_s=settings.cluster_lease_s,
             claim_idle_s=settings.cluster_claim_idle_s,
             max_sessions=settings.main_concurrency + settings.subagent_concurrency,
+            tasks=self.tasks,
         )
         self.fanout = RedisEventRelay(
             self.redis,
@@ -94,6 +105,7 @@ class ClusterMember:
             on_event=self._on_event,
             on_done=self._on_done,
             on_abort=self._on_abort,
+            tasks=self.tasks,
         )
         # The core's ports: the run service's dispatch, the event bus' relay.
         self.dispatch = RedisRunDispatch(
@@ -104,13 +116,13 @@ class ClusterMember:
             registry,
             ttl_s=settings.abort_ttl_max_s,
             max_runs=settings.max_tracked_runs,
+            tasks=self.tasks,
         )
         self.relay = self.fanout
         self.remote_waiters = self.dispatch.waiters
         self._runs: RunService | None = None
         self._subagents: SubagentService | None = None
         self._bus: EventBus | None = None
-        self._reconcile_task: asyncio.Task[None] | None = None
 
     def bind(self, runs: RunService, subagents: SubagentService, bus: EventBus) -> None:
         """The executor port: runs taken from the shared queue execute through `runs`, frames
@@ -139,15 +151,11 @@ class ClusterMember:
         self.fanout.start()
         await self.fanout.wait_subscribed()
         self.dispatcher.start()
-        self._reconcile_task = asyncio.create_task(self._reconcile_loop(), name="clawgate-cluster-reconcile")
+        self.tasks.loop("cluster-reconcile", self._reconcile_loop, retry_s=self.settings.cluster_claim_idle_s)
         log.info("cluster member started", origin=self.origin)
 
     async def stop_dispatch(self) -> None:
-        if self._reconcile_task is not None:
-            self._reconcile_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconcile_task
-            self._reconcile_task = None
+        await self.tasks.stop_loop("cluster-reconcile")
         await self.dispatcher.stop(self.settings.shutdown_grace_s)
 
     async def _reconcile_loop(self) -> None:
@@ -162,8 +170,9 @@ class ClusterMember:
                 await self.reconcile_once()
             except StoreError as exc:  # Redis unreachable: an outage, not a bug; next round retries
                 log.warning("cluster reconcile: store unreachable", error=str(exc))
-            except Exception:
+            except Exception as exc:  # a bug: counted; the next round runs all the same
                 log.exception("cluster reconcile failed")
+                self.tasks.record_failure("cluster-reconcile", exc)
 
     async def reconcile_once(self) -> int:
         settled = 0

@@ -41,12 +41,16 @@ async def guarded(
     log: FilteringBoundLogger,
     label: str,
     retry_s: float,
+    on_error: Callable[[str, BaseException], None],
     max_retry_s: float = 2.0,
 ) -> None:
-    """Run a background loop that never dies silently: log, pause, restart. The pause starts
-    at `retry_s` and doubles while the loop keeps failing at once (Redis is down), up to
-    `max_retry_s`, so an outage is not a tight reconnect loop; a loop that ran for a while
-    before failing starts again from `retry_s`."""
+    """The body of a supervised Redis loop (`Supervisor.loop` owns the task): log, pause,
+    restart. A Redis error is an outage, not a bug: logged, not counted. Any other exception
+    is reported to `on_error` (the supervisor's failure count). The pause starts at `retry_s`
+    and doubles while the loop keeps failing at once (Redis is down), up to `max_retry_s`, so
+    an outage is not a tight reconnect loop; a loop that ran for a while before failing
+    starts again from `retry_s`. (The supervisor's own restart, a fixed pause on its clock,
+    is not used: this back-off runs in real time, like the Redis client's timeouts.)"""
     clock = asyncio.get_running_loop().time
     failures = 0
     while True:
@@ -58,9 +62,10 @@ async def guarded(
         except (RedisError, OSError) as exc:
             failures = 1 if clock() - started > max_retry_s else failures + 1
             log.warning(f"{label} loop: redis error", loop=name, error=str(exc), failures=failures)
-        except Exception:
+        except Exception as exc:
             failures = 1 if clock() - started > max_retry_s else failures + 1
             log.exception(f"{label} loop failed", loop=name)
+            on_error(name, exc)
         await asyncio.sleep(pause_s(failures, retry_s=retry_s, max_retry_s=max_retry_s))
 
 

@@ -146,7 +146,9 @@ class Connection:
     async def serve(self) -> None:
         gw = self.gw
         await self.ws.accept()
-        self._writer = asyncio.create_task(self._write_loop(), name=f"writer:{self.conn_id}")
+        # This connection's tasks are held by the gateway's supervisor (failures counted) and
+        # ended by this connection (`_teardown`): it cancels and awaits them, as it always did.
+        self._writer = gw.supervisor.spawn(self._write_loop(), name="connection-writer")
         self.send_frame(
             encode_event("connect.challenge", {"nonce": self.nonce, "ts": int(gw.clock.time() * 1000)})
         )
@@ -213,7 +215,9 @@ class Connection:
                     Unavailable("too many requests in flight on this connection", retry_after_ms=100),
                 )
                 continue
-            task = asyncio.create_task(self.gw.dispatch(self, frame.id, frame.method, frame.params))
+            task = self.gw.supervisor.spawn(
+                self.gw.dispatch(self, frame.id, frame.method, frame.params), name="connection-request"
+            )
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
 

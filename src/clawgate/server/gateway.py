@@ -155,6 +155,9 @@ class Gateway:
             window_s=settings.log_repeat_window_s,
         )
         prepare_state_dir(settings)
+        # The one owner of background tasks (state/supervisor.py): handed to each component
+        # that starts some, at construction or at start.
+        self.supervisor = Supervisor(sleep=self.clock.sleep, on_error=self._task_failed)
         self.store = store or open_store(settings)
         self.provider = provider or make_provider(settings, self.clock)
         # Scale-out: on a shared Redis store (unless a store is handed in) this process is one
@@ -164,7 +167,9 @@ class Gateway:
         if settings.store_kind == "redis" and store is None:
             from clawgate.scaleout.member import ClusterMember
 
-            self.cluster = ClusterMember(settings, self.clock, self.registry, self.store)
+            self.cluster = ClusterMember(
+                settings, self.clock, self.registry, self.store, tasks=self.supervisor
+            )
         self.bus = EventBus(
             self.clock,
             self.registry,
@@ -185,7 +190,7 @@ class Gateway:
             observer=self.session_events,
         )
         # Agent tools: the session tools, and the MCP servers profiles name (started on demand).
-        self.mcp = McpManager(settings, self.clock, self.registry)
+        self.mcp = McpManager(settings, self.clock, self.registry, tasks=self.supervisor)
         self.budgets = Budgets(self.store, self.sessions)
         self.webhooks = WebhookService(
             settings,
@@ -271,9 +276,12 @@ class Gateway:
         )
         # Close tasks of connections, at most two per connection, each awaited before its
         # connection is forgotten (Connection._finish_close_tasks): bounded by construction.
-        self.supervisor = Supervisor(sleep=self.clock.sleep, on_error=self._task_failed)
+        # (Other owners' tasks under the supervisor are bounded, and registered, by their owners.)
         self.registry.add(
-            "background_tasks", self.supervisor.__len__, ttl_s=None, max_size=2 * settings.max_connections
+            "background_tasks",
+            lambda: self.supervisor.live("connection-close"),
+            ttl_s=None,
+            max_size=2 * settings.max_connections,
         )
         self.methods: dict[str, MethodSpec] = build_table()
         self.metrics = make_registry(self._metrics_snapshot)
@@ -417,8 +425,8 @@ class Gateway:
 
     @property
     def background(self) -> set[asyncio.Task[Any]]:
-        """The one-shot background tasks alive now (connections' close tasks)."""
-        return self.supervisor.tasks
+        """The connections' close tasks alive now."""
+        return {t for t in self.supervisor.tasks if t.get_name() == "connection-close"}
 
     def _files_outside_state_dir(self) -> list[Path]:
         log_path = self.settings.ended_hook_log

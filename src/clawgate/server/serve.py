@@ -90,7 +90,11 @@ class RunningGateway:
             config = uvicorn_config(self.gateway, app)
             server = _QuietServer(config)
             self.server = server
+            # Not under the gateway's supervisor: the server outlives the gateway's stop (which
+            # closes the supervisor) and ends by `should_exit`, not by a cancellation; this
+            # object awaits it. A crash of it is counted all the same.
             self._task = asyncio.create_task(server.serve(sockets=[sock]), name="clawgate-uvicorn")
+            self._task.add_done_callback(self._served)
             while not server.started:
                 if self._task.done():
                     self._task.result()
@@ -101,6 +105,10 @@ class RunningGateway:
             sock.close()
             raise
         return self
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.gateway.supervisor.record_failure("uvicorn", exc)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from clawgate.state.tasks import cancel_and_wait
+from clawgate.state.tasks import cancel_all, cancel_and_wait
 
 log = structlog.get_logger("clawgate.tasks")
 
@@ -36,14 +36,22 @@ class Supervisor:
         # Long-lived loops by name, held until `aclose`.
         self.loops: dict[str, asyncio.Task[None]] = {}
         self.errors: Counter[str] = Counter()
+        # One-shot tasks alive now, by name: each owner's bound is registered on its own name.
+        self.running: Counter[str] = Counter()
         self.closed = False
 
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def __bool__(self) -> bool:
+        # An owner, not a container: one holding no task now is still the one to use, so
+        # `tasks or Supervisor()` keeps it (without this, `__len__` made an idle one falsy).
+        return True
+
     def spawn(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
         task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
+        self.running[name] += 1
         task.add_done_callback(self._spawned_done)
         return task
 
@@ -59,6 +67,18 @@ class Supervisor:
         """Cancel one loop and wait until it has unwound (nothing if it is not running)."""
         await cancel_and_wait(self.loops.pop(name, None))
 
+    async def stop_loops(self, *names: str, timeout_s: float = 10.0) -> list[str]:
+        """Cancel these loops and wait until they have unwound, at most `timeout_s`; return
+        the names of those still running then (logged)."""
+        late = await cancel_all([t for n in names if (t := self.loops.pop(n, None)) is not None], timeout_s)
+        if late:
+            log.error("background tasks ignored cancellation", tasks=late, timeout_s=timeout_s)
+        return late
+
+    def record_failure(self, name: str, exc: BaseException) -> None:
+        """Count a failure that a task caught itself (a loop with its own retry policy)."""
+        self._failed(name, exc)
+
     async def _run_loop(self, name: str, fn: Callable[[], Awaitable[None]], retry_s: float) -> None:
         while True:
             try:
@@ -70,8 +90,16 @@ class Supervisor:
                 self._failed(name, exc)
             await self._sleep(retry_s)
 
+    def live(self, name: str) -> int:
+        """How many one-shot tasks of this name are alive now."""
+        return self.running[name]
+
     def _spawned_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
+        name = task.get_name()
+        self.running[name] -= 1
+        if self.running[name] <= 0:
+            del self.running[name]
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._failed(task.get_name(), exc)
 

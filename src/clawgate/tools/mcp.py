@@ -28,6 +28,7 @@ from clawgate.providers.base import ToolSpec
 from clawgate.settings import McpServerConfig, Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 
 log = structlog.get_logger("clawgate.mcp")
 
@@ -42,8 +43,11 @@ class McpUnavailable(Exception):
 
 
 class McpServer:
-    def __init__(self, name: str, config: McpServerConfig, clock: Clock, settings: Settings) -> None:
+    def __init__(
+        self, name: str, config: McpServerConfig, clock: Clock, settings: Settings, tasks: Supervisor
+    ) -> None:
         self.name = name
+        self.tasks = tasks
         self.config = config
         self.clock = clock
         self.settings = settings
@@ -86,7 +90,7 @@ class McpServer:
                 )
             self._stop = asyncio.Event()
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.task = asyncio.create_task(self._own(ready), name=f"mcp:{self.name}")
+            self.task = self.tasks.spawn(self._own(ready), name="mcp-server")
             self.starts += 1
             try:
                 # A real-time bound: starting a process and its handshake is I/O, not a TTL.
@@ -237,10 +241,15 @@ def _result(result: Any) -> dict[str, Any]:
 
 
 class McpManager:
-    def __init__(self, settings: Settings, clock: Clock, registry: StateRegistry) -> None:
+    def __init__(
+        self, settings: Settings, clock: Clock, registry: StateRegistry, *, tasks: Supervisor | None = None
+    ) -> None:
         self.settings = settings
+        # Each server's connection task is owned by the gateway's task supervisor (a private
+        # one for a manager built alone); at most `mcp_max_servers` (mcp_sessions, below).
+        tasks = tasks or Supervisor()
         self.servers = {
-            name: McpServer(name, cfg, clock, settings) for name, cfg in settings.mcp_servers.items()
+            name: McpServer(name, cfg, clock, settings, tasks) for name, cfg in settings.mcp_servers.items()
         }
         registry.add("mcp_sessions", self.open_count, ttl_s=None, max_size=settings.mcp_max_servers)
         # Calls in flight end with their run (each is awaited, with a timeout, by the agent loop).
