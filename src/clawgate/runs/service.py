@@ -43,6 +43,7 @@ from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, Timer
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.ttlmap import TTLMap
 from clawgate.state.weigh import record_bytes
 from clawgate.store.base import Fence, Store
@@ -126,8 +127,12 @@ class RunService:
         admit: Callable[[SubmitRequest], Awaitable[None]] | None = None,
         end_writer: EndWriter | None = None,
         mcp_tools: Callable[[Profile], Awaitable[Mapping[str, Tool]]] | None = None,
+        tasks: Supervisor | None = None,
     ) -> None:
         self.settings = settings
+        # The gateway's supervisor owns this service's background tasks (lane workers, the
+        # finishing of a run cancelled while queued); a private one when built alone.
+        self.tasks = tasks if tasks is not None else Supervisor(sleep=clock.sleep)
         self.clock = clock
         self.store = store
         self.bus = bus
@@ -180,6 +185,7 @@ class RunService:
             max_lanes=cap + settings.main_concurrency + settings.subagent_concurrency,
             execute=self._execute,
             on_task_error=self._task_error,
+            tasks=self.tasks,
         )
         self.main_lane = asyncio.Semaphore(settings.main_concurrency)
         self.subagent_lane = asyncio.Semaphore(settings.subagent_concurrency)
@@ -698,11 +704,10 @@ class RunService:
         # slot; its worker returns when it gets one) and finish it right away.
         self.lanes.remove(run.record.session_key, run)
         self._stop_waiting(run)
-        task = asyncio.create_task(
+        self.tasks.spawn(
             self._finish(run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None),
-            name=f"finish:{run.record.run_id}",
+            name="run-cancel-finish",
         )
-        task.add_done_callback(_log_task_error)
         return True
 
     def _timeout(self, run: Run) -> None:
@@ -914,8 +919,3 @@ def _system_prompt(profile: Profile, extra: str | None) -> str | None:
 
 def _chat_message(text: str, now: float) -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}], "timestamp": int(now * 1000)}
-
-
-def _log_task_error(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task failed", error=repr(task.exception()))

@@ -213,9 +213,17 @@ class Gateway:
             # A run's webhook delivery is written in the same transaction as its end.
             end_writer=self.webhooks.finish_run,
             mcp_tools=self.mcp.tools_for,
+            tasks=self.supervisor,
         )
         self.subagents = SubagentService(
-            settings, self.clock, self.registry, self.store, self.bus, self.sessions, self.runs
+            settings,
+            self.clock,
+            self.registry,
+            self.store,
+            self.bus,
+            self.sessions,
+            self.runs,
+            tasks=self.supervisor,
         )
         for kind in sorted({p.provider for p in self.runs.profiles} - {settings.provider}):
             self.runs.providers[kind] = make_provider(

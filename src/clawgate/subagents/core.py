@@ -30,6 +30,7 @@ from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, Timer
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
 from clawgate.store.records import SubagentRecord
@@ -65,9 +66,14 @@ class SubagentCore:
         bus: EventBus,
         sessions: SessionService,
         runs: RunService,
+        *,
+        tasks: Supervisor | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        # The gateway's supervisor holds the pipeline tasks and counts their failures; the
+        # set below keeps this registry's own bound (`subagent_tasks`) and its stop.
+        self.supervisor = tasks if tasks is not None else Supervisor(sleep=clock.sleep)
         self.store = store
         self.bus = bus
         self.sessions = sessions
@@ -215,7 +221,8 @@ class SubagentCore:
             log.warning("subagent pipeline deferred: task bound reached", run_id=run_id)
             self.deferred.set(run_id, (make, name))
             return True
-        task = asyncio.create_task(self._guarded(run_id, make), name=name)
+        # Supervisor task names label a metric: the step ("archive", "pipeline"...), not the run.
+        task = self.supervisor.spawn(self._guarded(run_id, make), name=f"subagent-{name.split(':', 1)[0]}")
         self.pipelines.set(run_id, task)
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(run_id, t))
@@ -225,8 +232,6 @@ class SubagentCore:
         self.tasks.discard(task)
         if self.pipelines.get(run_id) is task:
             self.pipelines.pop(run_id)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("subagent pipeline failed", task=task.get_name(), error=repr(task.exception()))
         while self.deferred and len(self.tasks) < self.max_tasks and not self.stopping:
             next_id = next(self.deferred.keys())
             entry = self.deferred.pop(next_id)

@@ -29,6 +29,7 @@ from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
+from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SubagentRecord
 from clawgate.subagents.core import PendingError, SubagentCore, Superseded
@@ -49,8 +50,10 @@ class SubagentService(SubagentCore):
         bus: EventBus,
         sessions: SessionService,
         runs: RunService,
+        *,
+        tasks: Supervisor | None = None,
     ) -> None:
-        super().__init__(settings, clock, registry, store, bus, sessions, runs)
+        super().__init__(settings, clock, registry, store, bus, sessions, runs, tasks=tasks)
         self.spawner = Spawner(self)
         self.pipeline = Pipeline(self)
         self.sweeper = Sweeper(self, self.pipeline)
