@@ -23,8 +23,10 @@ later of the last final answer and the last LLM call the mock served, so subagen
 that outlives the parent's final answer is counted), latency percentiles of the final
 answer, LLM calls per run (counted by the mock), LLM calls/s (runs/s per LLM call: the
 systems make different numbers of calls per run, OpenClaw a fourth to announce a
-subagent's result), the gateway's
-start time (spawn to the first successful `health` call over the WebSocket), and its
+subagent's result), the gateway's start time (spawn to the first successful `health`
+call over the WebSocket), the CPU time (user + system) the gateway and its child
+processes used per batch, per run and per LLM call (on a shared machine the figure that
+depends least on the load), and its
 RSS (the process and all its children) before the batches, the peak during them
 (sampled every 100 ms) and after `--idle-s` seconds of idle at the end.
 
@@ -44,6 +46,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +85,17 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def tree_cpu_s(proc: psutil.Process) -> float:
+    """User + system CPU seconds of a process and its live descendants."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -357,6 +371,7 @@ async def bench_system(name: str, mock: Mock, args: argparse.Namespace, root: Pa
         batches: dict[str, Any] = {}
         with PeakSampler(proc) as sampler:
             for kind in args.batches:
+                cpu0 = tree_cpu_s(proc)
                 res = await drive(
                     gw,
                     mock,
@@ -365,6 +380,10 @@ async def bench_system(name: str, mock: Mock, args: argparse.Namespace, root: Pa
                     spawn=kind == "spawn",
                     tag=f"{name}-{kind}",
                 )
+                cpu = tree_cpu_s(proc) - cpu0
+                res["gateway_cpu_s"] = round(cpu, 2)
+                res["gateway_cpu_ms_per_run"] = round(cpu * 1000 / args.runs, 1)
+                res["gateway_cpu_ms_per_llm_call"] = round(cpu * 1000 / max(1, res["llm"]["calls"]), 1)
                 batches[kind] = res
                 print(
                     f"{name} {kind}: {res['runs_per_s']} runs/s, p50 {res['latency_ms']['p50']} ms, "
@@ -391,14 +410,17 @@ async def bench_system(name: str, mock: Mock, args: argparse.Namespace, root: Pa
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"\nN = {args.runs}, {args.concurrency} in flight, mock latency {args.latency_ms:g} ms\n")
-    print("| system | batch | runs/s | p50 / p90 / p99 ms | LLM calls/run | LLM calls/s |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| system | batch | runs/s | p50 / p90 / p99 ms | LLM calls/run | LLM calls/s | CPU ms/run | CPU ms/LLM call |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, res in results["systems"].items():
         for kind, b in res["batches"].items():
             lat = b["latency_ms"]
             print(
                 f"| {name} | {kind} | {b['runs_per_s']} | {lat['p50']} / {lat['p90']} / {lat['p99']} | "
-                f"{b['llm_calls_per_run']} | {b['llm_calls_per_s']} |"
+                f"{b['llm_calls_per_run']} | {b['llm_calls_per_s']} | {b['gateway_cpu_ms_per_run']} | "
+                f"{b['gateway_cpu_ms_per_llm_call']} |"
             )
     print("\n| system | start (s) | RSS before / peak / after idle (MB) | processes |")
     print("|---|---|---|---|")
@@ -463,7 +485,13 @@ def main() -> int:
     parser.add_argument("--idle-s", type=float, default=10.0, help="idle before the 'after' RSS")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vs_openclaw.json")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so both gateways and the mock are stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     return asyncio.run(amain(args))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
