@@ -99,7 +99,7 @@ def tree_cpu_s(proc: psutil.Process) -> float:
 
 
 def tree_rss(proc: psutil.Process) -> int:
-    """RSS of a process and all its descendants (OpenClaw runs helper processes)."""
+    """RSS of a process and all its descendants (OpenClaw runs child processes)."""
     total = 0
     with contextlib.suppress(psutil.Error):
         total += proc.memory_info().rss
