@@ -22,6 +22,9 @@ HEAVY = (
     "cryptography",
     "rich",
     "pygments",
+    # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
+    "greenlet",
+    "watchfiles",
 )
 
 PROBE = """

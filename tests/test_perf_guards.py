@@ -45,6 +45,9 @@ HEAVY = (
     "cryptography",
     "rich",
     "pygments",
+    # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
+    "greenlet",
+    "watchfiles",
 )
 
 # Runs the CLI entry point exactly as `clawgate gateway ...` does, in this process, and

@@ -197,7 +197,15 @@ class Settings(BaseSettings):
     run_result_max: int = Field(5000, ge=1)
     dedupe_max: int = Field(1000, ge=1)
     session_cache_max: int = Field(10000, ge=1)
-    max_tracked_runs: int = Field(50000, ge=1)
+    max_tracked_runs: int = Field(
+        50000,
+        ge=1,
+        description=(
+            "runs held in memory (queued + running); a queued run costs about 3.6 KB of RSS with its"
+            " own session, 1.6 KB when runs share sessions (benchmarks/queued_memory.py): size"
+            " memory_budget_bytes as idle RSS (about 57 MB) + max_tracked_runs x 3.6 KB"
+        ),
+    )
     # RSS over which new runs are refused (UNAVAILABLE). None (the default): derived from the
     # machine at start, see `default_memory_budget`; 0 disables the check.
     memory_budget_bytes: int | None = Field(None, ge=0)
