@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import subprocess
 import tempfile
 import time
 import uuid
@@ -23,15 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
 from clawgate.client import Client
-
-
-def start(state: Path, store: str, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    state.mkdir(parents=True)
-    proc = start_gateway_process(state, port, {"store": store, "redis_prefix": prefix})
-    return proc, f"ws://127.0.0.1:{port}/"
+from clawgate.testing import GatewayProcess, astart_all, stop_all
 
 
 async def drive(urls: list[str], runs: int, concurrency: int, tag: str) -> dict[str, Any]:
@@ -62,19 +53,22 @@ async def configuration(
 ) -> dict[str, Any]:
     prefix = f"cgbench:{uuid.uuid4().hex[:8]}"
     tmp = tempfile.TemporaryDirectory(prefix="clawgate-scale-")
-    procs = [start(Path(tmp.name) / f"gw{i}", store, prefix) for i in range(n)]
+    gateways = [
+        GatewayProcess(
+            Path(tmp.name) / f"gw{i}",
+            args=["--log-level", "warning"],
+            settings={"store": store, "redis_prefix": prefix},
+            log_path=Path(tmp.name) / f"gw{i}.log",
+        )
+        for i in range(n)
+    ]
     try:
-        for _, url in procs:
-            await wait_healthy(url, None)
-        urls = [u for _, u in procs]
+        await astart_all(gateways, timeout_s=30)
+        urls = [gp.url for gp in gateways]
         await drive(urls, min(1000, runs), concurrency, f"warm{uuid.uuid4().hex[:4]}")
         result = await drive(urls, runs, concurrency, f"run{uuid.uuid4().hex[:4]}")
     finally:
-        for p, _ in procs:
-            p.terminate()
-        for p, _ in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(15)
+        await asyncio.to_thread(stop_all, gateways, 15)
         if store != "sqlite":
             r = aioredis.from_url(redis_url)
             keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]

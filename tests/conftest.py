@@ -2,7 +2,8 @@
 
 The gateway runs in the test's event loop (uvicorn on a real socket) so tests can
 drive its clock (`FakeClock.advance`) and inspect its registry, while every
-request still crosses a real WebSocket.
+request still crosses a real WebSocket. Tests that need a separate process (signals,
+SIGKILL, several processes) use `gateway_process`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
 from clawgate.settings import Settings
 from clawgate.state.clock import FakeClock
+from clawgate.testing import GatewayProcess
 
 REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -92,6 +94,27 @@ async def settle(gw: Gateway, *, timeout: float = 20.0) -> None:
             return
         await asyncio.sleep(0.002)
     raise AssertionError(f"gateway did not settle: {gw.registry.sizes()}")
+
+
+GatewayProcessFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[GatewayProcessFactory]:
+    """Gateway subprocesses, not yet started (`.start()`, or `await .astart()` in a coroutine),
+    killed at teardown. Keyword args go to `GatewayProcess`; without `state_dir` each gets its
+    own, and its log lies beside it in tmp_path."""
+    made: list[GatewayProcess] = []
+
+    def factory(state_dir: Path | None = None, **kw: Any) -> GatewayProcess:
+        state = state_dir or tmp_path / f"gw{len(made)}"
+        kw.setdefault("log_path", tmp_path / f"{state.name}-{len(made)}.log")
+        made.append(GatewayProcess(state, **kw))
+        return made[-1]
+
+    yield factory
+    for gp in made:
+        gp.kill()
 
 
 @pytest.fixture

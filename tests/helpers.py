@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 
-async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
+async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 20.0) -> None:
     """Yield to the loop until `pred()` holds; fail after `timeout` seconds of real time.
 
     For state that changes as the gateway's tasks run, never for TTLs (those move with the

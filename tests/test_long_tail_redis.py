@@ -14,9 +14,7 @@ the processes are separate, so no fake clock reaches them. Durations are compres
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -27,9 +25,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.cli.soak import free_port, start_gateway_process, wait_healthy
 from clawgate.client import Client
 from clawgate.store.records import RunRecord
+from clawgate.testing import GatewayProcess, astart_all, stop_all
 
 pytestmark = pytest.mark.redis
 
@@ -43,36 +41,27 @@ class Procs:
         self.tmp = tmp
         self.redis_url = redis_url
         self.prefix = f"cgtest:{uuid.uuid4().hex[:10]}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.urls: list[str] = []
-        self.dirs: list[Path] = []
+        self.gateways: list[GatewayProcess] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [gp.url for gp in self.gateways]
 
     async def start(self, n: int, **settings: object) -> None:
-        for _ in range(n):
-            port = free_port()
-            state = self.tmp / f"gw{len(self.procs)}"
-            state.mkdir()
-            overrides = {"store": self.redis_url, "redis_prefix": self.prefix, **settings}
-            self.procs.append(start_gateway_process(state, port, overrides))
-            self.urls.append(f"ws://127.0.0.1:{port}/")
-            self.dirs.append(state)
-        for url, proc in zip(self.urls, self.procs, strict=True):
-            await wait_healthy(url, proc)
+        added = [
+            GatewayProcess(
+                self.tmp / f"gw{i}",
+                args=["--log-level", "warning"],
+                settings={"store": self.redis_url, "redis_prefix": self.prefix, **settings},
+                log_path=self.tmp / f"gw{i}.log",
+            )
+            for i in range(len(self.gateways), len(self.gateways) + n)
+        ]
+        self.gateways += added
+        await astart_all(added)
 
     def log(self, i: int) -> str:
-        return (self.dirs[i] / "gateway.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        return self.gateways[i].log(None)
 
     async def stored_run(self, run_id: str) -> RunRecord | None:
         r = aioredis.from_url(self.redis_url)
@@ -96,7 +85,7 @@ async def procs(tmp_path: Path, redis_url: str) -> AsyncIterator[Procs]:
     try:
         yield p
     finally:
-        p.stop()
+        await asyncio.to_thread(stop_all, p.gateways)
         await p.cleanup()
 
 
@@ -180,11 +169,11 @@ async def test_paused_process_runs_are_taken_over_and_it_cannot_end_them(procs: 
         on_b = (await b.status())["cluster"]["servingSessions"]
         assert on_b > 0
         await asyncio.sleep(0.5)
-        os.kill(procs.procs[1].pid, signal.SIGSTOP)
+        procs.gateways[1].signal(signal.SIGSTOP)
         try:
             await asyncio.sleep(lease_s + claim_idle_s + 2)
         finally:
-            os.kill(procs.procs[1].pid, signal.SIGCONT)
+            procs.gateways[1].signal(signal.SIGCONT)
         done, pending = await asyncio.wait(tasks, timeout=45)
         assert not pending, f"{len(pending)} of {n} runs got no final answer"
         finals = {f["runId"]: f for f in (t.result() for t in done)}
@@ -232,7 +221,7 @@ async def _kill_mid_batch(procs: Procs, runs: int, sessions: int) -> list[str]:
             for i in range(runs)
         ]
         await asyncio.sleep(1.0)
-        os.kill(procs.procs[1].pid, signal.SIGKILL)
+        procs.gateways[1].signal(signal.SIGKILL)
         done, pending = await asyncio.wait(tasks, timeout=40)
         for t in pending:
             t.cancel()
