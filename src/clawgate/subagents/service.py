@@ -440,7 +440,7 @@ class SubagentService:
             )
         except BaseException:
             self._untrack(rec)
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
             with contextlib.suppress(ClawgateError):
                 await self.store.delete_subagent(run_id)
                 await self.sessions.delete(child)
@@ -463,11 +463,11 @@ class SubagentService:
             )
         except OSError as exc:
             # E.g. ELOOP: a link planted in the state dir, which is not followed.
-            attachments.remove(str(self.attachments_root / run_id))
+            await attachments.discard(str(self.attachments_root / run_id))
             log.error("cannot write attachments", run_id=run_id, error=exc.strerror)
             raise Unavailable(f"cannot store attachments: {exc.strerror}", retry_after_ms=1000) from None
         except BaseException:
-            attachments.remove(str(self.attachments_root / run_id))
+            await attachments.discard(str(self.attachments_root / run_id))
             raise
         rec.attachments_dir = str(written)
 
@@ -682,7 +682,7 @@ class SubagentService:
         if rec.cleanup == "delete":
             child = SessionKey(rec.child_session_key)
             await self._retry("cleanup", rec, lambda: self.sessions.delete(child))
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
             rec.attachments_dir = None
         now = self.clock.time()
         rec.cleanup_completed_at = now
@@ -913,7 +913,7 @@ class SubagentService:
         if rules.sweep_deletes_child_session(rec) or rules.sweep_finishes_cleanup(rec):
             await self.sessions.delete(SessionKey(rec.child_session_key))
         if rules.sweep_removes_attachments(rec, self.settings.retain_attachments_on_keep):
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
         reason = rules.sweep_reason(rec)
         if reason is not None:
             await self._report(rec, reason, retry=False)
