@@ -259,7 +259,7 @@ async def test_sigkill_mid_batch_leaves_no_run_without_an_end(tmp_path: Path, re
         try:
             problems = await _kill_mid_batch(procs, runs=100, sessions=20)
         finally:
-            procs.stop()
+            await asyncio.to_thread(stop_all, procs.gateways)
             await procs.cleanup()
         if problems:
             failures[attempt] = problems[:5]
