@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from clawgate.client import Client
 from clawgate.testing import GatewayProcess, astart_all, stop_all
+from helpers import drop_redis_prefix
 
 pytestmark = pytest.mark.redis
 
@@ -51,11 +52,7 @@ class Cluster:
         return gp
 
     async def cleanup(self) -> None:
-        r = aioredis.from_url(self.redis_url)
-        keys = [k async for k in r.scan_iter(match=f"{self.prefix}:*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
+        await drop_redis_prefix(self.redis_url, self.prefix)
 
 
 @pytest.fixture
