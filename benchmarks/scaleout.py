@@ -68,7 +68,7 @@ async def configuration(
         await drive(urls, min(1000, runs), concurrency, f"warm{uuid.uuid4().hex[:4]}")
         result = await drive(urls, runs, concurrency, f"run{uuid.uuid4().hex[:4]}")
     finally:
-        await asyncio.to_thread(stop_all, gateways, 15)
+        await asyncio.to_thread(stop_all, gateways)
         if store != "sqlite":
             r = aioredis.from_url(redis_url)
             keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]

@@ -213,5 +213,11 @@ def stop_all(gateways: Iterable[GatewayProcess], timeout_s: float = 30.0) -> Non
     running = list(gateways)
     for gp in running:
         gp.terminate()
+    hung: list[AssertionError] = []
     for gp in running:
-        gp.stop(timeout_s)
+        try:
+            gp.stop(timeout_s)
+        except AssertionError as exc:  # killed; the others are still stopped before it is raised
+            hung.append(exc)
+    if hung:
+        raise hung[0]
