@@ -32,7 +32,7 @@ import psutil
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runs_throughput import cpu_s, drive, free_port, start_gateway
+from runs_throughput import cpu_s, drive, start_gateway
 
 ROOT = Path(__file__).resolve().parent
 CONNECT = {
@@ -129,12 +129,11 @@ def main() -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-fanout-"))
-    port = free_port()
-    proc = start_gateway(
-        port, tmp / "state", ["main_concurrency=64", "rate_limit_per_s=100000"], tmp / "gateway.log"
+    gateway = start_gateway(
+        tmp / "state", ["main_concurrency=64", "rate_limit_per_s=100000"], tmp / "gateway.log"
     )
-    gw = psutil.Process(proc.pid)
-    url = f"ws://127.0.0.1:{port}/"
+    gw = psutil.Process(gateway.pid)
+    url = gateway.url
     try:
         asyncio.run(
             drive(url, runs=1000, concurrency=256, connections=4, sessions=0, message="warm", tag="w")
@@ -154,8 +153,7 @@ def main() -> int:
         counts = json.loads(sub.stdout.readline())
         sub.wait(timeout=30)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        gateway.stop()
     result = {
         "runs": args.runs,
         "subscribers": args.subscribers,

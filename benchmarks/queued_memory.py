@@ -29,7 +29,7 @@ import psutil
 from clawgate.client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runs_throughput import free_port, start_gateway
+from runs_throughput import start_gateway
 
 ROOT = Path(__file__).resolve().parent
 
@@ -62,15 +62,13 @@ async def stall_slot(url: str) -> None:
 
 def measure(runs: int, warmup: int, one_session: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-qmem-"))
-    port = free_port()
-    proc = start_gateway(
-        port,
+    gateway = start_gateway(
         tmp / "state",
         ["main_concurrency=1", f"max_tracked_runs={runs + warmup + 100}", "rate_limit_per_s=100000"],
         tmp / "gateway.log",
     )
-    gw = psutil.Process(proc.pid)
-    url = f"ws://127.0.0.1:{port}/"
+    gw = psutil.Process(gateway.pid)
+    url = gateway.url
     try:
         asyncio.run(stall_slot(url))
         asyncio.run(queue_runs(url, warmup, tag="warm", one_session=one_session))
@@ -80,8 +78,7 @@ def measure(runs: int, warmup: int, one_session: bool) -> dict[str, Any]:
         time.sleep(1.0)
         after = gw.memory_info().rss
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        gateway.stop()
     return {
         "layout": "one session" if one_session else "one session per run",
         "runs": runs,

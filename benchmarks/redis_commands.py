@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runs_throughput import drive, free_port, start_gateway
+from runs_throughput import drive, start_gateway
 
 ROOT = Path(__file__).resolve().parent
 
@@ -42,14 +42,12 @@ def main() -> int:
     args = parser.parse_args()
     prefix = f"cgbench{uuid.uuid4().hex[:8]}:"
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-rcmd-"))
-    port = free_port()
-    proc = start_gateway(
-        port,
+    gateway = start_gateway(
         tmp / "state",
         [f"store={args.redis}", f"redis_prefix={prefix}", "main_concurrency=64"],
         tmp / "gateway.log",
     )
-    url = f"ws://127.0.0.1:{port}/"
+    url = gateway.url
     client_calls: Counter[str] = Counter()
     script_calls: Counter[str] = Counter()
     stop = False
@@ -84,8 +82,7 @@ def main() -> int:
         time.sleep(1.0)
         stop = True
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        gateway.stop()
         redis.Redis.from_url(args.redis).ping()  # one command, so the monitor loop sees `stop`
     per_run = {k: round(v / args.runs, 2) for k, v in client_calls.most_common()}
     inner = {k: round(v / args.runs, 2) for k, v in script_calls.most_common()}

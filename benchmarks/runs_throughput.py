@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from clawgate.client import Client, ClientError
+from clawgate.testing import GatewayProcess, free_port
 
 ROOT = Path(__file__).resolve().parent
 
@@ -60,39 +58,12 @@ class Samples:
     errors: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_gateway(port: int, state_dir: Path, sets: list[str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "clawgate.cli.main",
-        "gateway",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state_dir),
-        "--log-level",
-        "warning",
-    ]
+def start_gateway(state_dir: Path, sets: list[str], log: Path) -> GatewayProcess:
+    """The gateway under test, healthy; `sets` are NAME=VALUE settings as on the command line."""
+    args = ["--log-level", "warning"]
     for item in sets:
-        cmd += ["--set", item]
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway exited early (rc {proc.returncode}); see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("gateway did not answer /healthz within 30 s")
+        args += ["--set", item]
+    return GatewayProcess(state_dir, args=args, log_path=log).start(30)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -288,13 +259,13 @@ def main() -> int:
         loop_name = "asyncio"
 
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
-    proc: subprocess.Popen[bytes] | None = None
+    gateway: GatewayProcess | None = None
     gw: psutil.Process | None = None
-    port = free_port()
-    url = args.url or f"ws://127.0.0.1:{port}/"
-    if args.url is None:
-        proc = start_gateway(port, tmp / "state", args.sets, tmp / "gateway.log")
-        gw = psutil.Process(proc.pid)
+    url = args.url
+    if url is None:
+        gateway = start_gateway(tmp / "state", args.sets, tmp / "gateway.log")
+        gw = psutil.Process(gateway.pid)
+        url = gateway.url
     me = psutil.Process()
     tag = uuid.uuid4().hex[:8]
     try:
@@ -344,13 +315,8 @@ def main() -> int:
             spy.send_signal(2)  # SIGINT: py-spy writes the flame graph and exits
             spy.wait(timeout=60)
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if gateway is not None:
+            gateway.stop()
         if not args.keep_state:
             import shutil
 

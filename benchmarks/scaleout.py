@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import tempfile
 import time
 import uuid
@@ -24,18 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from clawgate.client import Client
-from clawgate.testing import GatewayProcess
-
-
-def gateway_process(state: Path, store: str, prefix: str) -> GatewayProcess:
-    state.mkdir(parents=True)
-    return GatewayProcess(
-        state,
-        settings={"store": store, "redis_prefix": prefix},
-        args=["--log-level", "warning"],
-        env=dict(os.environ),
-        log_path=state / "gateway.log",
-    )
+from clawgate.testing import GatewayProcess, astart_all, stop_all
 
 
 async def drive(urls: list[str], runs: int, concurrency: int, tag: str) -> dict[str, Any]:
@@ -66,16 +53,22 @@ async def configuration(
 ) -> dict[str, Any]:
     prefix = f"cgbench:{uuid.uuid4().hex[:8]}"
     tmp = tempfile.TemporaryDirectory(prefix="clawgate-scale-")
-    procs = [gateway_process(Path(tmp.name) / f"gw{i}", store, prefix) for i in range(n)]
+    gateways = [
+        GatewayProcess(
+            Path(tmp.name) / f"gw{i}",
+            args=["--log-level", "warning"],
+            settings={"store": store, "redis_prefix": prefix},
+            log_path=Path(tmp.name) / f"gw{i}.log",
+        )
+        for i in range(n)
+    ]
     try:
-        await asyncio.gather(*(p.astart(30.0) for p in procs))
-        urls = [p.url for p in procs]
+        await astart_all(gateways, timeout_s=30)
+        urls = [gp.url for gp in gateways]
         await drive(urls, min(1000, runs), concurrency, f"warm{uuid.uuid4().hex[:4]}")
         result = await drive(urls, runs, concurrency, f"run{uuid.uuid4().hex[:4]}")
     finally:
-        for p in procs:
-            with contextlib.suppress(AssertionError):
-                p.stop(15)
+        await asyncio.to_thread(stop_all, gateways)
         if store != "sqlite":
             r = aioredis.from_url(redis_url)
             keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]

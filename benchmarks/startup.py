@@ -1,11 +1,11 @@
 """Time from process start to /healthz 200, and idle RSS just after, of a plain gateway.
 
 Starts `python -m clawgate gateway --store sqlite --provider scripted` (fresh state
-dir, free port) `--repeat` times, polls /healthz every 10 ms from the moment the
-process is spawned, and reads the gateway's RSS (psutil) right after the first 200
-and again one second later, with the CPU time (user + system) the gateway used until
-that first 200: on a loaded machine the wall-clock start time mostly measures the
-load, the CPU time much less so. Prints the median and the spread; writes JSON.
+dir, free port, `clawgate.testing.GatewayProcess`) `--repeat` times, polls /healthz every
+10 ms from the moment the process is spawned, and reads the gateway's RSS (psutil) right after
+the first 200 and again one second later, with the CPU time (user + system) the gateway used until
+that first 200: on a loaded machine the wall-clock start time mostly measures the load, the CPU
+time much less so. Prints the median and the spread; writes JSON.
 
     .venv/bin/python benchmarks/startup.py --repeat 7
     # the same against another checkout's sources, for a side-by-side figure:
@@ -15,12 +15,9 @@ load, the CPU time much less so. Prints the median and the spread; writes JSON.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,48 +26,28 @@ from typing import Any
 
 import psutil
 
+from clawgate.testing import GatewayProcess
+
 ROOT = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
-    try:
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 def one(state: Path) -> dict[str, float]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "clawgate", "gateway", "--store", "sqlite", "--provider", "scripted"]
-    cmd += ["--port", str(port), "--state-dir", str(state), "--log-level", "warning"]
+    gateway = GatewayProcess(
+        state,
+        args=["--store", "sqlite", "--provider", "scripted", "--log-level", "warning"],
+        log_path=state.parent / f"{state.name}.log",
+    )
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while not healthy(port):
-            if proc.poll() is not None:
-                raise SystemExit(f"gateway exited early (rc {proc.returncode})")
-            if time.perf_counter() - started > 60:
-                raise SystemExit("no /healthz within 60 s")
-            time.sleep(0.01)
+        gateway.start(60, poll_s=0.01)
         ready_s = time.perf_counter() - started
-        gw = psutil.Process(proc.pid)
+        gw = psutil.Process(gateway.pid)
         rss = gw.memory_info().rss
         cpu = gw.cpu_times()
         time.sleep(1.0)
         rss_1s = gw.memory_info().rss
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        gateway.stop()
     return {
         "healthz_s": ready_s,
         "cpu_s": cpu.user + cpu.system,

@@ -2,28 +2,87 @@
 
 The gateway runs in the test's event loop (uvicorn on a real socket) so tests can
 drive its clock (`FakeClock.advance`) and inspect its registry, while every
-request still crosses a real WebSocket.
+request still crosses a real WebSocket. Tests that need a separate process (signals,
+SIGKILL, several processes) use `gateway_process`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import blockbuster.blockbuster as bb_module
 import pytest
 import redis.asyncio as aioredis
+from blockbuster import BlockBuster, BlockingError, blockbuster_ctx
 
 from clawgate.client import Client
 from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
 from clawgate.settings import Settings
 from clawgate.state.clock import FakeClock
+from clawgate.testing import GatewayProcess
 
 REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+# Where a blocking call on the event loop is allowed: (file, functions of that file under whose
+# call any blocking call may happen). Each is legitimate and says why.
+ALLOWED_BLOCKING: list[tuple[str, set[str]]] = [
+    # Starting and stopping a gateway (state dir, opening and closing the store, the final
+    # flush) happens before it serves and after it has stopped serving: it delays no request.
+    ("clawgate/server/gateway.py", {"__init__", "start", "stop"}),
+    ("clawgate/server/serve.py", {"__aenter__", "stop"}),  # also builds the app, reads the UI files
+    ("clawgate/store/sqlite.py", {"open", "close"}),  # the store tests open stores without a gateway
+    ("clawgate/store/redis_store.py", {"open", "close"}),
+    # redis-py reads its own version from the package metadata for each new connection (a few
+    # stat calls of sys.path entries).
+    ("redis/utils.py", {"get_lib_version"}),
+    # The JSONL ended-hook is made when a gateway is built (creates the log's directory) and
+    # closed when it stops (joins its writer thread); tests also use one directly.
+    ("clawgate/subagents/hooks.py", {"__init__", "close"}),
+    # A module imported on first use (the MCP client, lazily to keep the gateway's start lean):
+    # once per process.
+    ("<frozen importlib._bootstrap>", {"_find_and_load"}),
+]
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[BlockBuster | None]:
+    """Fail a test whose event loop makes a blocking call (file or socket I/O, sleep, SQLite, a
+    lock wait) in clawgate code, as aiohttp's own tests do. The gateway may swallow the error
+    (a background task that logs it, a handler that answers INTERNAL), so every BlockingError
+    raised is also recorded here and reported at teardown."""
+    if request.node.get_closest_marker("slow") is not None:
+        # The soak tests measure time and memory at scale, which the guard's checks distort;
+        # the regular tests cover the same code paths.
+        yield None
+        return
+    seen: list[str] = []
+
+    class RecordedBlockingError(BlockingError):
+        def __init__(self, func: str) -> None:
+            seen.append(f"{func} from:\n{''.join(traceback.format_stack(limit=14)[:-1])}")
+            super().__init__(func)
+
+    monkeypatch.setattr(bb_module, "BlockingError", RecordedBlockingError)
+    # The guard is for the gateway's event loop: clawgate.testing (process helpers), the CLI and
+    # the batch and bench engines (clients of their own, run in-process by some tests) are not scanned.
+    excluded = ["clawgate.testing", "clawgate.cli", "clawgate.batch", "clawgate.bench"]
+    with blockbuster_ctx("clawgate", excluded_modules=excluded) as bb:
+        for filename, functions in ALLOWED_BLOCKING:
+            for function in bb.functions.values():
+                function.can_block_in(filename, functions)
+        yield bb
+    if seen:
+        pytest.fail("blocking calls on the event loop:\n\n" + "\n\n".join(seen), pytrace=False)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -92,6 +151,27 @@ async def settle(gw: Gateway, *, timeout: float = 20.0) -> None:
             return
         await asyncio.sleep(0.002)
     raise AssertionError(f"gateway did not settle: {gw.registry.sizes()}")
+
+
+GatewayProcessFactory = Callable[..., GatewayProcess]
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[GatewayProcessFactory]:
+    """Gateway subprocesses, not yet started (`.start()`, or `await .astart()` in a coroutine),
+    killed at teardown. Keyword args go to `GatewayProcess`; without `state_dir` each gets its
+    own, and its log lies beside it in tmp_path."""
+    made: list[GatewayProcess] = []
+
+    def factory(state_dir: Path | None = None, **kw: Any) -> GatewayProcess:
+        state = state_dir or tmp_path / f"gw{len(made)}"
+        kw.setdefault("log_path", tmp_path / f"{state.name}-{len(made)}.log")
+        made.append(GatewayProcess(state, **kw))
+        return made[-1]
+
+    yield factory
+    for gp in made:
+        gp.kill()
 
 
 @pytest.fixture

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
 
-async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
+
+async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 20.0) -> None:
     """Yield to the loop until `pred()` holds; fail after `timeout` seconds of real time.
 
     For state that changes as the gateway's tasks run, never for TTLs (those move with the
@@ -17,3 +19,14 @@ async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.002)
+
+
+async def drop_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every key under `prefix:` (a test's private key space on the shared Redis)."""
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.delete(*keys[i : i + 1000])
+    finally:
+        await client.aclose()

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from rich.console import Console
 
@@ -34,7 +32,8 @@ from clawgate.batch import (
     run_batch,
 )
 from clawgate.server.serve import RunningGateway
-from conftest import GatewayFactory, settle
+from clawgate.testing import GatewayProcess, clean_env
+from conftest import GatewayFactory, GatewayProcessFactory, settle
 
 INTERRUPTED = "interrupted by gateway restart"
 
@@ -239,45 +238,12 @@ async def test_spawn_tasks(gateway: RunningGateway, tmp_path: Path) -> None:
 
 
 # -- crash and resume (separate processes) ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_gateway(port: int, state_dir: Path, log: Path, *sets: str) -> subprocess.Popen[bytes]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "clawgate.cli.main",
-        "gateway",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state_dir),
-        "--log-level",
-        "warning",
-        "--set",
-        "main_concurrency=8",
-        "--set",
-        "shutdown_grace_s=1",
-    ]
-    for item in sets:
-        cmd += ["--set", item]
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited early: {log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("gateway did not become healthy")
+def _gateway(gateway_process: GatewayProcessFactory, state_dir: Path, **settings: object) -> GatewayProcess:
+    return gateway_process(
+        state_dir,
+        args=["--log-level", "warning"],
+        settings={"main_concurrency": 8, "shutdown_grace_s": 1, **settings},
+    )
 
 
 def _start_batch(tasks: Path, out: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -295,9 +261,8 @@ def _start_batch(tasks: Path, out: Path, port: int, log: Path) -> subprocess.Pop
         "16",
         "--no-progress",
     ]
-    env = {**os.environ, "COLUMNS": "200"}
     with open(log, "ab") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=clean_env())
 
 
 def _wait_lines(out: Path, at_least: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -315,16 +280,6 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 def _crash_tasks(path: Path, n: int, spawns: int) -> list[dict[str, Any]]:
@@ -386,33 +341,32 @@ def _check_exactly_once(db: Path, tasks: list[dict[str, Any]], lines: list[dict[
 
 
 @pytest.mark.slow
-def test_crash_of_gateway_and_batch_then_resume(tmp_path: Path) -> None:
+def test_crash_of_gateway_and_batch_then_resume(
+    tmp_path: Path, gateway_process: GatewayProcessFactory
+) -> None:
     n = 300
     tasks_path = tmp_path / "tasks.jsonl"
     tasks = _crash_tasks(tasks_path, n, spawns=0)
     out = tmp_path / "results.jsonl"
     state = tmp_path / "state"
-    port = _free_port()
     # The gateway forgets idempotency keys almost at once, so a blind resubmission of a run
     # that finished before the crash would execute it again: only the batch's own
     # `agent.wait` check before submitting keeps each task to one execution.
-    dedupe = "dedupe_ttl_s=0.001"
-    gw = _start_gateway(port, state, tmp_path / "gw.log", dedupe)
-    batch = _start_batch(tasks_path, out, port, tmp_path / "batch1.log")
+    gw = _gateway(gateway_process, state, dedupe_ttl_s=0.001).start()
+    batch = _start_batch(tasks_path, out, gw.port, tmp_path / "batch1.log")
     try:
         _wait_lines(out, 60, batch)
         # Everything dies at once: the gateway with runs queued and running, the client mid-flight.
-        _kill(gw)
+        gw.kill()
         _kill(batch)
         done_before = len(_results(out))
         assert done_before < n
-        gw = _start_gateway(port, state, tmp_path / "gw.log", dedupe)
-        batch = _start_batch(tasks_path, out, port, tmp_path / "batch2.log")
+        gw.start()  # the same port and state dir
+        batch = _start_batch(tasks_path, out, gw.port, tmp_path / "batch2.log")
         assert batch.wait(timeout=90) == 0, (tmp_path / "batch2.log").read_text()
     finally:
         _kill(batch)
-        _stop(gw)
-    assert gw.returncode == 0
+    assert gw.stop()[0] == 0
     lines = _results(out)
     interrupted = _check_exactly_once(state / "clawgate.db", tasks, lines)
     # Runs cut off while running were retried under a new key, and counted.
@@ -426,28 +380,29 @@ def test_crash_of_gateway_and_batch_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gateway_killed_and_restarted_under_a_running_batch(tmp_path: Path) -> None:
+def test_gateway_killed_and_restarted_under_a_running_batch(
+    tmp_path: Path, gateway_process: GatewayProcessFactory
+) -> None:
     n = 300
     tasks_path = tmp_path / "tasks.jsonl"
     tasks = _crash_tasks(tasks_path, n, spawns=6)
     out = tmp_path / "results.jsonl"
     state = tmp_path / "state"
-    port = _free_port()
-    gw = _start_gateway(port, state, tmp_path / "gw.log")
-    batch = _start_batch(tasks_path, out, port, tmp_path / "batch1.log")
+    gw = _gateway(gateway_process, state).start()
+    batch = _start_batch(tasks_path, out, gw.port, tmp_path / "batch1.log")
     try:
         _wait_lines(out, 60, batch)
-        _kill(gw)
-        gw = _start_gateway(port, state, tmp_path / "gw.log")
+        gw.kill()
+        gw.start()  # the same port and state dir
         # The same batch process rides through: reconnects, resumes, retries interrupted runs.
         assert batch.wait(timeout=90) == 0, (tmp_path / "batch1.log").read_text()
         before = out.read_bytes()
-        rerun = _start_batch(tasks_path, out, port, tmp_path / "batch2.log")
+        rerun = _start_batch(tasks_path, out, gw.port, tmp_path / "batch2.log")
         assert rerun.wait(timeout=60) == 0
         assert out.read_bytes() == before
     finally:
         _kill(batch)
-        _stop(gw)
+    gw.stop()
     lines = _results(out)
     interrupted = _check_exactly_once(state / "clawgate.db", tasks, lines)
     assert interrupted > 0

@@ -12,15 +12,7 @@ from clawgate.client import Client, ClientError, ConnectionLost, SyncClient
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
-
-
-async def _until(predicate: Any, what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
+from helpers import wait_until
 
 
 async def _collect(frames: AsyncIterator[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,7 +84,7 @@ async def test_stream_follows_a_run_started_by_another_connection(
         collector = asyncio.create_task(
             _collect(watcher.stream("cl-other-1", session_key=session, timeout=10))
         )
-        await _until(
+        await wait_until(
             lambda: gateway.gateway.bus.session_subs.get(session) is not None, "the watcher's subscription"
         )
         final = await client.run_agent(
@@ -113,7 +105,7 @@ async def test_wait_on_running_then_finished_run(
     gateway: RunningGateway, client: Client, clock: FakeClock
 ) -> None:
     run = asyncio.create_task(client.run_agent("[[delay:5]] slow", idempotency_key="cl-wait-1"))
-    await _until(lambda: gateway.gateway.runs.running == 1, "the run to start")
+    await wait_until(lambda: gateway.gateway.runs.running == 1, "the run to start")
     pending = await client.wait("cl-wait-1", timeout_ms=0)
     assert pending["status"] == "timeout"
     assert "endedAt" not in pending
@@ -166,7 +158,7 @@ async def test_unavailable_error_carries_retry_fields(
     rg = await start_gateway(max_tracked_runs=1)
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         held = asyncio.create_task(c.run_agent("[[delay:1]]", idempotency_key="cl-hold"))
-        await _until(lambda: rg.gateway.runs.running == 1, "the first run")
+        await wait_until(lambda: rg.gateway.runs.running == 1, "the first run")
         with pytest.raises(ClientError) as info:
             await c.run_agent("refused", idempotency_key="cl-refused")
         err = info.value
@@ -207,7 +199,7 @@ async def test_reconnects_after_the_gateway_restarts_on_the_same_port(
     try:
         assert (await client.run_agent("before", idempotency_key="cl-rc-1"))["status"] == "ok"
         await first.stop()
-        await _until(lambda: not client.connected, "the client to notice the close")
+        await wait_until(lambda: not client.connected, "the client to notice the close")
         with pytest.raises(ConnectionLost) as info:
             await client.call("health")
         assert info.value.code == "CONNECTION_LOST"
@@ -232,7 +224,7 @@ async def test_reconnect_with_backoff_while_the_gateway_comes_back(start_gateway
     await client.connect()
     try:
         await first.stop()
-        await _until(lambda: not client.connected, "the client to notice the close")
+        await wait_until(lambda: not client.connected, "the client to notice the close")
         call = asyncio.create_task(client.call("health"))
         await asyncio.sleep(0.25)  # the call is retrying its connect with backoff meanwhile
         assert not call.done()

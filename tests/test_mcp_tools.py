@@ -21,6 +21,7 @@ import pytest
 
 from clawgate.client import Client, ClientError
 from clawgate.state.clock import FakeClock
+from clawgate.testing import free_port
 from conftest import GatewayFactory, settle
 from openai_stub import StubBehaviour, run_stub
 
@@ -220,9 +221,7 @@ async def test_restart_waits_out_the_backoff_on_the_clock(
 
 @contextlib.contextmanager
 def http_server() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, TEST_SERVER, "http", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -32,7 +32,7 @@ from clawgate.runs.lanes import SMALL_LANE, _Lane
 from clawgate.server.sendbuffer import SendBuffer
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
-from clawgate.testing import clean_env
+from clawgate.testing import clean_env, free_port
 
 # Modules a plain SQLite + scripted gateway must not carry.
 HEAVY = (
@@ -77,17 +77,9 @@ main()
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_gateway_command_imports_no_heavy_module(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(_free_port()), str(tmp_path / "state")],
+        [sys.executable, "-c", PROBE, str(free_port()), str(tmp_path / "state")],
         capture_output=True,
         text=True,
         env=clean_env(),

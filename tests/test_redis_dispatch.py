@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,17 +19,9 @@ import redis.asyncio as aioredis
 from clawgate.scaleout.dispatch import RedisDispatcher
 from clawgate.state.supervisor import Supervisor
 from clawgate.store.redis_keys import GROUP
+from helpers import wait_until
 
 pytestmark = pytest.mark.redis
-
-
-async def until(pred: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Env:
@@ -144,7 +136,7 @@ async def test_three_dispatchers_run_each_run_once_in_order_without_overlap(env:
             peak_c.append(c.serving)
 
     await asyncio.gather(*(push_session(i, s) for i, s in enumerate(sessions)))
-    await until(lambda: len(env.executed) >= n_sessions * per_session, what="1,000 executions")
+    await wait_until(lambda: len(env.executed) >= n_sessions * per_session, what="1,000 executions")
     await asyncio.sleep(0.05)  # a duplicate execution would show up here
 
     runs = [r for _, _, r in env.executed]
@@ -180,12 +172,12 @@ async def test_sessions_spread_over_processes_within_max_sessions(env: Env) -> N
     for i in range(3):
         await ds[0].push(f"first-{i}", f"agent:main:w{i}")
         await ds[0].push(f"second-{i}", f"agent:main:w{i}")
-    await until(lambda: len(env.started) == 3, what="three sessions running at once")
+    await wait_until(lambda: len(env.started) == 3, what="three sessions running at once")
     assert env.started == {"first-0", "first-1", "first-2"}
     assert [d.serving for d in ds] == [1, 1, 1]
     for g in gates:
         g.set()
-    await until(lambda: len(env.executed) == 6, what="all six runs")
+    await wait_until(lambda: len(env.executed) == 6, what="all six runs")
     by_proc = {name for name, _, _ in env.executed}
     assert by_proc == {"a", "b", "c"}
     for i in range(3):
@@ -199,7 +191,7 @@ async def test_every_key_expires_while_a_session_is_busy(env: Env) -> None:
     d.start()
     gate = blocked(env, "r0")
     await push_all([(d, "r0", "agent:main:busy"), (d, "r1", "agent:main:busy"), (d, "r2", "agent:main:busy")])
-    await until(lambda: "r0" in env.started, what="r0 started")
+    await wait_until(lambda: "r0" in env.started, what="r0 started")
     p = env.prefix
     ttls = await env.ttls()
     assert sorted(ttls) == sorted(
@@ -218,9 +210,9 @@ async def test_every_key_expires_while_a_session_is_busy(env: Env) -> None:
     assert await env.admin.lrange(f"{p}:q:agent:main:busy", 0, -1) == [b"r1", b"r2"]
     assert await env.admin.lrange(f"{p}:qp:agent:main:busy", 0, -1) == [b"r0"]
     gate.set()
-    await until(lambda: len(env.executed) == 3, what="three runs")
+    await wait_until(lambda: len(env.executed) == 3, what="three runs")
     assert env.runs_of("agent:main:busy") == ["r0", "r1", "r2"]
-    await until(lambda: d.serving == 0, what="handler done")
+    await wait_until(lambda: d.serving == 0, what="handler done")
     assert await env.keys() == [f"{p}:fence", f"{p}:ready"]
     await d.stop()
 
@@ -234,14 +226,14 @@ async def test_killed_holder_run_is_orphaned_and_the_rest_run_once_elsewhere(env
     s = "agent:main:crash"
     blocked(env, "r0")  # never released: A is "executing" r0 when it dies
     await push_all([(a, f"r{i}", s) for i in range(5)])
-    await until(lambda: "r0" in env.started, what="A executing r0")
+    await wait_until(lambda: "r0" in env.started, what="A executing r0")
     await a.kill()
     assert env.executed == []
     assert await env.admin.lrange(f"{env.prefix}:qp:{s}", 0, -1) == [b"r0"]
 
     b = env.make("b", lease_s=0.3, claim_idle_s=0.5)
     b.start()
-    await until(lambda: len(env.executed) == 4, timeout_s=10, what="B drains the session")
+    await wait_until(lambda: len(env.executed) == 4, timeout=10, what="B drains the session")
     await asyncio.sleep(0.05)
     assert env.orphaned == [("b", s, "r0")]
     assert env.executed == [("b", s, f"r{i}") for i in range(1, 5)]
@@ -260,16 +252,16 @@ async def test_expired_lease_alone_brings_the_session_back(env: Env) -> None:
     s = "agent:main:lonely"
     blocked(env, "only")
     await a.push("only", s)
-    await until(lambda: "only" in env.started, what="A executing")
+    await wait_until(lambda: "only" in env.started, what="A executing")
     await a.kill()
     assert (await env.admin.xpending(f"{env.prefix}:ready", GROUP))["pending"] == 0
 
     b = env.make("b", lease_s=0.3, claim_idle_s=0.5)
     b.start()
-    await until(lambda: len(env.orphaned) == 1, timeout_s=10, what="the orphan report")
+    await wait_until(lambda: len(env.orphaned) == 1, timeout=10, what="the orphan report")
     assert env.orphaned == [("b", s, "only")]
     assert (b.recovered, b.claimed, b.executed) == (1, 0, 0)
-    await until(lambda: b.serving == 0, what="handler done")
+    await wait_until(lambda: b.serving == 0, what="handler done")
     # lock, qp and lease index all gone
     assert await env.keys() == [f"{env.prefix}:fence", f"{env.prefix}:ready"]
     await b.stop()
@@ -288,11 +280,11 @@ async def test_messages_read_by_a_dead_consumer_are_claimed(env: Env) -> None:
 
     b = env.make("b", lease_s=0.3, claim_idle_s=0.5)
     b.start()
-    await until(lambda: len(env.executed) == 3, timeout_s=10, what="claimed runs")
+    await wait_until(lambda: len(env.executed) == 3, timeout=10, what="claimed runs")
     assert env.runs_of(s) == ["g0", "g1", "g2"]
     assert b.claimed == 3
     assert env.orphaned == []
-    await until(lambda: b.serving == 0, what="handler done")
+    await wait_until(lambda: b.serving == 0, what="handler done")
     assert (await env.admin.xpending(ready, GROUP))["pending"] == 0
     await b.stop()
 
@@ -307,11 +299,11 @@ async def test_stalled_holder_loses_its_lease_and_stops_executing(env: Env) -> N
     s = "agent:main:stall"
     blocked(env, "r0")
     await push_all([(a, "r0", s), (a, "r1", s), (a, "r2", s)])
-    await until(lambda: "r0" in env.started, what="A executing r0")
+    await wait_until(lambda: "r0" in env.started, what="A executing r0")
     b.start()
     await env.admin.delete(f"{env.prefix}:lock:{s}")
 
-    await until(lambda: len(env.executed) == 2, timeout_s=10, what="r1, r2 after the takeover")
+    await wait_until(lambda: len(env.executed) == 2, timeout=10, what="r1, r2 after the takeover")
     await asyncio.sleep(0.05)
     assert a.leases_lost == 1
     assert a.interrupted == 1  # r0's execution on A was cancelled, not left running
@@ -331,7 +323,7 @@ async def test_stop_lets_the_current_run_finish_and_hands_the_queue_off(env: Env
     s = "agent:main:handoff"
     gate = blocked(env, "r0")
     await push_all([(a, "r0", s), (a, "r1", s), (a, "r2", s)])
-    await until(lambda: "r0" in env.started, what="A executing r0")
+    await wait_until(lambda: "r0" in env.started, what="A executing r0")
     stopping = asyncio.create_task(a.stop(grace_s=10))
     await asyncio.sleep(0.02)
     assert not stopping.done()  # waits for the execution in progress
@@ -346,7 +338,7 @@ async def test_stop_lets_the_current_run_finish_and_hands_the_queue_off(env: Env
 
     b = env.make("b")
     b.start()  # picks up the hand-off message at once, no lease to wait for
-    await until(lambda: len(env.executed) == 3, timeout_s=5, what="B runs the rest")
+    await wait_until(lambda: len(env.executed) == 3, timeout=5, what="B runs the rest")
     assert [r for _, _, r in env.executed] == ["r0", "r1", "r2"]
     assert env.orphaned == []
     await b.stop()
@@ -358,7 +350,7 @@ async def test_stop_cancels_after_the_grace_and_the_run_becomes_an_orphan(env: E
     s = "agent:main:slow"
     blocked(env, "r0")
     await push_all([(a, "r0", s), (a, "r1", s)])
-    await until(lambda: "r0" in env.started, what="A executing r0")
+    await wait_until(lambda: "r0" in env.started, what="A executing r0")
     await a.stop(grace_s=0.05)
     assert (a.executed, a.interrupted) == (0, 1)
     p = env.prefix
@@ -367,7 +359,7 @@ async def test_stop_cancels_after_the_grace_and_the_run_becomes_an_orphan(env: E
 
     b = env.make("b")
     b.start()
-    await until(lambda: len(env.executed) == 1, timeout_s=5, what="B runs r1")
+    await wait_until(lambda: len(env.executed) == 1, timeout=5, what="B runs r1")
     assert env.orphaned == [("b", s, "r0")]
     assert [r for _, _, r in env.executed] == ["r1"]
     await b.stop()
@@ -391,7 +383,7 @@ async def test_execute_that_raises_is_logged_and_the_session_goes_on(env: Env) -
     d.start()
     for r in ("ok1", "bad", "ok2"):
         await d.push(r, "agent:main:e")
-    await until(lambda: len(seen) == 3, what="three executions")
+    await wait_until(lambda: len(seen) == 3, what="three executions")
     assert seen == ["ok1", "bad", "ok2"]
     assert (d.executed, d.execute_errors) == (3, 1)
     await d.stop()
@@ -429,7 +421,7 @@ async def test_a_bug_in_a_dispatcher_loop_is_counted_and_the_loop_runs_again(env
     d.start()
     assert sup.describe()["loops"] == ["dispatch-claim", "dispatch-read", "dispatch-renew"]
     await d.push("r1", "agent:main:bug")
-    await until(lambda: seen == ["r1"], what="the run, once the read loop ran again")
+    await wait_until(lambda: seen == ["r1"], what="the run, once the read loop ran again")
     assert client.raised
     assert sup.errors == {"dispatch-read": 1}
     await d.stop()

@@ -8,24 +8,16 @@ import gc
 import inspect
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from clawgate.scaleout.fanout import RedisEventRelay
+from helpers import wait_until
 
 pytestmark = pytest.mark.redis
-
-
-async def until(pred: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Node:
@@ -105,7 +97,7 @@ async def test_events_reach_other_processes_exactly_in_order_and_not_their_origi
     assert a.fanout.published == 0
 
     assert await a.fanout.flush()
-    await until(lambda: len(b.events) >= 1000, what="1,000 events on B")
+    await wait_until(lambda: len(b.events) >= 1000, what="1,000 events on B")
     await asyncio.sleep(0.05)  # an echo to A would arrive by now
     assert b.events == sent
     assert a.events == []  # a process never receives its own events
@@ -114,7 +106,7 @@ async def test_events_reach_other_processes_exactly_in_order_and_not_their_origi
 
     # And the other way round.
     b.fanout.publish_event("run-b", "agent:main:b", b"from-b")
-    await until(lambda: len(a.events) == 1, what="B's event on A")
+    await wait_until(lambda: len(a.events) == 1, what="B's event on A")
     assert a.events == [("run-b", "agent:main:b", b"from-b")]
     assert b.events == sent
 
@@ -126,7 +118,7 @@ async def test_done_and_abort_reach_every_process_including_the_sender(env: Env)
     a.fanout.publish_done(record)
     b.fanout.publish_abort("r2")
     a.fanout.publish_abort("r3")
-    await until(
+    await wait_until(
         lambda: len(a.aborts) == 2 and len(b.aborts) == 2 and a.done and b.done, what="control messages"
     )
     assert a.done == [record] and b.done == [record]
@@ -143,7 +135,7 @@ async def test_done_after_events_arrives_after_them(env: Env) -> None:
     for i in range(50):
         a.fanout.publish_event("r1", "agent:main:main", f"e{i}".encode())
     a.fanout.publish_done(b'{"runId":"r1"}')
-    await until(lambda: len(order) == 51, what="events then done")
+    await wait_until(lambda: len(order) == 51, what="events then done")
     assert order == [f"e{i}" for i in range(50)] + ['done:{"runId":"r1"}']
 
 
@@ -156,7 +148,7 @@ async def test_full_buffer_drops_and_counts_events_but_keeps_done(env: Env) -> N
     assert a.fanout.pending == 11
     assert a.fanout.dropped == 5
     assert await a.fanout.flush()
-    await until(lambda: len(b.events) == 10 and len(b.done) == 1, what="the kept messages")
+    await wait_until(lambda: len(b.events) == 10 and len(b.done) == 1, what="the kept messages")
     assert [fr for _, _, fr in b.events] == [frame(i) for i in range(10)]
     assert b.done == [b'{"runId":"r"}']
 
@@ -175,7 +167,7 @@ async def test_undecodable_or_raising_messages_do_not_stop_delivery(env: Env) ->
     b.fanout.on_event = boom
     a.fanout.publish_event("r", "agent:main:main", b"bad")
     a.fanout.publish_event("r", "agent:main:main", b"good")
-    await until(lambda: len(b.events) == 1, what="the good event")
+    await wait_until(lambda: len(b.events) == 1, what="the good event")
     assert b.events == [("r", "agent:main:main", b"good")]
     assert b.fanout.bad_messages == 2
     assert b.fanout.callback_errors == 1
@@ -189,7 +181,7 @@ async def test_stop_sends_what_is_queued_and_unsubscribes(env: Env) -> None:
         a.fanout.publish_event("r", "agent:main:main", frame(i))
     await a.fanout.stop()  # flushes first
     assert a.fanout.published == 100
-    await until(lambda: len(b.events) == 100, what="events queued before stop")
+    await wait_until(lambda: len(b.events) == 100, what="events queued before stop")
     assert await env.subscribers() == {f"{env.prefix}:{c}": 1 for c in ("ev", "done", "abort")}
     a.fanout.publish_event("r", "agent:main:main", b"late")  # after stop: dropped, not queued
     assert a.fanout.pending == 0 and a.fanout.dropped == 1

@@ -8,12 +8,7 @@ reach them); every wait is bounded.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,15 +16,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.client import Client, ClientError
+from clawgate.client import Client
+from clawgate.testing import GatewayProcess, astart_all, stop_all
+from helpers import drop_redis_prefix
 
 pytestmark = pytest.mark.redis
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:
@@ -37,74 +28,31 @@ class Cluster:
         self.tmp = tmp
         self.redis_url = redis_url
         self.prefix = f"cgtest:{uuid.uuid4().hex[:10]}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.urls: list[str] = []
+        self.gateways: list[GatewayProcess] = []
 
-    def spawn(self, **settings: object) -> int:
-        port = _free_port()
-        state = self.tmp / f"gw{len(self.procs)}"
-        state.mkdir()
-        cmd = [
-            sys.executable,
-            "-m",
-            "clawgate.cli.main",
-            "gateway",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(state),
-            "--store",
-            self.redis_url,
-            "--log-level",
-            "warning",
-            "--set",
-            f"redis_prefix={self.prefix}",
-            "--set",
-            "cluster_lease_s=1",
-            "--set",
-            "cluster_claim_idle_s=2",
-            "--set",
-            "shutdown_grace_s=2",
-        ]
-        for name, value in settings.items():
-            cmd += ["--set", f"{name}={value}"]
-        log = open(state / "gateway.log", "wb")  # noqa: SIM115 - owned by the child
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=log))
-        self.urls.append(f"ws://127.0.0.1:{port}/")
-        return len(self.procs) - 1
+    @property
+    def urls(self) -> list[str]:
+        return [gp.url for gp in self.gateways]
 
-    async def ready(self, timeout_s: float = 60.0) -> None:
-        # Generous: three gateways importing at once on a loaded 2-core machine take seconds each.
-        for url, proc in zip(self.urls, self.procs, strict=True):
-            deadline = time.monotonic() + timeout_s
-            while True:
-                assert proc.poll() is None, f"gateway exited: {proc.returncode}"
-                try:
-                    async with Client(url, max_reconnect_attempts=0) as c:
-                        await c.call("health")
-                    break
-                except (ClientError, OSError):
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{url} never became healthy") from None
-                    await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    def add(self, **settings: object) -> GatewayProcess:
+        state = self.tmp / f"gw{len(self.gateways)}"
+        shared = {
+            "redis_prefix": self.prefix,
+            "cluster_lease_s": 1,
+            "cluster_claim_idle_s": 2,
+            "shutdown_grace_s": 2,
+        }
+        gp = GatewayProcess(
+            state,
+            args=["--store", self.redis_url, "--log-level", "warning"],
+            settings={**shared, **settings},
+            log_path=self.tmp / f"{state.name}.log",
+        )
+        self.gateways.append(gp)
+        return gp
 
     async def cleanup(self) -> None:
-        r = aioredis.from_url(self.redis_url)
-        keys = [k async for k in r.scan_iter(match=f"{self.prefix}:*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
+        await drop_redis_prefix(self.redis_url, self.prefix)
 
 
 @pytest.fixture
@@ -114,14 +62,13 @@ async def cluster(tmp_path: Path, redis_url: str) -> AsyncIterator[Callable[[int
     async def start(n: int, **settings: object) -> Cluster:
         c = Cluster(tmp_path, redis_url)
         made.append(c)
-        for _ in range(n):
-            c.spawn(**settings)
-        await c.ready()
+        # Generous: three gateways importing at once on a loaded 2-core machine take seconds each.
+        await astart_all([c.add(**settings) for _ in range(n)])
         return c
 
     yield start  # type: ignore[misc]
     for c in made:
-        c.stop()
+        await asyncio.to_thread(stop_all, c.gateways)
         await c.cleanup()
 
 
@@ -142,7 +89,7 @@ async def test_1000_runs_over_three_processes_complete_exactly_once(cluster: Cal
             for i in range(1000)
         ]
     )
-    assert [f["status"] for f in finals] == ["ok"] * 1000
+    assert [f["status"] for f in finals] == ["ok"] * 1000, [f for f in finals if f["status"] != "ok"][:3]
     assert {f["runId"] for f in finals} == {f"{c.prefix}-{i}" for i in range(1000)}
     # exactly once: each session holds one user and one assistant message per run
     for s in range(50):
@@ -212,7 +159,7 @@ async def test_sigkilled_process_runs_are_finished_by_the_others(cluster: Callab
             )
             accepted.append(res["runId"])
         await asyncio.sleep(0.3)
-        os.kill(c.procs[2].pid, signal.SIGKILL)  # mid-batch, no goodbye
+        c.gateways[2].signal(signal.SIGKILL)  # mid-batch, no goodbye
         statuses = []
         for run_id in accepted:
             res = await a.wait(run_id, 30_000)

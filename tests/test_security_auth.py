@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.settings import Settings, load_settings
 from clawgate.state.clock import FakeClock
 from clawgate.testing import clean_env
-from conftest import GatewayFactory
+from conftest import GatewayFactory, GatewayProcessFactory
 
 READ, WRITE, ADMIN = "operator.read", "operator.write", "operator.admin"
 STRONG = "correct-horse-battery-staple-0123"
@@ -292,17 +290,6 @@ async def test_weak_named_token_refuses_to_serve_off_loopback(tmp_path: Path) ->
             pass
 
 
-@contextlib.contextmanager
-def _gateway_logging_to(log_path: Path, port: int, state_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log_path, "wb") as log_file:
-        yield subprocess.Popen(
-            [CLAWGATE, "gateway", "--port", str(port), "--state-dir", str(state_dir)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=clean_env(CLAWGATE_SHUTDOWN_GRACE_S="1"),
-        )
-
-
 def test_token_on_the_command_line_warns_and_token_file_does_not(tmp_path: Path) -> None:
     res = subprocess.run(
         [CLAWGATE, "gateway", "--token", STRONG, "--print-config"],
@@ -526,33 +513,17 @@ async def test_errors_echo_only_a_clipped_method(gateway: RunningGateway) -> Non
     assert res["error"]["code"] == "INVALID_REQUEST" and len(res["error"]["message"]) < 200
 
 
-async def test_refused_handshakes_cannot_flood_the_log(tmp_path: Path) -> None:
+async def test_refused_handshakes_cannot_flood_the_log(gateway_process: GatewayProcessFactory) -> None:
     """20 refused handshakes with a 400 KB method once wrote megabytes of log at info level."""
-    from test_settings_cli import free_port
-
-    port = free_port()
-    log_path = tmp_path / "gateway.log"
-    # To a file, not a pipe: a gateway flooding an unread pipe would block instead of failing.
-    with _gateway_logging_to(log_path, port, tmp_path / "s") as proc:
-        try:
-            url = f"ws://127.0.0.1:{port}/"
-            for _ in range(200):
-                try:
-                    async with Client(url, max_reconnect_attempts=0) as c:
-                        await c.call("health")
-                    break
-                except (OSError, ClientError):
-                    await asyncio.sleep(0.05)
-            huge = "x" * (400 * 1024)
-            for _ in range(20):
-                async with await open_ws(url) as ws:
-                    await recv(ws)
-                    await ws.send(json.dumps({"type": "req", "id": "c", "method": huge, "params": {}}))
-                    await recv_res(ws)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    text = log_path.read_text()
+    # Its log goes to a file, not a pipe: a gateway flooding an unread pipe would block instead of failing.
+    gp = await gateway_process(settings={"shutdown_grace_s": 1}).astart()
+    huge = "x" * (400 * 1024)
+    for _ in range(20):
+        async with await open_ws(gp.url) as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "req", "id": "c", "method": huge, "params": {}}))
+            await recv_res(ws)
+    _rc, text = await gp.astop()
     refused = [line for line in text.splitlines() if "handshake refused" in line]
     assert 1 <= len(refused) <= 5  # log_repeat_max lines per peer and window
     assert all(len(line) < 600 for line in refused)

@@ -39,9 +39,10 @@ from clawgate.settings import (
 from clawgate.state.clock import FakeClock
 from clawgate.store.records import TranscriptMessage
 from clawgate.subagents import attachments
+from clawgate.testing import clean_env
 from conftest import GatewayFactory, make_settings, settle, unique_prefix
 from openai_stub import StubBehaviour, run_stub
-from test_settings_cli import CLAWGATE, clean_env, run_cli
+from test_settings_cli import CLAWGATE, run_cli
 
 MiB = 1024 * 1024
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,13 @@ import httpx
 import pytest
 
 from clawgate.settings import Settings, is_loopback, load_settings
-from clawgate.testing import clean_env
+from clawgate.testing import clean_env, free_port
+from conftest import GatewayProcessFactory
 
 CLAWGATE = str(Path(sys.executable).parent / "clawgate")
 
 
-# -- subprocess helpers (also used by test_shutdown) -----------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
+# -- subprocess helpers (also used by test_security_limits) ---------------------------------------
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
@@ -39,77 +32,6 @@ def run_cli(
         env=env or clean_env(),
         check=False,
     )
-
-
-class GatewayProcess:
-    """`clawgate gateway` in a subprocess on a free port, waited for through /healthz."""
-
-    def __init__(
-        self, state_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
-    ):
-        self.port = port or free_port()
-        self.state_dir = state_dir
-        self.args = ["gateway", "--port", str(self.port), "--state-dir", str(state_dir), *args]
-        self.env = env or clean_env()
-        self.proc: subprocess.Popen[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
-        self.proc = subprocess.Popen(
-            [CLAWGATE, *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out, errs = self.proc.communicate()
-                raise AssertionError(f"gateway exited with {self.proc.returncode}: {out}\n{errs}")
-            try:
-                if httpx.get(f"{self.http_url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError("gateway did not start in time")
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> tuple[int, str, str]:
-        assert self.proc is not None
-        out, errs = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, errs
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate(timeout=10)
-
-    def stop(self, timeout: float = 30.0) -> tuple[int, str, str]:
-        self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-
-@pytest.fixture
-def gateway_process(tmp_path: Path) -> Any:
-    started: list[GatewayProcess] = []
-
-    def factory(*args: str, **kw: Any) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path / "state", *args, **kw).start()
-        started.append(gp)
-        return gp
-
-    yield factory
-    for gp in started:
-        gp.kill()
 
 
 # -- Settings ----------------------------------------------------------------------------------------
@@ -316,8 +238,8 @@ def test_version() -> None:
     assert res.stdout.strip() == "clawgate 0.1.0"
 
 
-def test_status_and_call_against_a_subprocess_gateway(gateway_process: Any) -> None:
-    gp: GatewayProcess = gateway_process("--token", "cli-token", "--set", "main_concurrency=6")
+def test_status_and_call_against_a_subprocess_gateway(gateway_process: GatewayProcessFactory) -> None:
+    gp = gateway_process(args=["--token", "cli-token"], settings={"main_concurrency": 6}).start()
     env = clean_env(CLAWGATE_TOKEN="cli-token")
     res = run_cli("call", "health", "--url", gp.url, env=env)
     assert res.returncode == 0, res.stderr
@@ -362,9 +284,9 @@ def test_status_and_call_against_a_subprocess_gateway(gateway_process: Any) -> N
     assert res.returncode == 1
     assert "cannot reach" in res.stderr or "CONNECTION_LOST" in res.stderr
 
-    code, out, _errs = gp.stop()
+    code, log = gp.stop()
     assert code == 0
-    assert f"clawgate listening on {gp.url}" in out
+    assert f"clawgate listening on {gp.url}" in log
 
 
 def test_empty_token_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -376,21 +298,23 @@ def test_empty_token_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(res.stdout)["token"] is None
 
 
-def test_log_json_and_log_level(gateway_process: Any, tmp_path: Path) -> None:
-    gp: GatewayProcess = gateway_process("--log-json")
-    code, _out, errs = gp.stop()
+def test_log_json_and_log_level(gateway_process: GatewayProcessFactory) -> None:
+    gp = gateway_process(args=["--log-json"]).start()
+    code, log = gp.stop()
     assert code == 0
-    lines = [json.loads(line) for line in errs.splitlines() if line.strip()]
+    # The log file has stdout too: its one plain line says where the gateway listens.
+    lines = [
+        json.loads(line)
+        for line in log.splitlines()
+        if line.strip() and not line.startswith("clawgate listening")
+    ]
     events = [line["event"] for line in lines]
     assert events[0] == "gateway started"
     assert "gateway stopped" in events
     assert all(line["level"] in ("info", "warning", "error") and "timestamp" in line for line in lines)
 
-    quiet = GatewayProcess(tmp_path / "quiet", "--log-level", "warning").start()
-    try:
-        code, _out, errs = quiet.stop()
-    finally:
-        quiet.kill()
+    quiet = gateway_process(args=["--log-level", "warning"]).start()
+    code, log = quiet.stop()
     assert code == 0
-    assert "gateway started" not in errs
-    assert "gateway stopped" not in errs
+    assert "gateway started" not in log
+    assert "gateway stopped" not in log

@@ -20,8 +20,7 @@ from clawgate.client import Client
 from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
-from conftest import GatewayFactory, make_settings
-from test_settings_cli import GatewayProcess
+from conftest import GatewayFactory, GatewayProcessFactory, make_settings
 
 
 async def raw_connect(url: str) -> Any:
@@ -56,108 +55,99 @@ def integrity(db: Path) -> str:
         con.close()
 
 
-async def test_sigterm_shutdown_event_drain_exit_0_and_restart(tmp_path: Path) -> None:
+async def test_sigterm_shutdown_event_drain_exit_0_and_restart(
+    tmp_path: Path, gateway_process: GatewayProcessFactory
+) -> None:
     state = tmp_path / "state"
-    gp = GatewayProcess(state).start()
-    try:
-        async with Client(gp.url, max_reconnect_attempts=0) as c:
-            done = await c.run_agent("persist me", idempotency_key="before-sigterm")
-            assert done["status"] == "ok"
-            watcher = await raw_connect(gp.url)
-            # A run still going when the signal comes is let finish (real clock in the subprocess).
-            accepted: list[dict[str, Any]] = []
-            in_flight = asyncio.create_task(
-                c.run_agent(
-                    "[[delay:0.5]] finishing", idempotency_key="in-flight", on_accepted=accepted.append
-                )
-            )
-            for _ in range(500):
-                if accepted:
-                    break
-                await asyncio.sleep(0.01)
-            assert accepted, "run was not accepted"
-            t0 = time.monotonic()
-            gp.signal(signal.SIGTERM)
-            frames = await frames_until_closed(watcher)
-            final = await asyncio.wait_for(in_flight, 20)
-            assert final["status"] == "ok"
-            assert final["result"]["payloads"][0]["text"] == "ok: finishing"
-        events = [f for f in frames if f["type"] == "event"]
-        assert {"type": "event", "event": "shutdown", "payload": {"reason": "server shutdown"}} in events
-        assert watcher.close_code == 1012
-        code, _out, errs = await asyncio.to_thread(gp.wait, 30)
-        assert code == 0, errs
-        assert time.monotonic() - t0 < 20
-        assert "gateway stopped" in errs
-        assert "Traceback" not in errs
-    finally:
-        gp.kill()
+    gp = await gateway_process(state).astart()
+    async with Client(gp.url, max_reconnect_attempts=0) as c:
+        done = await c.run_agent("persist me", idempotency_key="before-sigterm")
+        assert done["status"] == "ok"
+        watcher = await raw_connect(gp.url)
+        # A run still going when the signal comes is let finish (real clock in the subprocess).
+        accepted: list[dict[str, Any]] = []
+        in_flight = asyncio.create_task(
+            c.run_agent("[[delay:0.5]] finishing", idempotency_key="in-flight", on_accepted=accepted.append)
+        )
+        for _ in range(500):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted, "run was not accepted"
+        t0 = time.monotonic()
+        gp.signal(signal.SIGTERM)
+        frames = await frames_until_closed(watcher)
+        final = await asyncio.wait_for(in_flight, 20)
+        assert final["status"] == "ok"
+        assert final["result"]["payloads"][0]["text"] == "ok: finishing"
+    events = [f for f in frames if f["type"] == "event"]
+    assert {"type": "event", "event": "shutdown", "payload": {"reason": "server shutdown"}} in events
+    assert watcher.close_code == 1012
+    code = await asyncio.to_thread(gp.wait, 30)
+    log = gp.log(None)
+    assert code == 0, log
+    assert time.monotonic() - t0 < 20
+    assert "gateway stopped" in log
+    assert "Traceback" not in log
 
     db = state / "clawgate.db"
     assert integrity(db) == "ok"
 
     # Restart on the same state dir: both runs and the transcript are there.
-    gp2 = GatewayProcess(state).start()
-    try:
-        async with Client(gp2.url, max_reconnect_attempts=0) as c:
-            for run_id in ("before-sigterm", "in-flight"):
-                waited = await c.wait(run_id, 2000)
-                assert waited["status"] == "ok"
-                assert waited["endedAt"] >= waited["startedAt"]
-            history = await c.call("chat.history", {"sessionKey": "agent:main:main"})
-            assert [(m["role"], m["content"], m.get("runId")) for m in history["messages"]] == [
-                ("user", "persist me", "before-sigterm"),
-                ("assistant", "ok: persist me", "before-sigterm"),
-                ("user", "[[delay:0.5]] finishing", "in-flight"),
-                ("assistant", "ok: finishing", "in-flight"),
-            ]
-            # The same idempotency key does not start the run again after the restart.
-            again = await c.run_agent("persist me", idempotency_key="before-sigterm")
-            assert again["status"] == "ok"
-            status = await c.status()
-            assert status["runs"]["completed"] == 0
-        gp2.signal(signal.SIGINT)
-        code, _out, errs = await asyncio.to_thread(gp2.wait, 30)
-        assert code == 0, errs
-    finally:
-        gp2.kill()
+    gp2 = await gateway_process(state).astart()
+    async with Client(gp2.url, max_reconnect_attempts=0) as c:
+        for run_id in ("before-sigterm", "in-flight"):
+            waited = await c.wait(run_id, 2000)
+            assert waited["status"] == "ok"
+            assert waited["endedAt"] >= waited["startedAt"]
+        history = await c.call("chat.history", {"sessionKey": "agent:main:main"})
+        assert [(m["role"], m["content"], m.get("runId")) for m in history["messages"]] == [
+            ("user", "persist me", "before-sigterm"),
+            ("assistant", "ok: persist me", "before-sigterm"),
+            ("user", "[[delay:0.5]] finishing", "in-flight"),
+            ("assistant", "ok: finishing", "in-flight"),
+        ]
+        # The same idempotency key does not start the run again after the restart.
+        again = await c.run_agent("persist me", idempotency_key="before-sigterm")
+        assert again["status"] == "ok"
+        status = await c.status()
+        assert status["runs"]["completed"] == 0
+    gp2.signal(signal.SIGINT)
+    code = await asyncio.to_thread(gp2.wait, 30)
+    assert code == 0, gp2.log()
     assert integrity(db) == "ok"
 
 
-async def test_a_stalled_run_is_ended_within_the_grace(tmp_path: Path) -> None:
+async def test_a_stalled_run_is_ended_within_the_grace(
+    tmp_path: Path, gateway_process: GatewayProcessFactory
+) -> None:
     state = tmp_path / "state"
-    gp = GatewayProcess(state, "--set", "shutdown_grace_s=1").start()
-    try:
-        async with Client(gp.url, max_reconnect_attempts=0) as c:
-            accepted: list[dict[str, Any]] = []
-            stalled = asyncio.create_task(
-                c.run_agent("[[stall]]", idempotency_key="stalled", on_accepted=accepted.append)
-            )
-            for _ in range(500):
-                if accepted:
-                    break
-                await asyncio.sleep(0.01)
-            assert accepted
-            t0 = time.monotonic()
-            gp.signal(signal.SIGTERM)
-            final = await asyncio.wait_for(stalled, 20)
-        assert final["status"] == "error"
-        assert final["error"] == "gateway shutting down"
-        code, _out, errs = await asyncio.to_thread(gp.wait, 30)
-        assert code == 0, errs
-        assert time.monotonic() - t0 < 15
-    finally:
-        gp.kill()
-    gp2 = GatewayProcess(state).start()
-    try:
-        async with Client(gp2.url, max_reconnect_attempts=0) as c:
-            waited = await c.wait("stalled", 2000)
-        assert waited["status"] == "error"
-        assert waited["error"] == "gateway shutting down"
-        code, _out, _errs = gp2.stop()
-        assert code == 0
-    finally:
-        gp2.kill()
+    gp = await gateway_process(state, settings={"shutdown_grace_s": 1}).astart()
+    async with Client(gp.url, max_reconnect_attempts=0) as c:
+        accepted: list[dict[str, Any]] = []
+        stalled = asyncio.create_task(
+            c.run_agent("[[stall]]", idempotency_key="stalled", on_accepted=accepted.append)
+        )
+        for _ in range(500):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert accepted
+        t0 = time.monotonic()
+        gp.signal(signal.SIGTERM)
+        final = await asyncio.wait_for(stalled, 20)
+    assert final["status"] == "error"
+    assert final["error"] == "gateway shutting down"
+    code = await asyncio.to_thread(gp.wait, 30)
+    assert code == 0, gp.log()
+    assert time.monotonic() - t0 < 15
+    gp2 = await gateway_process(state).astart()
+    async with Client(gp2.url, max_reconnect_attempts=0) as c:
+        waited = await c.wait("stalled", 2000)
+    assert waited["status"] == "error"
+    assert waited["error"] == "gateway shutting down"
+    code, log = await gp2.astop()
+    assert code == 0, log
 
 
 async def test_in_process_stop_sends_shutdown_then_closes(start_gateway: GatewayFactory) -> None:

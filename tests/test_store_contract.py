@@ -27,6 +27,7 @@ from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
+from helpers import drop_redis_prefix
 
 REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -51,13 +52,7 @@ async def _redis_keys(prefix: str) -> list[bytes]:
 
 
 async def _redis_cleanup(prefix: str) -> None:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
-        for i in range(0, len(keys), 500):
-            await client.delete(*keys[i : i + 500])
-    finally:
-        await client.aclose()
+    await drop_redis_prefix(REDIS_URL, prefix)
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,7 @@ import hmac
 import json
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from clawgate.store.sqlite import SqliteStore
 from clawgate.testing import GatewayProcess
 from clawgate.testing.process import free_port
 from conftest import GatewayFactory, settle, unique_prefix
+from helpers import wait_until
 
 RAW_KEY = b"0123456789abcdef0123456789abcdef"
 SECRET = "whsec_" + base64.b64encode(RAW_KEY).decode()
@@ -117,15 +118,6 @@ def verify(hit: Hit) -> bool:
     )
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 async def quiet(seconds: float = 0.3) -> None:
     """Give the worker a chance to do what it must not do (the assertion after it can fail)."""
     await asyncio.sleep(seconds)
@@ -140,15 +132,15 @@ async def test_signed_delivery_retries_with_one_id_and_honours_retry_after(
     async with Client(gw.url, max_reconnect_attempts=0) as c:
         final = await c.run_agent("[[reply:hello hooks]]", idempotency_key="wh-1", webhook=receiver.url)
         failed = gw.gateway.webhooks.stats
-        await until(lambda: failed["failedAttempts"] == 1)  # recorded, next attempt scheduled
+        await wait_until(lambda: failed["failedAttempts"] == 1)  # recorded, next attempt scheduled
         await clock.advance_async(10)  # the backoff alone would allow a retry; Retry-After: 30 does not
         await quiet()
         assert len(receiver.hits) == 1
         await clock.advance_async(25)
-        await until(lambda: failed["failedAttempts"] == 2)
+        await wait_until(lambda: failed["failedAttempts"] == 2)
         await clock.advance_async(5)  # second failure: backoff of at most 2 s
-        await until(lambda: len(receiver.hits) == 3)
-        await until(lambda: gw.gateway.webhooks.stats["delivered"] == 1)
+        await wait_until(lambda: len(receiver.hits) == 3)
+        await wait_until(lambda: gw.gateway.webhooks.stats["delivered"] == 1)
         listed = await c.call("webhooks.list", {})
         assert listed["deliveries"] == [] and listed["pending"] == 0
     hits = receiver.hits
@@ -171,9 +163,9 @@ async def test_dead_letter_is_listed_retried_by_id_and_expires(
     async with Client(gw.url, max_reconnect_attempts=0) as c:
         await c.run_agent("[[reply:a]]", idempotency_key="dl-1", webhook=receiver.url)
         await c.run_agent("[[reply:b]]", idempotency_key="dl-2", webhook=receiver.url)
-        await until(lambda: gw.gateway.webhooks.stats["failedAttempts"] == 2)
+        await wait_until(lambda: gw.gateway.webhooks.stats["failedAttempts"] == 2)
         await clock.advance_async(5)
-        await until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 2)
+        await wait_until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 2)
         dead = (await c.call("webhooks.list", {"state": "dead"}))["deliveries"]
         assert {d["runId"] for d in dead} == {"dl-1", "dl-2"}
         assert all(d["attempts"] == 2 and d["lastStatus"] == 500 and d["state"] == "dead" for d in dead)
@@ -191,9 +183,9 @@ async def test_dead_letter_is_listed_retried_by_id_and_expires(
         first = next(d for d in dead if d["runId"] == "dl-1")
         retried = await c.call("webhooks.retry", {"id": first["id"]})
         assert retried["delivery"]["state"] == "pending"
-        await until(lambda: len(receiver.hits) == 5)
+        await wait_until(lambda: len(receiver.hits) == 5)
         assert receiver.hits[-1].id == first["id"] and receiver.hits[-1].answered == 200
-        await until(lambda: gw.gateway.webhooks.stats["delivered"] == 1)
+        await wait_until(lambda: gw.gateway.webhooks.stats["delivered"] == 1)
         left = (await c.call("webhooks.list", {}))["deliveries"]
         assert [d["runId"] for d in left] == ["dl-2"]
 
@@ -214,12 +206,12 @@ async def test_private_targets_are_refused_when_not_allowed(
     gw = await start_gateway(webhook_allow_private=False)
     async with Client(gw.url, max_reconnect_attempts=0) as c:
         await c.run_agent("[[reply:x]]", idempotency_key="priv-1", webhook=receiver.url)
-        await until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 1)
+        await wait_until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 1)
         (dead,) = (await c.call("webhooks.list", {"state": "dead"}))["deliveries"]
         assert "private or loopback" in dead["lastError"] and dead["attempts"] == 1
         localhost = receiver.url.replace("127.0.0.1", "localhost")  # a name resolving to loopback
         await c.run_agent("[[reply:y]]", idempotency_key="priv-2", webhook=localhost)
-        await until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 2)
+        await wait_until(lambda: gw.gateway.webhooks.stats["deadLettered"] == 2)
     assert receiver.hits == []
 
 
@@ -272,7 +264,7 @@ async def test_global_url_http_routes_chat_send_and_spawn(
             )
             assert r.status_code in (200, 202), r.text
         await settle(gw.gateway)
-        await until(lambda: len(receiver.hits) == 4)
+        await wait_until(lambda: len(receiver.hits) == 4)
         rec = await gw.gateway.store.get_run("rest-1")
         assert rec is not None and rec.webhook == receiver.url + "/rest"  # recorded with the run
     by_path = {h.path: json.loads(h.body) for h in receiver.hits}
@@ -323,7 +315,7 @@ async def test_redis_each_webhook_is_delivered_by_exactly_one_process(
             ]
         )
         assert all(f["status"] == "ok" for f in finals)
-        await until(lambda: len(receiver.hits) >= 20)
+        await wait_until(lambda: len(receiver.hits) >= 20)
         await quiet()
         pending = await a.gateway.webhooks.store.counts()
         assert pending == {"pending": 0, "dead": 0}
@@ -367,7 +359,7 @@ async def test_delivery_survives_sigkill_and_restart(tmp_path: Path) -> None:
     await receiver.start()
     try:
         async with GatewayProcess(state, settings=settings):
-            await until(lambda: len({h.id for h in receiver.hits if h.answered == 200}) == n, timeout=30)
+            await wait_until(lambda: len({h.id for h in receiver.hits if h.answered == 200}) == n, timeout=30)
             await quiet(0.5)
     finally:
         await receiver.stop()
@@ -433,7 +425,7 @@ async def test_cron_job_webhook_gets_each_occurrence(
         )["job"]
         assert job["webhook"] == receiver.url
         await clock.advance_async(60, settle=20)
-        await until(lambda: len(receiver.hits) == 1)
+        await wait_until(lambda: len(receiver.hits) == 1)
     body = json.loads(receiver.hits[0].body)
     assert body["runId"].startswith(f"cron-{job['id']}-") and body["status"] == "ok"
     assert verify(receiver.hits[0])
@@ -454,7 +446,7 @@ async def test_a_failing_delivery_attempt_is_counted_under_its_task_name(
     gw.webhooks.http = httpx.AsyncClient(transport=_BuggyTransport())
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         await c.run_agent("[[reply:hello hooks]]", idempotency_key="wh-bug", webhook=receiver.url)
-        await until(lambda: gw.supervisor.errors["webhook-attempt"] >= 1)
+        await wait_until(lambda: gw.supervisor.errors["webhook-attempt"] >= 1)
         status = await c.status()
         assert status["tasks"]["errors"]["webhook-attempt"] >= 1
         assert set(status["tasks"]["errors"]) == {"webhook-attempt"}  # a bounded name, not the delivery id
@@ -462,5 +454,5 @@ async def test_a_failing_delivery_attempt_is_counted_under_its_task_name(
         # The delivery is still pending: with the bug gone, it goes out.
         buggy, gw.webhooks.http = gw.webhooks.http, None
         await buggy.aclose()
-        await until(lambda: gw.webhooks.stats["delivered"] == 1)
+        await wait_until(lambda: gw.webhooks.stats["delivered"] == 1)
     assert len(receiver.hits) == 1

@@ -658,13 +658,7 @@ class SqliteStore(Store):
         return await self._submit(op)
 
     async def store_bytes(self) -> int:
-        total = 0
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                total += os.stat(f"{self.path}{suffix}").st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return await asyncio.to_thread(_store_bytes, self.path)
 
     async def compact(self) -> int:
         """Free pages go back to the file system: incremental vacuum on the writer thread (in
@@ -802,6 +796,17 @@ def _prepare_vacuum(conn: sqlite3.Connection) -> None:
             log.info("migrating the store to incremental auto-vacuum (VACUUM, once)")
             conn.execute("VACUUM")
     conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+
+
+def _store_bytes(path: Path) -> int:
+    """The database file with its WAL and shared-memory files (stat calls: off the event loop)."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            total += os.stat(f"{path}{suffix}").st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _checkpoint(path: Path) -> None:

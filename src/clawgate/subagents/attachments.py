@@ -11,6 +11,7 @@ runs it in a worker thread, off the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -121,6 +122,12 @@ def write(root: Path, run_id: str, files: list[tuple[str, bytes]], *, owner: str
     finally:
         os.close(dir_fd)
     return root / run_id
+
+
+async def discard(path: str | None) -> None:
+    """`remove` off the event loop: deleting a tree of files is blocking I/O, slow on a busy disk."""
+    if path:
+        await asyncio.to_thread(remove, path)
 
 
 def remove(path: str | None) -> None:

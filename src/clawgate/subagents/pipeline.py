@@ -197,7 +197,7 @@ class Pipeline:
         if rec.cleanup == "delete":
             child = rec.child_session_key
             await self.core.retry("cleanup", rec, lambda: self.core.sessions.delete(child))
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
             rec.attachments_dir = None
         now = self.core.clock.time()
         rec.cleanup_completed_at = now

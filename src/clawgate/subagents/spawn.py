@@ -137,7 +137,7 @@ class Spawner:
             )
         except BaseException:
             self.core.untrack(rec)
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
             with contextlib.suppress(ClawgateError):
                 await self.core.store.delete_subagent(run_id)
                 await self.core.sessions.delete(child)
@@ -160,11 +160,11 @@ class Spawner:
             )
         except OSError as exc:
             # E.g. ELOOP: a link planted in the state dir, which is not followed.
-            attachments.remove(str(self.core.attachments_root / run_id))
+            await attachments.discard(str(self.core.attachments_root / run_id))
             log.error("cannot write attachments", run_id=run_id, error=exc.strerror)
             raise Unavailable(f"cannot store attachments: {exc.strerror}", retry_after_ms=1000) from None
         except BaseException:
-            attachments.remove(str(self.core.attachments_root / run_id))
+            await attachments.discard(str(self.core.attachments_root / run_id))
             raise
         rec.attachments_dir = str(written)
 

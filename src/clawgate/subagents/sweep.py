@@ -153,7 +153,7 @@ class Sweeper:
         if rules.sweep_deletes_child_session(rec) or rules.sweep_finishes_cleanup(rec):
             await self.core.sessions.delete(rec.child_session_key)
         if rules.sweep_removes_attachments(rec, self.core.settings.retain_attachments_on_keep):
-            attachments.remove(rec.attachments_dir)
+            await attachments.discard(rec.attachments_dir)
         reason = rules.sweep_reason(rec)
         if reason is not None:
             await self.pipeline.report(rec, reason, retry=False)

@@ -1,5 +1,5 @@
 """Helpers for tests and benchmarks that run real gateway processes (shipped like aiohttp.test_utils)."""
 
-from clawgate.testing.process import GatewayProcess, clean_env, free_port
+from clawgate.testing.process import GatewayProcess, astart_all, clean_env, free_port, stop_all
 
-__all__ = ["GatewayProcess", "clean_env", "free_port"]
+__all__ = ["GatewayProcess", "astart_all", "clean_env", "free_port", "stop_all"]
