@@ -178,11 +178,12 @@ class RunService:
             ttl_s=None,
             max_size=settings.max_connections,
         )
-        # One lane per session with queued or running work: at most one per tracked run, plus
-        # one per global lane slot for lanes whose last run is still ending.
-        # The global lanes: at most this many main (and subagent) runs execute at once.
+        # The global lanes: at most this many main (and subagent) runs execute at once; session
+        # lanes wait for their slots in FIFO order (runs/slots.py).
         self.main_lane = Slots(settings.main_concurrency)
         self.subagent_lane = Slots(settings.subagent_concurrency)
+        # One lane per session with queued or running work: at most one per tracked run, plus
+        # one per global lane slot for lanes whose last run is still ending.
         self.lanes: Lanes[Run] = Lanes(
             clock,
             registry,
