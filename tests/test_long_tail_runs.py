@@ -21,6 +21,7 @@ from clawgate.errors import Unavailable
 from clawgate.events.bus import EventBus
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.runs.lanes import Lanes
+from clawgate.runs.slots import Slots
 from clawgate.state.clock import FakeClock
 from clawgate.state.registry import StateRegistry
 from conftest import GatewayFactory, settle
@@ -392,6 +393,63 @@ async def test_lanes_refuse_a_new_session_past_max_lanes_and_never_run_a_session
     assert most_at_once == {"a": 1, "b": 1}
     assert registry.sizes()["session_lanes"] == registry.sizes()["lane_workers"] == 0
     assert lanes.has_room(c)
+
+
+async def test_lanes_wait_for_a_global_slot_in_fifo_order_without_a_worker_task() -> None:
+    """A lane queued for a global slot has no task; slots go to lanes (and to callers of
+    `Slots.acquire`) in the order they queued; a lane's next run queues behind the others;
+    an item removed while waiting leaves no trace; main and subagent slots are apart."""
+    registry = StateRegistry()
+    pools = {"main": Slots(1), "sub": Slots(1)}
+    gates: dict[str, asyncio.Event] = {}
+    order: list[str] = []
+
+    async def execute(item: tuple[str, str]) -> None:
+        order.append(item[0])
+        gate = gates[item[0]] = asyncio.Event()
+        await gate.wait()
+
+    lanes: Lanes[tuple[str, str]] = Lanes(
+        FakeClock(),
+        registry,
+        max_lanes=10,
+        execute=execute,
+        on_task_error=lambda exc: None,
+        slots=lambda item: pools[item[1]],
+    )
+
+    def key(name: str) -> SessionKey:
+        return SessionKey(f"agent:main:{name}")
+
+    async def finish(name: str) -> None:
+        await wait_until(lambda: name in gates)
+        gates[name].set()
+
+    lanes.push(key("a"), ("a1", "main"))
+    await wait_until(lambda: order == ["a1"])
+    lanes.push(key("b"), ("b1", "main"))
+    lanes.push(key("a"), ("a2", "main"))
+    lanes.push(key("x"), ("x1", "main"))  # removed while it waits
+    lanes.push(key("c"), ("c1", "main"))
+    lanes.push(key("s"), ("s1", "sub"))  # its own pool: starts at once
+    await wait_until(lambda: order == ["a1", "s1"])
+    assert len(lanes.workers) == 2  # the waiting lanes b, x, c have no task
+    assert lanes.queued == 4
+    assert lanes.remove(key("x"), ("x1", "main"))
+    assert key("x") not in lanes.lanes and lanes.queued == 3
+    direct = asyncio.create_task(pools["main"].acquire())  # queued after c
+    await finish("a1")
+    await finish("b1")
+    await finish("c1")
+    await asyncio.wait_for(direct, 5)  # before a2, which queued behind it when a1 ended
+    assert order == ["a1", "s1", "b1", "c1"]
+    pools["main"].release()
+    await finish("a2")
+    await finish("s1")
+    await wait_until(lambda: not lanes.workers)
+    assert order == ["a1", "s1", "b1", "c1", "a2"]
+    assert lanes.queued == 0 and len(lanes.lanes) == 0
+    assert pools["main"].free == pools["sub"].free == 1
 
 
 # -- background tasks: never more than two per live connection ----------------------------------------------

@@ -201,9 +201,9 @@ class Settings(BaseSettings):
         50000,
         ge=1,
         description=(
-            "runs held in memory (queued + running); a queued run costs about 3.6 KB of RSS with its"
-            " own session, 1.6 KB when runs share sessions (benchmarks/queued_memory.py): size"
-            " memory_budget_bytes as idle RSS (about 57 MB) + max_tracked_runs x 3.6 KB"
+            "runs held in memory (queued + running); a queued run costs about 1.6 KB of RSS with its"
+            " own session, 1.3 KB when runs share sessions (benchmarks/queued_memory.py): size"
+            " memory_budget_bytes as idle RSS (about 57 MB) + max_tracked_runs x 1.6 KB"
         ),
     )
     # RSS over which new runs are refused (UNAVAILABLE). None (the default): derived from the

@@ -91,8 +91,9 @@ class EventBus:
             "run_contexts", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
         # The connections that asked for a run's events (the one that started it, and
-        # `agent` retries with the same key): removed at run end, TTL as a backstop.
-        self.watchers: TTLMap[RunId, set[ConnId]] = TTLMap(
+        # `agent` retries with the same key): removed at run end, TTL as a backstop. One
+        # connection id alone, a set only from the second (a set costs 216 bytes a run).
+        self.watchers: TTLMap[RunId, ConnId | set[ConnId]] = TTLMap(
             "run_watchers", clock, ttl_s=idle_ttl_s, max_size=max_runs, lru=False
         )
         # Distinct subscribed session keys across connections. Refused beyond the bound
@@ -154,9 +155,15 @@ class EventBus:
         """Send the run's events to `conn_id` until the run ends (`ttl_s`: backstop, default idle TTL)."""
         conns = self.watchers.get(run_id)
         if conns is None:
-            self.watchers.set(run_id, {conn_id}, ttl_s)
-        else:
+            self.watchers.set(run_id, conn_id, ttl_s)
+        elif isinstance(conns, set):
             conns.add(conn_id)
+        elif conns != conn_id:
+            # A second connection: a set, with the deadline the watchers had.
+            expires_at = self.watchers.expires_at(run_id)
+            now = self.clock.time()
+            keep_s = expires_at - now if expires_at is not None and expires_at != float("inf") else None
+            self.watchers.set(run_id, {conns, conn_id}, keep_s)
         self._rekeep(run_id)
 
     def extend_watch(self, run_id: RunId, ttl_s: float) -> None:
@@ -266,11 +273,10 @@ class EventBus:
         if not self.all_subs and not subs:
             # The common case (only the run's own requesters): no union set per event. A
             # copy all the same, so a sink may change the watchers while being sent to.
-            targets = tuple(watchers) if watchers else ()
+            targets = _conns(watchers)
         else:
             targets = set(self.all_subs)
-            if watchers:
-                targets |= watchers
+            targets.update(_conns(watchers))
             if subs:
                 targets |= subs
         sinks = self.sinks
@@ -285,3 +291,10 @@ class EventBus:
     def broadcast(self, frame: bytes) -> None:
         for sink in list(self.sinks.values()):
             sink.send_frame(frame)
+
+
+def _conns(watchers: ConnId | set[ConnId] | None) -> tuple[ConnId, ...]:
+    """A run's watchers (one connection id, or a set of them) as a tuple."""
+    if not watchers:
+        return ()
+    return tuple(watchers) if isinstance(watchers, set) else (watchers,)

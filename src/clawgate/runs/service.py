@@ -38,6 +38,7 @@ from clawgate.runs.dispatch import FinalListener, LocalDispatch, RunDispatch
 from clawgate.runs.endwrite import persist_end
 from clawgate.runs.lanes import Lanes
 from clawgate.runs.lifecycle import INTERRUPTED, NOT_RESTORED
+from clawgate.runs.slots import Slots
 from clawgate.runs.waiters import RunListeners, Waiters
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
@@ -72,8 +73,8 @@ class Run:
         self.task: asyncio.Task[None] | None = None
         self.timer: Timer | None = None
         self.cancel_reason: str | None = None  # "aborted" | "timeout" | "shutdown"
-        # Out of its session lane but waiting for a slot of the global (or subagent) lane:
-        # still queued as far as status and admission are concerned.
+        # Handed over by the dispatcher (`execute`) and waiting for a slot of the global (or
+        # subagent) lane: still queued as far as status and admission are concerned.
         self.waiting = False
         # Set when executed from the shared Redis queue: the session lease the end write
         # depends on (a process that lost it can no longer end the run).
@@ -177,6 +178,10 @@ class RunService:
             ttl_s=None,
             max_size=settings.max_connections,
         )
+        # The global lanes: at most this many main (and subagent) runs execute at once; session
+        # lanes wait for their slots in FIFO order (runs/slots.py).
+        self.main_lane = Slots(settings.main_concurrency)
+        self.subagent_lane = Slots(settings.subagent_concurrency)
         # One lane per session with queued or running work: at most one per tracked run, plus
         # one per global lane slot for lanes whose last run is still ending.
         self.lanes: Lanes[Run] = Lanes(
@@ -186,9 +191,8 @@ class RunService:
             execute=self._execute,
             on_task_error=self._task_error,
             tasks=self.tasks,
+            slots=self._slots,
         )
-        self.main_lane = asyncio.Semaphore(settings.main_concurrency)
-        self.subagent_lane = asyncio.Semaphore(settings.subagent_concurrency)
         # Builtin tools by name (the session tools); each agent gets those its profile allows.
         self.tools: dict[str, Tool] = {}
         self.profiles = Profiles(settings)
@@ -203,7 +207,9 @@ class RunService:
         # Set while no run executes here: `drain` waits on it instead of polling `running`.
         self.idle = asyncio.Event()
         self.idle.set()
-        self.waiting = 0  # runs out of their session lane, waiting for a global lane slot
+        # Runs handed over by another process's dispatcher (`execute`), waiting for a global
+        # slot; a run queued here waits in its session lane, counted by `lanes.queued`.
+        self.waiting = 0
         self.totals: dict[str, int] = {"ok": 0, "error": 0, "timeout": 0, "aborted": 0}
         self.latency = LatencyHistogram()
         self.task_errors = 0
@@ -315,8 +321,21 @@ class RunService:
         self.active.set(run_id, run)
 
     async def execute(self, run: Run) -> None:
-        """Execute one run now (the shared queue already serialized its session)."""
-        await self._execute(run)
+        """Execute one run now (the shared queue already serialized its session): wait for a
+        global slot, in the same FIFO as this process's session lanes."""
+        if not self._startable(run):
+            return
+        slots = self._slots(run)
+        run.waiting = True
+        self.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self._stop_waiting(run)
+        try:
+            await self._execute(run)
+        finally:
+            slots.release()
 
     def settle_remote(self, rec: RunRecord, *, announce: bool = False) -> bool:
         """Another process ended a run this one accepted: answer the local waiters. Returns
@@ -402,39 +421,29 @@ class RunService:
             run.waiting = False
             self.waiting -= 1
 
+    def _slots(self, run: Run) -> Slots:
+        return self.subagent_lane if run.record.kind == "subagent" else self.main_lane
+
     async def _execute(self, run: Run) -> None:
+        """Run `run` to its end; the caller holds a slot of `_slots(run)`."""
         if not self._startable(run):  # aborted while queued, or shutting down
             return
-        lane = self.subagent_lane if run.record.kind == "subagent" else self.main_lane
-        run.waiting = True
-        self.waiting += 1
+        run.task = asyncio.current_task()
         try:
-            await lane.acquire()
+            await self._run(run)
+        except asyncio.CancelledError:
+            if run.cancel_reason is None:
+                raise
+            # The timeout / abort cancelled us: uncancel so the lane goes on.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            reason = run.cancel_reason
+            await self._finish(run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None)
         finally:
-            self._stop_waiting(run)
-        try:
-            if not self._startable(run):
-                return
-            run.task = asyncio.current_task()
-            try:
-                await self._run(run)
-            except asyncio.CancelledError:
-                if run.cancel_reason is None:
-                    raise
-                # The timeout / abort cancelled us: uncancel so the lane goes on.
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                reason = run.cancel_reason
-                await self._finish(
-                    run, lifecycle.cancel_status(reason), lifecycle.cancel_message(reason), None
-                )
-            finally:
-                run.task = None
-                if run.timer is not None:
-                    run.timer.cancel()
-        finally:
-            lane.release()
+            run.task = None
+            if run.timer is not None:
+                run.timer.cancel()
 
     async def _run(self, run: Run) -> None:
         rec = run.record
@@ -701,7 +710,7 @@ class RunService:
             run.task.cancel()
             return True
         # Still queued: drop it from its lane (or stop counting it as waiting for a global
-        # slot; its worker returns when it gets one) and finish it right away.
+        # slot; `execute` returns when it gets one) and finish it right away.
         self.lanes.remove(run.record.session_key, run)
         self._stop_waiting(run)
         self.tasks.spawn(
