@@ -337,15 +337,9 @@ class RunService:
         finally:
             slots.release()
 
-    def settle_remote(self, rec: RunRecord, *, announce: bool = False) -> bool:
+    def settle_remote(self, rec: RunRecord) -> bool:
         """Another process ended a run this one accepted: answer the local waiters. Returns
-        whether a run tracked here was settled.
-
-        `announce`: the end was found in the store, and its executor never said so (no
-        "done"): it died after writing the end and before its fan-out sent the end's events.
-        This process, which accepted the run, tells them in its place, as it does for a run
-        it ends as an orphan (their `seq` starts at 1 here: docs/reliability.md, limits).
-        """
+        whether a run tracked here was settled."""
         run_id = rec.run_id
         run = self.active.get(run_id)
         if run is None or run.task is not None or run.record.is_final:
@@ -353,12 +347,6 @@ class RunService:
         run.record = rec
         self.active.pop(run_id)
         self.results.set(run_id, rec)
-        if announce:
-            log.warning(
-                "run end told for its executor, whose done never came", run_id=run_id, status=rec.status
-            )
-            self._emit_end(rec, run_id, rec.session_key, rec.ended_at or self.clock.time())
-            self.bus.clear_run(run_id)
         self._settle(run)
         return True
 

@@ -181,11 +181,10 @@ class ClusterMember:
             if run.task is not None or run.record.is_final or run.record.accepted_at > horizon:
                 continue
             rec = await self.store.get_run(run.record.run_id)
-            # An end younger than the claim idle may still have its "done" (and its events) on
-            # the way: left to the next round. An older one was never told: its executor died
-            # between the end write and the fan-out, so this process tells the end's events.
-            if rec is not None and rec.is_final and (rec.ended_at or 0.0) <= horizon:
-                self.runs.settle_remote(rec, announce=True)
+            # The end's events are the executor's to tell: telling them here too, for an end
+            # whose "done" is late, sent them twice when the "done" was only delayed (a
+            # partition that heals), so a lost "done" costs the events, not a duplicate.
+            if rec is not None and rec.is_final:
                 self._on_done(_enc.encode(rec))
                 settled += 1
         for run_id in list(self.remote_waiters.keys()):
