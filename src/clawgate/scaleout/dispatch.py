@@ -53,11 +53,7 @@ How it works:
   attempt fails, the holder drains S: its "take the next run" step is atomic with its
   release (below), so a push that raced with a failed attempt is always seen by the
   holder or finds the lock free for the next message.
-- The attempt also takes the first run (LMOVE ``q`` -> ``qp``) when ``qp`` is empty, so
-  serving a session's first run costs one round trip, not two; with nothing in ``qp``
-  nor ``q`` it does not take the lock at all. A stopping process puts a run it took
-  this way, not started, back at the head of ``q`` with its release.
-- Otherwise the new holder first reports whatever ``qp`` holds (the run a dead holder was
+- The new holder first reports whatever ``qp`` holds (the run a dead holder was
   executing) to ``on_orphan`` and drops each reported run from ``qp`` (if a report
   raises, it hands the session off after a pause rather than release it with an
   unreported orphan in ``qp``), then loops: one script LREMs the finished run from
@@ -156,37 +152,21 @@ local function now_ms()
 end
 """
 
-# Try the lock, ack the ready messages that led here (either way: see the module doc) and,
-# when no orphan waits in qp, take the first run in the same step (one round trip per
-# session served, not two). The lease token is the next value of the fence counter, so
-# tokens only ever increase. With no orphan and no queued run the lock is not taken at all
-# (a stale entry in active, whose lock has lapsed, is dropped).
-# KEYS: lock, qp, active, ready, fence, q
-# ARGV: lease_ms, session, index_ttl_s, group, list_ttl_s, msg ids...
-# Returns nil when the lock is held by someone else, {} when there is nothing to do, else
-# {token, '1', run id moved to qp} or {token, '0', orphans left in qp...}.
+# Try the lock and ack the ready messages that led here (either way: see the module doc).
+# The lease token is the next value of the fence counter, so tokens only ever increase.
+# KEYS: lock, qp, active, ready, fence; ARGV: lease_ms, session, index_ttl_s, group, msg ids...
+# Returns nil when the lock is held by someone else, else {token, orphans left in qp...}.
 _ACQUIRE = (
     _NOW_MS
     + """
-if #ARGV > 5 then redis.call('XACK', KEYS[4], ARGV[4], unpack(ARGV, 6)) end
+if #ARGV > 4 then redis.call('XACK', KEYS[4], ARGV[4], unpack(ARGV, 5)) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local out = redis.call('LRANGE', KEYS[2], 0, -1)
-if #out == 0 and redis.call('LLEN', KEYS[6]) == 0 then
-  redis.call('ZREM', KEYS[3], ARGV[2])
-  return {}
-end
 local token = redis.call('INCR', KEYS[5])
 redis.call('EXPIRE', KEYS[5], ARGV[3])
 redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[1]), ARGV[2])
 redis.call('EXPIRE', KEYS[3], ARGV[3])
-if #out == 0 then
-  local r = redis.call('LMOVE', KEYS[6], KEYS[2], 'LEFT', 'RIGHT')
-  redis.call('EXPIRE', KEYS[6], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  return {tostring(token), '1', r}
-end
-table.insert(out, 1, '0')
+local out = redis.call('LRANGE', KEYS[2], 0, -1)
 table.insert(out, 1, tostring(token))
 return out
 """
@@ -216,17 +196,12 @@ return {2, r}
 """
 )
 
-# Release early (stop, interrupted execution); hand the session off if work remains. A run
-# taken but not started (ARGV[6], optional) goes back to the head of q.
-# KEYS: lock, q, qp, active, ready
-# ARGV: token, finished run id or '', session, maxlen, index_ttl_s[, run id to put back]
+# Release early (stop, interrupted execution); hand the session off if work remains.
+# KEYS: lock, q, qp, active, ready; ARGV: token, finished run id or '', session, maxlen, index_ttl_s
 # Returns 0 when the lock was not ours, 1 released, 2 released and handed off.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[2]) end
-if ARGV[6] and ARGV[6] ~= '' and redis.call('LREM', KEYS[3], 1, ARGV[6]) > 0 then
-  redis.call('LPUSH', KEYS[2], ARGV[6])
-end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ARGV[3])
 if redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3]) == 0 then return 1 end
@@ -600,58 +575,49 @@ class RedisDispatcher:
         k, s = self.keys, st.key
         got = await redis_call(
             self._acquire(
-                keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence(), k.queue(s)],
-                args=[self._lease_ms, s, INDEX_TTL_S, GROUP, self.queue_ttl_s, *ids],
+                keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence()],
+                args=[self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
             )
         )
-        if not got:
-            return  # held elsewhere (that holder drains the queue), or nothing to do
+        if got is None:
+            return  # held elsewhere: that holder drains the queue
         token = as_text(got[0])
         st.token, st.lost, st.last_renewed = token, False, time.monotonic()
         try:
-            run_id: str | None = None
-            if as_text(got[1]) == "1":
-                run_id = as_text(got[2])  # taken with the lock: no orphan was waiting
-                if self._stopping:
-                    await self._release_lock(st, "", put_back=run_id)  # not started: not an orphan
-                    return
-            else:
-                reported = await self._report_orphans(st, [as_text(r) for r in got[2:]])
-                if reported == "lost":
-                    return  # the next holder reports what is left
-                if reported == "failed":
-                    # An orphan without an end must not sit in qp behind a released lock
-                    # (nothing would look at it again before the next push): pause, then hand
-                    # the session off with its work, so a holder (this process or another)
-                    # retries the report.
-                    await asyncio.sleep(RETRY_S)
-                    await self._release_lock(st, "")
-                    return
+            reported = await self._report_orphans(st, [as_text(r) for r in got[1:]])
+            if reported == "lost":
+                return  # the next holder reports what is left
+            if reported == "failed":
+                # An orphan without an end must not sit in qp behind a released lock (nothing
+                # would look at it again before the next push): pause, then hand the session
+                # off with its work, so a holder (this process or another) retries the report.
+                await asyncio.sleep(RETRY_S)
+                await self._release_lock(st, "")
+                return
             done = ""
             while True:
-                if run_id is None:
-                    if self._stopping:
-                        await self._release_lock(st, done)
-                        return
-                    step = await redis_call(
-                        self._next(
-                            keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
-                            args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
-                        )
+                if self._stopping:
+                    await self._release_lock(st, done)
+                    return
+                step = await redis_call(
+                    self._next(
+                        keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
+                        args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
                     )
-                    if int(step[0]) == 0:
-                        if not st.lost:
-                            self._lose(st)  # found out here before the renewer did
-                        return
-                    if int(step[0]) == 1:
-                        return  # queue empty, lock released
-                    st.last_renewed = time.monotonic()
-                    run_id = as_text(step[1])
+                )
+                if int(step[0]) == 0:
+                    if not st.lost:
+                        self._lose(st)  # found out here before the renewer did
+                    return
+                if int(step[0]) == 1:
+                    return  # queue empty, lock released
+                st.last_renewed = time.monotonic()
+                run_id = as_text(step[1])
                 if not await self._run_one(st, run_id):
                     # Interrupted: the run stays in qp, reported by the next holder.
                     await self._release_lock(st, "")
                     return
-                done, run_id = run_id, None
+                done = run_id
         finally:
             st.token = None
 
@@ -702,13 +668,13 @@ class RedisDispatcher:
             self.orphans += 1
         return outcome
 
-    async def _release_lock(self, st: _Session, done: str, *, put_back: str = "") -> None:
+    async def _release_lock(self, st: _Session, done: str) -> None:
         k, s = self.keys, st.key
         assert st.token is not None
         await redis_call(
             self._release(
                 keys=[k.lock(s), k.queue(s), k.processing(s), k.active(), k.ready()],
-                args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S, put_back],
+                args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S],
             )
         )
 
