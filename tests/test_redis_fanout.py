@@ -11,6 +11,7 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -205,3 +206,26 @@ async def test_stop_leaves_no_unclosed_resources(redis_url: str) -> None:
         del node, client
         gc.collect()
     assert [str(w.message) for w in caught] == []
+
+
+async def test_frames_queued_together_go_out_as_one_message_and_the_one_frame_form_is_still_read(
+    env: Env,
+) -> None:
+    a = await env.node("proc-a")
+    b = await env.node("proc-b")
+    sent = [(f"run-{i % 3}", "agent:main:main", frame(i)) for i in range(100)]
+    for run_id, session, fr in sent:
+        a.fanout.publish_event(run_id, session, fr)
+    a.fanout.publish_done(b'{"runId":"run-0"}')
+    assert await a.fanout.flush()
+    await until(lambda: len(b.events) == 100 and len(b.done) == 1, what="the batch and the done")
+    assert b.events == sent
+    assert (a.fanout.published, a.fanout.publishes) == (101, 2)  # one batch of frames, one done
+    assert b.fanout.received == 101
+
+    # A frame in the one-frame form [origin, runId, sessionKey, frame] is delivered as before.
+    old = msgspec.msgpack.encode(["proc-old", "run-x", "agent:main:x", b"\x00old"])
+    await env.admin.publish(f"{env.prefix}:ev", old)
+    await until(lambda: len(b.events) == 101, what="the one-frame message")
+    assert b.events[-1] == ("run-x", "agent:main:x", b"\x00old")
+    assert b.fanout.bad_messages == 0

@@ -16,7 +16,9 @@ frame it publishes. Interface (`ClusterMember` in scaleout/member.py wires it)::
 
 Channels (``P`` is the prefix; names built by ``FanoutKeys``, store/redis_keys.py)::
 
-    P:ev     event frames        msgpack [origin, runId|nil, sessionKey, frame bytes]
+    P:ev     event frames        msgpack [origin, [[runId|nil, sessionKey, frame bytes], ...]]
+                                 (a batch, in publish order; the older one-frame form
+                                 [origin, runId|nil, sessionKey, frame bytes] is still read)
     P:done   run finished        msgpack [origin, record JSON bytes]
     P:abort  abort request       msgpack [origin, runId]
 
@@ -32,8 +34,14 @@ Callbacks run on the event loop and must not block; one that raises is logged an
 counted, and delivery goes on.
 
 Sending never blocks the caller: messages go into one bounded buffer (``buffer_max``
-events) that one task drains, sending up to ``batch_max`` PUBLISHes per pipeline. Order
-is kept: one sender, one connection, and Redis delivers a channel's messages in order.
+events) that one task drains, up to ``batch_max`` messages per pipeline. The event frames
+queued one after the other (those of one loop turn, or all queued while the previous
+pipeline was in flight) go out as one ``P:ev`` message of at most ``BATCH_BYTES`` of
+frames, so a run's frames cost one PUBLISH per drain, not one each; a receiver delivers
+the batch's frames one by one, in order. Order is kept: one sender, one connection, and
+Redis delivers a channel's messages in order. The counters (``published``, ``failed``,
+``dropped``, ``received``) count frames and control messages, not PUBLISHes
+(``publishes`` counts those).
 When the buffer is full a new event is dropped and counted (``dropped``), like a slow
 consumer's frames; done and abort messages keep a reserve of ``CONTROL_RESERVE`` more
 slots so a flood of events does not drop a run's end. If Redis fails, the batch in
@@ -61,7 +69,8 @@ T = TypeVar("T")
 
 BUFFER_MAX = 100_000  # queued events per process (each frame is at most max_payload_bytes)
 CONTROL_RESERVE = 1024  # extra slots for done/abort above a full event buffer
-BATCH_MAX = 256  # PUBLISHes per pipeline
+BATCH_MAX = 256  # messages (frames, done, abort) per pipeline
+BATCH_BYTES = 256 * 1024  # frame bytes per batched P:ev message (a larger frame goes alone)
 RETRY_S = 0.5  # back-off after a Redis error
 
 
@@ -70,6 +79,17 @@ class EventEnvelope(msgspec.Struct, array_like=True, frozen=True):
     run_id: str | None
     session_key: str
     frame: bytes
+
+
+class EventItem(msgspec.Struct, array_like=True, frozen=True):
+    run_id: str | None
+    session_key: str
+    frame: bytes
+
+
+class EventBatch(msgspec.Struct, array_like=True, frozen=True):
+    origin: str
+    events: list[EventItem]
 
 
 class DoneEnvelope(msgspec.Struct, array_like=True, frozen=True):
@@ -84,6 +104,7 @@ class AbortEnvelope(msgspec.Struct, array_like=True, frozen=True):
 
 _enc = msgspec.msgpack.Encoder()
 _ev_dec = msgspec.msgpack.Decoder(EventEnvelope)
+_batch_dec = msgspec.msgpack.Decoder(EventBatch)
 _done_dec = msgspec.msgpack.Decoder(DoneEnvelope)
 _abort_dec = msgspec.msgpack.Decoder(AbortEnvelope)
 
@@ -128,6 +149,7 @@ class RedisEventRelay:
         self._handled = 0  # of those, sent or failed
         # counters
         self.published = 0
+        self.publishes = 0  # PUBLISH commands sent (a batch of frames is one)
         self.dropped = 0
         self.failed = 0
         self.received = 0
@@ -187,11 +209,13 @@ class RedisEventRelay:
             n = min(len(self._buf), self.batch_max)
             batch = [self._buf.popleft() for _ in range(n)]
             pipe = self.redis.pipeline(transaction=False)
-            for channel, msg in batch:
-                pipe.publish(channel, _enc.encode(msg))
+            messages = self._encode(batch)
+            for channel, data in messages:
+                pipe.publish(channel, data)
             try:
                 await redis_call(pipe.execute())
                 self.published += n
+                self.publishes += len(messages)
             except (RedisError, OSError) as exc:
                 self.failed += n
                 log.warning("fanout: publish failed", error=str(exc), lost=n)
@@ -199,6 +223,33 @@ class RedisEventRelay:
             finally:
                 self._handled += n
                 self._progress.set()
+
+    def _encode(
+        self, batch: list[tuple[str, EventEnvelope | DoneEnvelope | AbortEnvelope]]
+    ) -> list[tuple[str, bytes]]:
+        """The PUBLISHes for `batch`, in order: consecutive event frames become one
+        `EventBatch` message (up to BATCH_BYTES of frames), control messages one each."""
+        out: list[tuple[str, bytes]] = []
+        items: list[EventItem] = []
+        size = 0
+
+        def close() -> None:
+            nonlocal items, size
+            if items:
+                out.append((self.keys.events(), _enc.encode(EventBatch(self.origin, items))))
+                items, size = [], 0
+
+        for channel, msg in batch:
+            if isinstance(msg, EventEnvelope):
+                if items and size + len(msg.frame) > BATCH_BYTES:
+                    close()
+                items.append(EventItem(msg.run_id, msg.session_key, msg.frame))
+                size += len(msg.frame)
+            else:
+                close()
+                out.append((channel, _enc.encode(msg)))
+        close()
+        return out
 
     # -- receiving --------------------------------------------------------------------------------
     async def wait_subscribed(self, timeout_s: float = 5.0) -> None:
@@ -232,11 +283,7 @@ class RedisEventRelay:
         k = self.keys
         try:
             if channel == k.events():
-                ev = _ev_dec.decode(data)
-                if ev.origin == self.origin:
-                    return  # the local bus delivered it already
-                self.received += 1
-                self.on_event(ev.run_id, ev.session_key, ev.frame)
+                self._deliver_events(data)
             elif channel == k.done():
                 done = _done_dec.decode(data)
                 self.received += 1
@@ -251,6 +298,25 @@ class RedisEventRelay:
         except Exception:
             self.callback_errors += 1
             log.exception("fanout: callback raised", channel=channel)
+
+    def _deliver_events(self, data: bytes) -> None:
+        """A batch of frames (or one frame in the older form), each to `on_event` in order;
+        a callback that raises is counted and the batch's next frames are still delivered."""
+        try:
+            batch = _batch_dec.decode(data)
+            origin, items = batch.origin, batch.events
+        except msgspec.DecodeError:
+            ev = _ev_dec.decode(data)  # the one-frame form; raises DecodeError if neither
+            origin, items = ev.origin, [EventItem(ev.run_id, ev.session_key, ev.frame)]
+        if origin == self.origin:
+            return  # the local bus delivered them already
+        for item in items:
+            self.received += 1
+            try:
+                self.on_event(item.run_id, item.session_key, item.frame)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("fanout: callback raised", channel=self.keys.events())
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
