@@ -218,7 +218,7 @@ async def test_frames_queued_together_go_out_as_one_message_and_the_one_frame_fo
         a.fanout.publish_event(run_id, session, fr)
     a.fanout.publish_done(b'{"runId":"run-0"}')
     assert await a.fanout.flush()
-    await until(lambda: len(b.events) == 100 and len(b.done) == 1, what="the batch and the done")
+    await wait_until(lambda: len(b.events) == 100 and len(b.done) == 1, what="the batch and the done")
     assert b.events == sent
     assert (a.fanout.published, a.fanout.publishes) == (101, 2)  # one batch of frames, one done
     assert b.fanout.received == 101
@@ -226,6 +226,6 @@ async def test_frames_queued_together_go_out_as_one_message_and_the_one_frame_fo
     # A frame in the one-frame form [origin, runId, sessionKey, frame] is delivered as before.
     old = msgspec.msgpack.encode(["proc-old", "run-x", "agent:main:x", b"\x00old"])
     await env.admin.publish(f"{env.prefix}:ev", old)
-    await until(lambda: len(b.events) == 101, what="the one-frame message")
+    await wait_until(lambda: len(b.events) == 101, what="the one-frame message")
     assert b.events[-1] == ("run-x", "agent:main:x", b"\x00old")
     assert b.fanout.bad_messages == 0
