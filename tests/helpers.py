@@ -30,3 +30,23 @@ async def drop_redis_prefix(redis_url: str, prefix: str) -> None:
             await client.delete(*keys[i : i + 1000])
     finally:
         await client.aclose()
+
+
+# Heavy packages that only some configurations need, which a plain SQLite + scripted gateway
+# must not import (tests/test_lean_start.py, tests/test_perf_guards.py): the OpenAI provider,
+# the Redis store, benchmark plots, test tools, device-proof crypto, the CLI's tables.
+HEAVY = (
+    "openai",
+    "redis",
+    "matplotlib",
+    "numpy",
+    "hypothesis",
+    "schemathesis",
+    # device proofs only (imported when a client sends one); CLI tables and colours
+    "cryptography",
+    "rich",
+    "pygments",
+    # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
+    "greenlet",
+    "watchfiles",
+)

@@ -8,24 +8,7 @@ import sys
 from pathlib import Path
 
 from clawgate.testing import clean_env
-
-# Heavy packages that only some configurations need: the OpenAI provider, the Redis store,
-# benchmark plots, test tools, device-proof crypto, the CLI's tables.
-HEAVY = (
-    "openai",
-    "redis",
-    "matplotlib",
-    "numpy",
-    "hypothesis",
-    "schemathesis",
-    # device proofs only (imported when a client sends one); CLI tables and colours
-    "cryptography",
-    "rich",
-    "pygments",
-    # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
-    "greenlet",
-    "watchfiles",
-)
+from helpers import HEAVY
 
 PROBE = """
 import json, sys

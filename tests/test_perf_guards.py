@@ -33,22 +33,7 @@ from clawgate.server.sendbuffer import SendBuffer
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from clawgate.testing import clean_env, free_port
-
-# Modules a plain SQLite + scripted gateway must not carry.
-HEAVY = (
-    "openai",
-    "redis",
-    "matplotlib",
-    "numpy",
-    "hypothesis",
-    "schemathesis",
-    "cryptography",
-    "rich",
-    "pygments",
-    # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
-    "greenlet",
-    "watchfiles",
-)
+from helpers import HEAVY
 
 # Runs the CLI entry point exactly as `clawgate gateway ...` does, in this process, and
 # prints the loaded top-level modules once /healthz answers 200.
