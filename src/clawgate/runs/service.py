@@ -337,18 +337,16 @@ class RunService:
         finally:
             slots.release()
 
-    def settle_remote(self, rec: RunRecord) -> bool:
-        """Another process ended a run this one accepted: answer the local waiters. Returns
-        whether a run tracked here was settled."""
+    def settle_remote(self, rec: RunRecord) -> None:
+        """Another process ended a run this one accepted: answer the local waiters."""
         run_id = rec.run_id
         run = self.active.get(run_id)
         if run is None or run.task is not None or run.record.is_final:
-            return False
+            return
         run.record = rec
         self.active.pop(run_id)
         self.results.set(run_id, rec)
         self._settle(run)
-        return True
 
     def follow(
         self, run: Run | None, rec: RunRecord, listener: FinalListener, owner: ConnId | None
