@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from clawgate.state.clock import FakeClock
+from clawgate.state.clock import FakeClock, wait_woken
 
 
 async def test_timers_fire_exactly_at_their_deadline_in_order(clock: FakeClock) -> None:
@@ -193,3 +193,48 @@ async def test_advance_async_wakes_a_periodic_sleeper_once_per_step(clock: FakeC
     assert ticks[-2:] == [t0 + 7.5, t0 + 8.5]
     assert clock.time() == t0 + 9
     task.cancel()
+
+
+async def test_wait_woken_counts_from_the_call_even_when_time_moves_in_the_same_loop_turn(
+    clock: FakeClock,
+) -> None:
+    """The webhook and cron workers decide how long to wait, then wait. When the clock moved
+    in the loop turn between the two (here: a callback queued by the deciding step itself,
+    as a test's `advance` or another task can), the wait must still end at the decided
+    deadline. A sleeping task started beside the wait armed its timer a turn late, at the
+    moved time plus the full delay, and the worker slept through its due delivery."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    async def decide_then_wait() -> None:
+        loop.call_soon(clock.advance, 5.0)  # time moves right after the decision, same turn
+        await wait_woken(clock, wake, 2.0)
+
+    waiter = asyncio.ensure_future(decide_then_wait())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert waiter.done() and wake.is_set()
+    assert clock.pending_sleepers == 0
+
+
+async def test_wait_woken_ends_on_the_event_and_drops_its_timer(clock: FakeClock) -> None:
+    wake = asyncio.Event()
+    waiter = asyncio.ensure_future(wait_woken(clock, wake, 60.0))
+    await asyncio.sleep(0)
+    assert clock.pending_sleepers == 1
+    wake.set()
+    await waiter
+    assert clock.pending_sleepers == 0  # cancelled with the wait
+    forever = asyncio.ensure_future(wait_woken(clock, asyncio.Event(), None))
+    clock.advance(10**6)
+    await asyncio.sleep(0)
+    assert not forever.done() and clock.pending_sleepers == 0
+    forever.cancel()
+
+
+async def test_wait_woken_with_nothing_left_to_wait_returns_after_one_turn(clock: FakeClock) -> None:
+    for timeout_s in (0.0, -1.0):
+        waiter = asyncio.ensure_future(wait_woken(clock, asyncio.Event(), timeout_s))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        assert waiter.done()  # the FakeClock's own timers only fire on `advance`

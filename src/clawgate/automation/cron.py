@@ -26,7 +26,7 @@ from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import RunService, SubmitRequest
 from clawgate.sessions.service import SessionService
 from clawgate.settings import Settings
-from clawgate.state.clock import Clock
+from clawgate.state.clock import Clock, wait_woken
 from clawgate.state.supervisor import Supervisor
 from clawgate.state.tasks import cancel_and_wait
 from clawgate.store.cron_records import CronJob, CronRunEntry
@@ -86,6 +86,8 @@ class CronService:
 
     async def _loop(self) -> None:
         while True:
+            # Cleared before the look, not after: a wake-up during it (a job added) is kept.
+            self.wake.clear()
             try:
                 await self.fire_due()
                 nxt = await self.store.next_due_ms()
@@ -101,14 +103,7 @@ class CronService:
             wait_s = self.settings.cron_poll_s
             if nxt is not None:
                 wait_s = min(wait_s, max(0.0, (nxt - self.now_ms()) / 1000))
-            self.wake.clear()
-            sleeper = asyncio.ensure_future(self.clock.sleep(wait_s))
-            waker = asyncio.ensure_future(self.wake.wait())
-            try:
-                await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                sleeper.cancel()
-                waker.cancel()
+            await wait_woken(self.clock, self.wake, wait_s)
 
     # -- firing -----------------------------------------------------------------------------------
     async def fire_due(self) -> int:

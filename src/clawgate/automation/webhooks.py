@@ -32,7 +32,7 @@ from clawgate import __version__
 from clawgate.automation.webhook_rules import backoff_s, is_private, retry_after_s, secret_key, sign
 from clawgate.errors import NotFound
 from clawgate.settings import Settings
-from clawgate.state.clock import Clock
+from clawgate.state.clock import Clock, wait_woken
 from clawgate.state.registry import StateRegistry
 from clawgate.state.supervisor import Supervisor
 from clawgate.store.base import Fence, Store
@@ -190,15 +190,7 @@ class WebhookService:
                 # Everything due is in flight here or claimed elsewhere: an attempt ending wakes
                 # the loop; a poll is the safety net against a lost wake-up.
                 wait_s = self.settings.webhook_poll_s
-            waker = asyncio.ensure_future(self.wake.wait())
-            waits: set[asyncio.Future[Any]] = {waker}
-            if wait_s is not None:
-                waits.add(asyncio.ensure_future(self.clock.sleep(wait_s)))
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await wait_woken(self.clock, self.wake, wait_s)
 
     async def pump(self) -> int:
         room = self.settings.webhook_concurrency - len(self.inflight)

@@ -132,3 +132,22 @@ class FakeClock:
             remaining -= delta
             for _ in range(settle):
                 await asyncio.sleep(0)
+
+
+async def wait_woken(clock: Clock, wake: asyncio.Event, timeout_s: float | None) -> None:
+    """Wait until `wake` is set or `timeout_s` of `clock` time has passed (None: no timeout).
+
+    The timer is armed before this coroutine first yields, so the timeout counts from the
+    moment the caller computed it. A sleeping task started beside the wait would arm its
+    timer one loop turn later, and a clock that moved in that turn (another task, or
+    `FakeClock.advance`) would push the deadline past the moment it was meant for.
+    """
+    if timeout_s is not None and timeout_s <= 0:
+        await asyncio.sleep(0)  # already due: one loop turn, as `sleep(0)` gives
+        return
+    timer = clock.call_later(timeout_s, wake.set) if timeout_s is not None else None
+    try:
+        await wake.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
