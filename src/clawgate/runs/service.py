@@ -451,8 +451,7 @@ class RunService:
             for hook in self.start_hooks:
                 hook(rec)
             self.bus.emit_agent(run_id, key, "lifecycle", {"phase": "start", "startedAt": int(now * 1000)})
-            await self.sessions.touch(key, known_new=rec.kind == "subagent")
-            history = await self._history(key)
+            history = await self._history(key, known_new=rec.kind == "subagent")
             self.sessions.append(key, "user", rec.message, rec.run_id)
             emitter = _Emitter(self.bus, run_id, key, self.clock)
             try:
@@ -527,8 +526,11 @@ class RunService:
             tools.update(await self.mcp_tools(profile))
         return tools
 
-    async def _history(self, key: SessionKey) -> list[ChatMessage]:
-        messages = await self.sessions.history(key, self.settings.transcript_history_max)
+    async def _history(self, key: SessionKey, *, known_new: bool) -> list[ChatMessage]:
+        """Mark the run's session used and read the history the agent is given."""
+        messages = await self.sessions.open_for_run(
+            key, self.settings.transcript_history_max, known_new=known_new
+        )
         return [
             ChatMessage(role=m.role if m.role in ("user", "assistant") else "user", content=m.content)
             for m in messages

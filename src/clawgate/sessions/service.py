@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable
 from typing import Protocol
@@ -155,6 +156,20 @@ class SessionService:
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)
+
+    async def open_for_run(
+        self, key: SessionKey, limit: int, *, known_new: bool = False
+    ) -> list[TranscriptMessage]:
+        """`touch` the session a run starts in and read its last `limit` messages.
+
+        A session not in the cache is looked up and its history read in the same loop
+        turn, so the store answers both at once (on Redis, one pipeline round trip instead
+        of two in sequence; the read does not depend on the lookup)."""
+        if known_new or key in self.cache:
+            await self.touch(key, known_new=known_new)
+            return await self.store.history(key, limit)
+        _, messages = await asyncio.gather(self.touch(key), self.store.history(key, limit))
+        return messages
 
     # -- retention (retention/service.py) ----------------------------------------------------------
     def take_written(self, *, peek: bool = False) -> tuple[list[str], bool]:
