@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Samples:
     final_ms: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     unavailable: int = 0
+    unavailable_examples: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -110,6 +112,8 @@ async def drive(
             except ClientError as exc:
                 if exc.code == "UNAVAILABLE":
                     samples.unavailable += 1
+                    if len(samples.unavailable_examples) < 3:
+                        samples.unavailable_examples.append(exc.message[:200])
                     await asyncio.sleep((exc.retry_after_ms or 100) / 1000)
                     continue
                 samples.errors.append(f"{exc.code}: {exc.message}")
@@ -191,6 +195,7 @@ def summarize(samples: Samples, wall: float, runs: int) -> dict[str, Any]:
         "completed": done,
         "statuses": samples.statuses,
         "unavailable_retries": samples.unavailable,
+        "unavailable_examples": samples.unavailable_examples,
         "errors": len(samples.errors),
         "error_examples": samples.errors[:5],
         "wall_s": round(wall, 3),
@@ -287,7 +292,17 @@ def main() -> int:
         if args.profile is not None and gw is not None:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(gw.pid), "-o", str(args.profile), "--rate", "250", "--gil"]
+                [
+                    shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--pid",
+                    str(gw.pid),
+                    "-o",
+                    str(args.profile),
+                    "--rate",
+                    "250",
+                    "--gil",
+                ]
                 + (["--format", "raw"] if args.profile.suffix == ".txt" else []),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -318,8 +333,6 @@ def main() -> int:
         if gateway is not None:
             gateway.stop()
         if not args.keep_state:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
     result = summarize(samples, wall, args.runs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable
-from typing import Protocol
+from typing import Any, Protocol
 
 from clawgate.ids import RunId, SessionKey
 from clawgate.sessions.history import HistoryPage, read_page
@@ -162,14 +162,16 @@ class SessionService:
     ) -> list[TranscriptMessage]:
         """`touch` the session a run starts in and read its last `limit` messages.
 
-        A session not in the cache is looked up and its history read in the same loop
-        turn, so the store answers both at once (on Redis, one pipeline round trip instead
-        of two in sequence; the read does not depend on the lookup)."""
-        if known_new or key in self.cache:
+        The history read is issued first and the session lookup (when the session is not
+        cached) in the same loop turn, so the store answers both at once: on Redis one
+        pipeline round trip instead of two in sequence. No task is made for it."""
+        messages = asyncio.ensure_future(self.store.history(key, limit))
+        try:
             await self.touch(key, known_new=known_new)
-            return await self.store.history(key, limit)
-        _, messages = await asyncio.gather(self.touch(key), self.store.history(key, limit))
-        return messages
+        except BaseException:
+            messages.add_done_callback(_retrieved)  # failing too must not log "never retrieved"
+            raise
+        return await messages
 
     # -- retention (retention/service.py) ----------------------------------------------------------
     def take_written(self, *, peek: bool = False) -> tuple[list[str], bool]:
@@ -196,3 +198,8 @@ class SessionService:
     ) -> HistoryPage:
         """One `chat.history` page: at most `limit` messages whose JSON takes at most `budget` bytes."""
         return await read_page(self.store, key, before=before, limit=limit, budget=budget)
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -181,8 +181,9 @@ class Store(RetentionStore):
         """
 
     @abstractmethod
-    async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
-        """The last `limit` messages, oldest first."""
+    def history(self, session_key: str, limit: int) -> Awaitable[list[TranscriptMessage]]:
+        """The last `limit` messages, oldest first. Issued when called, not when awaited, so
+        a caller can send it together with another store call (one round trip on Redis)."""
 
     @abstractmethod
     async def history_before(

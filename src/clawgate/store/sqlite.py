@@ -350,18 +350,19 @@ class SqliteStore(Store):
         fut.add_done_callback(_consume)
         return fut
 
-    async def history(self, session_key: str, limit: int) -> list[TranscriptMessage]:
-        rows = await self._submit(
-            lambda c: c.execute(
+    def history(self, session_key: str, limit: int) -> Awaitable[list[TranscriptMessage]]:
+        def op(c: sqlite3.Connection) -> list[TranscriptMessage]:
+            rows = c.execute(
                 "SELECT session_key, role, content, ts, run_id FROM messages WHERE session_key=? "
                 "ORDER BY id DESC LIMIT ?",
                 (session_key, limit),
             ).fetchall()
-        )
-        return [
-            TranscriptMessage(session_key=r[0], role=r[1], content=r[2], ts=r[3], run_id=r[4])
-            for r in reversed(rows)
-        ]
+            return [
+                TranscriptMessage(session_key=r[0], role=r[1], content=r[2], ts=r[3], run_id=r[4])
+                for r in reversed(rows)
+            ]
+
+        return self._submit(op)
 
     async def history_before(
         self, session_key: str, before: int | None, limit: int, clip_chars: int
