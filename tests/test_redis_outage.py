@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from clawgate.client import Client, ClientError
+from clawgate.errors import StoreError
 from clawgate.protocol.constants import INTERRUPTED
 from clawgate.runs.endwrite import FIRST_DELAY_S, MAX_DELAY_S, next_delay
+from clawgate.scaleout import redis_io
 from clawgate.scaleout.redis_io import pause_s
+from clawgate.store import redis_store
 from clawgate.store.records import RunRecord
-from clawgate.store.redis_store import persistence_of
+from clawgate.store.redis_store import RedisStore, persistence_of
 from clawgate.testing import GatewayProcess, free_port
 
 pytestmark = [
@@ -385,3 +389,36 @@ def test_persistence_of_a_redis_config(appendonly: str, save: str, want: str) ->
 def test_background_loops_back_off_while_redis_stays_down() -> None:
     pauses = [pause_s(n, retry_s=0.5, max_retry_s=2.0) for n in range(1, 6)]
     assert pauses == [0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+async def test_a_paused_redis_fails_store_and_cluster_calls_after_the_call_bound(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGSTOPped redis-server keeps its connections open and answers nothing. The store's
+    writer connection and the cluster's connections have no socket timeout (redis-py would
+    arm one per reply); each pipeline and each cluster call is bounded as a whole instead,
+    so a paused Redis is an outage after that bound, never a hang."""
+    monkeypatch.setattr(redis_store, "CALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(redis_io, "CALL_TIMEOUT_S", 0.5)
+    store = RedisStore(redis_server.url, prefix=f"paused{uuid.uuid4().hex[:6]}")
+    await store.open()
+    cluster = aioredis.Redis.from_url(redis_server.url, socket_timeout=None)  # as ClusterMember's pool
+    await cluster.ping()
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(20) as outer:
+            with pytest.raises(StoreError):
+                await store.get_session("agent:main:paused")
+            with pytest.raises(TimeoutError):
+                await redis_io.redis_call(cluster.ping())
+        assert not outer.expired()  # each failed on its own bound, not on this one
+        assert not store.connection()["up"]
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    # Resumed: the same store and client work again.
+    assert await store.get_session("agent:main:paused") is None
+    assert store.connection()["up"]
+    assert await redis_io.redis_call(cluster.ping())
+    await cluster.aclose()
+    await store.close()

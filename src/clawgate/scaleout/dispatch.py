@@ -16,7 +16,7 @@ Interface of the queues (`ClusterMember` in scaleout/member.py wires them)::
 
 ``consumer`` names this process in the consumer group; it must be unique among live
 processes (e.g. host, pid and a random suffix). The client's ``socket_timeout`` (if
-any) must exceed READ_BLOCK_MS.
+any) and ``redis_io.CALL_TIMEOUT_S`` must exceed READ_BLOCK_MS.
 
 ``execute(run_id, session_key)`` runs one run to its end and should not raise (a raise
 is logged and counted, the run counts as done). ``on_orphan(run_id, session_key)`` is
@@ -135,7 +135,7 @@ log = structlog.get_logger("clawgate.scaleout.dispatch")
 T = TypeVar("T")
 
 READ_COUNT = 64  # messages per XREADGROUP / XAUTOCLAIM
-READ_BLOCK_MS = 1000  # the redis client's socket_timeout must be longer than this
+READ_BLOCK_MS = 1000  # CALL_TIMEOUT_S (and a client's socket_timeout) must be longer than this
 RETRY_S = 0.5  # back-off after a Redis error in a background loop
 CONSUMER_REAP_MIN_IDLE_S = 300.0  # group members idle this long with nothing pending are deleted
 REAP_EVERY_TICKS = 20

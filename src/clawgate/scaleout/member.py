@@ -82,8 +82,9 @@ class ClusterMember:
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         # A blocking pool: under a burst, callers wait for a connection instead of failing
         # with MaxConnectionsError; the bound keeps Redis' client count predictable.
+        # No socket timeout: every call goes through `redis_call`, which bounds it as a whole.
         pool = aioredis.BlockingConnectionPool.from_url(
-            settings.store, max_connections=256, timeout=30, socket_connect_timeout=5, socket_timeout=30
+            settings.store, max_connections=256, timeout=30, socket_connect_timeout=5, socket_timeout=None
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         prefix = settings.redis_prefix

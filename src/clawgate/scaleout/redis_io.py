@@ -22,9 +22,17 @@ def checkpoint() -> None:
         raise asyncio.CancelledError
 
 
+# The longest one Redis call of scale-out may take (a blocking read's block time included).
+# The cluster's connections have no socket timeout of their own: redis-py would arm one per
+# reply read and one per send (about 10% of a busy gateway's CPU), where one per call does.
+CALL_TIMEOUT_S = 30.0
+
+
 async def redis_call(aw: Awaitable[T]) -> T:
-    """Await one Redis call, then re-check this task's cancellation (`checkpoint`)."""
-    res = await aw
+    """Await one Redis call within `CALL_TIMEOUT_S` (a paused Redis raises TimeoutError, an
+    OSError, like a dead one), then re-check this task's cancellation (`checkpoint`)."""
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        res = await aw
     checkpoint()
     return res
 
