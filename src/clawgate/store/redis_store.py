@@ -431,6 +431,13 @@ class RedisStore(Store):
     def barrier(self) -> Awaitable[None]:
         return self._submit([], _none)
 
+    def send(self, cmds: Sequence[Cmd]) -> Awaitable[None]:
+        """Send `cmds`, in order, with the store's next pipeline: an optional feature's write
+        (the usage ledger's, once per run) shares the round trip of the runs' writes instead
+        of taking one of its own. Awaiting it waits for Redis' answer; a failed command
+        raises StoreError."""
+        return self._submit(cmds, _none)
+
     # -- the writer task -------------------------------------------------------------------------
     async def _run(self, client: aioredis.Redis) -> None:
         stop = False

@@ -82,6 +82,14 @@ class SqliteUsageStore(UsageStore):
         )
 
 
+_ADD = """
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. 'input', ARGV[2])
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. 'output', ARGV[3])
+redis.call('HINCRBY', KEYS[1], ARGV[1] .. 'runs', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+"""
+
+
 class RedisUsageStore(UsageStore):
     """`{p}:usage:{day}` hash, fields `agent\\tmodel\\t{input|output|runs}`, expiring after the retention."""
 
@@ -97,12 +105,11 @@ class RedisUsageStore(UsageStore):
     async def add(self, row: UsageRow) -> None:
         key = f"{self.p}:{row.day}"
         base = f"{row.agent_id}\t{row.model}\t"
-        async with self.store.client.pipeline(transaction=True) as pipe:
-            pipe.hincrby(key, base + "input", row.input)
-            pipe.hincrby(key, base + "output", row.output)
-            pipe.hincrby(key, base + "runs", row.runs)
-            pipe.expire(key, self.ttl_s)
-            await pipe.execute()
+        # One script (the three counts and the expiry together), sent with the store's
+        # next pipeline.
+        await self.store.send(
+            [("EVAL", _ADD, 1, key, base, row.input, row.output, row.runs, int(self.ttl_s))]
+        )
 
     async def rows(self, since_day: str, until_day: str) -> list[UsageRow]:
         start, end = date.fromisoformat(since_day), date.fromisoformat(until_day)
