@@ -60,7 +60,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from clawgate.scaleout.redis_io import as_text, guarded, redis_call
+from clawgate.scaleout.redis_io import as_text, checkpoint, guarded, redis_call
 from clawgate.state.supervisor import Supervisor
 from clawgate.store.redis_keys import FanoutKeys
 
@@ -103,6 +103,16 @@ class AbortEnvelope(msgspec.Struct, array_like=True, frozen=True):
 
 
 _enc = msgspec.msgpack.Encoder()
+
+
+class _Origin(msgspec.Struct, array_like=True, frozen=True):
+    """The first field of every events message, read alone (the rest is skipped, not
+    decoded): a process's own batches come back to it and are dropped unread."""
+
+    origin: str
+
+
+_origin_dec = msgspec.msgpack.Decoder(_Origin)
 _ev_dec = msgspec.msgpack.Decoder(EventEnvelope)
 _batch_dec = msgspec.msgpack.Decoder(EventBatch)
 _done_dec = msgspec.msgpack.Decoder(DoneEnvelope)
@@ -264,7 +274,10 @@ class RedisEventRelay:
             await redis_call(pubsub.subscribe(*channels))
             confirmed: set[str] = set()
             while True:
-                msg = await redis_call(pubsub.get_message(timeout=1.0))
+                # Bounded by its own timeout (None after 1 s of silence): no second one per
+                # message from `redis_call`.
+                msg = await pubsub.get_message(timeout=1.0)
+                checkpoint()
                 if msg is None:
                     continue
                 kind = as_text(msg["type"])
@@ -302,14 +315,14 @@ class RedisEventRelay:
     def _deliver_events(self, data: bytes) -> None:
         """A batch of frames (or one frame in the older form), each to `on_event` in order;
         a callback that raises is counted and the batch's next frames are still delivered."""
+        if _origin_dec.decode(data).origin == self.origin:
+            return  # the local bus delivered them already
         try:
             batch = _batch_dec.decode(data)
-            origin, items = batch.origin, batch.events
+            items = batch.events
         except msgspec.DecodeError:
             ev = _ev_dec.decode(data)  # the one-frame form; raises DecodeError if neither
-            origin, items = ev.origin, [EventItem(ev.run_id, ev.session_key, ev.frame)]
-        if origin == self.origin:
-            return  # the local bus delivered them already
+            items = [EventItem(ev.run_id, ev.session_key, ev.frame)]
         for item in items:
             self.received += 1
             try:
