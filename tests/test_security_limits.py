@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -371,6 +372,42 @@ async def test_half_sent_headers_are_dropped_after_the_header_timeout(
     await wait_for(lambda: ledger.open == 0 and ledger.pending == 0, "sockets released")
     assert ledger.header_timeouts == 3
     close_all([w for _, w in socks])
+
+
+async def test_a_request_body_that_never_finishes_gets_408_after_the_body_timeout(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    """A complete head, then a body dribbled and never finished: the header timeout no longer
+    applies, so without a body deadline the socket and its request task were held forever
+    (one address could hold them up to the descriptor limit). The body must arrive within
+    `http_body_timeout_s`: then 408 with the structured error, and the socket is closed."""
+    rg = await start_gateway(http_header_timeout_s=5, http_body_timeout_s=30)
+    ledger = rg.gateway.sockets
+    head = (
+        b"POST /v1/runs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    reader, writer = await raw_socket(rg, head + b'{"message": "')
+    await wait_for(lambda: ledger.open == 1 and ledger.pending == 0, "head read")
+    clock.advance(29)
+    writer.write(b"still coming")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    assert ledger.open == 1  # not before the deadline, though the header timeout has passed
+    clock.advance(2)
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 408")
+    rest = await asyncio.wait_for(reader.read(65536), 5)
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["ok"] is False and body["error"]["code"] == "INVALID_REQUEST"
+    assert "httpBodyTimeoutS" in body["error"]["details"]
+    assert await closed_by_server(reader)
+    await wait_for(lambda: ledger.open == 0, "socket released")
+    close_all([writer])
+    # The gateway is fine: a whole body in time is served.
+    async with httpx.AsyncClient(base_url=rg.http_url) as http:
+        r = await http.post("/v1/runs", json={"message": "[[reply:ok]]"})
+        assert r.status_code != 408
 
 
 async def test_keep_alive_sockets_get_the_header_deadline_again(

@@ -249,6 +249,9 @@ class Settings(BaseSettings):
     # Time for a new socket to send its complete HTTP request head (WebSocket upgrade or
     # /healthz): a peer dribbling half a header is dropped, and holds no slot past it.
     http_header_timeout_s: float = Field(10.0, gt=0)
+    # An HTTP API request's body must arrive whole within this long after its head (408 after):
+    # a body dribbled forever would hold its socket and task past the header timeout.
+    http_body_timeout_s: float = Field(30.0, gt=0, description="seconds for an HTTP request body to arrive")
     # Sockets from one address that have not completed the `connect` handshake (HTTP head
     # included): one host cannot take every pending slot.
     max_pending_handshakes_per_addr: int = Field(32, ge=1)

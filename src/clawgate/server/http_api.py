@@ -38,6 +38,7 @@ from clawgate.protocol.constants import ADMIN, READ, WRITE
 from clawgate.protocol.schemas import SESSION_KEY_PATTERN
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_common import (
+    BodyLimits,
     HttpAuth,
     RunStart,
     error_response,
@@ -148,7 +149,7 @@ class RestApi:
         self.gw = gw
         self.events = events
         self.auth = HttpAuth(gw)
-        self.max_body = gw.settings.max_payload_bytes
+        self.body_limits = BodyLimits.of(gw.settings, gw.clock)
 
     def routes(self) -> list[BaseRoute]:
         s = self.gw.settings
@@ -193,13 +194,13 @@ class RestApi:
 
     async def create(self, request: Request) -> Response:
         self.auth.check(request, WRITE)
-        body = await read_json(request, self.max_body, RunBody)
+        body = await read_json(request, self.body_limits, RunBody)
         rec, _ = await self._start(request, body)
         return json(accepted_payload(rec), 202)
 
     async def create_and_wait(self, request: Request) -> Response:
         self.auth.check(request, WRITE)
-        body = await read_json(request, self.max_body, RunWaitBody)
+        body = await read_json(request, self.body_limits, RunWaitBody)
         rec, run_id = await self._start(request, body)
         timeout_s = body.timeout_ms / 1000 if body.timeout_ms is not None else rec.timeout_s + 5
         final = await wait_final(self.gw, run_id, rec, timeout_s)
@@ -260,7 +261,7 @@ class RestApi:
     async def tools_invoke(self, request: Request) -> Response:
         """`tools.invoke` over HTTP (admin): `{tool, args?, agentId?, sessionKey?}`."""
         grant = self.auth.check(request, ADMIN)
-        body = await read_json(request, self.max_body, ToolsInvokeParams)
+        body = await read_json(request, self.body_limits, ToolsInvokeParams)
         return json(await invoke_tool(self.gw, body, grant.scopes))
 
     async def history(self, request: Request) -> Response:
@@ -293,7 +294,7 @@ class RestApi:
 
     async def hook_agent(self, request: Request) -> Response:
         self._hook_auth(request)
-        body = await read_json(request, self.max_body, HookAgentBody)
+        body = await read_json(request, self.body_limits, HookAgentBody)
         key, agent = session_agent(body.session_key, body.agent_id)
         self.gw.runs.profiles.require(agent, "agentId" if body.agent_id else "sessionKey")
         if body.session_key is None:
@@ -327,7 +328,7 @@ class RestApi:
 
     async def hook_wake(self, request: Request) -> Response:
         self._hook_auth(request)
-        body = await read_json(request, self.max_body, HookWakeBody)
+        body = await read_json(request, self.body_limits, HookWakeBody)
         key = SessionKey(body.session_key or "agent:main:main")
         await self.gw.sessions.touch(key)
         self.gw.sessions.append(key, "system", body.text)

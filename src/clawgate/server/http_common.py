@@ -6,6 +6,7 @@ here is accepted, queued, deduplicated, admitted and retained exactly like one s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -37,7 +38,8 @@ from clawgate.server.auth import Grant, check_token, require
 from clawgate.server.authlimit import peer_key
 from clawgate.server.gateway import Gateway
 from clawgate.sessions.keys import agent_id_of
-from clawgate.settings import is_loopback
+from clawgate.settings import Settings, is_loopback
+from clawgate.state.clock import Clock
 from clawgate.store.records import RunRecord
 
 P = TypeVar("P")
@@ -54,28 +56,71 @@ HTTP_STATUS = {
     INTERNAL: 500,
 }
 TOO_MANY = 429
+REQUEST_TIMEOUT = 408
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused past `max_bytes` before it is read whole."""
+class BodyTimeout(InvalidRequest):
+    """The request body did not arrive whole within `http_body_timeout_s` (HTTP 408)."""
+
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How large a request body may be, and how long it may take to arrive (on `clock`)."""
+
+    max_bytes: int
+    timeout_s: float
+    clock: Clock
+
+    @classmethod
+    def of(cls, settings: Settings, clock: Clock) -> BodyLimits:
+        return cls(settings.max_payload_bytes, settings.http_body_timeout_s, clock)
+
+
+async def read_body(request: Request, limits: BodyLimits) -> bytes:
+    """The request body, refused past `limits.max_bytes` before it is read whole, and
+    refused (408) when it has not arrived within `limits.timeout_s`."""
+    max_bytes = limits.max_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(
             f"body of {declared} bytes exceeds maxPayload {max_bytes}",
             details={"maxPayload": max_bytes, "size": int(declared)},
         )
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    # The timer can only fire while this task waits for the next chunk, inside the `try`.
+    timer = limits.clock.call_later(limits.timeout_s, expire)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise PayloadTooLarge(f"body exceeds maxPayload {max_bytes}", details={"maxPayload": max_bytes})
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(
+                    f"body exceeds maxPayload {max_bytes}", details={"maxPayload": max_bytes}
+                )
+            chunks.append(chunk)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() == 0:  # this timer's cancellation, nobody else's
+            raise BodyTimeout(
+                f"request body not received within {limits.timeout_s:g} s",
+                details={"httpBodyTimeoutS": limits.timeout_s, "received": size},
+            ) from None
+        raise
+    finally:
+        timer.cancel()
     return b"".join(chunks)
 
 
-async def read_json(request: Request, max_bytes: int, schema: type[P]) -> P:
-    body = await read_body(request, max_bytes)
+async def read_json(request: Request, limits: BodyLimits, schema: type[P]) -> P:
+    body = await read_body(request, limits)
     if not body.strip():
         body = b"{}"
     try:
@@ -155,8 +200,15 @@ class HttpAuth:
 
 
 def error_response(exc: ClawgateError, *, openai: bool = False) -> JSONResponse:
-    status = TOO_MANY if isinstance(exc, TooManyAttempts) else HTTP_STATUS.get(exc.code, 500)
+    if isinstance(exc, TooManyAttempts):
+        status = TOO_MANY
+    elif isinstance(exc, BodyTimeout):
+        status = REQUEST_TIMEOUT
+    else:
+        status = HTTP_STATUS.get(exc.code, 500)
     headers: dict[str, str] = {}
+    if status == REQUEST_TIMEOUT:
+        headers["connection"] = "close"  # the rest of the body is not waited for on this socket
     if exc.retryable and exc.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
     if openai:

@@ -31,7 +31,7 @@ from clawgate.ids import RunId, SessionKey
 from clawgate.protocol.constants import READ, WRITE
 from clawgate.server.gateway import Gateway
 from clawgate.server.http_api import follow, guarded, json, parse_session_key, wait_final
-from clawgate.server.http_common import HttpAuth, RunStart, new_run_id, read_json, start_run
+from clawgate.server.http_common import BodyLimits, HttpAuth, RunStart, new_run_id, read_json, start_run
 from clawgate.server.http_events import RunEventLog, decode_payload
 from clawgate.server.http_schemas import ChatCompletionBody, Content, ResponsesBody, text_of
 from clawgate.store.records import RunRecord
@@ -51,7 +51,7 @@ class OpenAIApi:
         self.gw = gw
         self.events = events
         self.auth = HttpAuth(gw)
-        self.max_body = gw.settings.max_payload_bytes
+        self.body_limits = BodyLimits.of(gw.settings, gw.clock)
 
     def routes(self) -> list[BaseRoute]:
         if not self.gw.settings.http_openai:
@@ -176,7 +176,7 @@ class OpenAIApi:
     # -- chat completions -------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         self.auth.check(request, WRITE)
-        body = await read_json(request, self.max_body, ChatCompletionBody)
+        body = await read_json(request, self.body_limits, ChatCompletionBody)
         users = [m for m in body.messages if m.role == "user"]
         system = _system_text([m.content for m in body.messages if m.role in ("system", "developer")])
         message = text_of(users[-1].content) if users else ""
@@ -259,7 +259,7 @@ class OpenAIApi:
     # -- responses --------------------------------------------------------------------------------
     async def responses(self, request: Request) -> Response:
         self.auth.check(request, WRITE)
-        body = await read_json(request, self.max_body, ResponsesBody)
+        body = await read_json(request, self.body_limits, ResponsesBody)
         if isinstance(body.input, str):
             message, system_parts = body.input, []
         else:
