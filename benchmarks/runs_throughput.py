@@ -291,9 +291,12 @@ def main() -> int:
         spy: subprocess.Popen[bytes] | None = None
         if args.profile is not None and gw is not None:
             args.profile.parent.mkdir(parents=True, exist_ok=True)
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            if not Path(py_spy).exists():
+                sys.exit("--profile needs py-spy: .venv/bin/pip install -e '.[bench]'")
             spy = subprocess.Popen(
                 [
-                    shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                    py_spy,
                     "record",
                     "--pid",
                     str(gw.pid),
