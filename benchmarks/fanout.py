@@ -51,15 +51,20 @@ async def subscribe_and_count(url: str, n: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
 
+    # At most 16 handshakes at once: the gateway refuses more than `max_pending_handshakes_per_addr`
+    # (32) unfinished handshakes from one address, and all of these come from 127.0.0.1.
+    handshakes = asyncio.Semaphore(16)
+
     async def one(i: int, ready: asyncio.Event) -> None:
-        ws = await websockets.connect(url, ping_interval=None, max_size=None, compression=None)
-        await ws.recv()  # challenge
-        await ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": CONNECT}))
-        await ws.recv()
-        await ws.send(
-            json.dumps({"type": "req", "id": "s", "method": "events.subscribe", "params": {"all": True}})
-        )
-        await ws.recv()
+        async with handshakes:
+            ws = await websockets.connect(url, ping_interval=None, max_size=None, compression=None)
+            await ws.recv()  # challenge
+            await ws.send(json.dumps({"type": "req", "id": "c", "method": "connect", "params": CONNECT}))
+            await ws.recv()
+            await ws.send(
+                json.dumps({"type": "req", "id": "s", "method": "events.subscribe", "params": {"all": True}})
+            )
+            await ws.recv()
         ready.set()
         try:
             async for _ in ws:
@@ -70,8 +75,14 @@ async def subscribe_and_count(url: str, n: int) -> None:
 
     readies = [asyncio.Event() for _ in range(n)]
     tasks = [asyncio.create_task(one(i, readies[i])) for i in range(n)]
-    for ready in readies:
-        await ready.wait()
+    for task, ready in zip(tasks, readies, strict=True):
+        # A connection that failed to subscribe ends the process (its parent sees it) instead
+        # of leaving it waiting for a "ready" that never comes.
+        waiter = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.is_set():
+            waiter.cancel()
+            raise SystemExit(f"subscriber connection failed: {task.exception()!r}")
     print("ready", flush=True)
     await stop.wait()
     # Read what is still in flight (socket buffers, the gateway's send buffers) before counting.

@@ -27,6 +27,7 @@ import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from clawgate.client import Client
 from clawgate.protocol.device import build_device_payload_v3, derive_device_id, verify_device_signature
 from clawgate.runs.lanes import SMALL_LANE, _Lane
 from clawgate.server.sendbuffer import SendBuffer
@@ -124,6 +125,19 @@ def test_send_buffer_pops_in_order_within_a_byte_budget() -> None:
     assert buf.pop_many(10**9) == frames[4:]
     assert buf.pending_bytes == 0 and len(buf) == 0
     assert buf.pop_many(100) == []
+
+
+async def test_gateway_connections_write_their_frames_batched(gateway: Any) -> None:
+    """The gateway's own WebSocket protocol (server/protocols.py, a subclass of uvicorn's
+    sans-I/O one) must get the batched writer: one transport write per turn, not one ASGI
+    `send` and system call per frame. A check of the exact class name missed the subclass,
+    and every connection silently took the per-frame path (about 60% of the gateway's CPU
+    with 100 subscribers of all events)."""
+    async with Client(gateway.url, max_reconnect_attempts=0) as c:
+        await c.call("health")
+        conns = list(gateway.gateway.connections.values())
+        assert conns
+        assert all(conn.frame_writer is not None and conn.frame_writer.batched for conn in conns)
 
 
 async def test_batched_frames_arrive_in_order_as_separate_messages(gateway: Any) -> None:

@@ -60,6 +60,7 @@ class Connection:
         self._wake = asyncio.Event()
         # True while the writer waits on the socket: the peer has stopped taking data for now.
         self._sending = False
+        self.frame_writer: FrameWriter | None = None  # made by the writer task
         self._writer: asyncio.Task[None] | None = None
         self._handshake_timer: Timer | None = None
         # Close tasks this connection started (at most two: an abort and a handshake timeout);
@@ -91,7 +92,7 @@ class Connection:
         self.send_frame(encode_error(req_id, exc.to_error_shape()))
 
     async def _write_loop(self) -> None:
-        writer = FrameWriter(self.ws.send, self.ws.scope.get(RAW_SEND_SCOPE_KEY))
+        writer = self.frame_writer = FrameWriter(self.ws.send, self.ws.scope.get(RAW_SEND_SCOPE_KEY))
         buffer = self.buffer
         try:
             while not self.closed:

@@ -55,7 +55,9 @@ class FrameWriter:
     def __init__(self, send: SendText, raw_send: object | None) -> None:
         self._send = send
         protocol = getattr(raw_send, "__self__", None)
-        self.batched = type(protocol).__name__ == _SANSIO_CLASS and all(
+        # uvicorn's protocol or a subclass of it (the gateway's own, server/protocols.py), named
+        # rather than imported so this module does not load uvicorn.
+        self.batched = any(cls.__name__ == _SANSIO_CLASS for cls in type(protocol).__mro__) and all(
             hasattr(protocol, name) for name in _NEEDED
         )
         self._protocol: Any = protocol if self.batched else None
