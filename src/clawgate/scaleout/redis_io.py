@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
+from clawgate.store.redis_store import CALL_TIMEOUT_S
+
 T = TypeVar("T")
 
 
@@ -22,10 +24,10 @@ def checkpoint() -> None:
         raise asyncio.CancelledError
 
 
-# The longest one Redis call of scale-out may take (a blocking read's block time included).
-# The cluster's connections have no socket timeout of their own: redis-py would arm one per
-# reply read and one per send (about 10% of a busy gateway's CPU), where one per call does.
-CALL_TIMEOUT_S = 30.0
+# CALL_TIMEOUT_S (the store's) is also the longest one Redis call of scale-out may take (a
+# blocking read's block time included). The cluster's connections have no socket timeout of
+# their own: redis-py would arm one per reply read and one per send (about 10% of a busy
+# gateway's CPU), where one per call does.
 
 
 async def redis_call(aw: Awaitable[T]) -> T:

@@ -200,15 +200,14 @@ class HttpAuth:
 
 
 def error_response(exc: ClawgateError, *, openai: bool = False) -> JSONResponse:
+    headers: dict[str, str] = {}
     if isinstance(exc, TooManyAttempts):
         status = TOO_MANY
     elif isinstance(exc, BodyTimeout):
         status = REQUEST_TIMEOUT
+        headers["connection"] = "close"  # the rest of the body is not waited for on this socket
     else:
         status = HTTP_STATUS.get(exc.code, 500)
-    headers: dict[str, str] = {}
-    if status == REQUEST_TIMEOUT:
-        headers["connection"] = "close"  # the rest of the body is not waited for on this socket
     if exc.retryable and exc.retry_after_ms is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
     if openai:

@@ -12,7 +12,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -305,13 +305,17 @@ def settle_exception(fut: asyncio.Future[Any], exc: BaseException) -> None:
         fut.set_exception(exc)
 
 
+T = TypeVar("T")
+
+
 def log_write_failure(fut: asyncio.Future[Any]) -> None:
     """Done-callback for writes nobody awaits: log a failure instead of "exception never retrieved"."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("store write failed", error=str(fut.exception()))
 
 
-def done_future() -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    fut.set_result(None)
+def done_future(value: T) -> asyncio.Future[T]:
+    """An answer known without asking the store, as the future a store call would give."""
+    fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
     return fut

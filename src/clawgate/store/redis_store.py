@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
 from clawgate.protocol.constants import FINAL_STATUSES
-from clawgate.store.base import Fence, SessionStamp, Store
+from clawgate.store.base import Fence, SessionStamp, Store, done_future
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
@@ -670,7 +670,7 @@ class RedisStore(Store):
 
     def history(self, session_key: str, limit: int) -> Awaitable[list[TranscriptMessage]]:
         if limit <= 0:
-            return _submitted([])
+            return done_future([])
         return self._submit(
             [("LRANGE", self.keys.messages(session_key), -limit, -1)],
             lambda res: [_msg_dec.decode(r) for r in res[0]],
@@ -1259,13 +1259,6 @@ def _arg(v: str | bytes | int | float) -> str:
 
 def _none(_: list[Any]) -> None:
     return None
-
-
-def _submitted(value: T) -> asyncio.Future[T]:
-    """An answer known without asking Redis, as the future `_submit` would have given."""
-    fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-    fut.set_result(value)
-    return fut
 
 
 def _first(res: list[Any]) -> Any:
