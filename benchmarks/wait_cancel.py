@@ -33,7 +33,7 @@ import structlog
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.runs.service import SubmitRequest
 from clawgate.server.gateway import Gateway
-from clawgate.settings import Settings
+from clawgate.settings import parse_settings
 from clawgate.state.clock import FakeClock
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out" / "wait_cancel.json"
@@ -44,7 +44,7 @@ async def measure(waits: int, order: str = "lifo") -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     per_conn = -(-waits // CONNECTIONS)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.model_validate(
+        settings = parse_settings(
             {
                 "state_dir": str(Path(tmp) / "state"),
                 "port": 0,

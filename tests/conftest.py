@@ -24,7 +24,7 @@ from blockbuster import BlockBuster, BlockingError, blockbuster_ctx
 from clawgate.client import Client
 from clawgate.server.gateway import Gateway
 from clawgate.server.serve import RunningGateway
-from clawgate.settings import Settings
+from clawgate.settings import Settings, parse_settings
 from clawgate.state.clock import FakeClock
 from clawgate.testing import GatewayProcess
 
@@ -97,7 +97,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "agents": {agent: {} for agent in ("main", "alpha", "beta", "ops", "other", "helper")},
     }
     base.update(overrides)
-    return Settings.model_validate(base)
+    return parse_settings(base)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from clawgate.client import Client, ClientError
 from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import SubmitRequest
-from clawgate.settings import load_settings
+from clawgate.settings import load_settings, parse_settings
 from conftest import GatewayFactory, settle
 from openai_stub import StubBehaviour, run_stub
 
@@ -291,10 +291,9 @@ def test_profiles_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 def test_secrets_of_mcp_servers_are_redacted() -> None:
-    from clawgate.settings import Settings
     from clawgate.tools.redact import redact
 
-    s = Settings(
+    s = parse_settings(
         mcp_servers={
             "a": {"command": "x", "env": {"API_KEY": "secret-1"}},
             "b": {"url": "http://127.0.0.1:1/mcp", "headers": {"Authorization": "Bearer secret-2"}},

@@ -19,7 +19,7 @@ from clawgate.retention import policy
 from clawgate.runs.service import SubmitRequest
 from clawgate.server.gateway import Gateway, open_store
 from clawgate.server.serve import RunningGateway
-from clawgate.settings import Settings
+from clawgate.settings import Settings, parse_settings
 from clawgate.state.clock import FakeClock
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SessionMeta, TranscriptMessage
@@ -132,7 +132,7 @@ async def test_a_gateway_on_redis_applies_the_same_rules(
     tmp_path: Path, clock: FakeClock, redis_url: str
 ) -> None:
     prefix = unique_prefix()
-    settings = Settings.model_validate(
+    settings = parse_settings(
         {
             "state_dir": str(tmp_path / "state"),
             "port": 0,
@@ -226,7 +226,7 @@ def _soak_settings(tmp_path: Path, **kw: Any) -> Settings:
         "main_concurrency": 256,
         **QUIET,
     }
-    return Settings.model_validate({**base, **kw})
+    return parse_settings({**base, **kw})
 
 
 @pytest.mark.slow

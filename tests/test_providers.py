@@ -29,7 +29,7 @@ from clawgate.providers.scripted import (
     sized_text,
     split_chunks,
 )
-from clawgate.settings import Settings
+from clawgate.settings import parse_settings
 from clawgate.state.clock import FakeClock
 from openai_stub import StubBehaviour, run_stub
 
@@ -255,12 +255,12 @@ async def test_scripted_tool_round_trip() -> None:
 
 async def test_factory() -> None:
     clock = FakeClock()
-    settings = Settings.model_validate({"provider": "scripted", "scripted_chunks": 3})
+    settings = parse_settings({"provider": "scripted", "scripted_chunks": 3})
     scripted = make_provider(settings, clock)
     assert isinstance(scripted.inner, ScriptedProvider) and scripted.name == "scripted"
     events = await collect(scripted.stream(user("[[reply:abcdef]]")))
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["ab", "cd", "ef"]
-    settings = Settings.model_validate(
+    settings = parse_settings(
         {"provider": "openai", "openai_base_url": "http://127.0.0.1:9/v1", "openai_model": "m"}
     )
     openai_provider = make_provider(settings, clock)

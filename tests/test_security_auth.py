@@ -25,7 +25,7 @@ from clawgate.client import Client, ClientError
 from clawgate.errors import Unauthorized
 from clawgate.protocol.device import verify_device_signature
 from clawgate.server.serve import RunningGateway
-from clawgate.settings import Settings, load_settings
+from clawgate.settings import Settings, load_settings, parse_settings
 from clawgate.state.clock import FakeClock
 from clawgate.testing import clean_env
 from conftest import GatewayFactory, GatewayProcessFactory
@@ -162,7 +162,7 @@ async def test_http_endpoints_apply_the_same_checks(gateway: RunningGateway) -> 
 def test_origin_and_host_rules() -> None:
     from clawgate.server.origin import host_allowed, normalize_origin, origin_allowed
 
-    s = Settings(allowed_origins=["https://ui.example"], allowed_hosts=["gw.example"])
+    s = parse_settings(allowed_origins=["https://ui.example"], allowed_hosts=["gw.example"])
     assert normalize_origin("https://UI.example/") == "https://ui.example:443"
     assert normalize_origin("null") is None
     assert normalize_origin("file:///etc/passwd") is None
@@ -173,7 +173,7 @@ def test_origin_and_host_rules() -> None:
     assert host_allowed("127.0.0.5:1", s) and host_allowed("foo.localhost", s)
     assert host_allowed("gw.example.", s) and host_allowed(None, s)
     assert not host_allowed("10.0.0.1", s)  # loopback bind: other addresses are not the gateway
-    wildcard = Settings(bind="0.0.0.0", token=STRONG)
+    wildcard = parse_settings(bind="0.0.0.0", token=STRONG)
     assert host_allowed("10.0.0.1:18789", wildcard) and host_allowed("[fe80::1]:1", wildcard)
     assert not host_allowed("gw.example", wildcard)
 
@@ -260,7 +260,7 @@ def test_auth_failure_state_is_bounded_in_peers(tmp_path: Path) -> None:
 def test_a_non_loopback_bind_refuses_a_weak_token(tmp_path: Path, token: str, message: str) -> None:
     from clawgate.server.credentials import exposure_problems, load_credentials
 
-    settings = Settings(bind="0.0.0.0", token=token)
+    settings = parse_settings(bind="0.0.0.0", token=token)
     problems = exposure_problems(settings, load_credentials(settings))
     assert problems and message in problems[0]
     res = subprocess.run(
@@ -274,15 +274,18 @@ def test_a_non_loopback_bind_refuses_a_weak_token(tmp_path: Path, token: str, me
     assert res.returncode == 2
     assert message in " ".join(res.stderr.split())
     # On loopback a short token is the user's business; off loopback a strong one is fine.
-    assert exposure_problems(Settings(token="short"), load_credentials(Settings(token="short"))) == []
-    strong = Settings(bind="0.0.0.0", token=STRONG)
+    assert (
+        exposure_problems(parse_settings(token="short"), load_credentials(parse_settings(token="short")))
+        == []
+    )
+    strong = parse_settings(bind="0.0.0.0", token=STRONG)
     assert exposure_problems(strong, load_credentials(strong)) == []
 
 
 async def test_weak_named_token_refuses_to_serve_off_loopback(tmp_path: Path) -> None:
     from clawgate.server.gateway import Gateway
 
-    settings = Settings(
+    settings = parse_settings(
         bind="0.0.0.0", port=0, state_dir=tmp_path / "s", token=STRONG, tokens={"ro": {"token": "tiny"}}
     )
     with pytest.raises(RuntimeError, match="token 'ro' is shorter than 16"):
@@ -432,9 +435,9 @@ def test_named_tokens_from_toml(tmp_path: Path) -> None:
     assert creds.match("ci-" + STRONG) is not None and creds.match("ci-") is None
     assert settings.redacted()["tokens"]["ro"]["token"] == "***"
     with pytest.raises(ValueError, match="same"):
-        load_credentials(Settings(token=STRONG, tokens={"dup": {"token": STRONG}}))
+        load_credentials(parse_settings(token=STRONG, tokens={"dup": {"token": STRONG}}))
     with pytest.raises(ValueError, match="unknown scopes"):
-        Settings(tokens={"x": {"token": STRONG, "scopes": ["operator.root"]}})
+        parse_settings(tokens={"x": {"token": STRONG, "scopes": ["operator.root"]}})
     assert Credentials().required is False
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from clawgate.settings import Settings, is_loopback, load_settings
+from clawgate.settings import Settings, is_loopback, load_settings, parse_settings
 from clawgate.testing import clean_env, free_port
 from conftest import GatewayProcessFactory
 
@@ -110,10 +110,45 @@ def test_unknown_and_invalid_settings_are_refused(tmp_path: Path) -> None:
         load_settings(None, run_result_tll_s=5)
     with pytest.raises(ValueError, match="store must be"):
         load_settings(None, store="postgres://x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^max_spawn_depth: Expected `int` <= 5"):
         load_settings(None, max_spawn_depth=6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^max_payload_bytes: Expected `int` >= 1024"):
         load_settings(None, max_payload_bytes=10)
+    with pytest.raises(ValueError, match=r"^tokens.*a named token needs exactly one"):
+        load_settings(None, tokens={"ci": {"scopes": ["operator.read"]}})
+    with pytest.raises(ValueError, match=r"^agents.*unknown field `modle`"):
+        load_settings(None, agents={"ops": {"modle": "m1"}})
+
+
+def test_environment_values_are_parsed_by_the_type_of_their_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLAWGATE_LOG_JSON", "yes")
+    monkeypatch.setenv("CLAWGATE_WEBHOOK_ALLOW_PRIVATE", "off")
+    monkeypatch.setenv("CLAWGATE_ALLOWED_ORIGINS", '["https://ui.example"]')
+    monkeypatch.setenv("CLAWGATE_ANNOUNCE_RETRY_DELAYS_S", "[0.5, 1]")
+    monkeypatch.setenv("CLAWGATE_TOKEN_FILE", str(tmp_path / "t"))
+    monkeypatch.setenv("CLAWGATE_SCRIPTED_DELAY_S", "0.25")
+    monkeypatch.setenv("CLAWGATE_URL", "ws://elsewhere/")  # the CLI's, not a setting: ignored
+    s = load_settings()
+    assert (s.log_json, s.webhook_allow_private) == (True, False)
+    assert s.allowed_origins == ["https://ui.example"]
+    assert s.announce_retry_delays_s == [0.5, 1.0]
+    assert s.token_file == tmp_path / "t" and isinstance(s.token_file, Path)
+    assert s.scripted_delay_s == 0.25
+    monkeypatch.setenv("CLAWGATE_PORT", "eighty")
+    with pytest.raises(ValueError, match=r"^port: Expected `int`"):
+        load_settings()
+    monkeypatch.setenv("CLAWGATE_PORT", "80")
+    monkeypatch.setenv("CLAWGATE_ALLOWED_HOSTS", "gw.example")
+    with pytest.raises(ValueError, match=r"^allowed_hosts: CLAWGATE_ALLOWED_HOSTS is not JSON"):
+        load_settings()
+
+
+def test_settings_cannot_be_changed_after_they_are_checked() -> None:
+    s = load_settings(None, main_concurrency=3)
+    with pytest.raises(AttributeError):
+        s.main_concurrency = 0  # type: ignore[misc]
 
 
 def test_loopback_detection() -> None:
@@ -129,7 +164,7 @@ def test_loopback_detection() -> None:
 
 
 def test_abort_ttl_is_clamped_and_secrets_redacted() -> None:
-    s = Settings(token="t0k", openai_api_key="sk-real")
+    s = parse_settings(token="t0k", openai_api_key="sk-real")
     assert s.abort_ttl_s(1) == 120  # timeout + 60 s, at least 2 min
     assert s.abort_ttl_s(600) == 660
     assert s.abort_ttl_s(10**9) == 86400  # at most 24 h
@@ -293,7 +328,7 @@ def test_empty_token_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLAWGATE_TOKEN", "")
     assert Settings().token is None
     assert load_settings(None).token is None
-    assert Settings(token="").token is None
+    assert parse_settings(token="").token is None
     res = run_cli("gateway", "--bind", "0.0.0.0", "--print-config", env=clean_env(CLAWGATE_TOKEN=""))
     assert json.loads(res.stdout)["token"] is None
 

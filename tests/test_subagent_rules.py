@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clawgate.settings import Settings
+from clawgate.settings import Settings, load_settings
 from clawgate.store.records import SubagentRecord
 from clawgate.subagents import rules
 
@@ -149,7 +149,7 @@ def test_rule9_ttls_are_settings_with_the_documented_defaults(monkeypatch: pytes
         s.attachments_max_bytes,
     ) == (300, 3600, 300, 15, 300, 1800, 1800, 1, 5, 100 * 1024, 5 * 1024 * 1024)
     monkeypatch.setenv("CLAWGATE_SUBAGENT_SESSION_TTL_S", "2.5")
-    assert Settings().subagent_session_ttl_s == 2.5
+    assert load_settings().subagent_session_ttl_s == 2.5
 
 
 # -- spawn limits ------------------------------------------------------------------------------------------

@@ -265,9 +265,9 @@ async def test_catalogs(start_gateway: GatewayFactory) -> None:
 
 async def test_config_get_hides_credentials_in_the_store_url() -> None:
     from clawgate.methods.catalog import redacted_config
-    from clawgate.settings import Settings
+    from clawgate.settings import parse_settings
 
-    view = redacted_config(Settings(store="redis://user:pa55@10.0.0.1:6380/0"))
+    view = redacted_config(parse_settings(store="redis://user:pa55@10.0.0.1:6380/0"))
     assert view["store"] == "redis://***@10.0.0.1:6380/0"
     assert "pa55" not in str(view)
 

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from clawgate.automation.webhook_rules import backoff_s, is_private, retry_after_s, secret_key, sign
 from clawgate.client import Client, ClientError
-from clawgate.settings import Settings
+from clawgate.settings import parse_settings
 from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
@@ -217,11 +217,9 @@ async def test_private_targets_are_refused_when_not_allowed(
 
 def test_private_targets_default_follows_the_bind_address(tmp_path: Path) -> None:
     base = {"state_dir": str(tmp_path)}
-    assert Settings.model_validate(base).webhook_private_ok() is True  # 127.0.0.1
-    assert (
-        Settings.model_validate({**base, "bind": "0.0.0.0", "token": "t" * 32}).webhook_private_ok() is False
-    )
-    assert Settings.model_validate(
+    assert parse_settings(base).webhook_private_ok() is True  # 127.0.0.1
+    assert parse_settings({**base, "bind": "0.0.0.0", "token": "t" * 32}).webhook_private_ok() is False
+    assert parse_settings(
         {**base, "bind": "0.0.0.0", "token": "t" * 32, "webhook_allow_private": True}
     ).webhook_private_ok()
 

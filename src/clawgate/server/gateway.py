@@ -227,7 +227,7 @@ class Gateway:
         )
         for kind in sorted({p.provider for p in self.runs.profiles} - {settings.provider}):
             self.runs.providers[kind] = make_provider(
-                settings.model_copy(update={"provider": kind}), self.clock
+                msgspec.structs.replace(settings, provider=kind), self.clock
             )
         self.cron = CronService(
             settings, self.clock, open_cron_store(settings, self.store), self.runs, self.sessions
