@@ -24,7 +24,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from clawgate.automation.webhook_rules import backoff_s, is_private, retry_after_s, secret_key, sign
+from clawgate.automation.webhook_rules import (
+    backoff_s,
+    is_private,
+    retry_after_s,
+    secret_key,
+    sign,
+    worker_wait_s,
+)
 from clawgate.client import Client, ClientError
 from clawgate.settings import parse_settings
 from clawgate.state.clock import FakeClock
@@ -392,6 +399,28 @@ def test_address_and_retry_rules() -> None:
     rng = random.Random(1)
     delays = [backoff_s(n, 1.0, 10.0, rng) for n in range(1, 8)]
     assert all(0.5 * min(10.0, 2 ** (n - 1)) <= d <= min(10.0, 2 ** (n - 1)) for n, d in enumerate(delays, 1))
+
+
+def test_worker_looks_again_at_once_when_a_retry_came_due_during_its_pass() -> None:
+    """The worker's pass reads the clock, asks for due deliveries, then for the next due time.
+    When the clock moves in between (another task, or a test's `FakeClock.advance`), a retry
+    that was not due for the pass is due by the time the wait is computed. The worker used to
+    treat "due now, nothing started" as "everything due is in flight" and wait for a wake-up
+    that never came, for `webhook_poll_s` (for ever under a fake clock: the CI failure of
+    test_signed_delivery_retries_with_one_id_and_honours_retry_after). It looks again now."""
+    wait = worker_wait_s(100.0, 104.0, started=0, busy=False, poll_s=None, safety_s=5.0)
+    assert wait == 0.0
+    # Due and skipped because it is in flight here: woken by the attempt's end, poll as safety.
+    assert worker_wait_s(100.0, 104.0, started=0, busy=True, poll_s=None, safety_s=5.0) == 5.0
+    assert worker_wait_s(100.0, 104.0, started=0, busy=True, poll_s=2.0, safety_s=5.0) == 2.0
+    # Started some: more may be due beyond the slots it had, look again now.
+    assert worker_wait_s(100.0, 104.0, started=3, busy=True, poll_s=None, safety_s=5.0) == 0.0
+    # Not due yet: until it is, or the poll of a shared store if sooner.
+    assert worker_wait_s(110.0, 104.0, started=0, busy=False, poll_s=None, safety_s=5.0) == 6.0
+    assert worker_wait_s(110.0, 104.0, started=0, busy=False, poll_s=5.0, safety_s=5.0) == 5.0
+    # Nothing pending: until woken (one process), or the poll (a shared store, a failed pass).
+    assert worker_wait_s(None, 104.0, started=0, busy=False, poll_s=None, safety_s=5.0) is None
+    assert worker_wait_s(None, 104.0, started=0, busy=False, poll_s=5.0, safety_s=5.0) == 5.0
 
 
 async def test_cron_job_webhook_gets_each_occurrence(

@@ -76,3 +76,35 @@ def retry_after_s(value: str | None, now: float) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - now)
     except (TypeError, ValueError, IndexError):
         return None
+
+
+def worker_wait_s(
+    next_due: float | None,
+    now: float,
+    *,
+    started: int,
+    busy: bool,
+    poll_s: float | None,
+    safety_s: float,
+) -> float | None:
+    """How long the delivery worker waits after a look at the outbox (None: until woken).
+
+    `next_due`: the earliest `next_at` of a pending delivery, read after the pass; `now`: the
+    clock after that read; `started`: attempts the pass started; `busy`: the pass skipped a
+    due delivery because it was in flight here, claimed elsewhere or no slot was free;
+    `poll_s`: the longest wait (a shared store's poll, or after a failed pass), or None;
+    `safety_s`: the longest wait for a wake-up while everything due is busy.
+
+    Something due that the pass neither started nor skipped (it came due after the pass read
+    the clock, or the clock moved meanwhile) means look again now: waiting for a wake-up
+    there would hold a due retry until the next poll (for ever under a fake clock).
+    """
+    if next_due is None:
+        return poll_s
+    if next_due > now:
+        return min(poll_s if poll_s is not None else float("inf"), next_due - now)
+    if started or not busy:
+        return 0.0
+    # Everything due is in flight here or claimed elsewhere: an attempt ending wakes the loop;
+    # a poll is the safety net against a lost wake-up (and a claim that expires elsewhere).
+    return poll_s if poll_s is not None else safety_s

@@ -29,7 +29,14 @@ import msgspec
 import structlog
 
 from clawgate import __version__
-from clawgate.automation.webhook_rules import backoff_s, is_private, retry_after_s, secret_key, sign
+from clawgate.automation.webhook_rules import (
+    backoff_s,
+    is_private,
+    retry_after_s,
+    secret_key,
+    sign,
+    worker_wait_s,
+)
 from clawgate.errors import NotFound
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock, wait_woken
@@ -166,10 +173,10 @@ class WebhookService:
         while True:
             # Cleared before the look, not after: a wake-up during it (an attempt ending) is kept.
             self.wake.clear()
-            started, nxt, failed = 0, None, False
+            started, busy, nxt, failed = 0, False, None, False
             try:
                 await self.refresh_counts()
-                started = await self.pump()
+                started, busy = await self.pump()
                 nxt = await self.store.next_due_at()
             except asyncio.CancelledError:
                 raise
@@ -181,31 +188,34 @@ class WebhookService:
                     log.exception("webhooks: pass failed")
             # A store of this process alone needs no polling: every new delivery, retry and
             # finished attempt wakes the loop. A shared one is looked at every `webhook_poll_s`.
-            wait_s: float | None = self.settings.webhook_poll_s if self.store.shared or failed else None
-            if nxt is not None and (started or nxt > self.clock.time()):
-                wait_s = min(
-                    wait_s if wait_s is not None else float("inf"), max(0.0, nxt - self.clock.time())
-                )
-            elif nxt is not None and wait_s is None:
-                # Everything due is in flight here or claimed elsewhere: an attempt ending wakes
-                # the loop; a poll is the safety net against a lost wake-up.
-                wait_s = self.settings.webhook_poll_s
+            poll_s = self.settings.webhook_poll_s
+            wait_s = worker_wait_s(
+                nxt,
+                self.clock.time(),
+                started=started,
+                busy=busy,
+                poll_s=poll_s if self.store.shared or failed else None,
+                safety_s=poll_s,
+            )
             await wait_woken(self.clock, self.wake, wait_s)
 
-    async def pump(self) -> int:
+    async def pump(self) -> tuple[int, bool]:
+        """Start an attempt of each due delivery there is a slot for: (attempts started, whether
+        a due delivery was skipped: in flight here, claimed elsewhere, or no slot free)."""
         room = self.settings.webhook_concurrency - len(self.inflight)
         if room <= 0:
-            return 0
+            return 0, True
         now = self.clock.time()
         for delivery_id in [i for i, until in self.lost.items() if until <= now]:
             del self.lost[delivery_id]
-        started = 0
+        started, busy = 0, False
         for d in await self.store.due(now, room + len(self.inflight) + len(self.lost)):
             if d.id in self.inflight or d.id in self.lost or started >= room:
+                busy = True
                 continue
             self.inflight[d.id] = self.tasks.spawn(self._attempt(d.id), name="webhook-attempt")
             started += 1
-        return started
+        return started, busy
 
     # -- one attempt --------------------------------------------------------------------------------
     async def _attempt(self, delivery_id: str) -> None:
