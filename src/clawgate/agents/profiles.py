@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 
 from clawgate.clip import clip
@@ -38,9 +39,13 @@ class Profile:
         """Denied unless a pattern names it: `name`, `server.tool`, `server.*` (or `prefix*`)."""
         return any(fnmatchcase(tool, pattern) for pattern in self.tools)
 
-    def mcp_servers(self) -> set[str]:
+    def mcp_servers(self) -> frozenset[str]:
         """The MCP servers this profile's allowlist reaches into (`server.tool`, `server.*`)."""
-        return {pattern.split(".", 1)[0] for pattern in self.tools if "." in pattern}
+        return self._mcp_servers
+
+    @cached_property
+    def _mcp_servers(self) -> frozenset[str]:
+        return frozenset(pattern.split(".", 1)[0] for pattern in self.tools if "." in pattern)
 
 
 def resolve(agent_id: str, cfg: AgentProfile, settings: Settings) -> Profile:

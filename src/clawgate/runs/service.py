@@ -195,6 +195,9 @@ class RunService:
         )
         # Builtin tools by name (the session tools); each agent gets those its profile allows.
         self.tools: dict[str, Tool] = {}
+        # The builtin tools each profile allows, by profile id: computed on a profile's first
+        # run (the allowlist's patterns against every tool), dropped when a tool is added.
+        self._allowed_tools: dict[str, dict[str, Tool]] = {}
         self.profiles = Profiles(settings)
         # Providers of agent profiles whose `provider` is not the gateway's (set by the gateway).
         self.providers: dict[str, Provider] = {}
@@ -235,6 +238,7 @@ class RunService:
     def add_tool(self, tool: Tool) -> None:
         """A builtin tool, given to each agent whose profile allows its name."""
         self.tools[tool.spec.name] = tool
+        self._allowed_tools.clear()
 
     # -- accept ---------------------------------------------------------------------------
     async def submit(self, req: SubmitRequest) -> tuple[Run | None, RunRecord, bool]:
@@ -521,10 +525,13 @@ class RunService:
 
     async def tools_for(self, profile: Profile) -> Mapping[str, Tool]:
         """The tools the agent's allowlist names: denied unless allowed."""
-        tools = {name: tool for name, tool in self.tools.items() if profile.allows(name)}
-        if self.mcp_tools is not None and profile.mcp_servers():
-            tools.update(await self.mcp_tools(profile))
-        return tools
+        builtin = self._allowed_tools.get(profile.id)
+        if builtin is None:
+            builtin = {name: tool for name, tool in self.tools.items() if profile.allows(name)}
+            self._allowed_tools[profile.id] = builtin
+        if self.mcp_tools is None or not profile.mcp_servers():
+            return builtin
+        return {**builtin, **(await self.mcp_tools(profile))}
 
     async def _history(self, key: SessionKey, *, known_new: bool) -> list[ChatMessage]:
         """Mark the run's session used and read the history the agent is given."""
