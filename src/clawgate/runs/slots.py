@@ -10,11 +10,13 @@ the Redis dispatcher) waits with `acquire`, in the same FIFO.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict
 from typing import Protocol
 
 
 class Waiter(Protocol):
+    def __hash__(self) -> int: ...
+
     def granted(self, slots: Slots) -> bool:
         """A slot of `slots` is now this waiter's. Return False to refuse it (the waiter
         went away meanwhile): it goes to the next waiter."""
@@ -39,7 +41,10 @@ class Slots:
     def __init__(self, size: int) -> None:
         self.size = size
         self.free = size
-        self._waiters: deque[Waiter] = deque()
+        # FIFO with O(1) removal from anywhere (an abort of a queued run takes its lane out):
+        # a deque's `remove` is O(n), so aborting n queued lanes out of order was O(n^2).
+        # Waiters are compared by identity (lanes and task waiters define no equality).
+        self._waiters: OrderedDict[Waiter, None] = OrderedDict()
 
     @property
     def contended(self) -> bool:
@@ -54,13 +59,13 @@ class Slots:
                 return
             self.free += 1
             return
-        self._waiters.append(waiter)
+        self._waiters[waiter] = None
 
     def cancel(self, waiter: Waiter) -> bool:
         """Take a queued waiter out of the queue. Returns whether it was queued."""
         try:
-            self._waiters.remove(waiter)
-        except ValueError:
+            del self._waiters[waiter]
+        except KeyError:
             return False
         return True
 
@@ -68,7 +73,7 @@ class Slots:
         """Give a held slot back: to the first waiter that takes it, else to the pool."""
         waiters = self._waiters
         while waiters:
-            if waiters.popleft().granted(self):
+            if waiters.popitem(last=False)[0].granted(self):
                 return
         self.free += 1
 
@@ -78,7 +83,7 @@ class Slots:
             self.free -= 1
             return
         waiter = _TaskWaiter(asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
+        self._waiters[waiter] = None
         try:
             await waiter.future
         except asyncio.CancelledError:
