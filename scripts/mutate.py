@@ -50,7 +50,7 @@ PREIMPORT = (
     "redis.asyncio",
     "httpx",
     "openai",
-    "typer",
+    "click",
     "rich",
     "prometheus_client",
     "psutil",

@@ -34,7 +34,8 @@ async def drop_redis_prefix(redis_url: str, prefix: str) -> None:
 
 # Heavy packages that only some configurations need, which a plain SQLite + scripted gateway
 # must not import (tests/test_lean_start.py, tests/test_perf_guards.py): the OpenAI provider,
-# the Redis store, benchmark plots, test tools, device-proof crypto, the CLI's tables.
+# the Redis store, benchmark plots, test tools, device-proof crypto, the CLI's tables, and the
+# typer / pydantic stack the CLI and the settings no longer use.
 HEAVY = (
     "openai",
     "redis",
@@ -49,4 +50,10 @@ HEAVY = (
     # optional imports of structlog (greenlet-local context) and uvicorn (--reload watcher)
     "greenlet",
     "watchfiles",
+    # the CLI is click (uvicorn imports it anyway), not typer (which imports pydantic);
+    # the settings are msgspec, not pydantic-settings
+    "typer",
+    "pydantic",
+    "pydantic_core",
+    "pydantic_settings",
 )

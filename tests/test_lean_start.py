@@ -1,4 +1,5 @@
-"""A plain `clawgate gateway` (SQLite, scripted provider) does not import what it does not use."""
+"""A plain `clawgate gateway` (SQLite, scripted provider) does not import what it does not use,
+and neither does the CLI's help (click only: no typer, no pydantic)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 
 from clawgate.testing import clean_env
 from helpers import HEAVY
+
+# Also in HEAVY; named here so that a failure says what this guard is about.
+NOT_THE_CLI = {"typer", "pydantic", "pydantic_core", "pydantic_settings"}
 
 PROBE = """
 import json, sys
@@ -35,3 +39,51 @@ def test_plain_gateway_imports_no_heavy_module(tmp_path: Path) -> None:
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     assert "clawgate" in loaded and "starlette" in loaded  # the probe really built a gateway
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+    # The CLI is click, which uvicorn imports anyway; typer imported pydantic (about 9 MB).
+    assert "click" in loaded
+    assert loaded.isdisjoint(NOT_THE_CLI), sorted(loaded & NOT_THE_CLI)
+
+
+# Every command's --help, in one process, through click's test runner.
+HELP_PROBE = """
+import json, sys
+from click.testing import CliRunner
+from clawgate.cli.main import app
+
+runner = CliRunner()
+for args in json.loads(sys.argv[1]):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, (args, result.output)
+    assert "Usage: clawgate" in result.output, (args, result.output)
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+COMMANDS = [
+    [],
+    ["gateway"],
+    ["status"],
+    ["call"],
+    ["batch"],
+    ["bench"],
+    ["bench", "soak"],
+    ["cron"],
+    ["cron", "add"],
+    ["cron", "list"],
+    ["cron", "rm"],
+    ["cron", "run"],
+    ["cron", "runs"],
+]
+
+
+def test_cli_help_imports_no_heavy_module() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE, json.dumps(COMMANDS)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=60,
+        check=True,
+    )
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert "click" in loaded and "clawgate" in loaded
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+    assert loaded.isdisjoint(NOT_THE_CLI), sorted(loaded & NOT_THE_CLI)

@@ -273,6 +273,36 @@ def test_version() -> None:
     assert res.stdout.strip() == "clawgate 0.1.0"
 
 
+def test_help_lists_the_commands_in_order_with_their_options() -> None:
+    """The click CLI, in process: command order, no-args help, env vars, defaults, arguments."""
+    from click.testing import CliRunner
+
+    from clawgate.cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["--help"], terminal_width=120)
+    assert res.exit_code == 0, res.output
+    listed = [line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == ["gateway", "status", "call", "batch", "bench", "cron"]
+    for group in ([], ["bench"], ["cron"]):  # no_args_is_help: the help on stdout, exit code 2
+        res = runner.invoke(app, group)
+        assert res.exit_code == 2 and "Commands:" in res.stdout, (group, res.output)
+    res = runner.invoke(app, ["cron", "--help"])
+    listed = [line.split()[0] for line in res.output.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == ["add", "list", "rm", "run", "runs"]
+    text = " ".join(runner.invoke(app, ["call", "--help"]).output.split())
+    assert "env var: CLAWGATE_URL; default: ws://127.0.0.1:18789/" in text
+    assert "env var: CLAWGATE_TOKEN" in text
+    assert "METHOD Method name, e.g. health, status, agent, sessions.list." in text
+    text = " ".join(runner.invoke(app, ["batch", "--help"]).output.split())
+    assert "--progress / --no-progress Show the progress bar. [default: progress]" in text
+    assert "-c, --concurrency INTEGER RANGE Tasks in flight. [default: 16; x>=1]" in text
+    assert "TASKS Tasks file (JSONL)." in text
+    text = " ".join(runner.invoke(app, ["bench", "soak", "--help"]).output.split())
+    assert "-n, --runs INTEGER Number of spawns. [default: 100000]" in text
+    assert "[default: benchmarks/out]" in text
+
+
 def test_status_and_call_against_a_subprocess_gateway(gateway_process: GatewayProcessFactory) -> None:
     gp = gateway_process(args=["--token", "cli-token"], settings={"main_concurrency": 6}).start()
     env = clean_env(CLAWGATE_TOKEN="cli-token")

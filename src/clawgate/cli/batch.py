@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from clawgate.cli.app import (
-    TokenFileOpt,
-    TokenOpt,
+    Argument,
+    Command,
     client_token,
     parse_sets,
     run_async,
+    token_file_option,
+    token_option,
+    url_option,
     warn_if_token_on_command_line,
 )
 
@@ -33,39 +38,58 @@ BATCH_HELP = (
 )
 
 
+_PATH = click.Path(path_type=Path)
+_AT_LEAST_1 = click.IntRange(min=1)
+
+
+@click.command(cls=Command, help=BATCH_HELP)
+@click.argument(
+    "tasks",
+    cls=Argument,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Tasks file (JSONL).",
+)
+@url_option(help="Gateway URL (default: an embedded gateway).", default=None)
+@token_option
+@token_file_option
+@click.option("--concurrency", "-c", type=_AT_LEAST_1, default=16, help="Tasks in flight.")
+@click.option("--connections", type=_AT_LEAST_1, default=4, help="WebSocket connections.")
+@click.option("--out", "-o", type=_PATH, help="Results JSONL (default TASKS.results.jsonl).")
+@click.option(
+    "--max-attempts",
+    type=_AT_LEAST_1,
+    default=20,
+    help="Attempts per task before it is left unfinished.",
+)
+@click.option(
+    "--requester",
+    default="agent:main:batch",
+    help="Requester session of spawn tasks without sessionKey.",
+)
+@click.option("--state-dir", type=_PATH, help="Embedded gateway state dir (default ~/.clawgate).")
+@click.option("--set", "set_", multiple=True, help="Embedded gateway setting NAME=VALUE (repeatable).")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option(
+    "--budget-tokens",
+    type=_AT_LEAST_1,
+    help="Stop submitting tasks once finished ones used N tokens.",
+)
+@click.pass_context
 def batch(
-    ctx: typer.Context,
-    tasks: Annotated[Path, typer.Argument(help="Tasks file (JSONL).", exists=True, dir_okay=False)],
-    url: Annotated[
-        str | None,
-        typer.Option("--url", envvar="CLAWGATE_URL", help="Gateway URL (default: an embedded gateway)."),
-    ] = None,
-    token: TokenOpt = None,
-    token_file: TokenFileOpt = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Tasks in flight.")] = 16,
-    connections: Annotated[int, typer.Option("--connections", min=1, help="WebSocket connections.")] = 4,
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Results JSONL (default TASKS.results.jsonl).")
-    ] = None,
-    max_attempts: Annotated[
-        int, typer.Option("--max-attempts", min=1, help="Attempts per task before it is left unfinished.")
-    ] = 20,
-    requester: Annotated[
-        str, typer.Option("--requester", help="Requester session of spawn tasks without sessionKey.")
-    ] = "agent:main:batch",
-    state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="Embedded gateway state dir (default ~/.clawgate).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Embedded gateway setting NAME=VALUE (repeatable).")
-    ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
-    budget_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--budget-tokens", min=1, help="Stop submitting tasks once finished ones used N tokens."
-        ),
-    ] = None,
+    ctx: click.Context,
+    tasks: Path,
+    url: str | None,
+    token: str | None,
+    token_file: Path | None,
+    concurrency: int,
+    connections: int,
+    out: Path | None,
+    max_attempts: int,
+    requester: str,
+    state_dir: Path | None,
+    set_: Sequence[str],
+    progress: bool,
+    budget_tokens: int | None,
 ) -> None:
     from rich.console import Console
 
@@ -106,10 +130,10 @@ def batch(
         summary = run_async(main())
     except ClientError as exc:
         err.print(f"[red]batch failed:[/red] {exc.code}: {exc.message}")
-        raise typer.Exit(1) from None
+        sys.exit(1)
     except (KeyboardInterrupt, asyncio.CancelledError):
         err.print("[yellow]interrupted: finished tasks are in the results file; rerun to resume[/yellow]")
-        raise typer.Exit(130) from None
+        sys.exit(130)
     console.print(batch_summary_table(summary))
     console.print(f"results: {summary.out_path}")
-    raise typer.Exit(0 if summary.all_ok else 1)
+    sys.exit(0 if summary.all_ok else 1)

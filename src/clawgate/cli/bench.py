@@ -3,39 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
-bench_app = typer.Typer(help="Benchmarks: soak (bounded memory under a long batch).", no_args_is_help=True)
+from clawgate.cli.app import Group
 
 
-@bench_app.callback()
-def bench_callback() -> None:
-    """Benchmarks that print figures and write JSON."""
+@click.group("bench", cls=Group, no_args_is_help=True)
+def bench_app() -> None:
+    """Benchmarks: soak (bounded memory under a long batch)."""
 
 
 @bench_app.command()
+@click.option("-n", "--runs", "n", type=int, default=100_000, help="Number of spawns.")
+@click.option("--mode", default="session", help="Subagent mode: run or session.")
+@click.option("--cleanup", default="keep", help="keep or delete.")
+@click.option("--concurrency", type=int, default=128, help="Spawns in flight.")
+@click.option("--url", help="Target a running gateway instead of starting one.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("benchmarks/out"),
+    help="Output directory for soak.json and soak.png.",
+)
+@click.option("--ttl-wait", type=float, default=10.0, help="Seconds to wait after the batch.")
+@click.option(
+    "--workload", default="spawn", help="spawn (subagent spawns) or agent (runs, one session each)."
+)
+@click.option("--rate", type=float, default=0.0, help="Start at most this many runs per second (0: no cap).")
 def soak(
-    n: Annotated[int, typer.Option("-n", "--runs", help="Number of spawns.")] = 100_000,
-    mode: Annotated[str, typer.Option("--mode", help="Subagent mode: run or session.")] = "session",
-    cleanup: Annotated[str, typer.Option("--cleanup", help="keep or delete.")] = "keep",
-    concurrency: Annotated[int, typer.Option("--concurrency", help="Spawns in flight.")] = 128,
-    url: Annotated[
-        str | None, typer.Option("--url", help="Target a running gateway instead of starting one.")
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output directory for soak.json and soak.png.")] = Path(
-        "benchmarks/out"
-    ),
-    ttl_wait: Annotated[float, typer.Option("--ttl-wait", help="Seconds to wait after the batch.")] = 10.0,
-    workload: Annotated[
-        str, typer.Option("--workload", help="spawn (subagent spawns) or agent (runs, one session each).")
-    ] = "spawn",
-    rate: Annotated[
-        float, typer.Option("--rate", help="Start at most this many runs per second (0: no cap).")
-    ] = 0.0,
+    n: int,
+    mode: str,
+    cleanup: str,
+    concurrency: int,
+    url: str | None,
+    out: Path,
+    ttl_wait: float,
+    workload: str,
+    rate: float,
 ) -> None:
     """Drive N runs with compressed TTLs; sample RSS, state and disk; write soak.json and soak.png."""
     from rich.console import Console
@@ -50,9 +59,9 @@ def soak(
     )
 
     if mode not in ("run", "session") or cleanup not in ("keep", "delete"):
-        raise typer.BadParameter("--mode must be run|session and --cleanup keep|delete")
+        raise click.BadParameter("--mode must be run|session and --cleanup keep|delete")
     if workload not in ("spawn", "agent"):
-        raise typer.BadParameter("--workload must be spawn|agent")
+        raise click.BadParameter("--workload must be spawn|agent")
     console = Console()
     gateway = None
     tmp = None
@@ -84,7 +93,7 @@ def soak(
     ok, line = verdict(result)
     console.print(line)
     console.print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
-    raise typer.Exit(0 if ok else 1)
+    sys.exit(0 if ok else 1)
 
 
 def _run_uvloop(coro: Any) -> Any:
