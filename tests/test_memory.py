@@ -32,6 +32,7 @@ NOT_ID_KEYED = {
     ("Gateway", "stop_errors"),  # at most one per stop step, fixed by the code
     ("RunService", "tools"),
     ("RunService", "providers"),  # one per provider kind the agent profiles name
+    ("RunService", "_allowed_tools"),  # one per configured agent profile
     ("McpManager", "servers"),  # one per configured MCP server
     ("RunService", "start_hooks"),
     ("RunService", "end_hooks"),
