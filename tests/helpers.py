@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from clawgate.state.clock import FakeClock
+
 
 async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 20.0) -> None:
     """Yield to the loop until `pred()` holds; fail after `timeout` seconds of real time.
@@ -18,6 +20,22 @@ async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout:
     while not pred():
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+async def advance_until(
+    clock: FakeClock, pred: Callable[[], bool], what: str = "condition", step_s: float = 1.0
+) -> None:
+    """Move the fake clock by `step_s` at a time until `pred()` holds (at most 20 s of real time).
+
+    For a wait that starts when the gateway gets to it (a provider's sleep behind a store round
+    trip): a single advance made before that point would be lost on it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        clock.advance(step_s)
         await asyncio.sleep(0.002)
 
 

@@ -276,6 +276,22 @@ def _wait_lines(out: Path, at_least: int, proc: subprocess.Popen[bytes], timeout
     raise AssertionError(f"fewer than {at_least} results after {timeout} s")
 
 
+def _wait_running(db: Path, timeout: float = 60) -> None:
+    """Until the store shows a run executing (a kill now cuts one off): on a loaded machine
+    the batch client can be the slow side, and a kill right after its 60th result could
+    find the gateway between runs, with nothing to interrupt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            if conn.execute("SELECT 1 FROM runs WHERE status = 'running' LIMIT 1").fetchone():
+                return
+        finally:
+            conn.close()
+        time.sleep(0.002)
+    raise AssertionError(f"no run executing after {timeout} s")
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -356,6 +372,7 @@ def test_crash_of_gateway_and_batch_then_resume(
     batch = _start_batch(tasks_path, out, gw.port, tmp_path / "batch1.log")
     try:
         _wait_lines(out, 60, batch)
+        _wait_running(state / "clawgate.db")
         # Everything dies at once: the gateway with runs queued and running, the client mid-flight.
         gw.kill()
         _kill(batch)
@@ -392,6 +409,7 @@ def test_gateway_killed_and_restarted_under_a_running_batch(
     batch = _start_batch(tasks_path, out, gw.port, tmp_path / "batch1.log")
     try:
         _wait_lines(out, 60, batch)
+        _wait_running(state / "clawgate.db")
         gw.kill()
         gw.start()  # the same port and state dir
         # The same batch process rides through: reconnects, resumes, retries interrupted runs.
