@@ -191,9 +191,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         int,
         Meta(
             ge=1,
-            description="runs held in memory (queued + running); a queued run costs about 1.6 KB of RSS with its"
+            description="runs held in memory (queued + running); a queued run costs about 1.7 KB of RSS with its"
             " own session, 1.3 KB when runs share sessions (benchmarks/queued_memory.py): size"
-            " memory_budget_bytes as idle RSS (about 57 MB) + max_tracked_runs x 1.6 KB",
+            " memory_budget_bytes as idle RSS (about 47 MB) + max_tracked_runs x 1.7 KB",
         ),
     ] = 50000
     # RSS over which new runs are refused (UNAVAILABLE). None (the default): derived from the
