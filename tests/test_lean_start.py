@@ -27,16 +27,21 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 """
 
 
-def test_plain_gateway_imports_no_heavy_module(tmp_path: Path) -> None:
+def _modules_loaded_by(probe: str, arg: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running `probe`."""
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, str(tmp_path / "state")],
+        [sys.executable, "-c", probe, arg],
         capture_output=True,
         text=True,
         env=clean_env(),
         timeout=60,
         check=True,
     )
-    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_plain_gateway_imports_no_heavy_module(tmp_path: Path) -> None:
+    loaded = _modules_loaded_by(PROBE, str(tmp_path / "state"))
     assert "clawgate" in loaded and "starlette" in loaded  # the probe really built a gateway
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
     # The CLI is click, which uvicorn imports anyway; typer imported pydantic (about 9 MB).
@@ -75,15 +80,7 @@ COMMANDS = [
 
 
 def test_cli_help_imports_no_heavy_module() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", HELP_PROBE, json.dumps(COMMANDS)],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=60,
-        check=True,
-    )
-    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    loaded = _modules_loaded_by(HELP_PROBE, json.dumps(COMMANDS))
     assert "click" in loaded and "clawgate" in loaded
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
     assert loaded.isdisjoint(NOT_THE_CLI), sorted(loaded & NOT_THE_CLI)
