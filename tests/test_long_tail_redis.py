@@ -263,12 +263,6 @@ async def _kill_mid_batch(procs: Procs, runs: int, sessions: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    reason="known open bug: in about 1 of 5 runs of this test, an `ok` run whose executor was killed "
-    "between its end write and its fan-out (end and reply durable, final answer given) has no terminal "
-    "lifecycle event for a subscriber of all sessions (every run still has exactly one end)",
-    strict=False,
-)
 async def test_sigkill_mid_batch_leaves_no_run_without_an_end(tmp_path: Path, redis_url: str) -> None:
     failures: dict[int, list[str]] = {}
     for attempt in range(6):

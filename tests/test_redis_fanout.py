@@ -32,7 +32,7 @@ class Node:
             client,
             prefix=prefix,
             origin=origin,
-            on_event=lambda run_id, session, frame: self.events.append((run_id, session, frame)),
+            on_event=lambda run_id, session, frame, end: self.events.append((run_id, session, frame)),
             on_done=self.done.append,
             on_abort=self.aborts.append,
             **kw,
@@ -131,7 +131,7 @@ async def test_done_after_events_arrives_after_them(env: Env) -> None:
     a = await env.node("proc-a")
     b = await env.node("proc-b")
     order: list[str] = []
-    b.fanout.on_event = lambda run_id, session, fr: order.append(fr.decode())
+    b.fanout.on_event = lambda run_id, session, fr, end: order.append(fr.decode())
     b.fanout.on_done = lambda rec: order.append("done:" + rec.decode())
     for i in range(50):
         a.fanout.publish_event("r1", "agent:main:main", f"e{i}".encode())
@@ -160,7 +160,7 @@ async def test_undecodable_or_raising_messages_do_not_stop_delivery(env: Env) ->
     await env.admin.publish(f"{env.prefix}:ev", b"not msgpack at all \xc1")
     await env.admin.publish(f"{env.prefix}:abort", b"\x93\x01\x02\x03")  # wrong shape
 
-    def boom(run_id: str | None, session: str, fr: bytes) -> None:
+    def boom(run_id: str | None, session: str, fr: bytes, end: int) -> None:
         if fr == b"bad":
             raise RuntimeError("callback bug")
         b.events.append((run_id, session, fr))

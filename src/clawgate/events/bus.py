@@ -63,11 +63,20 @@ class RunContext:
         self.held_until = 0.0
 
 
+# A run's end events, as bits: a process tells each at most once (scaleout/member.py).
+END_AGENT = 1  # the `agent` lifecycle end (or error) event
+END_CHAT = 2  # the `chat` final (or aborted, error) event
+END_BOTH = END_AGENT | END_CHAT
+
+
 class EventRelay(Protocol):
     """Carries this process's event frames to the other gateway processes."""
 
-    def publish_event(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
-        """Send one frame on; never blocks (a frame that does not fit may be dropped)."""
+    def publish_event(
+        self, run_id: RunId | None, session_key: SessionKey, frame: bytes, end: int = 0
+    ) -> None:
+        """Send one frame on; never blocks (a frame that does not fit may be dropped).
+        `end`: the END_* bit of a run's end event, 0 for any other frame."""
 
 
 EventListener = Callable[[RunId, SessionKey, str, dict[str, Any]], None]
@@ -214,53 +223,64 @@ class EventBus:
         return self.contexts.sweep()
 
     # -- emitting ------------------------------------------------------------------------------
-    def emit_agent(self, run_id: RunId, session_key: SessionKey, stream: str, data: dict[str, Any]) -> int:
-        """Emit one `agent` event with the run's next seq; returns the seq."""
+    def emit_agent(
+        self,
+        run_id: RunId,
+        session_key: SessionKey,
+        stream: str,
+        data: dict[str, Any],
+        *,
+        seq: int | None = None,
+        end: int = 0,
+    ) -> int:
+        """Emit one `agent` event with the run's next seq (or `seq`); returns the seq."""
         ctx = self.contexts.get(run_id)
         if ctx is None:
             ctx = self.register_run(run_id, session_key)
         now = self.clock.time()
-        ctx.seq += 1
+        ctx.seq = seq if seq is not None else ctx.seq + 1
         ctx.last_active_at = now
         self._keep(run_id, ctx, now)
-        payload = {
-            "runId": run_id,
-            "sessionKey": session_key,
-            "seq": ctx.seq,
-            "stream": stream,
-            "ts": int(now * 1000),
-            "data": data,
-        }
-        self.publish(run_id, session_key, encode_event("agent", payload))
+        frame = agent_frame(run_id, session_key, ctx.seq, stream, int(now * 1000), data)
+        self.publish(run_id, session_key, frame, end=end)
         for listener in self.listeners:
             listener(run_id, session_key, stream, data)
         return ctx.seq
 
-    def emit_chat(self, run_id: RunId, session_key: SessionKey, state: str, **fields: Any) -> None:
+    def emit_chat(
+        self,
+        run_id: RunId,
+        session_key: SessionKey,
+        state: str,
+        *,
+        seq: int | None = None,
+        end: int = 0,
+        **fields: Any,
+    ) -> None:
         ctx = self.contexts.get(run_id)
         if ctx is None:
             ctx = self.register_run(run_id, session_key)
         now = self.clock.time()
-        ctx.chat_seq += 1
+        ctx.chat_seq = seq if seq is not None else ctx.chat_seq + 1
         ctx.last_active_at = now
         self._keep(run_id, ctx, now)
-        payload: dict[str, Any] = {
-            "runId": run_id,
-            "sessionKey": session_key,
-            "seq": ctx.chat_seq,
-            "state": state,
-        }
-        payload.update(fields)
-        self.publish(run_id, session_key, encode_event("chat", payload))
+        self.publish(
+            run_id, session_key, chat_frame(run_id, session_key, ctx.chat_seq, state, fields), end=end
+        )
+
+    def next_seqs(self, run_id: RunId) -> list[int]:
+        """The seqs the run's next `agent` and `chat` events will get."""
+        ctx = self.contexts.get(run_id)
+        return [1, 1] if ctx is None else [ctx.seq + 1, ctx.chat_seq + 1]
 
     def emit_session_event(self, session_key: SessionKey, event: str, payload: dict[str, Any]) -> None:
         """An event about a session (e.g. `subagent`), to that session's subscribers."""
         self.publish(None, session_key, encode_event(event, payload))
 
-    def publish(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
+    def publish(self, run_id: RunId | None, session_key: SessionKey, frame: bytes, *, end: int = 0) -> None:
         self.deliver(run_id, session_key, frame)
         if self.relay is not None:
-            self.relay.publish_event(run_id, session_key, frame)
+            self.relay.publish_event(run_id, session_key, frame, end)
 
     def deliver(self, run_id: RunId | None, session_key: SessionKey, frame: bytes) -> None:
         """Local fan-out: watchers of the run, subscribers of the session, and `all` subscribers.
@@ -291,6 +311,28 @@ class EventBus:
     def broadcast(self, frame: bytes) -> None:
         for sink in list(self.sinks.values()):
             sink.send_frame(frame)
+
+
+def agent_frame(
+    run_id: RunId, session_key: SessionKey, seq: int, stream: str, ts_ms: int, data: dict[str, Any]
+) -> bytes:
+    """One `agent` event frame."""
+    payload = {
+        "runId": run_id,
+        "sessionKey": session_key,
+        "seq": seq,
+        "stream": stream,
+        "ts": ts_ms,
+        "data": data,
+    }
+    return encode_event("agent", payload)
+
+
+def chat_frame(run_id: RunId, session_key: SessionKey, seq: int, state: str, fields: dict[str, Any]) -> bytes:
+    """One `chat` event frame."""
+    payload: dict[str, Any] = {"runId": run_id, "sessionKey": session_key, "seq": seq, "state": state}
+    payload.update(fields)
+    return encode_event("chat", payload)
 
 
 def _conns(watchers: ConnId | set[ConnId] | None) -> tuple[ConnId, ...]:

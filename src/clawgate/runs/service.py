@@ -28,7 +28,7 @@ from clawgate.agent.tools import DEFAULT_RUN_SCOPES, Tool
 from clawgate.agents.profiles import Profile, Profiles
 from clawgate.clip import clip
 from clawgate.errors import NotFound, ProviderError, Unavailable
-from clawgate.events.bus import EventBus
+from clawgate.events.bus import END_AGENT, END_CHAT, EventBus, agent_frame, chat_frame
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.metrics import LatencyHistogram
 from clawgate.providers.base import ChatMessage, Provider, Usage
@@ -587,6 +587,10 @@ class RunService:
         # reply in the end's own script (RedisStore.end_run), so it lands only with that end.
         if lifecycle.reply_before_end(run.fence is not None, status, text) and text:
             self.sessions.append(key, "assistant", text, rec.run_id)
+        if not restored:
+            # Written with the end: whoever settles the run from the store can tell its end
+            # events with these seqs if this process dies before they go out.
+            rec.end_seqs = self.bus.next_seqs(rec.run_id)
         stored, cancelled = await self._write_end(run, must_persist=restored)
         if stored is not rec:
             self._end_refused(run, before, stored)
@@ -690,11 +694,26 @@ class RunService:
 
     def _emit_end(self, rec: RunRecord, run_id: RunId, key: SessionKey, now: float) -> None:
         events = lifecycle.end_events(rec, now)
-        self.bus.emit_agent(run_id, key, "lifecycle", events.lifecycle)
-        if events.chat_state == "final":
-            self.bus.emit_chat(run_id, key, "final", message=_chat_message(rec.result_text or "", now))
-        else:
-            self.bus.emit_chat(run_id, key, events.chat_state, **events.chat)
+        agent_seq, chat_seq = rec.end_seqs or (None, None)
+        self.bus.emit_agent(run_id, key, "lifecycle", events.lifecycle, seq=agent_seq, end=END_AGENT)
+        self.bus.emit_chat(run_id, key, events.chat_state, seq=chat_seq, end=END_CHAT, **_end_chat(rec, now))
+
+    def tell_end(self, rec: RunRecord, told: int) -> None:
+        """The end events of a run another process executed and ended, with the seqs it wrote
+        into the record, when that process may have died before sending them (`told`: the
+        END_* bits this process already delivered). Delivered here and relayed to the other
+        processes, which drop what they were told already; no listener is called (foreign
+        events never reach them)."""
+        if rec.end_seqs is None or len(rec.end_seqs) != 2 or rec.ended_at is None:
+            return  # ended by a version that did not write them, or never ended with events
+        run_id, key, now = rec.run_id, rec.session_key, rec.ended_at
+        events = lifecycle.end_events(rec, now)
+        if not told & END_AGENT:
+            frame = agent_frame(run_id, key, rec.end_seqs[0], "lifecycle", int(now * 1000), events.lifecycle)
+            self.bus.publish(run_id, key, frame, end=END_AGENT)
+        if not told & END_CHAT:
+            frame = chat_frame(run_id, key, rec.end_seqs[1], events.chat_state, _end_chat(rec, now))
+            self.bus.publish(run_id, key, frame, end=END_CHAT)
 
     # -- abort / timeout ------------------------------------------------------------------------
     def _cancel(self, run: Run, reason: str) -> bool:
@@ -919,6 +938,14 @@ class _Emitter:
 def _system_prompt(profile: Profile, extra: str | None) -> str | None:
     parts = [p for p in (profile.system_prompt, extra) if p]
     return "\n\n".join(parts) if parts else None
+
+
+def _end_chat(rec: RunRecord, now: float) -> dict[str, Any]:
+    """The fields of a run's end `chat` event besides its state."""
+    events = lifecycle.end_events(rec, now)
+    if events.chat_state == "final":
+        return {"message": _chat_message(rec.result_text or "", now)}
+    return events.chat
 
 
 def _chat_message(text: str, now: float) -> dict[str, Any]:

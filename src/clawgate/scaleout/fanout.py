@@ -8,7 +8,7 @@ frame it publishes. Interface (`ClusterMember` in scaleout/member.py wires it)::
     f = RedisEventRelay(redis, prefix="clawgate", origin=process_id,
                     on_event=deliver_frame, on_done=record_finished, on_abort=abort_run)
     f.start(); await f.wait_subscribed()
-    f.publish_event(run_id, session_key, frame)   # sync, never blocks, may drop (counted)
+    f.publish_event(run_id, session_key, frame, end)  # sync, never blocks, may drop (counted)
     f.publish_done(record_json)                   # sync, queued behind the events before it
     f.publish_abort(run_id)                       # sync
     await f.flush()                               # optional: wait until the queue is sent
@@ -16,7 +16,7 @@ frame it publishes. Interface (`ClusterMember` in scaleout/member.py wires it)::
 
 Channels (``P`` is the prefix; names built by ``FanoutKeys``, store/redis_keys.py)::
 
-    P:ev     event frames        msgpack [origin, [[runId|nil, sessionKey, frame bytes], ...]]
+    P:ev     event frames        msgpack [origin, [[runId|nil, sessionKey, frame bytes, end], ...]]
                                  (a batch, in publish order; the older one-frame form
                                  [origin, runId|nil, sessionKey, frame bytes] is still read)
     P:done   run finished        msgpack [origin, record JSON bytes]
@@ -79,12 +79,14 @@ class EventEnvelope(msgspec.Struct, array_like=True, frozen=True):
     run_id: str | None
     session_key: str
     frame: bytes
+    end: int = 0  # the END_* bit of a run's end event (events/bus.py); absent in older messages
 
 
 class EventItem(msgspec.Struct, array_like=True, frozen=True):
     run_id: str | None
     session_key: str
     frame: bytes
+    end: int = 0
 
 
 class EventBatch(msgspec.Struct, array_like=True, frozen=True):
@@ -118,7 +120,8 @@ _batch_dec = msgspec.msgpack.Decoder(EventBatch)
 _done_dec = msgspec.msgpack.Decoder(DoneEnvelope)
 _abort_dec = msgspec.msgpack.Decoder(AbortEnvelope)
 
-OnEvent = Callable[[str | None, str, bytes], None]
+# (run id, session key, frame, END_* bit of a run's end event or 0)
+OnEvent = Callable[[str | None, str, bytes, int], None]
 
 
 class RedisEventRelay:
@@ -167,11 +170,11 @@ class RedisEventRelay:
         self.callback_errors = 0
 
     # -- sending (never blocks) -------------------------------------------------------------------
-    def publish_event(self, run_id: str | None, session_key: str, frame: bytes) -> None:
+    def publish_event(self, run_id: str | None, session_key: str, frame: bytes, end: int = 0) -> None:
         if self._closed or len(self._buf) >= self.buffer_max:
             self.dropped += 1
             return
-        self._put(self.keys.events(), EventEnvelope(self.origin, run_id, session_key, frame))
+        self._put(self.keys.events(), EventEnvelope(self.origin, run_id, session_key, frame, end))
 
     def publish_done(self, record_json: bytes) -> None:
         self._put_control(self.keys.done(), DoneEnvelope(self.origin, record_json))
@@ -253,7 +256,7 @@ class RedisEventRelay:
             if isinstance(msg, EventEnvelope):
                 if items and size + len(msg.frame) > BATCH_BYTES:
                     close()
-                items.append(EventItem(msg.run_id, msg.session_key, msg.frame))
+                items.append(EventItem(msg.run_id, msg.session_key, msg.frame, msg.end))
                 size += len(msg.frame)
             else:
                 close()
@@ -322,11 +325,11 @@ class RedisEventRelay:
             items = batch.events
         except msgspec.DecodeError:
             ev = _ev_dec.decode(data)  # the one-frame form; raises DecodeError if neither
-            items = [EventItem(ev.run_id, ev.session_key, ev.frame)]
+            items = [EventItem(ev.run_id, ev.session_key, ev.frame, ev.end)]
         for item in items:
             self.received += 1
             try:
-                self.on_event(item.run_id, item.session_key, item.frame)
+                self.on_event(item.run_id, item.session_key, item.frame, item.end)
             except Exception:
                 self.callback_errors += 1
                 log.exception("fanout: callback raised", channel=self.keys.events())

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.events.bus import EventBus
+from clawgate.events.bus import END_BOTH, EventBus
 from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import RunService
 from clawgate.scaleout.dispatch import RedisDispatcher, RedisRunDispatch
@@ -49,6 +49,7 @@ from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.state.registry import StateRegistry
 from clawgate.state.supervisor import Supervisor
+from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_keys import DISPATCH, FANOUT, namespace
@@ -58,6 +59,10 @@ log = structlog.get_logger("clawgate.cluster")
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(RunRecord)
+
+# How long this process remembers which end events of a run it delivered (`ends_told`): a copy
+# arriving later (an executor that was paused, not dead) would be delivered a second time.
+ENDS_TOLD_TTL_S = 600.0
 
 
 class ClusterMember:
@@ -121,6 +126,14 @@ class ClusterMember:
         )
         self.relay = self.fanout
         self.remote_waiters = self.dispatch.waiters
+        # Per run, the END_* bits of the end events delivered to this process's connections:
+        # the executor's own, another process's, or told here from the store by the reconcile
+        # (an executor that died between its end write and its events). Each is delivered once.
+        self.ends_told: TTLMap[RunId, int] = TTLMap(
+            "run_ends_told", clock, ttl_s=ENDS_TOLD_TTL_S, max_size=settings.max_tracked_runs
+        )
+        registry.register(self.ends_told)
+        self.ends_deduped = 0  # end event frames dropped as told already
         self._runs: RunService | None = None
         self._subagents: SubagentService | None = None
         self._bus: EventBus | None = None
@@ -182,18 +195,26 @@ class ClusterMember:
             if run.task is not None or run.record.is_final or run.record.accepted_at > horizon:
                 continue
             rec = await self.store.get_run(run.record.run_id)
-            # The end's events are the executor's to tell: telling them here too, for an end
-            # whose "done" is late, sent them twice when the "done" was only delayed (a
-            # partition that heals), so a lost "done" costs the events, not a duplicate.
             if rec is not None and rec.is_final:
-                self._on_done(_enc.encode(rec))
+                self._settle_from_store(rec)
                 settled += 1
         for run_id in list(self.remote_waiters.keys()):
             rec = await self.store.get_run(run_id)
             if rec is not None and rec.is_final and run_id in self.remote_waiters:
-                self._on_done(_enc.encode(rec))
+                self._settle_from_store(rec)
                 settled += 1
         return settled
+
+    def _settle_from_store(self, rec: RunRecord) -> None:
+        """A run ended elsewhere and no "done" came: the executor may have died between its
+        end write and its messages. Its end events are told from the record (the seqs it
+        wrote), here and to the other processes; every process drops what it was told
+        already, so an executor that was only late sends no second end."""
+        told = self.ends_told.get(rec.run_id) or 0
+        if told != END_BOTH and rec.end_seqs is not None:
+            self.ends_told.set(rec.run_id, END_BOTH)
+            self.runs.tell_end(rec, told)
+        self._on_done(_enc.encode(rec))
 
     async def close(self) -> None:
         await self.fanout.stop()
@@ -215,11 +236,15 @@ class ClusterMember:
             "endsRefused": self.runs.ends_refused,
             "eventsPublished": self.fanout.published,
             "eventsDropped": self.fanout.dropped,
+            "endsDeduped": self.ends_deduped,
         }
 
     # -- outbound ------------------------------------------------------------------------------
     def publish_done(self, rec: RunRecord) -> None:
-        """A run end hook: every process (this one too) learns the run's end."""
+        """A run end hook: every process (this one too) learns the run's end. Called right
+        after the run's end events went to the local bus: they count as told here."""
+        if rec.end_seqs is not None:
+            self.ends_told.set(rec.run_id, END_BOTH)
         self.fanout.publish_done(_enc.encode(rec))
 
     # -- executing a run from the shared queue ----------------------------------------------------
@@ -260,7 +285,13 @@ class ClusterMember:
         await self.runs.finalize_interrupted(rec, fence)
 
     # -- inbound -------------------------------------------------------------------------------------
-    def _on_event(self, run_id: str | None, session_key: str, frame: bytes) -> None:
+    def _on_event(self, run_id: str | None, session_key: str, frame: bytes, end: int) -> None:
+        if end and run_id:
+            told = self.ends_told.get(RunId(run_id)) or 0
+            if told & end:
+                self.ends_deduped += 1
+                return
+            self.ends_told.set(RunId(run_id), told | end)
         self.bus.deliver(RunId(run_id) if run_id else None, SessionKey(session_key), frame)
 
     def _on_done(self, data: bytes) -> None:

@@ -58,6 +58,10 @@ class RunRecord(msgspec.Struct, kw_only=True):
     # What the run belongs to, as its client named it (`clawgate batch`: `batch:<tasks file>`).
     label: str | None = None
     webhook: str | None = None  # where the final answer is POSTed (automation/webhooks.py)
+    # The seqs of the run's end events ([agent lifecycle, chat]), written with the end by the
+    # process that executed it, so another process can tell the end with the same seqs when
+    # the executor died before its events went out (scaleout/member.py, `reconcile_once`).
+    end_seqs: list[int] | None = None
 
     @property
     def is_final(self) -> bool:
