@@ -696,24 +696,26 @@ class RunService:
         events = lifecycle.end_events(rec, now)
         agent_seq, chat_seq = rec.end_seqs or (None, None)
         self.bus.emit_agent(run_id, key, "lifecycle", events.lifecycle, seq=agent_seq, end=END_AGENT)
-        self.bus.emit_chat(run_id, key, events.chat_state, seq=chat_seq, end=END_CHAT, **_end_chat(rec, now))
+        chat = _end_chat(rec, events, now)
+        self.bus.emit_chat(run_id, key, events.chat_state, seq=chat_seq, end=END_CHAT, **chat)
 
-    def tell_end(self, rec: RunRecord, told: int) -> None:
+    def tell_end(self, rec: RunRecord, told: int) -> bool:
         """The end events of a run another process executed and ended, with the seqs it wrote
         into the record, when that process may have died before sending them (`told`: the
         END_* bits this process already delivered). Delivered here and relayed to the other
         processes, which drop what they were told already; no listener is called (foreign
-        events never reach them)."""
+        events never reach them). False when the record holds no seqs to tell them with."""
         if rec.end_seqs is None or len(rec.end_seqs) != 2 or rec.ended_at is None:
-            return  # ended by a version that did not write them, or never ended with events
+            return False  # ended by a version that did not write them, or never ended with events
         run_id, key, now = rec.run_id, rec.session_key, rec.ended_at
         events = lifecycle.end_events(rec, now)
         if not told & END_AGENT:
             frame = agent_frame(run_id, key, rec.end_seqs[0], "lifecycle", int(now * 1000), events.lifecycle)
             self.bus.publish(run_id, key, frame, end=END_AGENT)
         if not told & END_CHAT:
-            frame = chat_frame(run_id, key, rec.end_seqs[1], events.chat_state, _end_chat(rec, now))
+            frame = chat_frame(run_id, key, rec.end_seqs[1], events.chat_state, _end_chat(rec, events, now))
             self.bus.publish(run_id, key, frame, end=END_CHAT)
+        return True
 
     # -- abort / timeout ------------------------------------------------------------------------
     def _cancel(self, run: Run, reason: str) -> bool:
@@ -940,9 +942,8 @@ def _system_prompt(profile: Profile, extra: str | None) -> str | None:
     return "\n\n".join(parts) if parts else None
 
 
-def _end_chat(rec: RunRecord, now: float) -> dict[str, Any]:
+def _end_chat(rec: RunRecord, events: lifecycle.EndEvents, now: float) -> dict[str, Any]:
     """The fields of a run's end `chat` event besides its state."""
-    events = lifecycle.end_events(rec, now)
     if events.chat_state == "final":
         return {"message": _chat_message(rec.result_text or "", now)}
     return events.chat

@@ -211,9 +211,8 @@ class ClusterMember:
         wrote), here and to the other processes; every process drops what it was told
         already, so an executor that was only late sends no second end."""
         told = self.ends_told.get(rec.run_id) or 0
-        if told != END_BOTH and rec.end_seqs is not None:
+        if told != END_BOTH and self.runs.tell_end(rec, told):
             self.ends_told.set(rec.run_id, END_BOTH)
-            self.runs.tell_end(rec, told)
         self._on_done(_enc.encode(rec))
 
     async def close(self) -> None:
