@@ -126,7 +126,9 @@ from clawgate.state.tasks import cancel_all
 from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Store
 from clawgate.store.records import RunRecord
+from clawgate.store.redis_batch import Cmd, RedisBatcher
 from clawgate.store.redis_keys import GROUP, INDEX_TTL_S, QUEUE_TTL_S, READY_MAXLEN, DispatchKeys
+from clawgate.store.redis_store import CALL_TIMEOUT_S
 
 if TYPE_CHECKING:
     from clawgate.runs.service import Run
@@ -311,11 +313,16 @@ class RedisDispatcher:
         self.queue_ttl_s = max(1, math.ceil(queue_ttl_s))
         self.ready_maxlen = ready_maxlen
         self._lease_ms = max(1, round(lease_s * 1000))
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._next = redis.register_script(_NEXT)
-        self._release = redis.register_script(_RELEASE)
-        self._renew = redis.register_script(_RENEW)
-        self._drop_orphan = redis.register_script(_DROP_ORPHAN)
+        # The calls of serving sessions (push, lock, next, release, renew) go through one
+        # auto-pipelining connection: with hundreds of sessions served at once, the calls of
+        # one loop turn share one send and one read (store/redis_batch.py). Blocking reads
+        # and the rare recovery calls keep the client's pool.
+        self._batch = RedisBatcher(redis, timeout_s=CALL_TIMEOUT_S, name="clawgate-dispatch-batcher")
+        self._acquire = self._batch.script(_ACQUIRE)
+        self._next = self._batch.script(_NEXT)
+        self._release = self._batch.script(_RELEASE)
+        self._renew = self._batch.script(_RENEW)
+        self._drop_orphan = self._batch.script(_DROP_ORPHAN)
         self._stale = redis.register_script(_STALE)
         self._reap = redis.register_script(_REAP)
         self._sessions: dict[str, _Session] = {}
@@ -341,13 +348,24 @@ class RedisDispatcher:
         if not run_id or not session_key:
             raise ValueError("run_id and session_key must be non-empty")
         k = self.keys
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.rpush(k.queue(session_key), run_id)
-        pipe.expire(k.queue(session_key), self.queue_ttl_s)
-        pipe.xadd(k.ready(), {"session": session_key}, maxlen=self.ready_maxlen, approximate=True)
-        pipe.expire(k.ready(), INDEX_TTL_S)
-        await redis_call(pipe.execute())
+        q = k.queue(session_key)
+        await self._call(
+            _transaction(
+                ("RPUSH", q, run_id),
+                ("EXPIRE", q, self.queue_ttl_s),
+                self._ready_entry(session_key),
+                ("EXPIRE", k.ready(), INDEX_TTL_S),
+            ),
+            _exec_ok,
+        )
         self.pushed += 1
+
+    def _ready_entry(self, session_key: str) -> Cmd:
+        return ("XADD", self.keys.ready(), "MAXLEN", "~", self.ready_maxlen, "*", "session", session_key)
+
+    def _call(self, cmds: list[Cmd], parse: Callable[[list[Any]], T]) -> Awaitable[T]:
+        """One call through the batcher (bounded by CALL_TIMEOUT_S as a whole)."""
+        return self._batch.submit(cmds, parse)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -400,6 +418,7 @@ class RedisDispatcher:
             await redis_call(self._reap(keys=[self.keys.ready()], args=[GROUP, 0, self.consumer]))
         except (RedisError, OSError) as exc:
             log.warning("dispatch: could not leave the consumer group", error=str(exc))
+        await self._batch.close()
 
     async def kill(self) -> None:
         """Crash simulation for tests: cancel every task, send nothing to Redis (no
@@ -410,6 +429,7 @@ class RedisDispatcher:
             tasks += [t for t in (st.task, st.exec_task) if t is not None]
         await self.tasks.stop_loops("dispatch-read", "dispatch-claim", "dispatch-renew")
         await _cancel(tasks)
+        await self._batch.abort()
 
     # -- consuming --------------------------------------------------------------------------------
     async def _guard(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -573,11 +593,14 @@ class RedisDispatcher:
 
     async def _hold_and_drain(self, st: _Session, ids: list[str]) -> None:
         k, s = self.keys, st.key
-        got = await redis_call(
-            self._acquire(
-                keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence()],
-                args=[self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
-            )
+        got = await self._call(
+            [
+                self._acquire(
+                    keys=[k.lock(s), k.processing(s), k.active(), k.ready(), k.fence()],
+                    args=[self._lease_ms, s, INDEX_TTL_S, GROUP, *ids],
+                )
+            ],
+            _first,
         )
         if got is None:
             return  # held elsewhere: that holder drains the queue
@@ -599,11 +622,14 @@ class RedisDispatcher:
                 if self._stopping:
                     await self._release_lock(st, done)
                     return
-                step = await redis_call(
-                    self._next(
-                        keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
-                        args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
-                    )
+                step = await self._call(
+                    [
+                        self._next(
+                            keys=[k.lock(s), k.queue(s), k.processing(s), k.active()],
+                            args=[token, done, self._lease_ms, s, self.queue_ttl_s, INDEX_TTL_S],
+                        )
+                    ],
+                    _first,
                 )
                 if int(step[0]) == 0:
                     if not st.lost:
@@ -658,8 +684,9 @@ class RedisDispatcher:
                 log.exception("dispatch: on_orphan raised; the next holder retries", run_id=run_id)
                 outcome = "failed"
                 continue
-            dropped = await redis_call(
-                self._drop_orphan(keys=[k.lock(st.key), k.processing(st.key)], args=[token, run_id])
+            dropped = await self._call(
+                [self._drop_orphan(keys=[k.lock(st.key), k.processing(st.key)], args=[token, run_id])],
+                _first,
             )
             if not int(dropped):
                 if not st.lost:
@@ -671,11 +698,14 @@ class RedisDispatcher:
     async def _release_lock(self, st: _Session, done: str) -> None:
         k, s = self.keys, st.key
         assert st.token is not None
-        await redis_call(
-            self._release(
-                keys=[k.lock(s), k.queue(s), k.processing(s), k.active(), k.ready()],
-                args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S],
-            )
+        await self._call(
+            [
+                self._release(
+                    keys=[k.lock(s), k.queue(s), k.processing(s), k.active(), k.ready()],
+                    args=[st.token, done, s, self.ready_maxlen, INDEX_TTL_S],
+                )
+            ],
+            _first,
         )
 
     async def _hand_off(self, st: _Session) -> None:
@@ -683,12 +713,10 @@ class RedisDispatcher:
         ids = list(st.msg_ids)
         st.msg_ids.clear()
         k = self.keys
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(k.ready(), {"session": st.key}, maxlen=self.ready_maxlen, approximate=True)
-        pipe.expire(k.ready(), INDEX_TTL_S)
+        cmds: list[Cmd] = [self._ready_entry(st.key), ("EXPIRE", k.ready(), INDEX_TTL_S)]
         if ids:
-            pipe.xack(k.ready(), GROUP, *ids)
-        await redis_call(pipe.execute())
+            cmds.append(("XACK", k.ready(), GROUP, *ids))
+        await self._call(_transaction(*cmds), _exec_ok)
 
     # -- leases --------------------------------------------------------------------------------
     async def _renew_loop(self) -> None:
@@ -701,18 +729,19 @@ class RedisDispatcher:
         if not held:
             return
         k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        for st, token in held:
-            await self._renew(
-                keys=[k.lock(st.key), k.active(), k.processing(st.key), k.queue(st.key)],
-                args=[token, self._lease_ms, st.key, self.queue_ttl_s, INDEX_TTL_S],
-                client=pipe,
+        calls = [
+            self._call(
+                [
+                    self._renew(
+                        keys=[k.lock(st.key), k.active(), k.processing(st.key), k.queue(st.key)],
+                        args=[token, self._lease_ms, st.key, self.queue_ttl_s, INDEX_TTL_S],
+                    )
+                ],
+                _first,
             )
-        results: list[Any]
-        try:
-            results = await redis_call(pipe.execute(raise_on_error=False))
-        except (RedisError, OSError) as exc:
-            results = [exc] * len(held)
+            for st, token in held
+        ]
+        results: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
         now = time.monotonic()
         for (st, token), res in zip(held, results, strict=True):
             if st.token != token:
@@ -735,6 +764,24 @@ class RedisDispatcher:
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def _first(replies: list[Any]) -> Any:
+    return replies[0]
+
+
+def _transaction(*cmds: Cmd) -> list[Cmd]:
+    return [("MULTI",), *cmds, ("EXEC",)]
+
+
+def _exec_ok(replies: list[Any]) -> None:
+    """The replies of `_transaction`: raise if the transaction or one of its commands failed."""
+    done = replies[-1]
+    if not isinstance(done, list):
+        raise ResponseError(f"transaction not executed: {done!r}")
+    failed = next((r for r in done if isinstance(r, Exception)), None)
+    if failed is not None:
+        raise failed
 
 
 def _session_of(fields: Any) -> str | None:

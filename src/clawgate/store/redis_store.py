@@ -59,14 +59,13 @@ from clawgate.errors import StoreError
 from clawgate.protocol.constants import FINAL_STATUSES
 from clawgate.store.base import Fence, SessionStamp, Store, done_future
 from clawgate.store.base import log_write_failure as _consume
-from clawgate.store.base import settle_exception as _set_exception
-from clawgate.store.base import settle_result as _set_result
 from clawgate.store.records import (
     RunRecord,
     SessionMeta,
     SubagentRecord,
     TranscriptMessage,
 )
+from clawgate.store.redis_batch import Cmd, RedisBatcher
 from clawgate.store.redis_keys import (
     CLAIM_SAFETY_S,
     DEFAULT_SESSION_TTL_S,
@@ -311,17 +310,6 @@ _run_dec = msgspec.json.Decoder(RunRecord)
 _sub_dec = msgspec.json.Decoder(SubagentRecord)
 _msg_dec = msgspec.json.Decoder(TranscriptMessage)
 
-Cmd = tuple[str | bytes | int | float, ...]
-
-
-class _Op:
-    __slots__ = ("cmds", "fut", "parse")
-
-    def __init__(self, cmds: Sequence[Cmd], parse: Callable[[list[Any]], Any], fut: asyncio.Future[Any]):
-        self.cmds = cmds
-        self.parse = parse
-        self.fut = fut
-
 
 class RedisStore(Store):
     kind = "redis"
@@ -351,13 +339,9 @@ class RedisStore(Store):
         self.transcript_max = transcript_max
         self.batch_max = batch_max
         self._client: aioredis.Redis | None = None
-        self._pipe_client: aioredis.Redis | None = None
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._batcher: RedisBatcher | None = None
         self._closed = False
         self._seq = 0.0
-        self.pipelines = 0
-        self.ops = 0
         # Connection state, for status and /metrics: redis-py reconnects on the next command
         # after a failure, so "down" means "the last pipeline failed" and a success after a
         # failure counts as one reconnect.
@@ -400,28 +384,29 @@ class RedisStore(Store):
         await _warn_if_not_persistent(client, self.url)
         # The writer's own connection has no per-read timeout: redis-py would arm one for each
         # reply of a pipeline (hundreds per batch; 12% of the gateway's CPU on the Redis path).
-        # `_execute` bounds the whole pipeline instead, with the same limit.
-        self._pipe_client = self._connect(None)
-        self._writer = asyncio.create_task(self._run(self._pipe_client), name="clawgate-redis-writer")
+        # The batcher bounds the whole pipeline instead, with the same limit.
+        self._batcher = RedisBatcher(
+            self._connect(None),
+            timeout_s=CALL_TIMEOUT_S,
+            batch_max=self.batch_max,
+            wrap_error=_store_error,
+            on_outcome=self._note_outcome,
+            name="clawgate-redis-writer",
+        )
+        self._batcher.start()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None and not self._writer.done():
-            self._queue.put_nowait(None)
-            await self._writer
-        while not self._queue.empty():  # only if the writer died: fail what it left
-            op = self._queue.get_nowait()
-            if op is not None:
-                _set_exception(op.fut, StoreError("store is closed"))
+        if self._batcher is not None:
+            await self._batcher.close()
+            await self._batcher.client.aclose()
         if self._client is not None:
             await self._client.aclose()
-        if self._pipe_client is not None:
-            await self._pipe_client.aclose()
 
     async def ping(self) -> bool:
-        if self._closed or self._writer is None or self._writer.done():
+        if self._closed or self._batcher is None or not self._batcher.running:
             return False
         try:
             return bool(await asyncio.wait_for(self._submit([("PING",)], _first), 5))
@@ -438,62 +423,16 @@ class RedisStore(Store):
         raises StoreError."""
         return self._submit(cmds, _none)
 
-    # -- the writer task -------------------------------------------------------------------------
-    async def _run(self, client: aioredis.Redis) -> None:
-        stop = False
-        while not stop:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            await self._execute(client, batch)
+    @property
+    def pipelines(self) -> int:
+        return self._batcher.pipelines if self._batcher is not None else 0
 
-    async def _execute(self, client: aioredis.Redis, batch: list[_Op]) -> None:
-        try:
-            pipe = client.pipeline(transaction=False)
-            for op in batch:
-                for cmd in op.cmds:
-                    pipe.execute_command(*cmd)
-            async with asyncio.timeout(CALL_TIMEOUT_S):  # a paused Redis: an outage after this
-                results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            log.error("redis pipeline failed", error=str(exc), ops=len(batch))
+    def _note_outcome(self, exc: BaseException | None) -> None:
+        if exc is None:
+            self._note_up()
+        else:
+            log.error("redis pipeline failed", error=str(exc))
             self._note_down(exc)
-            for op in batch:
-                _set_exception(op.fut, StoreError(f"redis: {exc}"))
-            return
-        except Exception as exc:  # a bug; never let the writer die with futures pending
-            log.exception("redis writer failed")
-            for op in batch:
-                _set_exception(op.fut, StoreError(f"redis writer: {exc!r}"))
-            return
-        self._note_up()
-        self.pipelines += 1
-        self.ops += len(batch)
-        i = 0
-        for op in batch:
-            n = len(op.cmds)
-            res = list(results[i : i + n])
-            i += n
-            failed = next((r for r in res if isinstance(r, Exception)), None)
-            if failed is not None:
-                _set_exception(op.fut, StoreError(f"redis: {failed}"))
-                continue
-            try:
-                value = op.parse(res)
-            except Exception as exc:
-                _set_exception(op.fut, StoreError(f"redis: bad reply: {exc!r}"))
-                continue
-            _set_result(op.fut, value)
 
     def _note_down(self, exc: BaseException) -> None:
         if self.up:
@@ -518,12 +457,11 @@ class RedisStore(Store):
         }
 
     def _submit(self, cmds: Sequence[Cmd], parse: Callable[[list[Any]], T]) -> asyncio.Future[T]:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        if self._closed or self._writer is None:
+        if self._closed or self._batcher is None:
+            fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             fut.set_exception(StoreError("store is closed" if self._closed else "store is not open"))
             return fut
-        self._queue.put_nowait(_Op(cmds, parse, fut))
-        return fut
+        return self._batcher.submit(cmds, parse)
 
     def _write(self, cmds: Sequence[Cmd]) -> asyncio.Future[None]:
         fut = self._submit(cmds, _none)
@@ -1255,6 +1193,10 @@ def _arg(v: str | bytes | int | float) -> str:
     if isinstance(v, bytes):
         return v.decode()
     return repr(v) if isinstance(v, float) else str(v)
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    return StoreError(f"redis: {exc}")
 
 
 def _none(_: list[Any]) -> None:
