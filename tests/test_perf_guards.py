@@ -8,12 +8,14 @@
 - The SQLite writer hands a loop turn's operations over together, and an awaited
   write is still committed (readable from another connection) when it resolves.
 - Lanes keep FIFO order and removal when they grow from a list into a deque.
+- A `clawgate gateway` process applies its collector policy; an in-process gateway does not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import sqlite3
 import subprocess
@@ -34,6 +36,7 @@ from clawgate.server.sendbuffer import SendBuffer
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from clawgate.testing import clean_env, free_port
+from conftest import GatewayFactory, GatewayProcessFactory
 from helpers import HEAVY
 
 # Runs the CLI entry point exactly as `clawgate gateway ...` does, in this process, and
@@ -221,3 +224,26 @@ def test_text_frame_matches_websockets_serialization(length: int) -> None:
 
     data = ("\u20ac" * length).encode()[:length]
     assert text_frame(data) == Frame(Opcode.TEXT, data).serialize(mask=False)
+
+
+async def test_a_gateway_process_tunes_its_collector_and_an_in_process_gateway_does_not(
+    gateway_process: GatewayProcessFactory, start_gateway: GatewayFactory
+) -> None:
+    """`clawgate gateway` freezes what start-up made and raises the young threshold
+    (server/gcpolicy.py); `gc_threshold0 = 0` keeps the interpreter's defaults, and a gateway
+    run inside another program never touches its host's collector."""
+    host = gc.get_threshold()
+    tuned = await gateway_process(settings={"shutdown_grace_s": 1}).astart()
+    plain = await gateway_process(settings={"shutdown_grace_s": 1, "gc_threshold0": 0}).astart()
+    try:
+        for gp, want in ((tuned, 10_000), (plain, host[0])):
+            async with Client(gp.url, max_reconnect_attempts=0) as c:
+                mem = (await c.call("status", {}))["memory"]["gc"]
+            assert mem["thresholds"] == [want, host[1], host[2]]
+            assert (mem["frozen"] > 10_000) == (gp is tuned)  # the modules' objects, at least
+    finally:
+        await asyncio.gather(tuned.astop(), plain.astop())
+    rg = await start_gateway()
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        mem = (await c.call("status", {}))["memory"]["gc"]
+    assert mem["thresholds"] == list(host) and gc.get_threshold() == host

@@ -199,6 +199,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # RSS over which new runs are refused (UNAVAILABLE). None (the default): derived from the
     # machine at start, see `default_memory_budget`; 0 disables the check.
     memory_budget_bytes: Annotated[int, Meta(ge=0)] | None = None
+    gc_threshold0: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="young-generation threshold of the garbage collector in a `clawgate gateway`"
+            " process, applied with gc.freeze() once it serves (server/gcpolicy.py); 0 keeps"
+            " the interpreter's defaults",
+        ),
+    ] = 10000
     max_payload_bytes: Annotated[int, Meta(ge=1024)] = 524288
     max_buffered_bytes: Annotated[int, Meta(ge=1024)] = 1572864
     max_connections: Annotated[int, Meta(ge=1)] = 1024

@@ -50,6 +50,7 @@ from clawgate.server.auth import require
 from clawgate.server.authlimit import AuthFailureLimiter, peer_key
 from clawgate.server.connection import Connection
 from clawgate.server.credentials import load_credentials
+from clawgate.server.gcpolicy import gc_status
 from clawgate.server.handshake import grant_for, hello_ok
 from clawgate.server.peerlog import PeerLog
 from clawgate.server.sockets import SocketLedger, max_sockets
@@ -554,6 +555,7 @@ class Gateway:
                 "budgetBytes": self.admission.memory_budget_bytes,
                 "runResultBytes": self.runs.results.bytes,
                 "sessionCacheBytes": self.sessions.cache.bytes,
+                "gc": gc_status(),
             },
             "disk": await self._disk_status(),
             "store": {"kind": self.store.kind, **self.store.connection()},

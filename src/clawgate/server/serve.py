@@ -17,6 +17,7 @@ from clawgate.server.app import create_app
 from clawgate.server.credentials import exposure_problems
 from clawgate.server.fdlimit import ensure_fd_limit
 from clawgate.server.gateway import Gateway
+from clawgate.server.gcpolicy import tune_gc
 from clawgate.server.protocols import guarded_protocols
 from clawgate.settings import load_settings
 
@@ -172,6 +173,8 @@ async def serve_forever(gateway: Gateway) -> int:
         gateway_url = running.url
         from structlog import get_logger
 
+        # This process is the gateway's own: its collector gets the server policy.
+        tune_gc(gateway.settings.gc_threshold0)
         get_logger("clawgate").info("listening", url=gateway_url, http=running.http_url)
         print(f"clawgate listening on {gateway_url} (store: {gateway.store.kind})", flush=True)
         await stop.wait()
