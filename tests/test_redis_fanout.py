@@ -229,3 +229,53 @@ async def test_frames_queued_together_go_out_as_one_message_and_the_one_frame_fo
     await wait_until(lambda: len(b.events) == 101, what="the one-frame message")
     assert b.events[-1] == ("run-x", "agent:main:x", b"\x00old")
     assert b.fanout.bad_messages == 0
+
+
+async def test_a_lone_process_stops_publishing_frames_and_a_joiner_misses_none_after_it_serves(
+    env: Env,
+) -> None:
+    """One gateway on Redis publishes its frames to nobody: once a PUBLISH says only this
+    process listens, frames are not sent (counted in `skipped`); done messages still are.
+    A process that joins sends a hello and `wait_subscribed` returns only after the lone
+    process answered it, so every frame published after that reaches the joiner."""
+    a = await env.node("proc-a")  # its hello reached only itself: A knows it is alone
+    for i in range(50):
+        a.fanout.publish_event(f"run-{i}", "agent:main:s", frame(i))
+    assert await a.fanout.flush()
+    assert a.fanout.skipped == 50 and a.fanout.published == 0
+    a.fanout.publish_done(b'{"runId":"r"}')  # control messages still go out (A acts on its own)
+    await wait_until(lambda: a.done == [b'{"runId":"r"}'], what="A's own done")
+
+    b = await env.node("proc-b")  # returns once A answered B's hello
+    sent = [(f"run-{i}", "agent:main:s", frame(i)) for i in range(100)]
+    for run_id, session, fr in sent:
+        a.fanout.publish_event(run_id, session, fr)
+    assert await a.fanout.flush()
+    await wait_until(lambda: len(b.events) == 100, what="every frame A published after B joined")
+    assert b.events == sent and a.fanout.skipped == 50
+
+    # B leaves: A's next PUBLISH reaches only A, and A pauses again.
+    await b.fanout.stop()
+    env.nodes.remove(b)
+    a.fanout.publish_event("run-x", "agent:main:s", frame(1))
+    assert await a.fanout.flush()
+    assert (a.fanout.published, a.fanout.skipped) == (102, 50)  # with the done
+    a.fanout.publish_event("run-y", "agent:main:s", frame(2))
+    assert await a.fanout.flush()
+    assert (a.fanout.published, a.fanout.skipped) == (102, 51)
+
+
+async def test_a_process_that_missed_a_hello_resumes_when_a_done_reaches_another_process(env: Env) -> None:
+    """A process that believes it is alone (a peer's hello lost, or a peer of an older
+    version that sends none) publishes again as soon as a done message of its own reaches
+    more than itself."""
+    a = await env.node("proc-a")
+    b = await env.node("proc-b")
+    a.fanout._alone = True  # as if B's hello had never arrived
+    a.fanout.publish_event("run-lost", "agent:main:s", frame(0))
+    a.fanout.publish_done(b'{"runId":"r"}')
+    assert await a.fanout.flush()
+    assert a.fanout.skipped == 1
+    a.fanout.publish_event("run-1", "agent:main:s", frame(1))
+    assert await a.fanout.flush()
+    await wait_until(lambda: b.events == [("run-1", "agent:main:s", frame(1))], what="A publishing again")

@@ -21,6 +21,7 @@ Channels (``P`` is the prefix; names built by ``FanoutKeys``, store/redis_keys.p
                                  [origin, runId|nil, sessionKey, frame bytes] is still read)
     P:done   run finished        msgpack [origin, record JSON bytes]
     P:abort  abort request       msgpack [origin, runId]
+    P:hello  a process joined    msgpack [origin, ""]; each other process answers [origin, joiner]
 
 Pub/sub keeps nothing in Redis (no keys, nothing to expire) and delivers only to
 processes subscribed at that moment: durable state (run records, results) lives in the
@@ -32,6 +33,17 @@ receives its **own done and abort** messages like every other process, so "a run
 finished" and "abort this run" take one code path whatever process sent them.
 Callbacks run on the event loop and must not block; one that raises is logged and
 counted, and delivery goes on.
+
+Nobody else listening: a process publishes event frames only while another process
+listens. Every PUBLISH answers with the number of subscribers that got it; when the
+channels had no subscriber but this process (one gateway on Redis), event frames are no
+longer sent (counted in ``skipped``) until another process shows up: its hello, its
+answer to ours, or a done or abort message reaching more than this process ends the
+pause at once. A process that (re)subscribes sends a hello and, before
+``wait_subscribed`` returns (before the gateway serves), waits up to ``HELLO_WAIT_S`` for
+an answer from every process that got it, so a process that has just joined misses no
+frame published after it started serving. Done and abort messages are always sent (a
+process acts on its own too).
 
 Sending never blocks the caller: messages go into one bounded buffer (``buffer_max``
 events) that one task drains, up to ``batch_max`` messages per pipeline. The event frames
@@ -72,6 +84,7 @@ CONTROL_RESERVE = 1024  # extra slots for done/abort above a full event buffer
 BATCH_MAX = 256  # messages (frames, done, abort) per pipeline
 BATCH_BYTES = 256 * 1024  # frame bytes per batched P:ev message (a larger frame goes alone)
 RETRY_S = 0.5  # back-off after a Redis error
+HELLO_WAIT_S = 2.0  # how long a joining process waits for the others to answer its hello
 
 
 class EventEnvelope(msgspec.Struct, array_like=True, frozen=True):
@@ -104,6 +117,12 @@ class AbortEnvelope(msgspec.Struct, array_like=True, frozen=True):
     run_id: str
 
 
+class HelloEnvelope(msgspec.Struct, array_like=True, frozen=True):
+    origin: str
+    to: str = ""  # "": a process joined; else the origin of the joiner this answers
+
+
+_Message = EventEnvelope | DoneEnvelope | AbortEnvelope | HelloEnvelope
 _enc = msgspec.msgpack.Encoder()
 
 
@@ -119,6 +138,7 @@ _ev_dec = msgspec.msgpack.Decoder(EventEnvelope)
 _batch_dec = msgspec.msgpack.Decoder(EventBatch)
 _done_dec = msgspec.msgpack.Decoder(DoneEnvelope)
 _abort_dec = msgspec.msgpack.Decoder(AbortEnvelope)
+_hello_dec = msgspec.msgpack.Decoder(HelloEnvelope)
 
 # (run id, session key, frame, END_* bit of a run's end event or 0)
 OnEvent = Callable[[str | None, str, bytes, int], None]
@@ -150,9 +170,7 @@ class RedisEventRelay:
         self.on_abort = on_abort
         self.buffer_max = buffer_max
         self.batch_max = batch_max
-        self._buf: collections.deque[tuple[str, EventEnvelope | DoneEnvelope | AbortEnvelope]] = (
-            collections.deque()
-        )
+        self._buf: collections.deque[tuple[str, _Message]] = collections.deque()
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._subscribed = asyncio.Event()
@@ -160,11 +178,18 @@ class RedisEventRelay:
         self._closed = False
         self._enqueued = 0  # messages ever queued
         self._handled = 0  # of those, sent or failed
+        # Whether another process listens (module doc, "Nobody else listening").
+        self._alone = False
+        self._peers_epoch = 0  # +1 at every sign of another process
+        self._hello_expect: int | None = None  # answers awaited for our last hello
+        self._answers: set[str] = set()
+        self._peers_ready = asyncio.Event()
         # counters
         self.published = 0
         self.publishes = 0  # PUBLISH commands sent (a batch of frames is one)
         self.dropped = 0
         self.failed = 0
+        self.skipped = 0  # event frames not sent: no other process listened
         self.received = 0
         self.bad_messages = 0
         self.callback_errors = 0
@@ -187,14 +212,14 @@ class RedisEventRelay:
         """Messages queued and not yet sent."""
         return len(self._buf)
 
-    def _put_control(self, channel: str, msg: DoneEnvelope | AbortEnvelope) -> None:
+    def _put_control(self, channel: str, msg: DoneEnvelope | AbortEnvelope | HelloEnvelope) -> None:
         if self._closed or len(self._buf) >= self.buffer_max + CONTROL_RESERVE:
             self.dropped += 1
             log.warning("fanout: control message dropped", channel=channel)
             return
         self._put(channel, msg)
 
-    def _put(self, channel: str, msg: EventEnvelope | DoneEnvelope | AbortEnvelope) -> None:
+    def _put(self, channel: str, msg: _Message) -> None:
         self._buf.append((channel, msg))
         self._enqueued += 1
         self._wake.set()
@@ -221,14 +246,23 @@ class RedisEventRelay:
                 await self._wake.wait()
             n = min(len(self._buf), self.batch_max)
             batch = [self._buf.popleft() for _ in range(n)]
+            epoch = self._peers_epoch
+            messages, skipped = self._encode(batch)
+            self.skipped += skipped
+            if not messages:
+                self._handled += n
+                self._progress.set()
+                continue
             pipe = self.redis.pipeline(transaction=False)
-            messages = self._encode(batch)
             for channel, data in messages:
                 pipe.publish(channel, data)
             try:
-                await redis_call(pipe.execute())
-                self.published += n
-                self.publishes += len(messages)
+                counts = await redis_call(pipe.execute())
+                # The hellos and their answers are the relay's own traffic, not counted.
+                hellos = sum(1 for _, msg in batch if isinstance(msg, HelloEnvelope))
+                self.published += n - skipped - hellos
+                self.publishes += len(messages) - hellos
+                self._note_receivers(messages, counts, epoch)
             except (RedisError, OSError) as exc:
                 self.failed += n
                 log.warning("fanout: publish failed", error=str(exc), lost=n)
@@ -237,14 +271,29 @@ class RedisEventRelay:
                 self._handled += n
                 self._progress.set()
 
-    def _encode(
-        self, batch: list[tuple[str, EventEnvelope | DoneEnvelope | AbortEnvelope]]
-    ) -> list[tuple[str, bytes]]:
-        """The PUBLISHes for `batch`, in order: consecutive event frames become one
-        `EventBatch` message (up to BATCH_BYTES of frames), control messages one each."""
+    def _note_receivers(self, messages: list[tuple[str, bytes]], counts: list[Any], epoch: int) -> None:
+        """What the PUBLISH answers say about the other processes (module doc, "Nobody else
+        listening"). Alone only if no message reached another process and no sign of one
+        came while the pipeline was in flight."""
+        hello = self.keys.hello()
+        receivers = [int(c) for c in counts]
+        for (channel, data), got in zip(messages, receivers, strict=True):
+            if channel == hello and not _hello_dec.decode(data).to:
+                self._hello_expect = max(0, got - 1)  # every subscriber but this process
+                self._check_peers_ready()
+        if any(got > 1 for got in receivers):
+            self._alone = False
+        elif epoch == self._peers_epoch and self._subscribed.is_set():
+            self._alone = True
+
+    def _encode(self, batch: list[tuple[str, _Message]]) -> tuple[list[tuple[str, bytes]], int]:
+        """The PUBLISHes for `batch`, in order, and the number of event frames left out
+        (nobody else listens): consecutive event frames become one `EventBatch` message (up
+        to BATCH_BYTES of frames), control messages one each."""
         out: list[tuple[str, bytes]] = []
         items: list[EventItem] = []
         size = 0
+        skipped = 0
 
         def close() -> None:
             nonlocal items, size
@@ -254,6 +303,9 @@ class RedisEventRelay:
 
         for channel, msg in batch:
             if isinstance(msg, EventEnvelope):
+                if self._alone:
+                    skipped += 1
+                    continue
                 if items and size + len(msg.frame) > BATCH_BYTES:
                     close()
                 items.append(EventItem(msg.run_id, msg.session_key, msg.frame, msg.end))
@@ -262,19 +314,46 @@ class RedisEventRelay:
                 close()
                 out.append((channel, _enc.encode(msg)))
         close()
-        return out
+        return out, skipped
 
     # -- receiving --------------------------------------------------------------------------------
-    async def wait_subscribed(self, timeout_s: float = 5.0) -> None:
+    async def wait_subscribed(self, timeout_s: float = 5.0, peers_timeout_s: float = HELLO_WAIT_S) -> None:
         """Wait until the subscriber is listening on all channels (messages published
-        by other processes before that are not seen)."""
+        by other processes before that are not seen), then, for at most
+        `peers_timeout_s`, until every other process answered the hello (from then on
+        they publish their event frames: a process that paused them resumes on the hello)."""
         await asyncio.wait_for(self._subscribed.wait(), timeout_s)
+        try:
+            await asyncio.wait_for(self._peers_ready.wait(), peers_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "fanout: not every process answered the hello",
+                expected=self._hello_expect,
+                answered=len(self._answers),
+            )
+
+    def _check_peers_ready(self) -> None:
+        if self._hello_expect is not None and len(self._answers) >= self._hello_expect:
+            self._peers_ready.set()
+
+    def _say_hello(self) -> None:
+        """(Re)subscribed: ask the other processes to publish their frames again."""
+        self._alone = False
+        self._peers_epoch += 1
+        self._hello_expect = None
+        self._answers.clear()
+        self._peers_ready.clear()
+        self._put_control(self.keys.hello(), HelloEnvelope(self.origin))
 
     async def _listen_loop(self) -> None:
-        channels = {self.keys.events(), self.keys.done(), self.keys.abort()}
+        k = self.keys
+        # The hello channel last: its confirmation (also when redis-py resubscribes after a
+        # reconnect, in the same order) means every channel is listened to.
+        order = [k.events(), k.done(), k.abort(), k.hello()]
+        channels = set(order)
         pubsub = self.redis.pubsub()
         try:
-            await redis_call(pubsub.subscribe(*channels))
+            await redis_call(pubsub.subscribe(*order))
             confirmed: set[str] = set()
             while True:
                 # Bounded by its own timeout (None after 1 s of silence): no second one per
@@ -288,9 +367,12 @@ class RedisEventRelay:
                     self._deliver(as_text(msg["channel"]), msg["data"])
                 elif kind == "subscribe":
                     # Also after a reconnect, when redis-py resubscribes on its own.
-                    confirmed.add(as_text(msg["channel"]))
+                    channel = as_text(msg["channel"])
+                    confirmed.add(channel)
                     if confirmed >= channels:
                         self._subscribed.set()
+                        if channel == k.hello():
+                            self._say_hello()
         finally:
             self._subscribed.clear()
             await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -308,12 +390,25 @@ class RedisEventRelay:
                 abort = _abort_dec.decode(data)
                 self.received += 1
                 self.on_abort(abort.run_id)
+            elif channel == k.hello():
+                self._on_hello(_hello_dec.decode(data))
         except msgspec.DecodeError as exc:
             self.bad_messages += 1
             log.warning("fanout: undecodable message", channel=channel, error=str(exc))
         except Exception:
             self.callback_errors += 1
             log.exception("fanout: callback raised", channel=channel)
+
+    def _on_hello(self, hello: HelloEnvelope) -> None:
+        if hello.origin == self.origin:
+            return
+        self._alone = False  # another process listens: publish again, from now on
+        self._peers_epoch += 1
+        if not hello.to:
+            self._put_control(self.keys.hello(), HelloEnvelope(self.origin, hello.origin))
+        elif hello.to == self.origin:
+            self._answers.add(hello.origin)
+            self._check_peers_ready()
 
     def _deliver_events(self, data: bytes) -> None:
         """A batch of frames (or one frame in the older form), each to `on_event` in order;

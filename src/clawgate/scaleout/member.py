@@ -235,6 +235,7 @@ class ClusterMember:
             "endsRefused": self.runs.ends_refused,
             "eventsPublished": self.fanout.published,
             "eventsDropped": self.fanout.dropped,
+            "eventsSkipped": self.fanout.skipped,
             "endsDeduped": self.ends_deduped,
         }
 

@@ -161,3 +161,6 @@ class FanoutKeys:
 
     def abort(self) -> str:
         return f"{self.p}:abort"
+
+    def hello(self) -> str:
+        return f"{self.p}:hello"
