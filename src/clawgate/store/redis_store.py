@@ -423,10 +423,6 @@ class RedisStore(Store):
         raises StoreError."""
         return self._submit(cmds, _none)
 
-    @property
-    def pipelines(self) -> int:
-        return self._batcher.pipelines if self._batcher is not None else 0
-
     def _note_outcome(self, exc: BaseException | None) -> None:
         if exc is None:
             self._note_up()
