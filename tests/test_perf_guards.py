@@ -6,7 +6,8 @@
 - Frames queued together reach the client in order, each once, as separate messages
   (the writer batches several into one transport write).
 - The SQLite writer hands a loop turn's operations over together, and an awaited
-  write is still committed (readable from another connection) when it resolves.
+  write is still committed (readable from another connection) when it resolves; an op
+  that fails in a batch fails alone, and the ops around it are applied exactly once.
 - Lanes keep FIFO order and removal when they grow from a list into a deque.
 - A `clawgate gateway` process applies its collector policy; an in-process gateway does not.
 """
@@ -20,6 +21,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from clawgate.client import Client
+from clawgate.errors import StoreError
 from clawgate.protocol.device import build_device_payload_v3, derive_device_id, verify_device_signature
 from clawgate.runs.lanes import SMALL_LANE, _Lane
 from clawgate.server.sendbuffer import SendBuffer
@@ -247,3 +250,42 @@ async def test_a_gateway_process_tunes_its_collector_and_an_in_process_gateway_d
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         mem = (await c.call("status", {}))["memory"]["gc"]
     assert mem["thresholds"] == list(host) and gc.get_threshold() == host
+
+
+async def test_a_failing_op_fails_alone_and_its_neighbours_commit_once(tmp_path: Path) -> None:
+    """The writer runs a batch without per-op savepoints and, when one op fails, rolls the
+    whole transaction back and runs it again with them: the failing op's own writes are
+    undone, the ops around it are applied exactly once, and all of it is one commit."""
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    try:
+        await store.call(lambda c: c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, v TEXT)"))
+
+        def insert(v: str) -> Callable[[sqlite3.Connection], int]:
+            return lambda c: int(c.execute("INSERT INTO t (v) VALUES (?)", (v,)).lastrowid or 0)
+
+        def half_then_fail(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO t (v) VALUES ('partial')")
+            raise ValueError("op bug")
+
+        commits_before = store.commits
+        # Submitted in one loop turn: one batch for the writer.
+        results = await asyncio.gather(
+            store.call(insert("a")),
+            store.call(insert("b")),
+            store.call(half_then_fail),
+            store.call(insert("c")),
+            return_exceptions=True,
+        )
+        assert results[:2] == [1, 2] and results[3] == 3, results
+        assert isinstance(results[2], StoreError) and "ValueError: op bug" in str(results[2])
+        assert store.commits - commits_before == 1
+        with sqlite3.connect(tmp_path / "s.db") as other:
+            rows = other.execute("SELECT id, v FROM t ORDER BY id").fetchall()
+        assert rows == [(1, "a"), (2, "b"), (3, "c")]
+        # A batch of that op alone fails the same way, and the store keeps serving.
+        with pytest.raises(StoreError, match="op bug"):
+            await store.call(half_then_fail)
+        assert await store.call(insert("d")) == 4
+    finally:
+        await store.close()

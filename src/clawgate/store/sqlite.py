@@ -175,21 +175,23 @@ class SqliteStore(Store):
         conn.close()
 
     def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
-        results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, fn(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    # Any failure of one op (SQL error, undecodable row, a bug in the op) fails
-                    # that op alone; raising here would end the writer thread and every later
-                    # store call would wait forever.
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, StoreError(f"sqlite: {type(exc).__name__}: {exc}")))
+            try:
+                # The common case: every op succeeds, and the batch costs BEGIN + ops + COMMIT.
+                results: list[tuple[bool, Any]] = [(True, fn(conn)) for fn, _, _ in batch]
+            except Exception as exc:
+                # One op failed (SQL error, undecodable row, a bug in the op). Undo the whole
+                # transaction and run the batch again with a savepoint per op, so that op fails
+                # alone and its neighbours still commit. Ops are functions of the connection
+                # only (they change nothing outside the database), so after the rollback a
+                # second run of the ones that had succeeded applies them exactly once.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if len(batch) == 1:
+                    return [(False, _op_error(exc))]
+                conn.execute("BEGIN IMMEDIATE")
+                results = self._execute_each(conn, batch)
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
@@ -200,6 +202,22 @@ class SqliteStore(Store):
             except sqlite3.Error:
                 pass
             results = [(False, StoreError(f"sqlite: {exc}")) for _ in batch]
+        return results
+
+    @staticmethod
+    def _execute_each(conn: sqlite3.Connection, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for fn, _, _ in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append((True, fn(conn)))
+                conn.execute("RELEASE op")
+            except Exception as exc:
+                # Any failure of one op fails that op alone; raising here would end the writer
+                # thread and every later store call would wait forever.
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((False, _op_error(exc)))
         return results
 
     @staticmethod
@@ -772,6 +790,10 @@ def _decode_run(data: bytes) -> RunRecord | None:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         log.error("undecodable run record", error=str(exc))
         return None
+
+
+def _op_error(exc: Exception) -> StoreError:
+    return StoreError(f"sqlite: {type(exc).__name__}: {exc}")
 
 
 def _resolve_all(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
