@@ -9,6 +9,8 @@ the processes are separate, so no fake clock reaches them. Durations are compres
   can no longer end them (its end write is fenced by the lease token).
 - A process killed (SIGKILL) in the middle of a batch leaves no accepted run without
   an end, whatever point of a run's life the kill hits.
+- In both, a run's end events continue its `seq` (for `agent` and `chat`) as a subscriber
+  saw it, whichever process tells them: the executor, or the one that took the run over.
 """
 
 from __future__ import annotations
@@ -96,21 +98,32 @@ async def procs(tmp_path: Path, redis_url: str) -> AsyncIterator[Procs]:
 
 
 class Ends:
-    """Terminal lifecycle events per run, as seen by a subscriber of all sessions."""
+    """Terminal lifecycle events per run, as seen by a subscriber of all sessions, and for
+    each terminal `agent` or `chat` event, the highest seq of that stream the subscriber had
+    seen of the run before it."""
 
     def __init__(self) -> None:
         self.by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.seqs: dict[tuple[str, str], int] = defaultdict(int)  # (run, event) -> highest seq
+        self.backwards: dict[str, list[str]] = defaultdict(list)  # ends whose seq went back
 
     def __call__(self, frame: dict[str, Any]) -> None:
-        if frame.get("event") != "agent":
+        event = frame.get("event")
+        if event not in ("agent", "chat"):
             return
         payload = frame["payload"]
+        run_id, seq = payload["runId"], payload["seq"]
         data = payload.get("data") or {}
-        if payload.get("stream") != "lifecycle" or data.get("phase") not in ("end", "error"):
-            return
-        if data.get("willRetry"):
-            return
-        self.by_run[payload["runId"]].append(data)
+        if event == "agent":
+            terminal = payload.get("stream") == "lifecycle" and data.get("phase") in ("end", "error")
+            terminal = terminal and not data.get("willRetry")
+        else:
+            terminal = payload.get("state") in ("final", "error", "aborted")
+        if terminal and seq <= self.seqs[run_id, event]:
+            self.backwards[run_id].append(f"{event} end seq {seq} after seq {self.seqs[run_id, event]}")
+        self.seqs[run_id, event] = max(seq, self.seqs[run_id, event])
+        if terminal and event == "agent":
+            self.by_run[run_id].append(data)
 
 
 def _outcome(status: str, error: str | None) -> tuple[str, str | None]:
@@ -135,6 +148,9 @@ async def _assert_one_agreed_end(
         await asyncio.sleep(0.01)
     seen = ends.by_run.get(run_id, [])
     assert len(seen) == 1, (run_id, seen, final)
+    # The end continues the run's seq, whichever process tells it (the executor, or the one
+    # that took the run over from a process that died or stopped).
+    assert not ends.backwards.get(run_id), (run_id, ends.backwards[run_id])
     phase = "end" if want[0] == "ok" else "error"
     assert seen[0]["phase"] == phase, (run_id, seen, final)
     if phase == "error":

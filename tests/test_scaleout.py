@@ -99,6 +99,16 @@ async def test_1000_runs_over_three_processes_complete_exactly_once(cluster: Cal
     # and the work was really spread: every process executed some of it
     completed = [(await cl.status())["runs"]["completed"] for cl in clients]
     assert sum(completed) == 1000 and all(n > 0 for n in completed), completed
+    # Every process relayed the others' events and kept their seqs (`run_seqs_seen`) while the
+    # runs were live; the runs' done messages empty it, as the ends empty the run contexts.
+    for cl in clients:
+        state: dict[str, int] = {}
+        for _ in range(500):
+            state = (await cl.status())["state"]
+            if state["run_seqs_seen"] == 0 and state["run_contexts"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (state["run_seqs_seen"], state["run_contexts"]) == (0, 0), state
     for cl in clients:
         await cl.close()
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
+
 from clawgate.errors import Unavailable
 from clawgate.ids import ConnId, RunId, SessionKey
 from clawgate.protocol.frames import encode_event
@@ -268,6 +270,14 @@ class EventBus:
             run_id, session_key, chat_frame(run_id, session_key, ctx.chat_seq, state, fields), end=end
         )
 
+    def continue_seqs(self, run_id: RunId, session_key: SessionKey, agent_seq: int, chat_seq: int) -> None:
+        """This process tells the end of a run whose events another process sent (an orphan
+        taken over from a process that died or lost its lease): its next events follow the
+        last `agent` and `chat` seqs seen of it here, rather than restart at 1."""
+        ctx = self.register_run(run_id, session_key)
+        ctx.seq = max(ctx.seq, agent_seq)
+        ctx.chat_seq = max(ctx.chat_seq, chat_seq)
+
     def next_seqs(self, run_id: RunId) -> list[int]:
         """The seqs the run's next `agent` and `chat` events will get."""
         ctx = self.contexts.get(run_id)
@@ -333,6 +343,27 @@ def chat_frame(run_id: RunId, session_key: SessionKey, seq: int, state: str, fie
     payload: dict[str, Any] = {"runId": run_id, "sessionKey": session_key, "seq": seq, "state": state}
     payload.update(fields)
     return encode_event("chat", payload)
+
+
+class _SeqPayload(msgspec.Struct):
+    seq: int = 0
+
+
+class _SeqFrame(msgspec.Struct):
+    event: str = ""
+    payload: _SeqPayload = msgspec.field(default_factory=_SeqPayload)
+
+
+_seq_dec = msgspec.json.Decoder(_SeqFrame)
+
+
+def frame_seq(frame: bytes) -> tuple[str, int]:
+    """(event name, seq) of an encoded `agent` or `chat` frame; ("", 0) for anything else."""
+    try:
+        parsed = _seq_dec.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "", 0
+    return parsed.event, parsed.payload.seq
 
 
 def _conns(watchers: ConnId | set[ConnId] | None) -> tuple[ConnId, ...]:

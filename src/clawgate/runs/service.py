@@ -349,6 +349,7 @@ class RunService:
             return
         run.record = rec
         self.active.pop(run_id)
+        self.bus.clear_run(run_id)  # left by an end refused here (`_end_refused`), if any
         self.results.set(run_id, rec)
         self._settle(run)
 
@@ -658,8 +659,8 @@ class RunService:
         hooks from here. Waiters here get the run's real end, now or when it is written."""
         run_id = RunId(before.run_id)
         self.ends_refused += 1
-        self.bus.clear_run(run_id)
         if stored is not None:
+            self.bus.clear_run(run_id)
             log.info("run end refused: the run already has an end", run_id=run_id, status=stored.status)
             run.record = stored
             if self.active.get(run_id) is run:
@@ -670,6 +671,8 @@ class RunService:
         log.warning("run end refused: this process lost the run's lease", run_id=run_id)
         # Tracked as a run executed elsewhere from now on: the lease holder ends it, and that
         # end reaches this process's waiters (the "done" message, or the store reconcile).
+        # The run's event context stays until then: if this process becomes that holder
+        # again, the end it tells continues the run's seqs (`settle_remote` clears it).
         run.record = before
 
     def _call_end_hooks(self, rec: RunRecord) -> list[Awaitable[None]]:

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.events.bus import END_BOTH, EventBus
+from clawgate.events.bus import END_BOTH, EventBus, frame_seq
 from clawgate.ids import RunId, SessionKey
 from clawgate.runs.service import RunService
 from clawgate.scaleout.dispatch import RedisDispatcher, RedisRunDispatch
@@ -134,6 +134,18 @@ class ClusterMember:
         )
         registry.register(self.ends_told)
         self.ends_deduped = 0  # end event frames dropped as told already
+        # Per run another process executes: the highest `agent` and `chat` seq delivered here.
+        # If this process ends that run in its executor's place (an orphan taken over), its end
+        # events continue from there. Gone with the run's done or end events; the TTL (the
+        # longest a run may live) is the backstop for a run whose end never reached us.
+        self.seqs_seen: TTLMap[RunId, list[int]] = TTLMap(
+            "run_seqs_seen",
+            clock,
+            ttl_s=settings.abort_ttl_max_s,
+            max_size=settings.max_tracked_runs,
+            lru=False,
+        )
+        registry.register(self.seqs_seen)
         self._runs: RunService | None = None
         self._subagents: SubagentService | None = None
         self._bus: EventBus | None = None
@@ -282,6 +294,9 @@ class ClusterMember:
             return
         if rec.kind == "subagent":
             await self.subagents.adopt(run_id)
+        seen = self.seqs_seen.pop(RunId(run_id))
+        if seen is not None:
+            self.bus.continue_seqs(RunId(run_id), SessionKey(session_key), seen[0], seen[1])
         await self.runs.finalize_interrupted(rec, fence)
 
     # -- inbound -------------------------------------------------------------------------------------
@@ -292,7 +307,23 @@ class ClusterMember:
                 self.ends_deduped += 1
                 return
             self.ends_told.set(RunId(run_id), told | end)
+            if told | end == END_BOTH:
+                self.seqs_seen.pop(RunId(run_id))
+        elif run_id:
+            self._note_seq(RunId(run_id), frame)
         self.bus.deliver(RunId(run_id) if run_id else None, SessionKey(session_key), frame)
+
+    def _note_seq(self, run_id: RunId, frame: bytes) -> None:
+        event, seq = frame_seq(frame)
+        if not seq or event not in ("agent", "chat"):
+            return
+        seen = self.seqs_seen.get(run_id)
+        if seen is None:
+            seen = [0, 0]
+            self.seqs_seen.set(run_id, seen)
+        i = 0 if event == "agent" else 1
+        if seq > seen[i]:
+            seen[i] = seq
 
     def _on_done(self, data: bytes) -> None:
         try:
@@ -301,6 +332,7 @@ class ClusterMember:
             log.warning("bad done message")
             return
         run_id = RunId(rec.run_id)
+        self.seqs_seen.pop(run_id)
         self.runs.settle_remote(rec)
         if rec.kind == "subagent":
             self.subagents.forget_remote(run_id)
