@@ -115,6 +115,32 @@ async def test_transcript_bounds_drop_the_oldest_and_history_says_truncated(
     assert after["messages"] == before["messages"][-4:]
 
 
+async def test_subagent_announcements_count_toward_the_requester_transcript_bound(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    """A requester that only receives its subagents' announcements (a batch that spawns and
+    never talks) is trimmed like any transcript: the announcements mark it written."""
+    rg = await start_gateway(session_max_messages=4, **QUIET)
+    gw = rg.gateway
+    requester = "agent:main:spawner"
+    async with Client(rg.url, max_reconnect_attempts=0) as c:
+        await c.run_agent("[[reply:hi]]", session_key=requester)
+        await gw.retention.run()  # the run's two messages: under the bound, and no longer "written"
+        for i in range(6):
+            spawned = await c.spawn(requester, f"[[reply:child {i}]]", mode="session")
+            await c.wait(spawned["runId"], 10_000)
+        for _ in range(500):  # the announcements land just after each child's end
+            if len((await history(c, requester))["messages"]) >= 8:
+                break
+            await asyncio.sleep(0.01)
+        assert len((await history(c, requester))["messages"]) == 8
+        report = await gw.retention.run()
+        assert report[policy.TRANSCRIPT] == 4
+        after = await history(c, requester)
+    assert after["truncated"] is True and len(after["messages"]) == 4
+    assert [m["role"] for m in after["messages"]] == ["system"] * 4
+
+
 async def test_transcript_byte_bound_keeps_the_newest_message(
     start_gateway: GatewayFactory, clock: FakeClock
 ) -> None:

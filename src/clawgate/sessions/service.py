@@ -142,10 +142,7 @@ class SessionService:
     ) -> Awaitable[None]:
         """Append to the transcript. Callers need not await it (the store groups it into a
         transaction); awaiting it waits until it is durable."""
-        if len(self.written) < self.written_max:
-            self.written.add(key)
-        elif key not in self.written:
-            self.written_overflow = True
+        self._mark_written(key)
         message = TranscriptMessage(
             session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
@@ -153,6 +150,20 @@ class SessionService:
         if self.observer is not None:
             self.observer.message_appended(message, self.cache.get(key))
         return written
+
+    def append_to_existing(self, message: TranscriptMessage) -> Awaitable[bool]:
+        """Append only if the session still exists, atomically with the check (the store's
+        `append_to_existing`); True when appended. Counted toward the transcript bounds
+        like `append`."""
+        self._mark_written(SessionKey(message.session_key))
+        return self.store.append_to_existing(message)
+
+    def _mark_written(self, key: SessionKey) -> None:
+        """Retention trims the transcripts written since its last pass (`take_written`)."""
+        if len(self.written) < self.written_max:
+            self.written.add(key)
+        elif key not in self.written:
+            self.written_overflow = True
 
     async def history(self, key: SessionKey, limit: int) -> list[TranscriptMessage]:
         return await self.store.history(key, limit)

@@ -163,7 +163,7 @@ class Pipeline:
                 # Appended only if the requester's session still exists, atomically with the
                 # check: an announce in flight (or between retries) never re-creates a deleted
                 # session or its transcript.
-                delivered = await self.core.store.append_to_existing(
+                delivered = await self.core.sessions.append_to_existing(
                     _announce_message(requester, text, rec.run_id, self.core.clock.time())
                 )
                 if not delivered:
