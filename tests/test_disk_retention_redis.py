@@ -5,6 +5,7 @@ after one retention period, on both stores."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,10 +26,12 @@ from clawgate.store.base import Store
 from clawgate.store.records import RunRecord, SessionMeta, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
+from clawgate.testing import GatewayProcess
 from conftest import REDIS_URL, unique_prefix
 from helpers import drop_redis_prefix
 
 QUIET = {"maintenance_interval_s": 10**8, "disk_free_min_bytes": 0}
+ADMIN = ["operator.read", "operator.write", "operator.admin"]
 
 
 async def _redis_or_skip() -> None:
@@ -167,6 +170,46 @@ async def test_a_gateway_on_redis_applies_the_same_rules(
         assert (100 + 86400 - 60) * 1000 < ttl_ms <= (100 + 86400) * 1000
     finally:
         await rg.stop()
+        await _drop_prefix(prefix)
+
+
+@pytest.mark.redis
+async def test_a_reply_written_by_a_fenced_end_counts_toward_the_transcript_bound(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """On the shared Redis queue a run's reply is written by its end's own script, not by an
+    append: that write marks the transcript for the next retention pass too. A pass runs
+    while the run is in flight (the question marked the transcript); the reply lands after
+    it, and the next pass must still trim it."""
+    await _redis_or_skip()
+    prefix = unique_prefix()
+    gp = GatewayProcess(
+        tmp_path / "gw",
+        settings={"store": redis_url, "redis_prefix": prefix, "session_max_messages": 2, **QUIET},
+        args=["--log-level", "warning"],
+        log_path=tmp_path / "gw.log",
+    )
+    await gp.astart()
+    key = "agent:main:fenced"
+    try:
+        async with Client(gp.url, max_reconnect_attempts=0, scopes=ADMIN) as c:
+            await c.run_agent("[[reply:first]]", session_key=key)
+            slow = asyncio.create_task(c.run_agent("[[delay:1]] second", session_key=key))
+            for _ in range(500):
+                if (await c.status())["runs"]["active"]:
+                    break
+                await asyncio.sleep(0.01)
+            first_pass = await c.call("sessions.cleanup", {})
+            assert first_pass["removed"]["transcript_messages"] == 1  # 3 messages, bound 2
+            assert (await slow)["status"] == "ok"
+            assert len((await c.call("chat.history", {"sessionKey": key}))["messages"]) == 3
+            second_pass = await c.call("sessions.cleanup", {})
+            assert second_pass["removed"]["transcript_messages"] == 1
+            messages = (await c.call("chat.history", {"sessionKey": key}))["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert messages[-1]["content"].endswith("second")
+    finally:
+        await asyncio.to_thread(gp.stop)
         await _drop_prefix(prefix)
 
 

@@ -588,6 +588,8 @@ class RunService:
         # reply in the end's own script (RedisStore.end_run), so it lands only with that end.
         if lifecycle.reply_before_end(run.fence is not None, status, text) and text:
             self.sessions.append(key, "assistant", text, rec.run_id)
+        elif text:
+            self.sessions.mark_written(key)  # the end's own write may append the reply
         if not restored:
             # Written with the end: whoever settles the run from the store can tell its end
             # events with these seqs if this process dies before they go out.

@@ -142,7 +142,7 @@ class SessionService:
     ) -> Awaitable[None]:
         """Append to the transcript. Callers need not await it (the store groups it into a
         transaction); awaiting it waits until it is durable."""
-        self._mark_written(key)
+        self.mark_written(key)
         message = TranscriptMessage(
             session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
@@ -155,11 +155,12 @@ class SessionService:
         """Append only if the session still exists, atomically with the check (the store's
         `append_to_existing`); True when appended. Counted toward the transcript bounds
         like `append`."""
-        self._mark_written(SessionKey(message.session_key))
+        self.mark_written(SessionKey(message.session_key))
         return self.store.append_to_existing(message)
 
-    def _mark_written(self, key: SessionKey) -> None:
-        """Retention trims the transcripts written since its last pass (`take_written`)."""
+    def mark_written(self, key: SessionKey) -> None:
+        """Retention trims the transcripts written since its last pass (`take_written`): every
+        transcript write is marked, also one the store makes itself (a fenced run's reply)."""
         if len(self.written) < self.written_max:
             self.written.add(key)
         elif key not in self.written:
