@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from clawgate.automation.usage import OTHER_MODELS
 from clawgate.batch import BatchOptions, run_batch
 from clawgate.client import Client
 from clawgate.state.clock import FakeClock
@@ -78,6 +79,25 @@ async def test_no_price_means_no_cost_and_retention_sweeps_old_days(
         await gw.gateway.maintenance.run_once()
         assert (await c.call("usage.cost", {"days": 2}))["totals"]["runs"] == 0
         assert await gw.gateway.usage.store.rows("1970-01-01", "2999-12-31") == []
+
+
+async def test_a_day_keeps_at_most_usage_models_max_models_and_sums_the_rest(
+    start_gateway: GatewayFactory,
+) -> None:
+    """The model of a run's usage comes from the client (`model`): any string. A day's
+    aggregates keep the first `usage_models_max` models by name and sum every later one into
+    OTHER_MODELS, so a client cannot add a row on disk per run."""
+    gw = await start_gateway(usage_models_max=2)
+    async with Client(gw.url, max_reconnect_attempts=0) as c:
+        for i in range(5):
+            await c.run_agent("[[reply:ok]]", session_key=f"agent:main:m{i}", model=f"model-{i}")
+        await c.run_agent("[[reply:ok]]", session_key="agent:main:again", model="model-0")
+        await settle(gw.gateway)
+        cost = await c.call("usage.cost", {"days": 1})
+    assert {m["model"]: m["runs"] for m in cost["byModel"]} == {"model-0": 2, "model-1": 1, OTHER_MODELS: 3}
+    assert cost["totals"]["runs"] == 6
+    rows = await gw.gateway.usage.store.rows("1970-01-01", "2999-12-31")
+    assert sorted(r.model for r in rows) == sorted(["model-0", "model-1", OTHER_MODELS])
 
 
 async def test_batch_results_and_summary_carry_tokens_and_cost(

@@ -327,7 +327,12 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         int, Meta(ge=1, description="daily token aggregates kept this many days")
     ] = 90
     usage_models_max: Annotated[
-        int, Meta(ge=1, description="models counted in /metrics (the rest still in the store)")
+        int,
+        Meta(
+            ge=1,
+            description="models kept by name in a day's usage aggregates (later ones are summed as "
+            "'(other models)') and counted in /metrics",
+        ),
     ] = 64
 
     # --- cron (scheduled runs) -------------------------------------------------------------

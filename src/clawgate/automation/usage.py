@@ -21,6 +21,10 @@ from clawgate.state.clock import Clock
 from clawgate.store.records import RunRecord
 from clawgate.store.usage_store import UsageRow, UsageStore
 
+# A run's model comes from its client (`model`): any string. A day keeps at most
+# `usage_models_max` models by name; the runs of every later one are summed under this name.
+OTHER_MODELS = "(other models)"
+
 
 def day_of(ts: float) -> str:
     return _day_name(int(ts // 86_400))
@@ -39,6 +43,10 @@ class UsageLedger:
         self.store = store
         # Prometheus counters keyed by (model, kind): a handful of models, fixed kinds.
         self.tokens: Counter[tuple[str, str]] = Counter()
+        # The models the store holds for the current day (at most `usage_models_max`), read
+        # back from the store at the first run end of a day, so a restart does not add more.
+        self._day: str | None = None
+        self._day_models: set[str] = set()
 
     async def on_run_end(self, rec: RunRecord) -> None:
         usage = rec.usage
@@ -48,16 +56,32 @@ class UsageLedger:
         if len(self.tokens) < 2 * self.settings.usage_models_max or (model, "input") in self.tokens:
             self.tokens[(model, "input")] += usage["input"]
             self.tokens[(model, "output")] += usage["output"]
+        day = day_of(rec.ended_at or self.clock.time())
         await self.store.add(
             UsageRow(
-                day=day_of(rec.ended_at or self.clock.time()),
+                day=day,
                 agent_id=rec.agent_id,
-                model=model,
+                model=await self._bucket(day, model),
                 input=int(usage["input"]),
                 output=int(usage["output"]),
                 runs=1,
             )
         )
+
+    async def _bucket(self, day: str, model: str) -> str:
+        """`model`, or OTHER_MODELS once the day holds `usage_models_max` other models."""
+        if day != self._day:
+            self._day, self._day_models = day, set()
+            stored = await self.store.rows(day, day)
+            if self._day == day:
+                self._day_models.update(r.model for r in stored if r.model != OTHER_MODELS)
+        models = self._day_models
+        if model in models:
+            return model
+        if len(models) < self.settings.usage_models_max:
+            models.add(model)
+            return model
+        return OTHER_MODELS
 
     async def sweep(self) -> int:
         cutoff = day_of(self.clock.time() - self.settings.usage_retention_days * 86400)

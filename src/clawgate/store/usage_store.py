@@ -1,6 +1,7 @@
 """Daily token aggregates per (agent, model): SQLite rows or Redis hashes that expire.
 
-Bounded on disk by construction: at most `usage_retention_days` days x agents x models rows.
+Bounded on disk by construction: at most `usage_retention_days` days x agents x
+(`usage_models_max` + 1) rows (the ledger sums a day's later models as one, automation/usage.py).
 """
 
 from __future__ import annotations
