@@ -44,7 +44,7 @@ SOAK_SETTINGS = {
     # The 500 requester sessions get an announcement per spawn and are never idle: their
     # transcripts grow to this bound and are trimmed there (with the default of 500 they would
     # grow for 250,000 spawns, longer than a soak, and the disk criterion could not judge).
-    "session_max_messages": 20,
+    "session_max_messages": 10,
     "disk_sample_interval_s": 1.0,
 }
 DISK_GROWTH_MAX = 0.10  # store bytes at the end at most 10% above bytes at 10% of the batch (window_median)
