@@ -21,6 +21,7 @@ import pytest
 from clawgate.client import Client, ClientError
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
+from helpers import advance_until
 
 MiB = 1024 * 1024
 
@@ -105,8 +106,8 @@ async def test_enospc_never_corrupts_the_store_or_loses_accepted_runs(
             await asyncio.sleep(0.005)
         await gw.store.flush()
         filler = fill(small_fs)
-        clock.advance(5)
-        await inflight
+        await advance_until(clock, inflight.done, "the slow run to end", step_s=5)
+        inflight.result()
         accepted.append("slow")
         for i in range(60):  # big answers: the WAL must grow, and cannot
             try:
