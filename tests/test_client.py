@@ -112,6 +112,9 @@ async def test_wait_on_running_then_finished_run(
     waiter = asyncio.create_task(client.wait("cl-wait-1", timeout_ms=600_000))
     await asyncio.sleep(0.01)
     assert not waiter.done()
+    # The provider's sleep starts behind the run's history read: advance once it sleeps.
+    due = clock.time() + 5
+    await wait_until(lambda: clock.sleeping_until(due) >= 1, "the provider's sleep")
     await clock.advance_async(5)
     done = await asyncio.wait_for(waiter, 5)
     assert done["status"] == "ok"

@@ -22,7 +22,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle
-from helpers import wait_until
+from helpers import advance_until, wait_until
 
 # The in-memory structures keyed by run (or by the session lane a run occupies). After a
 # batch has ended and its results' TTL has passed, each must be back to its baseline.
@@ -175,8 +175,9 @@ async def test_idempotency_key_dedupes_while_running_after_end_and_expires(
     second = asyncio.create_task(client.call_final("agent", params))
     await wait_until(lambda: len(gw.runs.active["idem-1"].listeners) == 2, "retry joined the run")
     assert await gw.store.count_runs() == 1
-    await clock.advance_async(1)
-    final1, final2 = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    # The provider's sleep starts behind the history read: advance until the run has ended.
+    await advance_until(clock, lambda: first.done() and second.done(), "the run to end")
+    final1, final2 = first.result(), second.result()
     assert final1["runId"] == final2["runId"] == "idem-1"
     assert final1["status"] == final2["status"] == "ok"
     assert final1["result"] == final2["result"]

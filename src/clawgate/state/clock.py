@@ -108,6 +108,15 @@ class FakeClock:
             or (isinstance(f, asyncio.Future) and not f.done())
         )
 
+    def sleeping_until(self, deadline: float) -> int:
+        """Tasks in a `sleep()` that ends at `deadline` (timers not counted): a test advances
+        once the sleep it means has started, not before (an advance before it is lost on it)."""
+        return sum(
+            1
+            for at, _, f in self._sleepers
+            if at == deadline and isinstance(f, asyncio.Future) and not f.done()
+        )
+
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose deadline has passed."""
         self._now += seconds
