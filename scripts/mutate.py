@@ -301,6 +301,8 @@ def mutated_source(path: str, source: str, index: int) -> str:
 def _patch_function(orig: object, new: object, where: str) -> None:
     if isinstance(orig, staticmethod | classmethod) and isinstance(new, staticmethod | classmethod):
         orig, new = orig.__func__, new.__func__
+        if orig is new:
+            return  # wraps the same object (a builtin such as time.time): no code of ours to move
     if isinstance(orig, property) and isinstance(new, property):
         for part in ("fget", "fset", "fdel"):
             if getattr(orig, part) is not None:

@@ -49,6 +49,11 @@ ALLOWED_BLOCKING: list[tuple[str, set[str]]] = [
     # A module imported on first use (the MCP client, lazily to keep the gateway's start lean):
     # once per process.
     ("<frozen importlib._bootstrap>", {"_find_and_load"}),
+    # structlog's unconfigured default (a test process that imported structlog and rich before
+    # pytest, as scripts/mutate.py does) renders a logged exception with rich, which looks up
+    # each frame's file. Test-process logging, not the gateway's: `clawgate gateway` configures
+    # a plain or JSON renderer (clawgate/logs.py), and rich only for a person at a terminal.
+    ("rich/traceback.py", {"_render_stack"}),
 ]
 
 

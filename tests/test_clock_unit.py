@@ -238,3 +238,20 @@ async def test_wait_woken_with_nothing_left_to_wait_returns_after_one_turn(clock
         for _ in range(2):
             await asyncio.sleep(0)
         assert waiter.done()  # the FakeClock's own timers only fire on `advance`
+
+
+async def test_sleeping_until_counts_the_pending_sleeps_due_at_that_time(clock: FakeClock) -> None:
+    """What the tests wait for before advancing: sleeps (not timers) due at one deadline."""
+    t = clock.time()
+    clock.call_later(5, lambda: None)  # a timer is not a sleep
+    a = asyncio.create_task(clock.sleep(5))
+    b = asyncio.create_task(clock.sleep(5))
+    c = asyncio.create_task(clock.sleep(7))
+    await asyncio.sleep(0)
+    assert [clock.sleeping_until(t + d) for d in (5, 6, 7)] == [2, 0, 1]
+    c.cancel()
+    await asyncio.sleep(0)
+    assert clock.sleeping_until(t + 7) == 0  # a cancelled sleep no longer counts
+    clock.advance(5)
+    await asyncio.gather(a, b)
+    assert clock.sleeping_until(t + 5) == 0
