@@ -39,6 +39,21 @@ async def advance_until(
         await asyncio.sleep(0.002)
 
 
+async def provider_sleeping(
+    clock: FakeClock, delay_s: float, n: int = 1, what: str = "the provider's sleep"
+) -> None:
+    """Wait (in real time) until `n` tasks sleep until exactly `clock.time() + delay_s`.
+
+    For a test that must advance by exactly `delay_s` (it checks that nothing happens before):
+    a `[[delay:S]]` sleep starts behind the run's store round trip, after the "start" event,
+    and an advance made before it is lost on it. A count of pending timers is no substitute
+    (another timer can meet it first). The gateway's own loops sleep on the clock too (ticks
+    every `tick_interval_s`, 30 s by default; maintenance every `maintenance_interval_s`, 60 s):
+    where one of them is due at the same moment, count it in `n`."""
+    due = clock.time() + delay_s
+    await wait_until(lambda: clock.sleeping_until(due) >= n, what)
+
+
 async def drop_redis_prefix(redis_url: str, prefix: str) -> None:
     """Delete every key under `prefix:` (a test's private key space on the shared Redis)."""
     client = aioredis.from_url(redis_url)

@@ -18,7 +18,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from clawgate.store.cron_records import CronSchedule
 from conftest import GatewayFactory, settle, unique_prefix
-from helpers import wait_until
+from helpers import provider_sleeping, wait_until
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -192,7 +192,11 @@ async def test_busy_job_skips_and_errors_back_off(start_gateway: GatewayFactory,
             )
         )["job"]["id"]
         await tick(clock, gw, 10, settled=False)
+        # The first run's delay starts behind its history read: the clock moves on once it sleeps
+        # (until 35 s), so that run is still going at 20 s and has ended by 50 s.
+        await provider_sleeping(clock, 25, what="the first run's delay")
         await tick(clock, gw, 10, settled=False)  # the first run is still going: this occurrence is skipped
+        await wait_until(lambda: gw.gateway.cron.skipped == 1, "the skipped occurrence")
         skipped = [e for e in await entries(c, slow) if e["status"] == "skipped"]
         assert len(skipped) == 1 and "maxConcurrentRuns 1" in skipped[0]["error"]
         await c.call("cron.remove", {"jobId": slow})

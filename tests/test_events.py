@@ -18,7 +18,7 @@ from clawgate.client import Client, ClientError
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, settle
-from helpers import wait_until
+from helpers import provider_sleeping, wait_until
 
 
 class RawConn:
@@ -209,6 +209,9 @@ async def test_emitting_and_silent_runs_keep_context_watchers_and_seq(
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         frames: list[dict[str, Any]] = []
         c.on_event = frames.append
+        # The gateway's maintenance loop also sleeps until 60 s from now: counted first, so the
+        # first advance waits for the busy run's own first delay (see below).
+        loop_sleeps = clock.sleeping_until(clock.time() + 60)
         # Emits one delta every 60 s of gateway time for 5 minutes: never idle for 100 s.
         busy = await c.call(
             "agent",
@@ -231,6 +234,10 @@ async def test_emitting_and_silent_runs_keep_context_watchers_and_seq(
         )
         assert busy["status"] == quiet["status"] == "accepted"
         await wait_until(lambda: len(gw.bus.contexts) == 2, "two run contexts")
+        # The first delay starts behind the run's history read, after its context exists: an
+        # advance before it would be lost on it. (Each later delay starts in the step that emits
+        # the delta before it, so it has started once the client has that delta.)
+        await provider_sleeping(clock, 60, n=loop_sleeps + 1, what="the busy run's first delay")
 
         def deltas_seen() -> int:
             return sum(1 for e in agent_events(frames, "long-busy") if e["stream"] == "assistant")

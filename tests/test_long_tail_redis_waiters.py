@@ -15,7 +15,7 @@ from clawgate.client import Client
 from clawgate.events.bus import END_AGENT, END_CHAT
 from clawgate.state.clock import FakeClock
 from conftest import GatewayFactory, unique_prefix
-from helpers import wait_until
+from helpers import provider_sleeping, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -41,6 +41,8 @@ async def test_agent_retry_waiting_on_another_process_gets_the_end_without_the_d
             await wait_until(lambda: key in a.gateway.cluster.remote_waiters, what="A waiting remotely")  # type: ignore[union-attr]
             # A's subscriber is gone when B publishes the end: A never sees the "done".
             await a.gateway.cluster.fanout.stop()
+            # B's provider sleep starts behind the run's history read: advance once it sleeps.
+            await provider_sleeping(clock, 5)
             clock.advance(5)
             await wait_until(lambda: b.gateway.runs.running == 0, what="B ends the run")
             await b.gateway.store.flush()
@@ -85,6 +87,8 @@ async def test_end_events_of_a_run_whose_executor_never_sent_them_are_told_once_
         await wait_until(lambda: key in member_a.remote_waiters, what="A waiting remotely")
         await wait_until(lambda: any(f["payload"]["runId"] == key for f in seen), what="B's start event on A")
         await member_b.fanout.stop()  # nothing B sends from now on leaves the process
+        # B's provider sleep starts behind the run's history read: advance once it sleeps.
+        await provider_sleeping(clock, 5)
         clock.advance(5)
         await wait_until(lambda: b.gateway.runs.running == 0, what="B ends the run")
         await b.gateway.store.flush()

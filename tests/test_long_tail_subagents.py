@@ -23,6 +23,7 @@ from clawgate.store.records import SessionMeta, SubagentRecord, TranscriptMessag
 from clawgate.store.sqlite import SqliteStore
 from clawgate.subagents.hooks import SubagentEnded
 from conftest import GatewayFactory, settle
+from helpers import provider_sleeping
 from test_subagent_restore import write_straight_into_store
 from test_subagents import (
     MANUAL_TICKS,
@@ -325,9 +326,14 @@ async def test_a_child_that_waited_long_in_the_queue_keeps_its_record(
     async with connect(rg) as c:
         first = await spawn(c, "agent:main:queue", "[[delay:150]][[reply:a]]", runTimeoutSeconds=1000)
         second = await spawn(c, "agent:main:queue", "[[delay:150]][[reply:b]]", runTimeoutSeconds=1000)
+        # Each child's delay starts behind its run's history read: the clock moves on only once
+        # the sleep has started (an advance before it would be lost on it and push its end out).
+        await provider_sleeping(clock, 150, what="the first child's delay")
         for t in range(0, 330, 10):
             await clock.advance_async(10)
             await asyncio.sleep(0.01)
+            if t + 10 == 150:  # the first child ends: the second takes the slot and sleeps 150 s
+                await provider_sleeping(clock, 150, what="the second child's delay")
             if t % 50 == 0:
                 await tick(gw)
         await settle(gw)
@@ -377,6 +383,9 @@ async def test_a_child_deleted_by_cleanup_is_not_recreated_by_its_own_childs_ann
         )
         await wait_for(lambda: len(hook.events) == 1, "the child's cleanup")
         assert await gw.store.get_session(child["childSessionKey"]) is None
+        # The grandchild's delay starts behind its run's history read, which the child's cleanup
+        # does not wait for: advance once it sleeps.
+        await provider_sleeping(clock, 5, what="the grandchild's delay")
         await clock.advance_async(5)  # the grandchild ends and announces into the deleted child session
         await settle(gw)
         assert await history(c, child["childSessionKey"]) == []

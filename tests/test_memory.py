@@ -22,6 +22,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from clawgate.state.ttlmap import TTLMap
 from conftest import GatewayFactory, settle
+from helpers import advance_until, provider_sleeping, wait_until
 
 CONTAINERS = (dict, set, list, deque, OrderedDict)
 
@@ -142,7 +143,15 @@ async def _mixed_workload(rg: RunningGateway, clock: FakeClock) -> None:
         await asyncio.sleep(0.01)
         assert (await c.abort(stalled["runId"]))["aborted"] is True
         timed = asyncio.ensure_future(c.run_agent("[[stall]]", session_key="agent:main:slow", timeout=5))
-        await asyncio.sleep(0.01)
+        # The run's timeout timer is armed when it starts running: an advance before that would
+        # be lost on it.
+        await wait_until(
+            lambda: any(
+                r.record.session_key == "agent:main:slow" and r.record.status == "running"
+                for r in gw.runs.active.values()
+            ),
+            "the timed run to start",
+        )
         await clock.advance_async(5.0)
         assert (await timed)["status"] == "timeout"
         # the child that errored is held 15 s as a pending lifecycle error, then finalized
@@ -162,10 +171,16 @@ async def _mixed_workload(rg: RunningGateway, clock: FakeClock) -> None:
     for p in pending:
         with pytest.raises(ClientError):
             await p
-    # five sessions, four main lanes: two rounds of the scripted one-second delay
-    await clock.advance_async(1.0)
-    await asyncio.sleep(0.05)
-    await clock.advance_async(1.0)
+    # Five sessions, four main lanes: two rounds of the scripted one-second delay. Each delay
+    # starts behind its run's history read (an advance before it would be lost on it), and how
+    # many runs the gateway accepted before the close is not known: once the connection is gone,
+    # move the clock until every run it left has ended.
+    await wait_until(lambda: not gw.connections, "the dropped connection to be torn down")
+    await advance_until(
+        clock,
+        lambda: len(gw.runs.active) == 0 and gw.runs.running == 0 and gw.runs.queued == 0,
+        "the dropped client's runs to end",
+    )
     await settle(gw)
 
 
@@ -223,6 +238,8 @@ async def test_admission_refuses_when_tracked_runs_exceed_the_limit(
             await c.spawn("agent:main:main", "child")
         assert spawn_refused.value.code == "UNAVAILABLE"
         assert (await http.get(f"{rg.http_url}/readyz")).status_code == 503
+        # Each held run's delay starts behind its history read: advance once all three sleep.
+        await provider_sleeping(clock, 10, n=3, what="the held runs' delays")
         await clock.advance_async(10.0)
         for h in held:
             assert (await c.wait(h["runId"], 1000))["status"] == "ok"

@@ -179,6 +179,7 @@ async def test_concurrency_limit_per_provider(start_gateway: GatewayFactory, clo
     gw = await start_gateway(provider_max_concurrency=1, main_concurrency=4)
     provider: Any = gw.gateway.provider
     async with Client(gw.url, max_reconnect_attempts=0) as c:
+        due = clock.time() + 5
         for i in range(3):
             await c.call(
                 "agent",
@@ -189,7 +190,15 @@ async def test_concurrency_limit_per_provider(start_gateway: GatewayFactory, clo
                 },
             )
         await wait_until(lambda: gw.gateway.runs.running == 3, "3 runs running")
+        # A run reaches the provider behind its history read (a store round trip), after it is
+        # counted as running: wait until one is in the provider (asleep) and the other two wait
+        # for its slot.
+        await wait_until(
+            lambda: clock.sleeping_until(due) >= 1 and len(provider.slots._waiters or ()) == 2,
+            "one run in the provider and two waiting for its slot",
+        )
         assert provider.in_flight == 1
+        assert clock.sleeping_until(due) == 1
         for i in range(3):
             assert (await advance_until_done(clock, c, f"cc-{i}", step=1))["status"] == "ok"
         assert provider.in_flight == 0

@@ -22,7 +22,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle
-from helpers import advance_until, wait_until
+from helpers import advance_until, provider_sleeping, wait_until
 
 # The in-memory structures keyed by run (or by the session lane a run occupies). After a
 # batch has ended and its results' TTL has passed, each must be back to its baseline.
@@ -106,6 +106,8 @@ async def test_same_session_runs_are_sequential_and_fifo(
         assert gw.runs.running == 1
         assert gw.runs.queued == len(keys) - i - 1
         assert [k for k in keys if life.started(k)] == keys[: i + 1]
+        # The provider's sleep starts behind the run's history read, after "start".
+        await provider_sleeping(clock, 1)
         await clock.advance_async(1)
         await wait_until(lambda key=key: life.ended(key), f"end of {key}")
     expected = list(itertools.chain.from_iterable(((k, "start"), (k, "end")) for k in keys))
@@ -133,6 +135,7 @@ async def test_sessions_run_concurrently_up_to_main_concurrency(
         assert status["runs"]["active"] == 2
         assert status["runs"]["queued"] == 2
 
+        await provider_sleeping(clock, 1, n=2, what="both running runs' provider sleeps")
         await clock.advance_async(1)
         await wait_until(lambda: all(life.started(k) for k in keys), "last two started")
         await quiet()
@@ -141,6 +144,7 @@ async def test_sessions_run_concurrently_up_to_main_concurrency(
         status = await c.status()
         assert status["runs"]["active"] == 2 and status["runs"]["queued"] == 0
 
+        await provider_sleeping(clock, 1, n=2, what="the last two runs' provider sleeps")
         await clock.advance_async(1)
         await settle(gw)
         # Never more than two at once, judged from the event order itself.
@@ -200,6 +204,7 @@ async def test_idempotency_key_dedupes_while_running_after_end_and_expires(
         client.call_final("agent", params, on_accepted=lambda p: accepted_at.append(p["acceptedAt"]))
     )
     await wait_until(lambda: life.phases("idem-1").count("start") == 2, "second start")
+    await provider_sleeping(clock, 1)
     await clock.advance_async(1)
     final4 = await asyncio.wait_for(task, 10)
     assert final4["status"] == "ok"

@@ -23,6 +23,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from clawgate.subagents.hooks import RecordingHook, SubagentEnded
 from conftest import GatewayFactory, settle
+from helpers import provider_sleeping
 
 # Every in-memory structure of the subagent registry (docs/design.md, bounded by construction).
 SUBAGENT_STRUCTURES = (
@@ -848,6 +849,9 @@ async def test_rule2_emitting_and_silent_children_keep_their_contexts_while_they
             lambda: RunId(chatty["runId"]) in gw.bus.contexts and RunId(idle["runId"]) in gw.bus.contexts,
             "both runs to start",
         )
+        # The chatty run's first chunk delay starts behind its history read, after its context
+        # exists: a first advance before it would be lost on it.
+        await provider_sleeping(clock, 60, what="the chatty run's first chunk delay")
         minutes = 0
         while minutes * 60 < idle_ttl + 300:  # 35 minutes: past the idle TTL
             await clock.advance_async(60)
