@@ -248,6 +248,14 @@ async def test_abort_running_and_queued_runs_frees_everything(
         )
     )
     await wait_until(lambda: life.started("ab-run"), "stalled run start")
+    # The run appends its user message after its history read (a store round trip behind the
+    # "start" event); the assertion on the transcript below needs it there before the abort.
+    for _ in range(2000):
+        if [m.role for m in await gw.store.history(session, 10)] == ["user"]:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("the stalled run's user message never reached the transcript")
     queued = asyncio.create_task(
         client.call_final("agent", {"message": "never", "idempotencyKey": "ab-queued", "sessionKey": session})
     )
