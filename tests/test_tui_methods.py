@@ -18,7 +18,7 @@ import pytest
 from clawgate.client import Client, ClientError
 from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
-from conftest import GatewayFactory, settle
+from conftest import GatewayFactory, settle, unique_prefix
 
 TUI_METHODS = {
     "sessions.subscribe",
@@ -327,3 +327,53 @@ async def test_a_subscriber_of_one_session_gets_its_session_events_only(
         }
         assert keys == {"agent:main:mine"}
         assert len(events.payloads("session.message")) == 2
+
+
+async def _messages_not_written_by_append_reach_subscribers(url: str) -> None:
+    """A TUI showing a session sees every message appended to it, also those written outside
+    `SessionService.append`: a subagent's announce (the pipeline's conditional append) and, on
+    the shared Redis queue, a run's reply (written by the run's fenced end script)."""
+    key = "agent:main:requester"
+    async with (
+        Client(url, max_reconnect_attempts=0) as client,
+        Client(url, max_reconnect_attempts=0) as tui,
+    ):
+        events = Recorder(tui)
+        assert await tui.call("sessions.subscribe", {}) == {"subscribed": True}
+        final = await client.run_agent(
+            '[[tool:sessions_spawn {"task":"[[reply:child says hi]]"}]]',
+            session_key=key,
+            idempotency_key="rq-1",
+        )
+        assert final["status"] == "ok"
+
+        def of_role(role: str) -> list[dict[str, Any]]:
+            return [
+                m for m in events.payloads("session.message", sessionKey=key) if m["message"]["role"] == role
+            ]
+
+        await events.until(lambda: bool(of_role("system")), "the announce's session.message")
+        await events.until(lambda: bool(of_role("assistant")), "the reply's session.message")
+        history = (await client.call("chat.history", {"sessionKey": key}))["messages"]
+        assert [m["role"] for m in history] == ["user", "assistant", "system"]
+        session_id = of_role("user")[0]["sessionId"]
+        for role, stored in zip(("user", "assistant", "system"), history, strict=True):
+            [message] = of_role(role)
+            assert message["messageId"] == stored["__openclaw"]["id"]
+            assert message["runId"] == stored["__openclaw"]["runId"]
+            assert message["message"]["content"] == [{"type": "text", "text": stored["content"]}]
+            assert message["sessionId"] == session_id
+        assert "child says hi" in history[2]["content"]
+        assert history[1]["content"] == final["result"]["payloads"][0]["text"]
+
+
+async def test_messages_not_written_by_append_reach_subscribers_sqlite(gateway: RunningGateway) -> None:
+    await _messages_not_written_by_append_reach_subscribers(gateway.url)
+
+
+@pytest.mark.redis
+async def test_messages_not_written_by_append_reach_subscribers_redis(
+    start_gateway: GatewayFactory, redis_url: str
+) -> None:
+    rg = await start_gateway(store=redis_url, redis_prefix=unique_prefix())
+    await _messages_not_written_by_append_reach_subscribers(rg.url)

@@ -151,12 +151,22 @@ class SessionService:
             self.observer.message_appended(message, self.cache.get(key))
         return written
 
-    def append_to_existing(self, message: TranscriptMessage) -> Awaitable[bool]:
+    async def append_to_existing(self, message: TranscriptMessage) -> bool:
         """Append only if the session still exists, atomically with the check (the store's
-        `append_to_existing`); True when appended. Counted toward the transcript bounds
-        like `append`."""
-        self.mark_written(SessionKey(message.session_key))
-        return self.store.append_to_existing(message)
+        `append_to_existing`); True when appended. Counted toward the transcript bounds and
+        told to the session's subscribers (`session.message`) like `append`."""
+        key = SessionKey(message.session_key)
+        self.mark_written(key)
+        appended = await self.store.append_to_existing(message)
+        if appended and self.observer is not None:
+            self.observer.message_appended(message, self.cache.get(key))
+        return appended
+
+    def appended_by_store(self, message: TranscriptMessage) -> None:
+        """A message the store appended itself (a fenced end's reply, `RunRecord.reply_message`):
+        told to the session's subscribers like `append`'s (marked by `mark_written` before)."""
+        if self.observer is not None:
+            self.observer.message_appended(message, self.cache.get(SessionKey(message.session_key)))
 
     def mark_written(self, key: SessionKey) -> None:
         """Retention trims the transcripts written since its last pass (`take_written`): every

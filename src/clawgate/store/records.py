@@ -67,6 +67,22 @@ class RunRecord(msgspec.Struct, kw_only=True):
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
 
+    def reply_message(self) -> TranscriptMessage | None:
+        """The transcript line of an ended run's reply (None: no reply to keep).
+
+        A run from the shared Redis queue has its reply written by its fenced end's own
+        script (`RedisStore.end_run`); the run service tells it to the session's subscribers
+        from this same message once that end is stored."""
+        if self.status != "ok" or not self.result_text:
+            return None
+        return TranscriptMessage(
+            session_key=self.session_key,
+            role="assistant",
+            content=self.result_text,
+            ts=self.ended_at or 0.0,
+            run_id=self.run_id,
+        )
+
 
 class SubagentRecord(msgspec.Struct, kw_only=True):
     run_id: RunId

@@ -677,14 +677,8 @@ class RedisStore(Store):
         # One script: the "no end yet" check, the fence check and the write (with `extra`, e.g.
         # the run's webhook delivery) are atomic. A fenced end carries its reply into the
         # transcript in the same script: written with the end it belongs to, or not at all.
-        if fence is not None and rec.status == "ok" and rec.result_text:
-            message = TranscriptMessage(
-                session_key=rec.session_key,
-                role="assistant",
-                content=rec.result_text,
-                ts=rec.ended_at or 0.0,
-                run_id=rec.run_id,
-            )
+        message = rec.reply_message() if fence is not None else None
+        if message is not None:
             extra = [*extra, *self._append_cmds(message)]
         reply = await self._submit([self._write_run_cmd(rec, fence, extra)], _first)
         code = int(reply[0])
