@@ -298,9 +298,15 @@ async def test_two_gateways_on_redis_fire_each_occurrence_once(
             lambda: a.gateway.cron.fired + b.gateway.cron.fired >= 6,
             f"six firings {a.gateway.cron.stats()} {b.gateway.cron.stats()}",
         )
-        await asyncio.sleep(0.2)
+        for gw in (a, b):
+            await settle(gw.gateway)
         total = a.gateway.cron.fired + b.gateway.cron.fired
-        history = await entries(c, job_id)
+        # An occurrence's history entry is written by its run's end hook, on whichever
+        # gateway executed it, after the run has left `runs.active`: poll (bounded) for it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while len(history := await entries(c, job_id)) < total and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         run_ids = [e["runId"] for e in history]
         assert len(run_ids) == len(set(run_ids))
         scheduled = [e["scheduledForMs"] for e in history]
