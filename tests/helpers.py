@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 
 from clawgate.state.clock import FakeClock
+
+T = TypeVar("T")
 
 
 async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout: float = 20.0) -> None:
@@ -21,6 +24,29 @@ async def wait_until(pred: Callable[[], bool], what: str = "condition", timeout:
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.002)
+
+
+async def poll_until(
+    fetch: Callable[[], Awaitable[T]],
+    pred: Callable[[T], bool],
+    what: str = "condition",
+    timeout: float = 20.0,
+) -> T:
+    """Await `fetch()` until `pred` holds for what it returns, and return that; fail after
+    `timeout` seconds of real time (with the last value in the message).
+
+    `wait_until` for a condition that needs an await to observe (a client call, a store read):
+    state written behind the test's back (a run's end hook, a delivery's store write), which
+    a fixed sleep only hopes has landed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await fetch()
+        if pred(value):
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: last {value!r}")
+        await asyncio.sleep(0.01)
 
 
 async def advance_until(

@@ -32,6 +32,7 @@ from clawgate.client import Client, ClientError
 from clawgate.protocol.constants import INTERRUPTED
 from clawgate.testing import GatewayProcess
 from conftest import GatewayProcessFactory
+from helpers import wait_until
 
 KILL_DELAYS = [0.1, 0.4, 0.7, 1.0]
 FINAL = {"ok", "error", "timeout", "aborted"}
@@ -171,6 +172,11 @@ async def test_sigkill_and_restart_keeps_every_promise(
         await gw.astart()
         driver = asyncio.create_task(_drive(gw.url, rng, accepted_runs, accepted_spawns))
         await asyncio.sleep(KILL_DELAYS[seed] + rng.uniform(0, 0.05))
+        # The kill point, at the earliest once something was accepted: on a loaded machine the
+        # first answer can take longer than the shortest delay (and a kill before it checks nothing).
+        await wait_until(
+            lambda: bool(accepted_runs or accepted_spawns) or driver.done(), "a first accepted request"
+        )
         gw.kill()
         with contextlib.suppress(ClientError, OSError, asyncio.CancelledError):
             await asyncio.wait_for(driver, 10)

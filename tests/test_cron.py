@@ -18,7 +18,7 @@ from clawgate.server.serve import RunningGateway
 from clawgate.state.clock import FakeClock
 from clawgate.store.cron_records import CronSchedule
 from conftest import GatewayFactory, settle, unique_prefix
-from helpers import provider_sleeping, wait_until
+from helpers import poll_until, provider_sleeping, wait_until
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -109,6 +109,23 @@ async def entries(c: Client, job_id: str) -> list[dict[str, Any]]:
     return (await c.call("cron.runs", {"jobId": job_id}))["entries"]
 
 
+async def recorded(c: Client, job_id: str) -> list[dict[str, Any]]:
+    """The job's history once the end of its last fired run is recorded (out of its `running`
+    list, and its entry written). The run's end hook records it after the run has left
+    `runs.active`, in store round trips (real time): `settle()` does not wait for it, and an
+    occurrence due meanwhile would find the job still busy. Call it after the firing counted."""
+
+    async def fetch() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        job = (await c.call("cron.get", {"jobId": job_id}))["job"]  # before the entries: never newer
+        return job, await entries(c, job_id)
+
+    def done(got: tuple[dict[str, Any], list[dict[str, Any]]]) -> bool:
+        state, history = got[0]["state"], got[1]
+        return not state["running"] and state.get("lastRunId") in {e["runId"] for e in history}
+
+    return (await poll_until(fetch, done, f"the end of job {job_id}'s run to be recorded"))[1]
+
+
 async def test_every_job_fires_on_schedule_and_keeps_history(
     start_gateway: GatewayFactory, clock: FakeClock
 ) -> None:
@@ -128,9 +145,11 @@ async def test_every_job_fires_on_schedule_and_keeps_history(
         assert job["state"]["nextRunAtMs"] == int(clock.time() * 1000) + 60_000  # not at once
         await tick(clock, gw, 60)
         await wait_until(lambda: gw.gateway.cron.fired == 1, "first firing")
+        await recorded(c, job_id)
         for n in range(2, 4):
             await tick(clock, gw, 60)
             await wait_until(lambda n=n: gw.gateway.cron.fired == n, f"firing {n}")
+            await recorded(c, job_id)
         await settle(gw.gateway)
         history = await entries(c, job_id)
         assert [e["status"] for e in history] == ["ok", "ok", "ok"]
@@ -173,7 +192,11 @@ async def test_at_job_runs_once_and_can_delete_itself(
         await wait_until(lambda: gw.gateway.cron.fired == 1, "the one firing")
         await settle(gw.gateway)
         await tick(clock, gw, 0)
-        assert (await c.call("cron.list", {}))["jobs"] == []
+        # Deleted by the run's end hook, after the run has left `runs.active` (settle's view).
+        listed = await poll_until(
+            lambda: c.call("cron.list", {}), lambda r: r["jobs"] == [], "the job to delete itself"
+        )
+        assert listed["jobs"] == []
         with pytest.raises(ClientError):
             await c.call("cron.get", {"jobId": job["id"]})
 
@@ -197,7 +220,13 @@ async def test_busy_job_skips_and_errors_back_off(start_gateway: GatewayFactory,
         await provider_sleeping(clock, 25, what="the first run's delay")
         await tick(clock, gw, 10, settled=False)  # the first run is still going: this occurrence is skipped
         await wait_until(lambda: gw.gateway.cron.skipped == 1, "the skipped occurrence")
-        skipped = [e for e in await entries(c, slow) if e["status"] == "skipped"]
+        # Counted before its history entry is written (a store round trip): poll for the entry.
+        history = await poll_until(
+            lambda: entries(c, slow),
+            lambda h: any(e["status"] == "skipped" for e in h),
+            "the skipped occurrence's history entry",
+        )
+        skipped = [e for e in history if e["status"] == "skipped"]
         assert len(skipped) == 1 and "maxConcurrentRuns 1" in skipped[0]["error"]
         await c.call("cron.remove", {"jobId": slow})
         await tick(clock, gw, 30)  # let the slow run finish
@@ -214,6 +243,7 @@ async def test_busy_job_skips_and_errors_back_off(start_gateway: GatewayFactory,
         )["job"]["id"]
         await tick(clock, gw, 10)
         await settle(gw.gateway)
+        await recorded(c, failing)  # its first firing (no earlier run to mistake for it)
         job = (await c.call("cron.get", {"jobId": failing}))["job"]
         assert job["state"]["consecutiveErrors"] == 1 and job["state"]["lastError"] == "nope"
         # The next run waits out the 30 s backoff, not the 10 s schedule.
@@ -255,8 +285,10 @@ async def test_missed_occurrences_fire_once_after_downtime(
                 "cron.add", {"name": "m", "schedule": {"kind": "every", "everyMs": 60_000}, "message": "x"}
             )
         )["job"]["id"]
-    await tick(clock, first, 60)
-    await wait_until(lambda: first.gateway.cron.fired == 1, "first firing")
+        await tick(clock, first, 60)
+        await wait_until(lambda: first.gateway.cron.fired == 1, "first firing")
+        # Ended and recorded before the stop: the restart must find only missed occurrences.
+        await recorded(c, job_id)
     await settle(first.gateway)
     await first.stop()
     clock.advance(10 * 60)  # down for ten occurrences
@@ -266,9 +298,10 @@ async def test_missed_occurrences_fire_once_after_downtime(
     await tick(clock, second, 1)
     assert second.gateway.cron.fired == 1
     async with Client(second.url, max_reconnect_attempts=0) as c:
+        history = await recorded(c, job_id)  # the catch-up run's end hook wrote its entry
         job = (await c.call("cron.get", {"jobId": job_id}))["job"]
         assert job["state"]["nextRunAtMs"] > int(clock.time() * 1000)
-        assert len(await entries(c, job_id)) == 2
+        assert len(history) == 2
 
 
 @pytest.mark.redis
@@ -291,9 +324,14 @@ async def test_two_gateways_on_redis_fire_each_occurrence_once(
             )
         )["job"]["id"]
         b.gateway.cron.wake.set()
-        for _ in range(6):
+        for i in range(1, 7):
             await clock.advance_async(30, step=5, settle=20)
-            await asyncio.sleep(0.05)
+            # Each occurrence is read and claimed on Redis in real time: let it be claimed before
+            # the clock passes the next one (a claim made after it skips the missed occurrence).
+            await wait_until(
+                lambda i=i: a.gateway.cron.fired + b.gateway.cron.fired >= i,
+                f"firing {i} {a.gateway.cron.stats()} {b.gateway.cron.stats()}",
+            )
         await wait_until(
             lambda: a.gateway.cron.fired + b.gateway.cron.fired >= 6,
             f"six firings {a.gateway.cron.stats()} {b.gateway.cron.stats()}",
@@ -326,6 +364,7 @@ async def test_history_is_bounded_by_count_and_age(start_gateway: GatewayFactory
         for n in range(1, 4):
             await tick(clock, gw, 10)
             await wait_until(lambda n=n: gw.gateway.cron.fired == n, f"firing {n}")
+            await recorded(c, job_id)
             await settle(gw.gateway)
         assert len(await entries(c, job_id)) == 2
         await c.call("cron.update", {"jobId": job_id, "patch": {"enabled": False}})

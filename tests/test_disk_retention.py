@@ -26,6 +26,7 @@ from clawgate.store.sqlite import SCHEMA, SqliteStore
 from clawgate.store.trim import transcript_keep
 from clawgate.subagents.hooks import JsonlEndedHook, SubagentEnded, log_files
 from conftest import GatewayFactory, settle
+from helpers import poll_until
 
 QUIET = {"maintenance_interval_s": 10**8, "disk_free_min_bytes": 0}
 ADMIN = ["operator.read", "operator.write", "operator.admin"]
@@ -57,7 +58,7 @@ async def test_idle_sessions_go_with_their_transcripts_but_not_with_a_run_in_fli
         stalled = asyncio.create_task(c.run_agent("[[stall]]", session_key="agent:main:busy", timeout=10_000))
         while not gw.runs.running:
             await asyncio.sleep(0.005)
-        await settle_store(gw)
+        await settle_store(gw, "agent:main:busy")
         assert (await rows(gw))["sessions"] == 4
         clock.advance(50)
         await c.run_agent("[[reply:recent]]", session_key="agent:main:recent")
@@ -75,9 +76,15 @@ async def test_idle_sessions_go_with_their_transcripts_but_not_with_a_run_in_fli
         stalled.cancel()
 
 
-async def settle_store(gw: Gateway) -> None:
-    await asyncio.sleep(0.01)
-    await gw.store.flush()
+async def settle_store(gw: Gateway, key: str) -> None:
+    """Until the running run in session `key` has its user message in the store: the run
+    appends it behind its history read (a store round trip after `runs.running` counts it)."""
+
+    async def stored_roles() -> list[str]:
+        await gw.store.flush()
+        return [m.role for m in await gw.store.history(key, 10)]
+
+    await poll_until(stored_roles, lambda roles: "user" in roles, f"the user message of {key} stored")
 
 
 async def test_max_sessions_deletes_the_least_recently_used(
@@ -188,7 +195,7 @@ async def test_a_live_subagent_protects_its_requester_and_child(
         spawned = await c.spawn(requester, "[[stall]]", mode="session")
         while not gw.runs.running:
             await asyncio.sleep(0.005)
-        await settle_store(gw)
+        await settle_store(gw, spawned["childSessionKey"])
         clock.advance(1000)
         report = await gw.retention.run()
     assert report[policy.SESSION_IDLE] == 0 and report[policy.MAX_SESSIONS] == 0
@@ -315,7 +322,7 @@ async def test_status_and_metrics_show_rows_bytes_and_removals(
     gw = rg.gateway
     async with Client(rg.url, max_reconnect_attempts=0) as c:
         await c.run_agent("[[reply:one]]", session_key="agent:main:a")
-        await settle_store(gw)
+        await settle(gw)  # the run's end hooks too (they run after its final answer), then a flush
         disk = (await c.status())["disk"]
         assert disk["rows"] == {"sessions": 1, "messages": 2, "runs": 1, "subagents": 0}
         assert disk["storeBytes"] > 0 and disk["attachmentsBytes"] == 0

@@ -485,7 +485,10 @@ async def test_pipelines_over_the_task_bound_wait_instead_of_being_dropped(
     async with connect(rg) as c:
         ids = [(await spawn(c, "agent:main:bound", f"[[reply:{i}]]"))["runId"] for i in range(5)]
         await wait_for(lambda: len(hung.events) == 2, "two pipelines holding both task slots")
-        await asyncio.sleep(0.05)
+        # The other three children end on their own time (store round trips): wait for their
+        # pipelines to be deferred, then check none of them got a task past the bound.
+        await wait_for(lambda: len(gw.subagents.deferred) >= 3, "three pipelines deferred")
+        await asyncio.sleep(0.05)  # a pipeline started past the bound would show up here
         assert len(gw.subagents.tasks) == 2
         assert len(gw.subagents.deferred) == 3
         status = await c.status()

@@ -60,13 +60,21 @@ def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
 async def advance_until_done(
     clock: FakeClock, client: Client, run_id: str, step: float = 0.5
 ) -> dict[str, Any]:
-    for _ in range(400):
+    # At most 400 steps of the fake clock; the run's end write is real time (the store's thread),
+    # so after them keep polling, without moving the clock, for up to 20 s in all.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    steps = 0
+    while True:
         res = await client.call("agent.wait", {"runId": run_id, "timeoutMs": 0})
         if "endedAt" in res:
             return res
-        await clock.advance_async(step)
+        if steps < 400:
+            await clock.advance_async(step)
+            steps += 1
+        elif loop.time() > deadline:
+            raise AssertionError(f"run {run_id} did not end")
         await asyncio.sleep(0.001)
-    raise AssertionError(f"run {run_id} did not end")
 
 
 async def test_rate_limit_is_retried_with_backoff_honouring_retry_after(

@@ -234,7 +234,9 @@ async def test_killed_holder_run_is_orphaned_and_the_rest_run_once_elsewhere(env
     b = env.make("b", lease_s=0.3, claim_idle_s=0.5)
     b.start()
     await wait_until(lambda: len(env.executed) == 4, timeout=10, what="B drains the session")
-    await asyncio.sleep(0.05)
+    # The step after the last run (a Redis round trip) releases the lock and drops the queue.
+    await wait_until(lambda: b.serving == 0, what="handler done")
+    await asyncio.sleep(0.05)  # a duplicate execution or orphan report would show up here
     assert env.orphaned == [("b", s, "r0")]
     assert env.executed == [("b", s, f"r{i}") for i in range(1, 5)]
     assert (b.orphans, b.executed, a.executed) == (1, 4, 0)
@@ -304,7 +306,10 @@ async def test_stalled_holder_loses_its_lease_and_stops_executing(env: Env) -> N
     await env.admin.delete(f"{env.prefix}:lock:{s}")
 
     await wait_until(lambda: len(env.executed) == 2, timeout=10, what="r1, r2 after the takeover")
-    await asyncio.sleep(0.05)
+    # A finds out on its next renewal (a Redis round trip every lease_s / 3), which the
+    # takeover does not wait for.
+    await wait_until(lambda: a.leases_lost >= 1 and a.interrupted >= 1, what="A losing its lease")
+    await asyncio.sleep(0.05)  # a second loss or interruption would show up here
     assert a.leases_lost == 1
     assert a.interrupted == 1  # r0's execution on A was cancelled, not left running
     assert [o[2] for o in env.orphaned] == ["r0"]

@@ -143,7 +143,14 @@ async def test_redis_restart_mid_batch_loses_no_accepted_run(
                 asyncio.create_task(submit(c, "[[delay:1.5]] w", f"agent:main:o{i % 8}", rid, accepted))
                 for i, rid in enumerate(ids)
             ]
-            await asyncio.sleep(0.7)  # the first run of every session is executing
+            await asyncio.sleep(0.7)  # the first runs are executing
+            # At the least (a loaded machine can take longer): 8 runs accepted (checked below)
+            # and one executing, so the outage comes mid-batch.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while len(accepted) < 8 or not (await c.status())["runs"]["active"]:
+                assert loop.time() < deadline, f"{len(accepted)} runs accepted, none executing"
+                await asyncio.sleep(0.01)
             redis_server.stop(signal.SIGKILL)
             down_at = time.monotonic()
             # New work is refused as retryable UNAVAILABLE, and the gateway says it is not ready.
@@ -335,12 +342,22 @@ async def partition_and_check(
 ) -> None:
     proxy.cut()
     await asyncio.sleep(7)  # lease 2 s + claim idle 2 s, with room: B takes A's sessions over
+    # A has found out by now, or soon after on a loaded machine (a longer cut only helps B).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while await readyz(a) != 503 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     assert await readyz(a) == 503
     assert (await ca.status())["store"]["up"] is False
     proxy.heal()
     finals = await asyncio.wait_for(asyncio.gather(*batch), 60)
     answered = dict(zip(ids, finals, strict=True))
     await asyncio.sleep(3)  # room for a duplicate end from A, if A could still write one
+    # Every run's terminal event reached B's watcher (a pub/sub hop after the final answer,
+    # for the runs A ended): at least one each, checked as exactly one below.
+    deadline = loop.time() + 20
+    while any(rid not in ends.by_run for rid in ids) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     stored = await stored_runs(redis_server.url, ids)
     interrupted = 0
     for rid in ids:

@@ -132,7 +132,10 @@ async def test_events_and_wait_cross_processes(cluster: Callable[..., object]) -
         )
         waited = await a.wait(started["runId"], 10_000)
         assert waited["status"] == "ok" and "endedAt" in waited
-        for _ in range(100):
+        # The end frame trails the wait's answer by a pub/sub hop.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline:
             if frames and frames[-1]["payload"]["data"].get("phase") == "end":  # type: ignore[index]
                 break
             await asyncio.sleep(0.02)

@@ -124,6 +124,10 @@ async def test_ping_and_idempotent_close(store: Store) -> None:
 async def test_unawaited_failed_write_is_not_reported_as_never_retrieved(store: Store) -> None:
     loop = asyncio.get_running_loop()
     reported: list[dict[str, Any]] = []
+    # Garbage of earlier tests (a task whose exception nobody read) is reported when it is
+    # collected: collect it before listening, so only what this test leaves counts.
+    gc.collect()
+    await asyncio.sleep(0)
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
     try:
@@ -381,15 +385,25 @@ async def test_claim_key_exactly_one_wins(store: Store) -> None:
 
 async def test_claim_key_expires(store: Store) -> None:
     now = time.time()
-    assert await store.claim_key("idem-x", "run-a", 0.2, now) is None
-    assert await store.claim_key("idem-x", "run-b", 0.2, now) == "run-a"
-    if isinstance(store, RedisStore):
-        await asyncio.sleep(0.3)  # observes Redis' native PX expiry
+    # Redis expires the key on its own clock (PX), in real time: a TTL that the next claim
+    # surely comes within on a loaded machine, then a bounded poll for its expiry.
+    redis = isinstance(store, RedisStore)
+    ttl = 1.0 if redis else 0.2
+    assert await store.claim_key("idem-x", "run-a", ttl, now) is None
+    assert await store.claim_key("idem-x", "run-b", ttl, now) == "run-a"
+    if redis:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        # Observes Redis' native PX expiry: held by run-a until then, then claimed by run-c.
+        while (holder := await store.claim_key("idem-x", "run-c", ttl, time.time())) is not None:
+            assert holder == "run-a"
+            assert loop.time() < deadline, "the claim never expired"
+            await asyncio.sleep(0.05)
         later = time.time()
     else:
         later = now + 0.3
-    assert await store.claim_key("idem-x", "run-c", 0.2, later) is None
-    assert await store.claim_key("idem-x", "run-d", 0.2, later) == "run-c"
+        assert await store.claim_key("idem-x", "run-c", ttl, later) is None
+    assert await store.claim_key("idem-x", "run-d", ttl, later) == "run-c"
 
 
 # -- subagents ---------------------------------------------------------------------------------------------

@@ -321,6 +321,12 @@ async def test_redis_each_webhook_is_delivered_by_exactly_one_process(
         )
         assert all(f["status"] == "ok" for f in finals)
         await wait_until(lambda: len(receiver.hits) >= 20)
+        # Each delivery is deleted from the outbox (a store write) after its 200 came back,
+        # then counted: wait for the count, then give a duplicate attempt its chance.
+        await wait_until(
+            lambda: a.gateway.webhooks.stats["delivered"] + b.gateway.webhooks.stats["delivered"] >= 20,
+            "20 deliveries recorded",
+        )
         await quiet()
         pending = await a.gateway.webhooks.store.counts()
         assert pending == {"pending": 0, "dead": 0}
