@@ -341,10 +341,9 @@ async def test_two_gateways_on_redis_fire_each_occurrence_once(
         total = a.gateway.cron.fired + b.gateway.cron.fired
         # An occurrence's history entry is written by its run's end hook, on whichever
         # gateway executed it, after the run has left `runs.active`: poll (bounded) for it.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while len(history := await entries(c, job_id)) < total and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        history = await poll_until(
+            lambda: entries(c, job_id), lambda h: len(h) >= total, f"{total} history entries"
+        )
         run_ids = [e["runId"] for e in history]
         assert len(run_ids) == len(set(run_ids))
         scheduled = [e["scheduledForMs"] for e in history]

@@ -32,6 +32,7 @@ from clawgate.store import redis_store
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import RedisStore, persistence_of
 from clawgate.testing import GatewayProcess, free_port
+from helpers import poll_until
 
 pytestmark = [
     pytest.mark.redis,
@@ -343,11 +344,7 @@ async def partition_and_check(
     proxy.cut()
     await asyncio.sleep(7)  # lease 2 s + claim idle 2 s, with room: B takes A's sessions over
     # A has found out by now, or soon after on a loaded machine (a longer cut only helps B).
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 20
-    while await readyz(a) != 503 and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    assert await readyz(a) == 503
+    await poll_until(lambda: readyz(a), lambda status: status == 503, "A not ready")
     assert (await ca.status())["store"]["up"] is False
     proxy.heal()
     finals = await asyncio.wait_for(asyncio.gather(*batch), 60)
@@ -355,6 +352,7 @@ async def partition_and_check(
     await asyncio.sleep(3)  # room for a duplicate end from A, if A could still write one
     # Every run's terminal event reached B's watcher (a pub/sub hop after the final answer,
     # for the runs A ended): at least one each, checked as exactly one below.
+    loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     while any(rid not in ends.by_run for rid in ids) and loop.time() < deadline:
         await asyncio.sleep(0.05)

@@ -22,7 +22,7 @@ from clawgate.state.clock import FakeClock
 from clawgate.store.records import RunRecord
 from clawgate.store.sqlite import SqliteStore
 from conftest import GatewayFactory, settle
-from helpers import advance_until, provider_sleeping, wait_until
+from helpers import advance_until, poll_until, provider_sleeping, wait_until
 
 # The in-memory structures keyed by run (or by the session lane a run occupies). After a
 # batch has ended and its results' TTL has passed, each must be back to its baseline.
@@ -250,12 +250,11 @@ async def test_abort_running_and_queued_runs_frees_everything(
     await wait_until(lambda: life.started("ab-run"), "stalled run start")
     # The run appends its user message after its history read (a store round trip behind the
     # "start" event); the assertion on the transcript below needs it there before the abort.
-    for _ in range(2000):
-        if [m.role for m in await gw.store.history(session, 10)] == ["user"]:
-            break
-        await asyncio.sleep(0.005)
-    else:
-        raise AssertionError("the stalled run's user message never reached the transcript")
+    await poll_until(
+        lambda: gw.store.history(session, 10),
+        lambda messages: [m.role for m in messages] == ["user"],
+        "the stalled run's user message in the transcript",
+    )
     queued = asyncio.create_task(
         client.call_final("agent", {"message": "never", "idempotencyKey": "ab-queued", "sessionKey": session})
     )

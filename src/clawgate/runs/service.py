@@ -599,7 +599,7 @@ class RunService:
             self._end_refused(run, before, stored)
         else:
             if run.fence is not None and not restored and (reply := rec.reply_message()) is not None:
-                self.sessions.appended_by_store(reply)  # before the end events, as `append`'s
+                self.sessions.message_appended(reply)  # before the end events, as `append`'s
             await self._ended(run, key, now, announce=not restored)
         if cancelled:
             raise asyncio.CancelledError

@@ -147,26 +147,25 @@ class SessionService:
             session_key=key, role=role, content=content, ts=self.clock.time(), run_id=run_id
         )
         written = self.store.append_message(message)
-        if self.observer is not None:
-            self.observer.message_appended(message, self.cache.get(key))
+        self.message_appended(message)
         return written
 
     async def append_to_existing(self, message: TranscriptMessage) -> bool:
         """Append only if the session still exists, atomically with the check (the store's
         `append_to_existing`); True when appended. Counted toward the transcript bounds and
         told to the session's subscribers (`session.message`) like `append`."""
-        key = SessionKey(message.session_key)
-        self.mark_written(key)
+        self.mark_written(message.session_key)
         appended = await self.store.append_to_existing(message)
-        if appended and self.observer is not None:
-            self.observer.message_appended(message, self.cache.get(key))
+        if appended:
+            self.message_appended(message)
         return appended
 
-    def appended_by_store(self, message: TranscriptMessage) -> None:
-        """A message the store appended itself (a fenced end's reply, `RunRecord.reply_message`):
-        told to the session's subscribers like `append`'s (marked by `mark_written` before)."""
+    def message_appended(self, message: TranscriptMessage) -> None:
+        """Tell the session's subscribers (`session.message`) of a message appended to its
+        transcript: by `append`, `append_to_existing`, or the store itself (a fenced end's
+        reply, `RunRecord.reply_message`; marked by `mark_written` before its write)."""
         if self.observer is not None:
-            self.observer.message_appended(message, self.cache.get(SessionKey(message.session_key)))
+            self.observer.message_appended(message, self.cache.get(message.session_key))
 
     def mark_written(self, key: SessionKey) -> None:
         """Retention trims the transcripts written since its last pass (`take_written`): every
