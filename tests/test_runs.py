@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,48 @@ async def test_sessions_run_concurrently_up_to_main_concurrency(
         status = await c.status()
         assert status["runs"]["active"] == 0 and status["runs"]["queued"] == 0
         assert status["runs"]["byStatus"]["ok"] == 4
+
+
+async def test_a_runs_bookkeeping_writes_do_not_hold_its_slot(
+    start_gateway: GatewayFactory, clock: FakeClock
+) -> None:
+    """A run's slot is free once its end is stored and told. The usage ledger's write (one
+    more store round trip per run) is queued by its end hook, not awaited in the slot: with
+    one main slot, the next run must start while that write cannot complete yet."""
+    rg = await start_gateway(main_concurrency=1)
+    gw = rg.gateway
+    store = gw.store
+    assert isinstance(store, SqliteStore)
+    release = threading.Event()
+    stalled: list[str] = []
+
+    def stall_writer(rec: RunRecord) -> None:
+        # An end hook of the test's, called after the ledger's: from here on the store's writer
+        # thread waits, so a write the ledger has not queued yet cannot complete.
+        if not stalled:
+            stalled.append(rec.run_id)
+            store.call(lambda _c: release.wait(30))
+
+    gw.runs.on_end(stall_writer)
+    try:
+        async with Client(rg.url, max_reconnect_attempts=0) as c:
+            life = Lifecycle(c)
+            await submit(c, "slot-a", "[[delay:1]]", "agent:main:slot-a")
+            await submit(c, "slot-b", "hello", "agent:main:slot-b")
+            await provider_sleeping(clock, 1)
+            assert not life.started("slot-b")  # one slot: b waits for a
+            await clock.advance_async(1)
+            await wait_until(lambda: life.ended("slot-a"), "the end of a")
+            await wait_until(lambda: life.started("slot-b"), "b to start while the writer is stalled", 10)
+            assert stalled == ["slot-a"] and not release.is_set()
+            release.set()
+            await wait_until(lambda: life.ended("slot-b"), "the end of b")
+            await settle(gw)
+            # Nothing was lost on the way: both runs are in the day's usage.
+            cost = await c.call("usage.cost", {"days": 1})
+            assert cost["totals"]["runs"] == 2
+    finally:
+        release.set()
 
 
 # ---------------------------------------------------------------------------------- idempotency

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -181,11 +182,14 @@ class CronService:
             await self._record_end(job.id, run_id, "error", f"could not start: {exc}", self.now_ms())
 
     # -- run ends ---------------------------------------------------------------------------------
-    async def on_run_end(self, rec: RunRecord) -> None:
+    def on_run_end(self, rec: RunRecord) -> Awaitable[None] | None:
+        """The run service's end hook: a cron run's end goes into its job's state and history
+        (awaited by the run service); any other run costs nothing here."""
         job_id = job_of_run(rec.run_id)
-        if job_id is not None:
-            started = int((rec.started_at or rec.accepted_at) * 1000)
-            await self._record_end(job_id, rec.run_id, rec.status, rec.error, started)
+        if job_id is None:
+            return None
+        started = int((rec.started_at or rec.accepted_at) * 1000)
+        return self._record_end(job_id, rec.run_id, rec.status, rec.error, started)
 
     async def _record_end(
         self, job_id: str, run_id: str, status: str, error: str | None, started_ms: int

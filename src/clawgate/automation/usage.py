@@ -9,15 +9,18 @@ aggregate per (agent, model) in the store, kept `usage_retention_days`, and to t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clawgate.providers.pricing import cost_usd
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
+from clawgate.store.base import log_write_failure
 from clawgate.store.records import RunRecord
 from clawgate.store.usage_store import UsageRow, UsageStore
 
@@ -44,37 +47,57 @@ class UsageLedger:
         # Prometheus counters keyed by (model, kind): a handful of models, fixed kinds.
         self.tokens: Counter[tuple[str, str]] = Counter()
         # The models the store holds for the current day (at most `usage_models_max`), read
-        # back from the store at the first run end of a day, so a restart does not add more.
+        # back from the store at start and at the first run end of a day, so a restart does
+        # not add more.
         self._day: str | None = None
         self._day_models: set[str] = set()
 
-    async def on_run_end(self, rec: RunRecord) -> None:
+    def on_run_end(self, rec: RunRecord) -> Awaitable[None] | None:
+        """The run service's end hook. The run's counts are queued into the store's next write
+        before this returns, and not awaited: the write holds no run slot, and a read issued
+        after the run's final answer still sees it (a failed write is logged). Only the first
+        run end of a day returns an awaitable: it reads back the day's stored models first."""
         usage = rec.usage
         if not usage:
-            return
+            return None
         model = str(usage.get("model") or rec.model or "unknown")
         if len(self.tokens) < 2 * self.settings.usage_models_max or (model, "input") in self.tokens:
             self.tokens[(model, "input")] += usage["input"]
             self.tokens[(model, "output")] += usage["output"]
-        day = day_of(rec.ended_at or self.clock.time())
-        await self.store.add(
-            UsageRow(
-                day=day,
-                agent_id=rec.agent_id,
-                model=await self._bucket(day, model),
-                input=int(usage["input"]),
-                output=int(usage["output"]),
-                runs=1,
-            )
+        row = UsageRow(
+            day=day_of(rec.ended_at or self.clock.time()),
+            agent_id=rec.agent_id,
+            model=model,
+            input=int(usage["input"]),
+            output=int(usage["output"]),
+            runs=1,
         )
+        if row.day != self._day:
+            return self._first_of_day(row)
+        self._queue(row)
+        return None
 
-    async def _bucket(self, day: str, model: str) -> str:
+    async def open(self) -> None:
+        """Open the store and read back today's models: the day's first run end needs no read."""
+        await self.store.open()
+        await self._load_day(day_of(self.clock.time()))
+
+    async def _first_of_day(self, row: UsageRow) -> None:
+        await self._load_day(row.day)
+        self._queue(row)
+
+    async def _load_day(self, day: str) -> None:
+        self._day, self._day_models = day, set()
+        stored = await self.store.rows(day, day)
+        if self._day == day:
+            self._day_models.update(r.model for r in stored if r.model != OTHER_MODELS)
+
+    def _queue(self, row: UsageRow) -> None:
+        row.model = self._bucket(row.model)
+        asyncio.ensure_future(self.store.add(row)).add_done_callback(log_write_failure)
+
+    def _bucket(self, model: str) -> str:
         """`model`, or OTHER_MODELS once the day holds `usage_models_max` other models."""
-        if day != self._day:
-            self._day, self._day_models = day, set()
-            stored = await self.store.rows(day, day)
-            if self._day == day:
-                self._day_models.update(r.model for r in stored if r.model != OTHER_MODELS)
         models = self._day_models
         if model in models:
             return model

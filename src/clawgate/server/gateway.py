@@ -328,7 +328,7 @@ class Gateway:
             return
         on_stop = self._lifecycle()
         await self.store.open()
-        await self.usage.store.open()
+        await self.usage.open()
         await self.webhooks.store.open()  # before the restore: run ends written there have deliveries
         if self.cluster is not None:
             # Shared store: other processes own the runs in flight; recovery of a dead

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import TYPE_CHECKING
@@ -34,7 +35,9 @@ class UsageStore(ABC):
     async def open(self) -> None: ...
 
     @abstractmethod
-    async def add(self, row: UsageRow) -> None: ...
+    def add(self, row: UsageRow) -> Awaitable[None]:
+        """Queue the row's counts into the store's next write, when called (not when
+        awaited): a read issued after this call sees them. Awaiting waits until stored."""
 
     @abstractmethod
     async def rows(self, since_day: str, until_day: str) -> list[UsageRow]:
@@ -57,15 +60,17 @@ class SqliteUsageStore(UsageStore):
             )
         )
 
-    async def add(self, row: UsageRow) -> None:
+    def add(self, row: UsageRow) -> Awaitable[None]:
         values = (row.day, row.agent_id, row.model, row.input, row.output, row.runs)
-        await self.store.call(
-            lambda c: c.execute(
+
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
                 "INSERT INTO usage_daily VALUES (?,?,?,?,?,?) ON CONFLICT(day, agent_id, model) DO UPDATE SET "
                 "input=input+excluded.input, output=output+excluded.output, runs=runs+excluded.runs",
                 values,
             )
-        )
+
+        return self.store.call(op)
 
     async def rows(self, since_day: str, until_day: str) -> list[UsageRow]:
         def read(c: sqlite3.Connection) -> list[UsageRow]:
@@ -103,12 +108,12 @@ class RedisUsageStore(UsageStore):
     async def open(self) -> None:
         return None
 
-    async def add(self, row: UsageRow) -> None:
+    def add(self, row: UsageRow) -> Awaitable[None]:
         key = f"{self.p}:{row.day}"
         base = f"{row.agent_id}\t{row.model}\t"
         # One script (the three counts and the expiry together), sent with the store's
         # next pipeline.
-        await self.store.send(
+        return self.store.send(
             [("EVAL", _ADD, 1, key, base, row.input, row.output, row.runs, int(self.ttl_s))]
         )
 
