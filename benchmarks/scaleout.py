@@ -1,6 +1,7 @@
 """Runs/s with 1, 2 and 3 gateway processes on Redis versus one on SQLite, same workload.
 
     .venv/bin/python benchmarks/scaleout.py --runs 6000 --concurrency 256
+    .venv/bin/python benchmarks/scaleout.py --runs 10000 --processes 1   # SQLite x1 and Redis x1 only
 
 Each configuration starts its gateway processes (scripted provider, separate state
 dirs, a private Redis key prefix), spreads the runs over them round-robin from this
@@ -90,9 +91,12 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--out", default="benchmarks/out/scaleout.json")
+    ap.add_argument(
+        "--processes", default="1,2,3", help="the Redis configurations to run, as process counts (e.g. 1)"
+    )
     a = ap.parse_args()
     results = [await configuration("sqlite x1", 1, "sqlite", a.runs, a.concurrency, a.redis)]
-    for n in (1, 2, 3):
+    for n in (int(p) for p in a.processes.split(",")):
         results.append(await configuration(f"redis x{n}", n, a.redis, a.runs, a.concurrency, a.redis))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
