@@ -17,12 +17,16 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
+
 from clawgate.providers.pricing import cost_usd
 from clawgate.settings import Settings
 from clawgate.state.clock import Clock
 from clawgate.store.base import log_write_failure
 from clawgate.store.records import RunRecord
 from clawgate.store.usage_store import UsageRow, UsageStore
+
+log = structlog.get_logger("clawgate.usage")
 
 # A run's model comes from its client (`model`): any string. A day keeps at most
 # `usage_models_max` models by name; the runs of every later one are summed under this name.
@@ -78,9 +82,15 @@ class UsageLedger:
         return None
 
     async def open(self) -> None:
-        """Open the store and read back today's models: the day's first run end needs no read."""
+        """Open the store and read back today's models: the day's first run end needs no read.
+        A store that cannot answer now (Redis down at start) leaves that read to the first
+        run end, as on a new day."""
         await self.store.open()
-        await self._load_day(day_of(self.clock.time()))
+        try:
+            await self._load_day(day_of(self.clock.time()))
+        except Exception as exc:
+            self._day = None
+            log.warning("usage: could not read today's models at start", error=str(exc))
 
     async def _first_of_day(self, row: UsageRow) -> None:
         await self._load_day(row.day)
