@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
-from clawgate.store.base import Store
+from clawgate.store.base import SessionGate, Store
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
@@ -357,6 +357,47 @@ async def test_create_run_is_atomic_with_the_idempotency_check(store: Store) -> 
     assert await store.get_run("r1") == again
     assert [r.run_id for r in await store.unfinished_runs()] == ["r1"]
     assert await store.count_runs("agent:main:a") == 1
+
+
+class _Refused(Exception):
+    pass
+
+
+def _past_budget() -> SessionGate:
+    return SessionGate(
+        refuses=lambda meta: bool(meta.budget_tokens) and meta.tokens_used >= (meta.budget_tokens or 0),
+        refusal=lambda meta: _Refused(f"{meta.key}: {meta.tokens_used} of {meta.budget_tokens}"),
+    )
+
+
+async def test_create_run_checks_the_sessions_stored_record_with_the_insert(store: Store) -> None:
+    """A gate sees the session as stored (not a cached copy) and, when it refuses, nothing is
+    written; a session the store does not have is not checked."""
+    t = time.time()
+    gate = _past_budget()
+    assert (
+        await store.create_run(
+            _run("new", "agent:main:none", accepted_at=t), reuse_after_s=60, now=t, gate=gate
+        )
+        is None
+    )
+    key = "agent:main:budgeted"
+    await store.put_session(_session(key, t, budget_tokens=10))
+    assert (
+        await store.create_run(_run("under", key, accepted_at=t), reuse_after_s=60, now=t, gate=gate) is None
+    )
+    await store.add_session_tokens(key, 10)
+    with pytest.raises(_Refused, match="10 of 10"):
+        await store.create_run(_run("over", key, accepted_at=t), reuse_after_s=60, now=t, gate=gate)
+    assert await store.get_run("over") is None
+    assert sorted(r.run_id for r in await store.unfinished_runs()) == ["new", "under"]
+    # Without a gate the same run is inserted: the check is the caller's choice.
+    assert await store.create_run(_run("over", key, accepted_at=t), reuse_after_s=60, now=t) is None
+    # A retry of a run already inserted joins it before any check: an accepted run stays accepted.
+    assert (
+        await store.create_run(_run("under", key, accepted_at=t), reuse_after_s=60, now=t, gate=gate)
+        is not None
+    )
 
 
 async def test_create_run_concurrent_exactly_one_inserts(store: Store) -> None:

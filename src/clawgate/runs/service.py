@@ -47,7 +47,7 @@ from clawgate.state.registry import StateRegistry
 from clawgate.state.supervisor import Supervisor
 from clawgate.state.ttlmap import TTLMap
 from clawgate.state.weigh import record_bytes
-from clawgate.store.base import Fence, Store
+from clawgate.store.base import Fence, SessionGate, Store
 from clawgate.store.records import RunRecord
 
 log = structlog.get_logger("clawgate.runs")
@@ -107,7 +107,8 @@ class RunService:
     Ports, given at construction by the composition root (server/gateway.py):
       - `dispatch`: where accepted runs are queued (runs/dispatch.py); None: this process's
         own lanes (`LocalDispatch`). The lanes exist in every mode: `restore` and `drain` use them.
-      - `admit`: refuses a run before it is accepted (a session past its token budget): raises.
+      - `gate`: the check of a new run's session that its insert makes, refusing the run
+        (a session past its token budget); None: nothing to check (`Store.create_run`).
       - `end_writer`: writes a run's end and what must be durable with it (its webhook
         delivery); None: the store's fenced `end_run`.
       - `mcp_tools`: the tools of the MCP servers a profile's allowlist names.
@@ -125,7 +126,7 @@ class RunService:
         provider: Provider,
         *,
         dispatch: RunDispatch | None = None,
-        admit: Callable[[SubmitRequest], Awaitable[None]] | None = None,
+        gate: Callable[[SubmitRequest], SessionGate | None] | None = None,
         end_writer: EndWriter | None = None,
         mcp_tools: Callable[[Profile], Awaitable[Mapping[str, Tool]]] | None = None,
         tasks: Supervisor | None = None,
@@ -223,7 +224,7 @@ class RunService:
         self.ends_refused = 0
         self.dispatch: RunDispatch = dispatch if dispatch is not None else LocalDispatch(self.lanes)
         self.end_writer = end_writer
-        self.admit = admit
+        self.gate = gate
 
     # -- wiring (called by the composition root) --------------------------------------------
     def on_start(self, hook: StartHook) -> None:
@@ -276,9 +277,12 @@ class RunService:
         self._track(req.run_id, run)
         try:
             # After tracking, with no await between the admission checks and `_track`.
-            if self.admit is not None:
-                await self.admit(req)
-            prior = await self.store.create_run(record, reuse_after_s=self.settings.dedupe_ttl_s, now=now)
+            prior = await self.store.create_run(
+                record,
+                reuse_after_s=self.settings.dedupe_ttl_s,
+                now=now,
+                gate=self.gate(req) if self.gate is not None else None,
+            )
         except BaseException:
             self.active.pop(req.run_id)
             raise

@@ -210,7 +210,7 @@ class Gateway:
             self.sessions,
             self.provider,
             dispatch=self.cluster.dispatch if self.cluster is not None else None,
-            admit=self.budgets.admit,
+            gate=self.budgets.gate,
             # A run's webhook delivery is written in the same transaction as its end.
             end_writer=self.webhooks.finish_run,
             mcp_tools=self.mcp.tools_for,

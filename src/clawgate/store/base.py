@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +23,20 @@ log = structlog.get_logger("clawgate.store")
 
 
 SessionStamp = tuple[str, float]  # (session key, updated_at) as the store holds it
+
+
+@dataclass(frozen=True, slots=True)
+class SessionGate:
+    """A check of a new run's session as the store holds it, made by `Store.create_run`
+    with the insert (a session past its token budget refuses new runs).
+
+    `refuses` is a pure function of the record: the SQLite store calls it on its writer
+    thread, inside the insert's transaction. `refusal` makes the error `create_run` raises,
+    on the event loop. A session the store does not have is not checked.
+    """
+
+    refuses: Callable[[SessionMeta], bool]
+    refusal: Callable[[SessionMeta], Exception]
 
 
 class RetentionStore(ABC):
@@ -213,13 +227,20 @@ class Store(RetentionStore):
         return rec
 
     @abstractmethod
-    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+    async def create_run(
+        self, rec: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None = None
+    ) -> RunRecord | None:
         """Durably insert a newly accepted run, atomically with the idempotency check.
 
         Returns None when `rec` was inserted, or the existing record when a run with
         the same id exists and is unfinished or was accepted less than
         `reuse_after_s` ago (then nothing is written). An older finished record is
         replaced: the idempotency key has expired.
+
+        With a `gate`, a run that would be inserted is first checked against its session's
+        stored record; when the gate refuses, nothing is written and `gate.refusal` is
+        raised. SQLite checks in the insert's transaction (one writer round trip); Redis
+        reads the session first (two round trips, as a budget is a soft bound there).
         """
 
     @abstractmethod

@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 
 from clawgate.errors import StoreError
 from clawgate.protocol.constants import FINAL_STATUSES
-from clawgate.store.base import Fence, SessionStamp, Store, done_future
+from clawgate.store.base import Fence, SessionGate, SessionStamp, Store, done_future
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.records import (
     RunRecord,
@@ -687,7 +687,20 @@ class RedisStore(Store):
         stored = _run_dec.decode(reply[1]) if len(reply) > 1 else None
         return stored if stored is not None and stored.is_final else None
 
-    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+    async def create_run(
+        self, rec: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None = None
+    ) -> RunRecord | None:
+        if gate is not None:
+            # One round trip before the script; a retry of a run already stored joins it
+            # without a check (as on SQLite). Not atomic with the insert: a budget is a soft
+            # bound across processes anyway (runs already in flight still end past it).
+            stored, h = await self._submit(
+                [("EXISTS", self.keys.run(rec.run_id)), ("HGETALL", self.keys.session(rec.session_key))],
+                tuple,
+            )
+            meta = _session(rec.session_key, h)
+            if not stored and meta is not None and gate.refuses(meta):
+                raise gate.refusal(meta)
         # One script: the existence check and the insert (record plus index entries) are atomic.
         script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
         cmd: Cmd = (

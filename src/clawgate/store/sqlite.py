@@ -24,7 +24,7 @@ import msgspec
 import structlog
 
 from clawgate.errors import StoreError
-from clawgate.store.base import SessionStamp, Store
+from clawgate.store.base import SessionGate, SessionStamp, Store
 from clawgate.store.base import log_write_failure as _consume
 from clawgate.store.base import settle_exception as _set_exception
 from clawgate.store.base import settle_result as _set_result
@@ -415,19 +415,32 @@ class SqliteStore(Store):
 
         return self._write(op)
 
-    async def create_run(self, rec: RunRecord, *, reuse_after_s: float, now: float) -> RunRecord | None:
+    async def create_run(
+        self, rec: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None = None
+    ) -> RunRecord | None:
         row = (rec.run_id, rec.session_key, rec.status, rec.ended_at, _run_enc.encode(rec))
 
-        def op(c: sqlite3.Connection) -> RunRecord | None:
+        def op(c: sqlite3.Connection) -> RunRecord | SessionMeta | None:
             found = c.execute("SELECT data FROM runs WHERE run_id=?", (rec.run_id,)).fetchone()
             existing = _decode_run(found[0]) if found is not None else None
             # An undecodable row is no run to join: it is replaced.
             if existing is not None and (not existing.is_final or existing.accepted_at + reuse_after_s > now):
                 return existing
+            if gate is not None:
+                session = c.execute(
+                    f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE key=?", (rec.session_key,)
+                ).fetchone()
+                meta = _session(session) if session else None
+                if meta is not None and gate.refuses(meta):
+                    return meta
             c.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?)", row)
             return None
 
-        return await self._submit(op)
+        out = await self._submit(op)
+        if isinstance(out, SessionMeta):
+            assert gate is not None
+            raise gate.refusal(out)
+        return out
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         row = await self._submit(
