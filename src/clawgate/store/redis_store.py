@@ -134,7 +134,8 @@ return redis.call('GET', KEYS[1])
 
 # Inserts a run unless one with the same id is unfinished or was accepted less than
 # reuse_after_s ago; returns that record (JSON) or nil after running the insert commands.
-# KEYS: run key; ARGV: now, reuse_after_s, JSON list of commands (the put_run commands)
+# With ARGV[4] '1', a session with a token budget returns its hash instead (for the gate).
+# KEYS: run, session; ARGV: now, reuse_after_s, JSON list of commands (the put_run commands), check
 _CREATE_RUN = """
 local raw = redis.call('GET', KEYS[1])
 if raw then
@@ -144,6 +145,10 @@ if raw then
     local accepted = tonumber(rec.accepted_at) or 0
     if not final or accepted + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return raw end
   end
+end
+if ARGV[4] == '1' then
+  local budget = tonumber(redis.call('HGET', KEYS[2], 'budget_tokens'))
+  if budget and budget > 0 then return redis.call('HGETALL', KEYS[2]) end
 end
 for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
 return false
@@ -690,30 +695,31 @@ class RedisStore(Store):
     async def create_run(
         self, rec: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None = None
     ) -> RunRecord | None:
-        if gate is not None:
-            # One round trip before the script; a retry of a run already stored joins it
-            # without a check (as on SQLite). Not atomic with the insert: a budget is a soft
-            # bound across processes anyway (runs already in flight still end past it).
-            stored, h = await self._submit(
-                [("EXISTS", self.keys.run(rec.run_id)), ("HGETALL", self.keys.session(rec.session_key))],
-                tuple,
-            )
-            meta = _session(rec.session_key, h)
-            if not stored and meta is not None and gate.refuses(meta):
-                raise gate.refusal(meta)
         # One script: the existence check and the insert (record plus index entries) are atomic.
+        # With a gate, a session with a budget makes the script return the session's hash
+        # instead of inserting; the gate decides and the insert is sent again without the
+        # check (the second step is not atomic with the first: a budget is a soft bound).
         script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
-        cmd: Cmd = (
-            "EVAL",
-            _CREATE_RUN,
-            1,
-            self.keys.run(rec.run_id),
-            repr(now),
-            repr(reuse_after_s),
-            script_cmds,
-        )
-        raw = await self._submit([cmd], _first)
-        return _run_dec.decode(raw) if raw is not None else None
+        check = gate is not None
+        while True:
+            cmd: Cmd = (
+                "EVAL",
+                _CREATE_RUN,
+                2,
+                self.keys.run(rec.run_id),
+                self.keys.session(rec.session_key),
+                repr(now),
+                repr(reuse_after_s),
+                script_cmds,
+                "1" if check else "0",
+            )
+            raw = await self._submit([cmd], _first)
+            if not isinstance(raw, list):
+                return _run_dec.decode(raw) if raw is not None else None
+            meta = _session(rec.session_key, dict(zip(raw[::2], raw[1::2], strict=True)))
+            if gate is not None and meta is not None and gate.refuses(meta):
+                raise gate.refusal(meta)
+            check = False
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         raw = await self._submit([("GET", self.keys.run(run_id))], _first)
