@@ -162,7 +162,12 @@ def test_cancel_status_and_message(reason: str, status: str, message: str) -> No
     ],
 )
 def test_reply_before_end(fenced: bool, status: str, text: str | None, want: bool) -> None:
-    assert lifecycle.reply_before_end(fenced, status, text) is want
+    ended = lifecycle.end(record(), status, None, text, 10.0)
+    reply = lifecycle.reply_before_end(fenced, ended)
+    assert (reply is not None) is want
+    if reply is not None:  # the same line a fenced end's script writes (RunRecord.reply_message)
+        assert reply == ended.reply_message()
+        assert (reply.role, reply.content, reply.run_id, reply.ts) == ("assistant", text, ended.run_id, 10.0)
 
 
 # -- the events that tell the end ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from clawgate.store.records import RunRecord
+from clawgate.store.records import RunRecord, TranscriptMessage
 
 INTERRUPTED = "interrupted by gateway restart"
 NOT_RESTORED = "not re-queued after restart: maxTrackedRuns reached"
@@ -62,15 +62,16 @@ def cancel_message(reason: str) -> str:
     return "aborted"
 
 
-def reply_before_end(fenced: bool, status: str, text: str | None) -> bool:
-    """Whether the reply is appended to the transcript before the end is written.
+def reply_before_end(fenced: bool, ended: RunRecord) -> TranscriptMessage | None:
+    """The reply to append to the transcript before the end is written, if any.
 
-    Unfenced: yes, for an ok run with a reply: the store's writer is FIFO, so the reply is
-    durable in the same (or an earlier) transaction as the end. A fenced end (a run from
-    the shared Redis queue) may be refused, so its reply is written by the end's own
-    script (RedisStore.end_run), never before it.
+    Unfenced: the ended record's reply (`RunRecord.reply_message`: an ok run with a reply
+    text), since the store's writer is FIFO, so the reply is durable in the same (or an
+    earlier) transaction as the end. A fenced end (a run from the shared Redis queue) may be
+    refused, so its reply is written by the end's own script (RedisStore.end_run), never
+    before it.
     """
-    return not fenced and status == "ok" and bool(text)
+    return None if fenced else ended.reply_message()
 
 
 @dataclass(frozen=True)

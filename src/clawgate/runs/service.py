@@ -590,8 +590,8 @@ class RunService:
         # end: the store's writer is FIFO, so a crash after the final answer never loses it.
         # A fenced end (a run from the shared Redis queue) may be refused: the store writes its
         # reply in the end's own script (RedisStore.end_run), so it lands only with that end.
-        if lifecycle.reply_before_end(run.fence is not None, status, text) and text:
-            self.sessions.append(key, "assistant", text, rec.run_id)
+        if (reply := lifecycle.reply_before_end(run.fence is not None, rec)) is not None:
+            self.sessions.append(key, "assistant", reply.content, rec.run_id)
         elif text:
             self.sessions.mark_written(key)  # the end's own write may append the reply
         if not restored:
