@@ -132,11 +132,22 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false en
 return redis.call('GET', KEYS[1])
 """
 
+# Runs the commands `_flat` put into ARGV from index FIRST: each one's length, then its words
+# (no JSON to encode here or to decode in the script).
+_RUN_FLAT = """
+local i = FIRST
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end"""
+
 # Inserts a run unless one with the same id is unfinished or was accepted less than
 # reuse_after_s ago; returns that record (JSON) or nil after running the insert commands.
-# With ARGV[4] '1', a session with a token budget returns its hash instead (for the gate).
-# KEYS: run, session; ARGV: now, reuse_after_s, JSON list of commands (the put_run commands), check
-_CREATE_RUN = """
+# With ARGV[3] '1', a session with a token budget returns its hash instead (for the gate).
+# KEYS: run, session; ARGV: now, reuse_after_s, check, then the put_run commands (`_flat`)
+_CREATE_RUN = (
+    """
 local raw = redis.call('GET', KEYS[1])
 if raw then
   local ok, rec = pcall(cjson.decode, raw)
@@ -146,13 +157,16 @@ if raw then
     if not final or accepted + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return raw end
   end
 end
-if ARGV[4] == '1' then
+if ARGV[3] == '1' then
   local budget = tonumber(redis.call('HGET', KEYS[2], 'budget_tokens'))
   if budget and budget > 0 then return redis.call('HGETALL', KEYS[2]) end
 end
-for _, c in ipairs(cjson.decode(ARGV[3])) do redis.call(unpack(c)) end
+"""
+    + _RUN_FLAT.replace("FIRST", "4")
+    + """
 return false
-""".replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
+"""
+).replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
 
 # Replaces a subagent record only if it still exists (a sweep elsewhere may have removed it).
@@ -261,9 +275,10 @@ return drop
 # Writes a run record unless the stored one is final (a run has exactly one end: neither a
 # second end nor a late "running" may replace it) or the fence is gone (KEYS[2], when given,
 # no longer holds the token: the writer lost the lease of the run's session).
-# KEYS: run key [, fence key]; ARGV: fence token or '', JSON list of commands (the put_run commands)
+# KEYS: run key [, fence key]; ARGV: fence token or '', then the put_run commands (`_flat`)
 # Returns {0} written, {1, stored} the stored record is final, {2[, stored]} fenced out.
-_WRITE_RUN = """
+_WRITE_RUN = (
+    """
 local raw = redis.call('GET', KEYS[1])
 if raw then
   local ok, rec = pcall(cjson.decode, raw)
@@ -273,9 +288,12 @@ if #KEYS > 1 and redis.call('GET', KEYS[2]) ~= ARGV[1] then
   if raw then return {2, raw} end
   return {2}
 end
-for _, c in ipairs(cjson.decode(ARGV[2])) do redis.call(unpack(c)) end
+"""
+    + _RUN_FLAT.replace("FIRST", "2")
+    + """
 return {0}
-""".replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
+"""
+).replace("%s", " or ".join(f"rec.status == '{s}'" for s in sorted(FINAL_STATUSES)))
 
 
 async def _warn_if_not_persistent(client: aioredis.Redis, url: str) -> None:
@@ -671,10 +689,9 @@ class RedisStore(Store):
         return self._write([self._write_run_cmd(rec, None)])
 
     def _write_run_cmd(self, rec: RunRecord, fence: Fence | None, extra: Sequence[Cmd] = ()) -> Cmd:
-        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in [*self._run_cmds(rec), *extra]])
         keys = [self.keys.run(rec.run_id)] if fence is None else [self.keys.run(rec.run_id), fence.key]
         token = "" if fence is None else fence.token
-        return ("EVAL", _WRITE_RUN, len(keys), *keys, token, script_cmds)
+        return ("EVAL", _WRITE_RUN, len(keys), *keys, token, *_flat([*self._run_cmds(rec), *extra]))
 
     async def end_run(
         self, rec: RunRecord, fence: Fence | None = None, *, extra: Sequence[Cmd] = ()
@@ -699,7 +716,7 @@ class RedisStore(Store):
         # With a gate, a session with a budget makes the script return the session's hash
         # instead of inserting; the gate decides and the insert is sent again without the
         # check (the second step is not atomic with the first: a budget is a soft bound).
-        script_cmds = _enc.encode([[_arg(a) for a in cmd] for cmd in self._run_cmds(rec)])
+        script_cmds = _flat(self._run_cmds(rec))
         check = gate is not None
         while True:
             cmd: Cmd = (
@@ -710,8 +727,8 @@ class RedisStore(Store):
                 self.keys.session(rec.session_key),
                 repr(now),
                 repr(reuse_after_s),
-                script_cmds,
                 "1" if check else "0",
+                *script_cmds,
             )
             raw = await self._submit([cmd], _first)
             if not isinstance(raw, list):
@@ -1198,10 +1215,13 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
-def _arg(v: str | bytes | int | float) -> str:
-    if isinstance(v, bytes):
-        return v.decode()
-    return repr(v) if isinstance(v, float) else str(v)
+def _flat(cmds: Iterable[Cmd]) -> list[str | bytes | int | float]:
+    """Commands as script arguments (`_RUN_FLAT`): each one's length, then its words."""
+    out: list[str | bytes | int | float] = []
+    for cmd in cmds:
+        out.append(len(cmd))
+        out += cmd
+    return out
 
 
 def _store_error(exc: BaseException) -> BaseException:
