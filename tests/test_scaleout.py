@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from clawgate.client import Client
+from clawgate.client import Client, ClientError
 from clawgate.testing import GatewayProcess, astart_all, stop_all
 from helpers import drop_redis_prefix
 
@@ -205,5 +205,33 @@ async def test_redis_ttls_are_native_expiries(cluster: Callable[..., object], re
         # Observe Redis' own expiry (the one real wait here: it is Redis' clock, not ours).
         await asyncio.sleep(2.5)
         assert not await r.exists(*run_keys)
+    finally:
+        await r.aclose()
+
+
+async def test_a_run_that_cannot_be_queued_is_not_accepted_and_its_retry_runs(
+    cluster: Callable[..., object], redis_url: str
+) -> None:
+    """Accepted means stored and queued, in one script: when the push fails (here the
+    session's queue key holds a string, so RPUSH answers WRONGTYPE), nothing is stored, the
+    client gets the error, and a retry with the same key runs once it can be queued. (When
+    the push was a second step, the record stayed behind as an error "could not queue the
+    run", and that failed run answered every retry for the dedupe TTL.)"""
+    c: Cluster = await cluster(1)  # type: ignore[misc]
+    session = "agent:main:unqueueable"
+    queue_key = f"{c.prefix}:dispatch:q:{session}"
+    key = f"{c.prefix}-retry"
+    r = aioredis.from_url(redis_url)
+    try:
+        await r.set(queue_key, "not a list")
+        async with Client(c.urls[0], max_reconnect_attempts=0) as a:
+            with pytest.raises(ClientError) as err:
+                await a.run_agent("queued?", session_key=session, idempotency_key=key)
+            assert err.value.code == "UNAVAILABLE", err.value
+            assert not await r.exists(f"{c.prefix}:run:{key}")
+            await r.delete(queue_key)
+            final = await a.run_agent("queued?", session_key=session, idempotency_key=key)
+            assert final["status"] == "ok", final
+            assert await _history_len(a, session) == 2
     finally:
         await r.aclose()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from clawgate.errors import Unavailable
 from clawgate.ids import RunId, SessionKey
+from clawgate.store.base import SessionGate, Store
 from clawgate.store.records import RunRecord
 
 if TYPE_CHECKING:
@@ -37,9 +38,17 @@ class RunDispatch(Protocol):
 
         Called before the run is accepted (nothing is written yet)."""
 
+    async def insert(
+        self, record: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None
+    ) -> RunRecord | None:
+        """Durably insert an accepted run (`Store.create_run`: None when inserted, else the
+        run already stored under its id). A dispatch whose queue lives in the store queues
+        the run in the same atomic write (Redis: one script), so accepted means queued."""
+
     async def push(self, run: Run) -> None:
-        """Queue an accepted, durable run for execution. Raises when it could not be queued
-        (the run service then ends the run as error, so it still has its one end)."""
+        """Hand an inserted run to execution (nothing left to do when `insert` queued it).
+        Raises when it could not be queued (the run service then ends the run as error, so
+        it still has its one end)."""
 
     def executes_elsewhere(self, run: Run | None) -> bool:
         """Whether the run (tracked here as `run`, or not tracked here at all: None) ends in
@@ -65,8 +74,9 @@ def _nothing() -> None:
 class LocalDispatch:
     """Every run executes here, on the run service's per-session lanes."""
 
-    def __init__(self, lanes: Lanes[Run]) -> None:
+    def __init__(self, lanes: Lanes[Run], store: Store) -> None:
         self.lanes = lanes
+        self.store = store
 
     def check_room(self, session_key: SessionKey) -> None:
         if not self.lanes.has_room(session_key):
@@ -75,6 +85,11 @@ class LocalDispatch:
                 retry_after_ms=1000,
                 details={"maxLanes": self.lanes.max_lanes},
             )
+
+    async def insert(
+        self, record: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None
+    ) -> RunRecord | None:
+        return await self.store.create_run(record, reuse_after_s=reuse_after_s, now=now, gate=gate)
 
     async def push(self, run: Run) -> None:
         # Raises UNAVAILABLE when the lanes filled up while the run was being accepted.

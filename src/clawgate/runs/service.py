@@ -222,7 +222,7 @@ class RunService:
         # Ends this process tried to write and the store refused: the run already had an end,
         # or this process had lost the run's lease (scaleout/member.py). Logged, never raised.
         self.ends_refused = 0
-        self.dispatch: RunDispatch = dispatch if dispatch is not None else LocalDispatch(self.lanes)
+        self.dispatch: RunDispatch = dispatch if dispatch is not None else LocalDispatch(self.lanes, store)
         self.end_writer = end_writer
         self.gate = gate
 
@@ -277,7 +277,7 @@ class RunService:
         self._track(req.run_id, run)
         try:
             # After tracking, with no await between the admission checks and `_track`.
-            prior = await self.store.create_run(
+            prior = await self.dispatch.insert(
                 record,
                 reuse_after_s=self.settings.dedupe_ttl_s,
                 now=now,

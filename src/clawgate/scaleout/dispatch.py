@@ -110,9 +110,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from clawgate.errors import StoreError
 from clawgate.ids import RunId, SessionKey
@@ -124,11 +122,19 @@ from clawgate.state.registry import StateRegistry
 from clawgate.state.supervisor import Supervisor
 from clawgate.state.tasks import cancel_all
 from clawgate.state.ttlmap import TTLMap
-from clawgate.store.base import Store
+from clawgate.store.base import SessionGate
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_batch import Cmd, RedisBatcher
-from clawgate.store.redis_keys import GROUP, INDEX_TTL_S, QUEUE_TTL_S, READY_MAXLEN, DispatchKeys
-from clawgate.store.redis_store import CALL_TIMEOUT_S
+from clawgate.store.redis_keys import (
+    GROUP,
+    INDEX_TTL_S,
+    QUEUE_TTL_S,
+    READY_MAXLEN,
+    DispatchKeys,
+    queue_run_cmds,
+    ready_entry_cmd,
+)
+from clawgate.store.redis_store import CALL_TIMEOUT_S, RedisStore
 
 if TYPE_CHECKING:
     from clawgate.runs.service import Run
@@ -344,24 +350,24 @@ class RedisDispatcher:
 
     # -- producer -------------------------------------------------------------------------------
     async def push(self, run_id: str, session_key: str) -> None:
-        """Append a run to its session's queue; some process will execute it."""
+        """Append a run to its session's queue; some process will execute it. (The gateway
+        queues a run with its record's insert instead: `RedisStore.create_run(queue=...)`.)"""
         if not run_id or not session_key:
             raise ValueError("run_id and session_key must be non-empty")
-        k = self.keys
-        q = k.queue(session_key)
-        await self._call(
-            _transaction(
-                ("RPUSH", q, run_id),
-                ("EXPIRE", q, self.queue_ttl_s),
-                self._ready_entry(session_key),
-                ("EXPIRE", k.ready(), INDEX_TTL_S),
-            ),
-            _exec_ok,
-        )
+        await self._call(_transaction(*self.queue_cmds(run_id, session_key)), _exec_ok)
         self.pushed += 1
 
+    def queue_cmds(self, run_id: str, session_key: str) -> list[Cmd]:
+        """The commands `push` runs (in a transaction), for a caller that runs them in its own
+        atomic write."""
+        return list(
+            queue_run_cmds(
+                self.keys, run_id, session_key, queue_ttl_s=self.queue_ttl_s, ready_maxlen=self.ready_maxlen
+            )
+        )
+
     def _ready_entry(self, session_key: str) -> Cmd:
-        return ("XADD", self.keys.ready(), "MAXLEN", "~", self.ready_maxlen, "*", "session", session_key)
+        return ready_entry_cmd(self.keys, session_key, self.ready_maxlen)
 
     def _call(self, cmds: list[Cmd], parse: Callable[[list[Any]], T]) -> Awaitable[T]:
         """One call through the batcher (bounded by CALL_TIMEOUT_S as a whole)."""
@@ -814,8 +820,6 @@ async def _cancel(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 10.0) 
 
 # -- the run service's port -----------------------------------------------------------------------
 
-PUSH_ATTEMPTS = 4
-
 
 class RedisRunDispatch:
     """The run service's `RunDispatch` on Redis: accepted runs go to the shared queues, an
@@ -826,7 +830,7 @@ class RedisRunDispatch:
         self,
         dispatcher: RedisDispatcher,
         fanout: RedisEventRelay,
-        store: Store,
+        store: RedisStore,
         clock: Clock,
         registry: StateRegistry,
         *,
@@ -849,21 +853,23 @@ class RedisRunDispatch:
     def check_room(self, session_key: SessionKey) -> None:
         return None  # the shared queues are bounded by their expiry, not by this process's lanes
 
+    async def insert(
+        self, record: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None
+    ) -> RunRecord | None:
+        # The record, its indexes, the session's queue and the ready-stream entry in one
+        # script: a run is never stored without being queued, or queued twice by a retry
+        # (a retry finds the record and joins it). The store's pipeline retries a broken
+        # connection; an outage fails the accept, with nothing written.
+        return await self.store.create_run(
+            record,
+            reuse_after_s=reuse_after_s,
+            now=now,
+            gate=gate,
+            queue=self.dispatcher.queue_cmds(record.run_id, record.session_key),
+        )
+
     async def push(self, run: Run) -> None:
-        # After an outage the pool still holds connections that broke during it: each fails
-        # once, then reconnects. So a connection error is retried a few times before the
-        # client gets UNAVAILABLE. A push that did land before its reply was lost is queued
-        # twice; harmless, since a run whose record is final is never executed again (`_execute`).
-        for attempt in range(PUSH_ATTEMPTS):
-            try:
-                await self.dispatcher.push(run.record.run_id, run.record.session_key)
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if attempt + 1 == PUSH_ATTEMPTS:
-                    raise StoreError(f"cannot queue the run: redis: {exc}") from exc
-                await asyncio.sleep(0.05 * (attempt + 1))
-            except RedisError as exc:  # Redis answered with an error: UNAVAILABLE, retryable
-                raise StoreError(f"cannot queue the run: redis: {exc}") from exc
+        return None  # queued by `insert`, with the record
 
     def executes_elsewhere(self, run: Run | None) -> bool:
         # Not tracked here, or tracked without a task: accepted here and queued, or executing

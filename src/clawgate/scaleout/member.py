@@ -53,6 +53,7 @@ from clawgate.state.ttlmap import TTLMap
 from clawgate.store.base import Fence, Store
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_keys import DISPATCH, FANOUT, namespace
+from clawgate.store.redis_store import RedisStore
 from clawgate.subagents.service import SubagentService
 
 log = structlog.get_logger("clawgate.cluster")
@@ -114,6 +115,8 @@ class ClusterMember:
             tasks=self.tasks,
         )
         # The core's ports: the run service's dispatch, the event bus' relay.
+        if not isinstance(store, RedisStore):
+            raise TypeError("a cluster member needs the Redis store: its queues live there")
         self.dispatch = RedisRunDispatch(
             self.dispatcher,
             self.fanout,

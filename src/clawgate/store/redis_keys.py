@@ -22,6 +22,8 @@ Pure: names and numbers only, no Redis client.
 
 from __future__ import annotations
 
+import math
+
 # -- namespaces under the prefix -------------------------------------------------------------------
 
 CRON = "cron"
@@ -141,6 +143,30 @@ class DispatchKeys:
 
     def fence(self) -> str:
         return f"{self.p}:fence"
+
+
+def queue_run_cmds(
+    keys: DispatchKeys,
+    run_id: str,
+    session_key: str,
+    *,
+    queue_ttl_s: float = QUEUE_TTL_S,
+    ready_maxlen: int = READY_MAXLEN,
+) -> list[tuple[str | int, ...]]:
+    """The commands that queue a run for the dispatcher: onto its session's queue, and an
+    entry in the ready stream that leads a process to the session."""
+    q = keys.queue(session_key)
+    return [
+        ("RPUSH", q, run_id),
+        ("EXPIRE", q, max(1, math.ceil(queue_ttl_s))),
+        ready_entry_cmd(keys, session_key, ready_maxlen),
+        ("EXPIRE", keys.ready(), INDEX_TTL_S),
+    ]
+
+
+def ready_entry_cmd(keys: DispatchKeys, session_key: str, ready_maxlen: int) -> tuple[str | int, ...]:
+    """An entry of the ready stream: "session `session_key` has runs queued"."""
+    return ("XADD", keys.ready(), "MAXLEN", "~", ready_maxlen, "*", "session", session_key)
 
 
 # -- the pub/sub channels of scale-out (scaleout/fanout.py) --------------------------------------------

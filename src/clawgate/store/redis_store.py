@@ -710,13 +710,24 @@ class RedisStore(Store):
         return stored if stored is not None and stored.is_final else None
 
     async def create_run(
-        self, rec: RunRecord, *, reuse_after_s: float, now: float, gate: SessionGate | None = None
+        self,
+        rec: RunRecord,
+        *,
+        reuse_after_s: float,
+        now: float,
+        gate: SessionGate | None = None,
+        queue: Sequence[Cmd] = (),
     ) -> RunRecord | None:
+        """`Store.create_run`; `queue`: commands run in the same script as the insert, only
+        when the run is inserted (the shared queue's push: accepted and queued are one step,
+        `RedisRunDispatch.insert`). They go first: Redis does not undo a script's writes
+        when a later command of it fails, so a push that fails (a key of the wrong type)
+        leaves no record behind, and the accept fails with nothing written."""
         # One script: the existence check and the insert (record plus index entries) are atomic.
         # With a gate, a session with a budget makes the script return the session's hash
         # instead of inserting; the gate decides and the insert is sent again without the
         # check (the second step is not atomic with the first: a budget is a soft bound).
-        script_cmds = _flat(self._run_cmds(rec))
+        script_cmds = _flat([*queue, *self._run_cmds(rec)])
         check = gate is not None
         while True:
             cmd: Cmd = (
