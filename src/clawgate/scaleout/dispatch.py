@@ -44,8 +44,10 @@ Key layout (``P`` is the prefix; every name is built by ``DispatchKeys``, store/
 
 How it works:
 
-- ``push``: RPUSH q, XADD ready (one MULTI). Every process reads ``ready`` through the
-  consumer group, so each message goes to one process.
+- ``push``: RPUSH q, XADD ready (one MULTI; the gateway runs the same commands in the
+  script that inserts the run's record, `queue_cmds`, so a run is queued when accepted).
+  Every process reads ``ready`` through the consumer group, so each message goes to one
+  process.
 - A message for S is turned into one attempt to take S's lock. The attempt (a Lua
   script, atomic) tries SET NX PX on the lock, records the lease in ``active``, and
   XACKs the messages that led to it, whatever the outcome: once a lock exists,
