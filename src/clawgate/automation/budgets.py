@@ -2,8 +2,8 @@
 
 Each run's tokens (its record's `usage.total`) are added to the session's `tokens_used` in
 the store at the run's end; a new run is checked against the stored count when it is
-inserted (`Budgets.gate`). A run already going when the budget is reached finishes: the budget stops new
-work, it does not cut a reply in half.
+inserted (`Budgets.gate`). A run already going when the budget is reached finishes: the
+budget stops new work, it does not cut a reply in half.
 """
 
 from __future__ import annotations

@@ -239,8 +239,10 @@ class Store(RetentionStore):
 
         With a `gate`, a run that would be inserted is first checked against its session's
         stored record; when the gate refuses, nothing is written and `gate.refusal` is
-        raised. SQLite checks in the insert's transaction (one writer round trip); Redis
-        reads the session first (two round trips, as a budget is a soft bound there).
+        raised. SQLite checks in the insert's transaction (one writer round trip). Redis
+        checks in the insert's script; a session there that has a budget sends its record
+        back to be checked here, and the insert follows in a second script (not atomic with
+        the check: with several processes a budget is a soft bound anyway).
         """
 
     @abstractmethod
