@@ -72,8 +72,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from clawgate.scaleout.redis_io import as_text, checkpoint, guarded, redis_call
+from clawgate.scaleout.redis_io import as_text, guarded, redis_call
 from clawgate.state.supervisor import Supervisor
+from clawgate.store.redis_client import checkpoint
 from clawgate.store.redis_keys import FanoutKeys
 
 log = structlog.get_logger("clawgate.scaleout.fanout")

@@ -9,19 +9,10 @@ from typing import Any, TypeVar
 from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
+from clawgate.store.redis_client import checkpoint
 from clawgate.store.redis_store import CALL_TIMEOUT_S
 
 T = TypeVar("T")
-
-
-def checkpoint() -> None:
-    """Raise if this task was asked to cancel. redis-py can swallow a task's cancellation
-    while it (re)connects (redis/redis-py#2551; seen with redis-py 8.1 on Python 3.11): the
-    call then returns normally and a cancelled loop would run on forever. Every Redis call
-    of the dispatcher and the fan-out goes through `redis_call`, which re-checks."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 # CALL_TIMEOUT_S (the store's) is also the longest one Redis call of scale-out may take (a

@@ -66,6 +66,7 @@ from clawgate.store.records import (
     TranscriptMessage,
 )
 from clawgate.store.redis_batch import Cmd, RedisBatcher
+from clawgate.store.redis_client import CancelSafeRedis
 from clawgate.store.redis_keys import (
     CLAIM_SAFETY_S,
     DEFAULT_SESSION_TTL_S,
@@ -386,7 +387,7 @@ class RedisStore(Store):
 
     # -- lifecycle ----------------------------------------------------------------------
     def _connect(self, socket_timeout: float | None) -> aioredis.Redis:
-        return aioredis.from_url(
+        return CancelSafeRedis.from_url(
             self.url,
             socket_connect_timeout=5,
             socket_timeout=socket_timeout,
