@@ -27,6 +27,7 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from clawgate.testing.redis import drop_redis_prefix
 from runs_throughput import drive, start_gateway
 
 ROOT = Path(__file__).resolve().parent
@@ -84,6 +85,7 @@ def main() -> int:
     finally:
         gateway.stop()
         redis.Redis.from_url(args.redis).ping()  # one command, so the monitor loop sees `stop`
+        asyncio.run(drop_redis_prefix(args.redis, prefix))  # the run's keys live for days
     per_run = {k: round(v / args.runs, 2) for k, v in client_calls.most_common()}
     inner = {k: round(v / args.runs, 2) for k, v in script_calls.most_common()}
     result = {

@@ -16,6 +16,8 @@ child pid) before and after, and the CPU both processes used; writes JSON.
     .venv/bin/python benchmarks/runs_throughput.py --runs 20000 --connections 1 \
         --set main_concurrency=64 --profile benchmarks/out/gateway.svg
     # (a .txt name writes collapsed stacks instead: `python benchmarks/stacks.py FILE` sums them)
+    # on Redis (a private key prefix, deleted at the end; one given with --set is kept):
+    .venv/bin/python benchmarks/runs_throughput.py --runs 8000 --set store=redis://127.0.0.1:6379/0
 
 `--echo` then starts `benchmarks/echo_server.py` and drives it with the same client,
 concurrency and connections (one `call` per round trip), so the "echo ratio" (runs/s
@@ -47,6 +49,7 @@ import psutil
 
 from clawgate.client import Client, ClientError
 from clawgate.testing import GatewayProcess, free_port
+from clawgate.testing.redis import drop_redis_prefix
 
 ROOT = Path(__file__).resolve().parent
 ECHO_PASSES = 3  # the echo floor is the median of this many passes (measure_echo)
@@ -68,6 +71,16 @@ def start_gateway(state_dir: Path, sets: list[str], log: Path) -> GatewayProcess
     for item in sets:
         args += ["--set", item]
     return GatewayProcess(state_dir, args=args, log_path=log).start(30)
+
+
+def setting(sets: list[str], name: str) -> str | None:
+    """The last value given to `name` in NAME=VALUE settings, or None."""
+    found = None
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            found = value.strip()
+    return found
 
 
 def pct(values: list[float], q: float) -> float:
@@ -275,6 +288,16 @@ def main() -> int:
         loop_name = "asyncio"
 
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
+    # On Redis, a private key prefix dropped at the end (a run's keys live for days there);
+    # a prefix given with --set is left alone.
+    redis_url = setting(args.sets, "store")
+    own_prefix: str | None = None
+    if args.url is None and redis_url is not None and redis_url.startswith("redis"):
+        if setting(args.sets, "redis_prefix") is None:
+            own_prefix = f"cgbench{uuid.uuid4().hex[:8]}"
+            args.sets.append(f"redis_prefix={own_prefix}")
+        else:
+            print(f"note: the keys under redis_prefix={setting(args.sets, 'redis_prefix')} stay in Redis")
     gateway: GatewayProcess | None = None
     gw: psutil.Process | None = None
     url = args.url
@@ -346,6 +369,8 @@ def main() -> int:
     finally:
         if gateway is not None:
             gateway.stop()
+        if own_prefix is not None and redis_url is not None:
+            asyncio.run(drop_redis_prefix(redis_url, own_prefix))
         if not args.keep_state:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -6,8 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import redis.asyncio as aioredis
-
 from clawgate.state.clock import FakeClock
 
 T = TypeVar("T")
@@ -78,17 +76,6 @@ async def provider_sleeping(
     where one of them is due at the same moment, count it in `n`."""
     due = clock.time() + delay_s
     await wait_until(lambda: clock.sleeping_until(due) >= n, what)
-
-
-async def drop_redis_prefix(redis_url: str, prefix: str) -> None:
-    """Delete every key under `prefix:` (a test's private key space on the shared Redis)."""
-    client = aioredis.from_url(redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i : i + 1000])
-    finally:
-        await client.aclose()
 
 
 # Heavy packages that only some configurations need, which a plain SQLite + scripted gateway

@@ -27,8 +27,8 @@ from clawgate.store.records import RunRecord, SessionMeta, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
 from clawgate.testing import GatewayProcess
+from clawgate.testing.redis import drop_redis_prefix
 from conftest import REDIS_URL, unique_prefix
-from helpers import drop_redis_prefix
 
 QUIET = {"maintenance_interval_s": 10**8, "disk_free_min_bytes": 0}
 ADMIN = ["operator.read", "operator.write", "operator.admin"]

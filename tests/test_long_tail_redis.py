@@ -31,7 +31,7 @@ from clawgate.client import Client
 from clawgate.protocol.constants import INTERRUPTED
 from clawgate.store.records import RunRecord, TranscriptMessage
 from clawgate.testing import GatewayProcess, astart_all, stop_all
-from helpers import drop_redis_prefix
+from clawgate.testing.redis import drop_redis_prefix
 
 pytestmark = pytest.mark.redis
 

@@ -23,7 +23,7 @@ import pytest
 
 from clawgate.store.cron_store import RedisCronStore
 from clawgate.store.redis_store import RedisStore
-from helpers import drop_redis_prefix
+from clawgate.testing.redis import drop_redis_prefix
 
 pytestmark = pytest.mark.redis
 

@@ -27,7 +27,7 @@ from clawgate.store.base import SessionGate, Store
 from clawgate.store.records import RunRecord, SessionMeta, SubagentRecord, TranscriptMessage
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.sqlite import SqliteStore
-from helpers import drop_redis_prefix
+from clawgate.testing.redis import drop_redis_prefix
 
 REDIS_URL = os.environ.get("CLAWGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
