@@ -47,6 +47,7 @@ from typing import Any
 
 import psutil
 
+from clawgate.cli.app import parse_sets
 from clawgate.client import Client, ClientError
 from clawgate.testing import GatewayProcess, free_port
 from clawgate.testing.redis import drop_redis_prefix
@@ -71,16 +72,6 @@ def start_gateway(state_dir: Path, sets: list[str], log: Path) -> GatewayProcess
     for item in sets:
         args += ["--set", item]
     return GatewayProcess(state_dir, args=args, log_path=log).start(30)
-
-
-def setting(sets: list[str], name: str) -> str | None:
-    """The last value given to `name` in NAME=VALUE settings, or None."""
-    found = None
-    for item in sets:
-        key, _, value = item.partition("=")
-        if key.strip() == name:
-            found = value.strip()
-    return found
 
 
 def pct(values: list[float], q: float) -> float:
@@ -290,14 +281,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="clawgate-bench-"))
     # On Redis, a private key prefix dropped at the end (a run's keys live for days there);
     # a prefix given with --set is left alone.
-    redis_url = setting(args.sets, "store")
+    sets = parse_sets(args.sets)
+    redis_url = sets.get("store")
     own_prefix: str | None = None
-    if args.url is None and redis_url is not None and redis_url.startswith("redis"):
-        if setting(args.sets, "redis_prefix") is None:
+    if args.url is None and isinstance(redis_url, str) and redis_url.startswith("redis"):
+        if "redis_prefix" not in sets:
             own_prefix = f"cgbench{uuid.uuid4().hex[:8]}"
             args.sets.append(f"redis_prefix={own_prefix}")
         else:
-            print(f"note: the keys under redis_prefix={setting(args.sets, 'redis_prefix')} stay in Redis")
+            print(f"note: the keys under redis_prefix={sets['redis_prefix']} stay in Redis")
     gateway: GatewayProcess | None = None
     gw: psutil.Process | None = None
     url = args.url
@@ -369,7 +361,7 @@ def main() -> int:
     finally:
         if gateway is not None:
             gateway.stop()
-        if own_prefix is not None and redis_url is not None:
+        if own_prefix is not None and isinstance(redis_url, str):
             asyncio.run(drop_redis_prefix(redis_url, own_prefix))
         if not args.keep_state:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from clawgate.client import Client
 from clawgate.testing import GatewayProcess, astart_all, stop_all
+from clawgate.testing.redis import drop_redis_prefix
 
 
 async def drive(urls: list[str], runs: int, concurrency: int, tag: str) -> dict[str, Any]:
@@ -87,11 +88,7 @@ async def configuration(
     finally:
         await asyncio.to_thread(stop_all, gateways)
         if store != "sqlite":
-            r = aioredis.from_url(redis_url)
-            keys = [k async for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
-            if keys:
-                await r.delete(*keys)
-            await r.aclose()
+            await drop_redis_prefix(redis_url, prefix)
         tmp.cleanup()
     result.update({"config": name, "processes": n, "store": "sqlite" if store == "sqlite" else "redis"})
     cpu = f"gateway CPU {result['gateway_cpu_us_per_run']:,.0f} us/run"

@@ -18,6 +18,7 @@ from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import RedisStore
 from clawgate.store.run_pages import RunsPageQuery
 from clawgate.store.sqlite import SqliteStore
+from clawgate.testing.redis import drop_redis_prefix
 from conftest import REDIS_URL, GatewayFactory, settle, unique_prefix
 
 
@@ -116,11 +117,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             yield rs
         finally:
             await rs.close()
-            client = aioredis.from_url(redis_url)
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
+            await drop_redis_prefix(redis_url, prefix)
         return
     s = SqliteStore(tmp_path / "s.db")
     await s.open()

@@ -21,6 +21,7 @@ from clawgate.scaleout.dispatch import RedisDispatcher
 from clawgate.store.base import Fence
 from clawgate.store.records import RunRecord
 from clawgate.store.redis_store import RedisStore
+from clawgate.testing.redis import drop_redis_prefix
 from helpers import wait_until
 
 pytestmark = pytest.mark.redis
@@ -33,9 +34,7 @@ async def admin(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, str]]:
     try:
         yield client, prefix
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=500)]
-        if keys:
-            await client.delete(*keys)
+        await drop_redis_prefix(redis_url, prefix)
         await client.aclose()
 
 

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from clawgate.scaleout.dispatch import RedisDispatcher
 from clawgate.state.supervisor import Supervisor
 from clawgate.store.redis_keys import GROUP
+from clawgate.testing.redis import drop_redis_prefix
 from helpers import wait_until
 
 pytestmark = pytest.mark.redis
@@ -88,9 +89,7 @@ class Env:
             await d.kill()
         for c in self.clients:
             await c.aclose()
-        keys = [k async for k in self.admin.scan_iter(match=f"{self.prefix}:*", count=500)]
-        for i in range(0, len(keys), 500):
-            await self.admin.delete(*keys[i : i + 500])
+        await drop_redis_prefix(self.url, self.prefix)
         await self.admin.aclose()
 
 
